@@ -1,0 +1,130 @@
+// CPU kernels of the statistics family (semantics in cuda_launchers.h).
+//
+// masked_moments splits the rows into kParts fixed ranges (so the result does not depend on
+// the thread count). Each range is walked in tiles of kTileRows rows: a tile's column sums
+// give its mean, a second sweep over the same cache-resident tile gives its centred M2, and
+// the tile is merged into the range's running (count, mean, M2) with Chan's formula
+//   n = na + nb,  mean = mean_a + (mean_b - mean_a) nb / n,
+//   M2 = M2a + M2b + (mean_b - mean_a)^2 na nb / n.
+// The ranges are then merged in order the same way.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace uk::cpu {
+
+namespace {
+
+constexpr int64_t kParts = 64;
+constexpr int64_t kTileRows = 32;
+
+struct Running {
+  std::vector<double> mean, m2;
+  int64_t count = 0;
+  explicit Running(int64_t d) : mean(d, 0.0), m2(d, 0.0) {}
+
+  void merge(int64_t nb, const double* mean_b, const double* m2_b) {
+    if (nb == 0) return;
+    const int64_t n = count + nb;
+    const double fb = static_cast<double>(nb) / n;
+    const double cross = static_cast<double>(count) * nb / n;
+    for (size_t j = 0; j < mean.size(); ++j) {
+      const double delta = mean_b[j] - mean[j];
+      mean[j] += delta * fb;
+      m2[j] += m2_b[j] + delta * delta * cross;
+    }
+    count = n;
+  }
+};
+
+template <typename scalar_t>
+int64_t moments_impl(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& mean_out,
+                     const at::Tensor& m2_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = x.size(0), d = x.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int64_t xs = x.stride(0);
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t part_rows = std::max<int64_t>(kTileRows, (n + kParts - 1) / kParts);
+  const int64_t parts = n == 0 ? 0 : (n + part_rows - 1) / part_rows;
+  std::vector<Running> results(parts, Running(0));
+
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(d);
+    std::vector<double> tile_mean(d), tile_m2(d);
+    std::vector<int64_t> rows;
+    rows.reserve(kTileRows);
+    for (int64_t p = begin; p < end; ++p) {
+      Running run(d);
+      const int64_t stop = std::min(n, (p + 1) * part_rows);
+      for (int64_t t0 = p * part_rows; t0 < stop; t0 += kTileRows) {
+        rows.clear();
+        for (int64_t i = t0; i < std::min(stop, t0 + kTileRows); ++i)
+          if (!mp || mp[i]) rows.push_back(i);
+        if (rows.empty()) continue;
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t i : rows) {
+          const scalar_t* row = xp + i * xs;
+          for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<acc_t>(row[j]);
+        }
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(rows.size());
+        for (int64_t j = 0; j < d; ++j) sum[j] *= inv;  // now the tile mean
+        std::fill(tile_m2.begin(), tile_m2.end(), 0.0);
+        for (int64_t i : rows) {
+          const scalar_t* row = xp + i * xs;
+          for (int64_t j = 0; j < d; ++j) {
+            const acc_t c = static_cast<acc_t>(row[j]) - sum[j];
+            tile_m2[j] += c * c;
+          }
+        }
+        for (int64_t j = 0; j < d; ++j) tile_mean[j] = sum[j];
+        run.merge(static_cast<int64_t>(rows.size()), tile_mean.data(), tile_m2.data());
+      }
+      results[p] = std::move(run);
+    }
+  });
+
+  Running total(d);
+  for (const Running& r : results) total.merge(r.count, r.mean.data(), r.m2.data());
+  float* mean = mean_out.data_ptr<float>();
+  float* m2 = m2_out.data_ptr<float>();
+  for (int64_t j = 0; j < d; ++j) {
+    mean[j] = static_cast<float>(total.mean[j]);
+    m2[j] = static_cast<float>(total.m2[j]);
+  }
+  return total.count;
+}
+
+}  // namespace
+
+int64_t masked_moments(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& mean,
+                       const at::Tensor& m2) {
+  int64_t count = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_moments_cpu", [&] {
+    count = moments_impl<scalar_t>(x, mask, mean, m2);
+  });
+  return count;
+}
+
+void feature_scores(const at::Tensor& mean_f, const at::Tensor& var_f,
+                    const at::Tensor& mean_r, const at::Tensor& var_r, double eps,
+                    const at::Tensor& scores) {
+  const float* mf = mean_f.data_ptr<float>();
+  const float* vf = var_f.data_ptr<float>();
+  const float* mr = mean_r.data_ptr<float>();
+  const float* vr = var_r.data_ptr<float>();
+  float* s = scores.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, mean_f.size(0), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const float delta = mf[j] - mr[j];
+      s[j] = delta * delta / (vf[j] + vr[j] + e);
+    }
+  });
+}
+
+}  // namespace uk::cpu

@@ -1,0 +1,52 @@
+"""Build of unlearn_kernels: setuptools hands the one native extension, ``_C``, to CMake.
+
+``pip install -e . --no-build-isolation`` builds against the torch already installed.
+Environment: ``UNLEARN_KERNELS_CUDA=auto|0|1`` (CUDA kernels), ``TORCH_CUDA_ARCH_LIST``
+(architectures, sm_90 when unset), ``MAX_JOBS`` (parallel compile jobs),
+``UNLEARN_KERNELS_SKIP_EXT=1`` (install the pure-Python package only).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        target_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cuda = os.environ.get("UNLEARN_KERNELS_CUDA", "auto")
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target_dir}",
+            f"-DUNLEARN_KERNELS_CUDA={cuda}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        try:
+            import ninja  # noqa: F401  (only its presence matters)
+            configure += ["-G", "Ninja"]
+        except ImportError:
+            pass
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+
+
+ext_modules = [] if os.environ.get("UNLEARN_KERNELS_SKIP_EXT") == "1" else [
+    CMakeExtension("unlearn_kernels._C")
+]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})

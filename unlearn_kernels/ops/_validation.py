@@ -1,0 +1,110 @@
+"""Argument checks shared by every op, so that bad input fails the same way on every backend.
+
+Wrong types and dtypes raise ``TypeError``; wrong shapes, devices, values and empty
+selections raise ``ValueError``. Every message names the argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def activations(name: str, x) -> torch.Tensor:
+    """A floating tensor ``[..., d]`` with d >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape [..., d] with d >= 1, got {tuple(x.shape)}")
+    return x
+
+
+def same_device(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+
+
+def feature_vector(name: str, v, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """A per-feature vector for ``like``'s last dim: returned as contiguous fp32 ``[d]``.
+
+    Leading singleton dims (``[1, 1, d]``) are accepted.
+    """
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
+    d = like.shape[-1]
+    if v.dim() == 0 or v.shape[-1] != d or v.numel() != d:
+        raise ValueError(f"{name} must have shape [{d}] (the last dim of {like_name}), got {tuple(v.shape)}")
+    same_device(name, v, like, like_name)
+    return v.reshape(d).to(torch.float32).contiguous()
+
+
+def unit_interval(name: str, v: torch.Tensor) -> None:
+    """Values in [0, 1] (one host sync on a GPU)."""
+    if not bool(((v >= 0) & (v <= 1)).all()):
+        raise ValueError(f"{name} must lie in [0, 1] (found values {v.min().item():g} .. {v.max().item():g})")
+
+
+def matching(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """A tensor with exactly ``like``'s shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
+    same_device(name, t, like, like_name)
+    return t
+
+
+def token_mask(mask, like: torch.Tensor, like_name: str) -> torch.Tensor | None:
+    """``[...]`` bool or 0/1 mask over ``like``'s tokens, as a contiguous flat bool tensor."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"token_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != like.shape[:-1]:
+        raise ValueError(
+            f"token_mask must have shape {tuple(like.shape[:-1])} ({like_name} without its last dim), "
+            f"got {tuple(mask.shape)}"
+        )
+    same_device("token_mask", mask, like, like_name)
+    if mask.dtype != torch.bool:
+        if mask.is_complex():
+            raise TypeError(f"token_mask must be bool or 0/1 numbers, got {mask.dtype}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("token_mask must hold only 0 and 1 (or be bool)")
+        mask = mask != 0
+    return mask.reshape(-1).contiguous()
+
+
+def count_valid(mask: torch.Tensor | None, rows: int, what: str) -> int:
+    """Number of selected tokens; ValueError when a mean over them is asked and there is none."""
+    n_valid = rows if mask is None else int(mask.sum())
+    if n_valid == 0:
+        raise ValueError(f"token_mask selects no token (or the input is empty): {what} needs at least one")
+    return n_valid
+
+
+def finite_scalar(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[n, d]`` with unit column stride, a view where the strides allow it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2

@@ -1,0 +1,216 @@
+"""The misdirection family: RMU/SRMU's loss and the inference-time activation edit.
+
+``misdirection_loss`` (differentiable in ``h``, forward and backward fused)::
+
+    w_j  = importance_j            if importance is given
+         = 1                       if only control is given
+         = 0                       if control is None
+    L    = Σ_{valid t} Σ_j [ w_j (h_tj − control_j)² + (1 − w_j)(h_tj − anchor_tj)² ] / (n_valid · d)
+    ∂L/∂h_tj = 2 [ w_j (h_tj − control_j) + (1 − w_j)(h_tj − anchor_tj) ] / (n_valid · d)
+
+(the anchor term is dropped when ``anchor`` is None; masked tokens get zero gradient).
+``control = c·u`` alone is RMU's forget loss, ``anchor = h₀`` alone is RMU's retain loss,
+and importance + control + anchor is SRMU's selective loss.
+
+``masked_edit``: ``h + α · m ⊙ (control − h)`` on valid tokens (``h`` elsewhere), with
+``∂out/∂h = 1 − α m``.
+
+Each backend computes the loss and its gradient in one pass (one read of ``h`` and
+``anchor``, one write of ``∂h``); the gradient is kept from the forward and handed back by
+autograd, scaled only when the incoming gradient is not exactly 1.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._extension import compiled
+from . import _backend, _validation as check
+
+
+def _misdirection_torch(h: Tensor, control: Optional[Tensor], importance: Optional[Tensor],
+                        anchor: Optional[Tensor], token_mask: Optional[Tensor], scale: float,
+                        need_grad: bool) -> tuple[Tensor, Tensor]:
+    """Reference kernel on ``[n, d]`` rows: the loss and its gradient, straight from the math."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    x = h.to(acc)
+    residual = torch.zeros_like(x)  # Σ of w·(h − c) and (1 − w)·(h − a)
+    terms = torch.zeros_like(x)
+    w = importance if importance is not None else torch.full_like(x[0], float(control is not None))
+    if control is not None:
+        delta = x - control.to(acc)
+        terms = terms + w * delta * delta
+        residual = residual + w * delta
+    if anchor is not None:
+        delta = x - anchor.to(acc)
+        terms = terms + (1 - w) * delta * delta
+        residual = residual + (1 - w) * delta
+    if token_mask is not None:
+        valid = token_mask[:, None]
+        terms = torch.where(valid, terms, 0)
+        residual = torch.where(valid, residual, 0)
+    loss = terms.sum() * scale
+    grad = (2 * scale * residual).to(h.dtype) if need_grad else h.new_empty(0)
+    return loss, grad
+
+
+@torch.library.custom_op("unlearn_kernels::triton_misdirection_fwd_bwd", mutates_args=())
+def _misdirection_triton(h: Tensor, control: Optional[Tensor], importance: Optional[Tensor],
+                         anchor: Optional[Tensor], token_mask: Optional[Tensor], scale: float,
+                         need_grad: bool) -> tuple[Tensor, Tensor]:
+    from ..triton import misdirection_fwd_bwd
+
+    return misdirection_fwd_bwd(h, control, importance, anchor, token_mask, scale, need_grad)
+
+
+def _misdirection_fake(h, control, importance, anchor, token_mask, scale, need_grad):
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    grad = h.new_empty(h.shape) if need_grad else h.new_empty(0)
+    return h.new_empty((), dtype=acc), grad
+
+
+@torch.library.custom_op("unlearn_kernels::triton_masked_edit", mutates_args=())
+def _masked_edit_triton(h: Tensor, importance: Tensor, control: Tensor, alpha: float,
+                        token_mask: Optional[Tensor]) -> Tensor:
+    from ..triton import masked_edit
+
+    return masked_edit(h, importance, control, alpha, token_mask)
+
+
+def _masked_edit_torch(h: Tensor, importance: Tensor, control: Tensor, alpha: float,
+                       token_mask: Optional[Tensor]) -> Tensor:
+    """Reference kernel: ``h + α m ⊙ (c − h)`` on valid rows, ``h`` on masked rows."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    x = h.to(acc)
+    edited = x + alpha * importance.to(acc) * (control.to(acc) - x)
+    if token_mask is not None:
+        edited = torch.where(token_mask[:, None], edited, x)
+    return edited.to(h.dtype)
+
+
+def _masked_edit_fake(h, importance, control, alpha, token_mask):
+    return h.new_empty(h.shape)
+
+
+torch.library.register_fake("unlearn_kernels::triton_misdirection_fwd_bwd")(_misdirection_fake)
+torch.library.register_fake("unlearn_kernels::triton_masked_edit")(_masked_edit_fake)
+if compiled():
+    torch.library.register_fake("unlearn_kernels::misdirection_fwd_bwd")(_misdirection_fake)
+    torch.library.register_fake("unlearn_kernels::masked_edit")(_masked_edit_fake)
+
+
+def _kernels(backend: str):
+    """(misdirection_fwd_bwd, masked_edit) implementations of ``backend``."""
+    if backend == "torch":
+        return _misdirection_torch, _masked_edit_torch
+    if backend == "triton":
+        return _misdirection_triton, _masked_edit_triton
+    return _backend.compiled_op("misdirection_fwd_bwd"), _backend.compiled_op("masked_edit")
+
+
+class _FusedMisdirection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, rows, control, importance, anchor, token_mask, scale, kernel):
+        loss, grad = kernel(rows, control, importance, anchor, token_mask, scale,
+                            ctx.needs_input_grad[0])
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(grad.view(h.shape))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None
+
+
+def misdirection_loss(h: Tensor, control: Tensor | None = None, importance: Tensor | None = None,
+                      anchor: Tensor | None = None, token_mask: Tensor | None = None, *,
+                      backend: str = "auto") -> Tensor:
+    """RMU/SRMU misdirection loss with a fused forward and backward (see the module docstring).
+
+    Args:
+        h: activations ``[..., d]`` (fp32, bf16 or fp16; fp64 on the cpu/torch backends).
+        control: the misdirection target ``[d]`` (``c · u``), or None.
+        importance: per-feature weights ``[d]`` in [0, 1] (SRMU's map); needs ``control``.
+        anchor: the frozen model's activations, same shape and dtype as ``h``, or None.
+        token_mask: ``h.shape[:-1]`` bool or 0/1; masked tokens contribute nothing.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
+
+    Returns:
+        the scalar loss (fp32; fp64 for fp64 ``h``). Gradients flow to ``h`` only.
+
+    Example:
+        >>> h = torch.randn(2, 5, 8, requires_grad=True)
+        >>> u = torch.rand(8); control = 6.5 * u / u.norm()
+        >>> loss = misdirection_loss(h, control)          # RMU forget loss
+        >>> loss.backward()
+    """
+    check.activations("h", h)
+    if control is None and anchor is None:
+        raise ValueError("misdirection_loss needs control, anchor or both (got neither)")
+    if importance is not None and control is None:
+        raise ValueError("importance weights the control term: pass control too")
+    if control is not None:
+        control = check.feature_vector("control", control, h, "h")
+    if importance is not None:
+        importance = check.feature_vector("importance", importance, h, "h")
+        check.unit_interval("importance", importance)
+    if anchor is not None:
+        anchor = check.matching("anchor", anchor, h, "h")
+    mask = check.token_mask(token_mask, h, "h")
+    rows = check.rows_view(h)
+    n_valid = check.count_valid(mask, rows.shape[0], "misdirection_loss (a mean over tokens)")
+    name = _backend.resolve(backend, h.device, h.dtype)
+    kernel = _kernels(name)[0]
+    anchor_rows = None if anchor is None else check.rows_view(anchor.detach())
+    scale = 1.0 / (n_valid * rows.shape[1])
+    return _FusedMisdirection.apply(h, rows.detach(), control, importance, anchor_rows, mask,
+                                    scale, kernel)
+
+
+class _MaskedEdit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, rows, importance, control, alpha, token_mask, kernel):
+        ctx.save_for_backward(importance, token_mask)
+        ctx.alpha = alpha
+        return kernel(rows, importance, control, alpha, token_mask).view(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        importance, token_mask = ctx.saved_tensors
+        factor = 1 - ctx.alpha * importance
+        if token_mask is not None:
+            keep = token_mask.view(grad_out.shape[:-1] + (1,))
+            factor = torch.where(keep, factor, torch.ones_like(factor))
+        return (grad_out * factor).to(grad_out.dtype), None, None, None, None, None, None
+
+
+def masked_edit(h: Tensor, importance: Tensor, control: Tensor, alpha: float = 1.0,
+                token_mask: Tensor | None = None, *, backend: str = "auto") -> Tensor:
+    """Training-free activation edit ``h + α · m ⊙ (control − h)`` (SRMU at inference time).
+
+    ``importance`` (``m``, ``[d]`` in [0, 1]) chooses the features to steer, ``control`` is
+    the target ``[d]``, ``alpha`` the strength (1 replaces the selected features by the
+    target). Tokens where ``token_mask`` is False pass through unchanged. Returns a new
+    tensor of ``h``'s shape and dtype, differentiable in ``h``.
+
+    Example:
+        >>> h = torch.randn(4, 16)
+        >>> m = torch.zeros(16); m[:3] = 1
+        >>> out = masked_edit(h, m, torch.full((16,), 5.0), alpha=0.5)
+    """
+    check.activations("h", h)
+    importance = check.feature_vector("importance", importance, h, "h")
+    check.unit_interval("importance", importance)
+    control = check.feature_vector("control", control, h, "h")
+    alpha = check.finite_scalar("alpha", alpha)
+    mask = check.token_mask(token_mask, h, "h")
+    name = _backend.resolve(backend, h.device, h.dtype)
+    kernel = _kernels(name)[1]
+    return _MaskedEdit.apply(h, check.rows_view(h).detach(), importance, control, alpha, mask,
+                             kernel)

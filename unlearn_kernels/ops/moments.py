@@ -1,0 +1,231 @@
+"""Statistics family: masked per-feature moments and SRMU's activation importance map.
+
+``masked_moments(x, token_mask)`` returns :class:`Moments` ``(count, mean, M2)`` over the
+valid tokens, accumulated in fp32 with Welford/Chan updates, where
+``M2_j = Σ_t (x_tj − mean_j)²``. Two sets merge exactly (Chan et al.)::
+
+    n = n_a + n_b,   δ = mean_b − mean_a,
+    mean = mean_a + δ · n_b / n,   M2 = M2_a + M2_b + δ² · n_a n_b / n
+
+so moments can be gathered batch by batch and across ranks.
+
+``feature_importance(stats_forget, stats_retain, sparsity)`` scores each feature by how
+well it separates forget from retain activations (a Fisher ratio)::
+
+    s_j = (μ_f,j − μ_r,j)² / (σ²_f,j + σ²_r,j + ε)
+
+and turns the scores into a sparse soft mask keeping about ``k = round(sparsity · d)``
+features: with ``τ`` the geometric mean of the k-th and (k+1)-th largest scores,
+``m_j = sigmoid((log s_j − log τ) / temperature)``, so kept features sit above 1/2 and the
+rest below; ``temperature = 0`` (or ``hard=True``) gives the exact top-k 0/1 mask. Working
+in log-scores makes the mask independent of the activations' scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._extension import compiled
+from . import _backend, _validation as check
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-feature ``count`` (int64 scalar tensor), ``mean`` and ``m2`` (fp32 ``[d]``)."""
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def empty(cls, d: int, device: torch.device | str = "cpu") -> "Moments":
+        zeros = torch.zeros(d, dtype=torch.float32, device=device)
+        return cls(torch.zeros((), dtype=torch.int64, device=device), zeros, zeros.clone())
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Moments of the union of both token sets (Chan's formula, no host sync)."""
+        if not isinstance(other, Moments):
+            raise TypeError(f"other must be Moments, got {type(other).__name__}")
+        if other.dim != self.dim:
+            raise ValueError(f"other has d={other.dim}, self has d={self.dim}")
+        na = self.count.to(torch.float64)
+        nb = other.count.to(torch.float64)
+        n = na + nb
+        safe_n = torch.clamp(n, min=1)
+        delta = (other.mean - self.mean).to(torch.float64)
+        mean = self.mean + (delta * nb / safe_n).to(torch.float32)
+        m2 = self.m2 + other.m2 + (delta * delta * na * nb / safe_n).to(torch.float32)
+        return Moments(self.count + other.count, mean, m2)
+
+    def variance(self, unbiased: bool = False) -> Tensor:
+        """``M2 / n`` (or ``/ (n − 1)``); ValueError when too few tokens were seen."""
+        n = int(self.count)
+        if n < 1 + int(unbiased):
+            raise ValueError(f"variance needs at least {1 + int(unbiased)} tokens, these moments hold {n}")
+        return self.m2 / (n - int(unbiased))
+
+    def all_reduce(self, group=None) -> "Moments":
+        """Merge the moments of every rank of ``group`` (same result, same order, on all ranks)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        packed = torch.cat([self.count.to(torch.float64).view(1), self.mean.double(), self.m2.double()])
+        gathered = [torch.empty_like(packed) for _ in range(world)]
+        dist.all_gather(gathered, packed, group=group)
+        total = Moments.empty(self.dim, self.mean.device)
+        for p in gathered:
+            total = total.merge(Moments(p[0].round().to(torch.int64), p[1:1 + self.dim].float(),
+                                        p[1 + self.dim:].float()))
+        return total
+
+
+def _moments_torch(x: Tensor, token_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference kernel: two-pass mean and centred M2 in fp32 (fp64 for fp64 input)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = x.to(acc) if token_mask is None else x[token_mask].to(acc)
+    count = torch.tensor(rows.shape[0], dtype=torch.int64, device=x.device)
+    if rows.shape[0] == 0:
+        zeros = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+        return count, zeros, zeros.clone()
+    mean = rows.mean(dim=0)
+    m2 = ((rows - mean) ** 2).sum(dim=0)
+    return count, mean.float(), m2.float()
+
+
+def _feature_scores_torch(mean_f: Tensor, var_f: Tensor, mean_r: Tensor, var_r: Tensor,
+                          eps: float) -> Tensor:
+    """Reference kernel: ``(μ_f − μ_r)² / (σ²_f + σ²_r + ε)``."""
+    return (mean_f - mean_r) ** 2 / (var_f + var_r + eps)
+
+
+@torch.library.custom_op("unlearn_kernels::triton_masked_moments", mutates_args=())
+def _moments_triton(x: Tensor, token_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton import masked_moments
+
+    return masked_moments(x, token_mask)
+
+
+@torch.library.custom_op("unlearn_kernels::triton_feature_scores", mutates_args=())
+def _feature_scores_triton(mean_f: Tensor, var_f: Tensor, mean_r: Tensor, var_r: Tensor,
+                           eps: float) -> Tensor:
+    from ..triton import feature_scores
+
+    return feature_scores(mean_f, var_f, mean_r, var_r, eps)
+
+
+def _moments_fake(x, token_mask):
+    d = x.shape[1]
+    return (x.new_empty((), dtype=torch.int64), x.new_empty(d, dtype=torch.float32),
+            x.new_empty(d, dtype=torch.float32))
+
+
+def _feature_scores_fake(mean_f, var_f, mean_r, var_r, eps):
+    return torch.empty_like(mean_f)
+
+
+torch.library.register_fake("unlearn_kernels::triton_masked_moments")(_moments_fake)
+torch.library.register_fake("unlearn_kernels::triton_feature_scores")(_feature_scores_fake)
+if compiled():
+    torch.library.register_fake("unlearn_kernels::masked_moments")(_moments_fake)
+    torch.library.register_fake("unlearn_kernels::feature_scores")(_feature_scores_fake)
+
+
+def _kernels(backend: str):
+    """(masked_moments, feature_scores) implementations of ``backend``."""
+    if backend == "torch":
+        return _moments_torch, _feature_scores_torch
+    if backend == "triton":
+        return _moments_triton, _feature_scores_triton
+    return _backend.compiled_op("masked_moments"), _backend.compiled_op("feature_scores")
+
+
+def masked_moments(x: Tensor, token_mask: Tensor | None = None, *, backend: str = "auto") -> Moments:
+    """Per-feature count, mean and M2 of ``x`` ``[..., d]`` over the tokens ``token_mask`` keeps.
+
+    One pass over ``x`` (fp32 accumulation). A mask that keeps nothing gives count 0 and
+    zero mean/M2; :meth:`Moments.variance` then refuses. Merge batches with
+    :meth:`Moments.merge` and ranks with :meth:`Moments.all_reduce`.
+
+    Example:
+        >>> stats = masked_moments(torch.randn(4, 10, 32))
+        >>> stats = stats.merge(masked_moments(torch.randn(2, 10, 32)))
+        >>> int(stats.count), stats.variance().shape
+        (60, torch.Size([32]))
+    """
+    check.activations("x", x)
+    mask = check.token_mask(token_mask, x, "x")
+    name = _backend.resolve(backend, x.device, x.dtype)
+    count, mean, m2 = _kernels(name)[0](check.rows_view(x.detach()), mask)
+    return Moments(count, mean, m2)
+
+
+def feature_scores(stats_forget: Moments, stats_retain: Moments, eps: float = 1e-6, *,
+                   backend: str = "auto") -> Tensor:
+    """Fisher separability ``(μ_f − μ_r)² / (σ²_f + σ²_r + ε)`` per feature (fp32 ``[d]``)."""
+    for name, stats in (("stats_forget", stats_forget), ("stats_retain", stats_retain)):
+        if not isinstance(stats, Moments):
+            raise TypeError(f"{name} must be Moments (from masked_moments), got {type(stats).__name__}")
+    if stats_forget.dim != stats_retain.dim:
+        raise ValueError(f"stats_retain has d={stats_retain.dim} but stats_forget has d={stats_forget.dim}")
+    check.same_device("stats_retain", stats_retain.mean, stats_forget.mean, "stats_forget")
+    eps = check.finite_scalar("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    var_f = _nonempty_variance("stats_forget", stats_forget)
+    var_r = _nonempty_variance("stats_retain", stats_retain)
+    name = _backend.resolve(backend, stats_forget.mean.device, torch.float32)
+    return _kernels(name)[1](stats_forget.mean.contiguous(), var_f, stats_retain.mean.contiguous(),
+                             var_r, eps)
+
+
+def _nonempty_variance(name: str, stats: Moments) -> Tensor:
+    if int(stats.count) == 0:
+        raise ValueError(f"{name} holds no token: the importance map needs activations from both sets")
+    return stats.variance().contiguous()
+
+
+def feature_importance(stats_forget: Moments, stats_retain: Moments, sparsity: float = 0.1, *,
+                       temperature: float = 0.25, hard: bool = False, eps: float = 1e-6,
+                       backend: str = "auto") -> Tensor:
+    """SRMU's activation importance map ``m ∈ [0, 1]^d`` (see the module docstring).
+
+    Args:
+        stats_forget, stats_retain: :class:`Moments` of the loss layer's activations on
+            forget and retain tokens.
+        sparsity: fraction of features to keep, in (0, 1].
+        temperature: softness of the mask in log-score units (0 = hard top-k).
+        hard: exact top-k 0/1 mask regardless of ``temperature``.
+        eps: variance floor of the score's denominator.
+
+    Example:
+        >>> f = masked_moments(torch.randn(64, 16) + torch.arange(16) / 8)
+        >>> r = masked_moments(torch.randn(64, 16))
+        >>> m = feature_importance(f, r, sparsity=0.25, hard=True)
+        >>> int(m.sum())
+        4
+    """
+    sparsity = check.finite_scalar("sparsity", sparsity)
+    if not 0 < sparsity <= 1:
+        raise ValueError(f"sparsity must be in (0, 1], got {sparsity}")
+    temperature = check.finite_scalar("temperature", temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    scores = feature_scores(stats_forget, stats_retain, eps, backend=backend)
+    d = scores.shape[0]
+    k = min(d, max(1, round(sparsity * d)))
+    top = torch.topk(scores, min(d, k + 1))
+    if hard or temperature == 0 or k == d:
+        mask = torch.zeros_like(scores)
+        mask[top.indices[:k]] = 1.0
+        return mask
+    tiny = torch.finfo(torch.float32).tiny
+    log_tau = 0.5 * (torch.log(top.values[k - 1] + tiny) + torch.log(top.values[k] + tiny))
+    return torch.sigmoid((torch.log(scores + tiny) - log_tau) / temperature)

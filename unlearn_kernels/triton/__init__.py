@@ -1,0 +1,8 @@
+"""Triton kernels of unlearn_kernels: the fused misdirection loss and gradient, the masked
+edit, masked per-feature moments and feature scores. Plain launchers, no autograd or input
+checks; they run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+
+from .misdirection import masked_edit, misdirection_fwd_bwd
+from .moments import feature_scores, masked_moments
+
+__all__ = ["feature_scores", "masked_edit", "masked_moments", "misdirection_fwd_bwd"]
