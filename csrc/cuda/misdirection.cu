@@ -1,0 +1,377 @@
+// Fused misdirection loss + gradient, and the masked edit, on fp32 / bf16 / fp16 rows with
+// fp32 arithmetic (semantics in cuda_launchers.h):
+//
+//   w_j     = importance_j (1 without importance, 0 without control)
+//   e_ij    = w_j (h_ij - c_j)^2 + [anchor] (1 - w_j)(h_ij - a_ij)^2
+//   loss    = scale * sum over valid rows i, all j of e_ij
+//   grad_ij = 2 scale (w_j (h_ij - c_j) + [anchor] (1 - w_j)(h_ij - a_ij)), 0 on masked rows
+//   edit_ij = h_ij + alpha importance_j (c_j - h_ij) on valid rows, h_ij on masked rows
+//
+// Design (memory bound). A block is 256 threads shaped tx x ty: its tx lanes cover tx * V
+// consecutive columns, V elements (16 bytes) per lane when the pointers, row strides and d
+// allow it, else V = 1; its ty thread rows stride through one contiguous chunk of rows with
+// kUnroll rows of loads in flight. Grid = (column tiles, row chunks), about kBlocksPerSM
+// blocks per SM. A lane keeps its columns' control and weight in registers. The loss is
+// deterministic: each block writes one fp32 partial (fixed-order block reduction) to the
+// workspace, then a single block sums the partials in a fixed order.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda_launchers.h"
+
+namespace uk::cuda {
+namespace {
+
+constexpr int kThreads = 256;   // threads per block
+constexpr int kUnroll = 4;      // 16-byte loads in flight per thread
+constexpr int kBlocksPerSM = 4;
+constexpr int kTileCols = 256;  // columns of a block on the 16-byte bf16/fp16 path
+constexpr int kMaxDevices = 64;
+
+int sm_count() {
+  static std::atomic<int> cached[kMaxDevices];
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  if (cacheable) {
+    if (const int v = cached[dev].load(std::memory_order_relaxed)) return v;
+  }
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v < 1)
+    return 1;
+  if (cacheable) cached[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row chunks of an [n, d] problem: about kBlocksPerSM blocks per SM once multiplied by the
+// column tiles of the 16-byte bf16/fp16 path.
+int64_t row_chunks(int64_t n, int64_t d) {
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(d, kTileCols));
+  const int64_t chunks = std::max<int64_t>(1, int64_t{sm_count()} * kBlocksPerSM / tiles);
+  return std::min(chunks, std::max<int64_t>(n, 1));
+}
+
+struct Tiling {
+  dim3 grid, block;
+  int64_t rows;  // rows per block
+};
+
+// grid.y <= row_chunks(n, d) and grid.x <= max(1, ceil(d / 32)) for any vec.
+Tiling make_tiling(int64_t n, int64_t d, int vec) {
+  const int64_t dv = d / vec;
+  int tx = 1;
+  while (tx < 32 && tx < dv) tx *= 2;
+  const int64_t rows = std::max<int64_t>(1, ceil_div(n, row_chunks(n, d)));
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(dv, tx))),
+                  static_cast<unsigned>(std::max<int64_t>(1, ceil_div(n, rows))));
+  return {grid, dim3(tx, kThreads / tx), rows};
+}
+
+// A view can take the V-wide path if its base is 16-byte aligned and every row start is too.
+bool aligned(const void* p, int64_t stride, int64_t n, int vec) {
+  return p == nullptr ||
+         (reinterpret_cast<uintptr_t>(p) % 16 == 0 && (n <= 1 || stride % vec == 0));
+}
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float(float v) { return v; }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T e[V];
+};
+
+// V consecutive elements from p if pred, else zeros; one 16-byte access on the vector path.
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load(const T* p, bool pred) {
+  Pack<T, V> out;
+  if constexpr (sizeof(out) == 16) {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (pred) raw = __ldg(reinterpret_cast<const uint4*>(p));
+    memcpy(&out, &raw, 16);
+  } else {
+    static_assert(V == 1, "the vector path moves 16 bytes");
+    out.e[0] = pred ? __ldg(p) : from_float<T>(0.f);
+  }
+  return out;
+}
+
+// Element i of a pack as float. bf16 is read through its 32-bit word (a shift or a mask),
+// which keeps the unpacking out of 16-bit registers.
+template <typename T, int V>
+__device__ __forceinline__ float element(const Pack<T, V>& p, int i) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && V % 2 == 0) {
+    uint32_t w;
+    memcpy(&w, &p.e[i & ~1], 4);
+    return __uint_as_float(i & 1 ? w & 0xffff0000u : w << 16);
+  } else {
+    return to_float(p.e[i]);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const Pack<T, V>& v) {
+  if constexpr (sizeof(v) == 16) {
+    uint4 raw;
+    memcpy(&raw, &v, 16);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+    *p = v.e[0];
+  }
+}
+
+// ok[u]: row r + u * step of the chunk [.., r1) exists and is valid (r < r1). The U mask
+// bytes are loaded back to back, before anything waits on them.
+template <int U>
+__device__ __forceinline__ void row_flags(const bool* mask, int64_t r, int64_t step, int64_t r1,
+                                          bool (&ok)[U]) {
+  unsigned char m[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) m[u] = 1;
+  if (mask != nullptr) {
+    const auto* bytes = reinterpret_cast<const unsigned char*>(mask);
+#pragma unroll
+    for (int u = 0; u < U; ++u) m[u] = __ldg(bytes + std::min(r + u * step, r1 - 1));
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) ok[u] = r + u * step < r1 && m[u] != 0;
+}
+
+// Sum over the kThreads threads of the block in a fixed order; the result is in thread 0.
+__device__ float block_sum(float v) {
+  __shared__ float warp_sums[kThreads / 32];
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  if (tid % 32 == 0) warp_sums[tid / 32] = v;
+  __syncthreads();
+  v = 0.f;
+  if (tid < 32) {
+    v = tid < kThreads / 32 ? warp_sums[tid] : 0.f;
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+struct MisdirectionArgs {
+  const void* h;
+  int64_t h_stride;
+  const float* control;
+  const float* importance;
+  const void* anchor;
+  int64_t anchor_stride;
+  const bool* mask;
+  int64_t n, d, rows;  // rows per block
+  float two_scale;
+  void* grad;
+  float* partials;     // one per block, blockIdx.y * gridDim.x + blockIdx.x
+};
+
+template <typename T, int V, bool kControl, bool kAnchor>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+misdirection_kernel(const MisdirectionArgs a) {
+  const T* h = static_cast<const T*>(a.h);
+  const T* anchor = static_cast<const T*>(a.anchor);
+  T* grad = static_cast<T*>(a.grad);
+  const int64_t col = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V;
+  const int64_t r0 = int64_t{blockIdx.y} * a.rows;
+  const int64_t r1 = r0 + a.rows < a.n ? r0 + a.rows : a.n;
+  const int64_t step = blockDim.y;
+  constexpr int U = kAnchor ? kUnroll / 2 : kUnroll;  // 16-byte loads in flight: kUnroll
+  float acc = 0.f;
+  if (col < a.d) {
+    float w[V], c[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      w[i] = !kControl ? 0.f : a.importance ? __ldg(a.importance + col + i) : 1.f;
+      c[i] = kControl ? __ldg(a.control + col + i) : 0.f;
+    }
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += step * U) {
+      bool ok[U];
+      row_flags(a.mask, r, step, r1, ok);
+      Pack<T, V> hp[U], ap[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {  // masked rows are not read: their grad is 0
+        hp[u] = load<T, V>(h + (r + u * step) * a.h_stride + col, ok[u]);
+        if constexpr (kAnchor)
+          ap[u] = load<T, V>(anchor + (r + u * step) * a.anchor_stride + col, ok[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t row = r + u * step;
+        if (row >= r1) break;
+        Pack<T, V> g;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          float e = 0.f, residual = 0.f;
+          if (ok[u]) {
+            const float x = element(hp[u], i);
+            if constexpr (kControl) {
+              const float delta = x - c[i];
+              residual = w[i] * delta;
+              e = residual * delta;
+            }
+            if constexpr (kAnchor) {
+              const float delta = x - element(ap[u], i);
+              const float wa = (1.f - w[i]) * delta;
+              residual += wa;
+              e += wa * delta;
+            }
+          }
+          acc += e;
+          g.e[i] = from_float<T>(a.two_scale * residual);
+        }
+        if (grad != nullptr) store<T, V>(grad + row * a.d + col, g);
+      }
+    }
+  }
+  const float total = block_sum(acc);
+  if (threadIdx.x == 0 && threadIdx.y == 0)
+    a.partials[int64_t{blockIdx.y} * gridDim.x + blockIdx.x] = total;
+}
+
+__global__ void __launch_bounds__(kThreads)
+sum_partials_kernel(const float* partials, int64_t count, float scale, float* loss) {
+  float v = 0.f;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) v += partials[i];
+  v = block_sum(v);
+  if (threadIdx.x == 0) *loss = scale * v;
+}
+
+template <typename T, int V>
+void launch_misdirection(const MisdirectionArgs& a, const Tiling& t, cudaStream_t stream) {
+  if (a.control != nullptr && a.anchor != nullptr)
+    misdirection_kernel<T, V, true, true><<<t.grid, t.block, 0, stream>>>(a);
+  else if (a.control != nullptr)
+    misdirection_kernel<T, V, true, false><<<t.grid, t.block, 0, stream>>>(a);
+  else
+    misdirection_kernel<T, V, false, true><<<t.grid, t.block, 0, stream>>>(a);
+}
+
+template <typename T>
+void misdirection_impl(MisdirectionArgs a, float scale, float* loss, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  int64_t partials = 0;
+  if (a.n > 0 && a.d > 0) {
+    const bool vec = a.d % V == 0 && aligned(a.h, a.h_stride, a.n, V) &&
+                     aligned(a.anchor, a.anchor_stride, a.n, V) && aligned(a.grad, a.d, a.n, V);
+    const Tiling t = make_tiling(a.n, a.d, vec ? V : 1);
+    a.rows = t.rows;
+    if (vec)
+      launch_misdirection<T, V>(a, t, stream);
+    else
+      launch_misdirection<T, 1>(a, t, stream);
+    partials = int64_t{t.grid.x} * t.grid.y;
+  }
+  sum_partials_kernel<<<1, kThreads, 0, stream>>>(a.partials, partials, scale, loss);
+}
+
+struct EditArgs {
+  const void* h;
+  int64_t h_stride;
+  const float* importance;
+  const float* control;
+  float alpha;
+  const bool* mask;
+  int64_t n, d, rows;  // rows per block
+  void* out;
+};
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) masked_edit_kernel(const EditArgs a) {
+  const T* h = static_cast<const T*>(a.h);
+  T* out = static_cast<T*>(a.out);
+  const int64_t col = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V;
+  if (col >= a.d) return;
+  const int64_t r0 = int64_t{blockIdx.y} * a.rows;
+  const int64_t r1 = r0 + a.rows < a.n ? r0 + a.rows : a.n;
+  const int64_t step = blockDim.y;
+  float k[V], c[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    k[i] = a.alpha * __ldg(a.importance + col + i);
+    c[i] = __ldg(a.control + col + i);
+  }
+  for (int64_t r = r0 + threadIdx.y; r < r1; r += step * kUnroll) {
+    bool ok[kUnroll];
+    row_flags(a.mask, r, step, r1, ok);
+    Pack<T, V> hp[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      hp[u] = load<T, V>(h + (r + u * step) * a.h_stride + col, r + u * step < r1);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t row = r + u * step;
+      if (row >= r1) break;
+      Pack<T, V> o = hp[u];
+      if (ok[u]) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float x = element(hp[u], i);
+          o.e[i] = from_float<T>(x + k[i] * (c[i] - x));
+        }
+      }
+      store<T, V>(out + row * a.d + col, o);
+    }
+  }
+}
+
+template <typename T>
+void masked_edit_impl(EditArgs a, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const bool vec = a.d % V == 0 && aligned(a.h, a.h_stride, a.n, V) && aligned(a.out, a.d, a.n, V);
+  const Tiling t = make_tiling(a.n, a.d, vec ? V : 1);
+  a.rows = t.rows;
+  if (vec)
+    masked_edit_kernel<T, V><<<t.grid, t.block, 0, stream>>>(a);
+  else
+    masked_edit_kernel<T, 1><<<t.grid, t.block, 0, stream>>>(a);
+}
+
+}  // namespace
+
+int64_t misdirection_workspace_floats(int64_t n, int64_t d) {
+  return row_chunks(n, d) * std::max<int64_t>(1, ceil_div(d, 32));
+}
+
+void misdirection_fwd_bwd(DType dt, const void* h, int64_t h_stride, const float* control,
+                          const float* importance, const void* anchor, int64_t anchor_stride,
+                          const bool* mask, int64_t n, int64_t d, float scale, float* loss,
+                          void* grad, float* workspace, cudaStream_t stream) {
+  const MisdirectionArgs a{h,    h_stride, control,   importance, anchor, anchor_stride, mask,
+                           n,    d,        0,         2.f * scale, grad,  workspace};
+  switch (dt) {
+    case DType::F32: misdirection_impl<float>(a, scale, loss, stream); break;
+    case DType::BF16: misdirection_impl<__nv_bfloat16>(a, scale, loss, stream); break;
+    case DType::F16: misdirection_impl<__half>(a, scale, loss, stream); break;
+  }
+}
+
+void masked_edit(DType dt, const void* h, int64_t h_stride, const float* importance,
+                 const float* control, float alpha, const bool* mask, int64_t n, int64_t d,
+                 void* out, cudaStream_t stream) {
+  if (n == 0 || d == 0) return;
+  const EditArgs a{h, h_stride, importance, control, alpha, mask, n, d, 0, out};
+  switch (dt) {
+    case DType::F32: masked_edit_impl<float>(a, stream); break;
+    case DType::BF16: masked_edit_impl<__nv_bfloat16>(a, stream); break;
+    case DType::F16: masked_edit_impl<__half>(a, stream); break;
+  }
+}
+
+}  // namespace uk::cuda

@@ -1,0 +1,51 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels run under the interpreter, which must be switched on
+before triton is imported; it handles fp32 only, so Triton is tested in fp32 on the CPU.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from unlearn_kernels.ops import _backend  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Tolerances (atol, rtol) against the fp32 reference, per dtype of the inputs.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float64: (1e-12, 1e-12),
+}
+
+
+def backend_cases():
+    """(backend, device, dtype) triples to compare against the reference."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cases.append(("cpu", torch.device("cpu"), dtype))
+    triton_dtypes = (torch.float32, torch.bfloat16, torch.float16) if DEVICE.type == "cuda" else (torch.float32,)
+    for dtype in triton_dtypes:
+        cases.append(("triton", DEVICE, dtype))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cases.append(("cuda", torch.device("cuda"), dtype))
+    return [
+        pytest.param(b, dev, dt, id=f"{b}-{str(dt).split('.')[-1]}",
+                     marks=pytest.mark.skipif(
+                         not (dev.type != "cuda" or torch.cuda.is_available())
+                         or not _backend.available(b, dev, dt),
+                         reason=f"backend {b} unavailable on {dev.type} here"))
+        for b, dev, dt in cases
+    ]
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol)

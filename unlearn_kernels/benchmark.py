@@ -1,0 +1,147 @@
+"""Throughput benchmark of the fused ops against eager PyTorch and torch.compile.
+
+For each op and shape, on the same inputs in one run, it times every available backend
+(cuda, triton, cpu), the eager PyTorch formula, and that formula under ``torch.compile``;
+it prints the byte floor (the bytes the op must move at the copy bandwidth measured in the
+same run), the achieved bandwidth and the speedups. GPU timings use CUDA events, CPU timings
+``perf_counter``; each figure is the median of many runs on random (never zero) inputs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .ops import _backend, masked_edit, masked_moments, misdirection_loss
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+    """Device copy bandwidth in bytes/s (read + write) on a buffer of ``nbytes``."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+@dataclass
+class Case:
+    """One benchmarked op: the fused call per backend, its eager formula, bytes it must move."""
+
+    name: str
+    fused: Callable[[str], Callable[[], object]]
+    eager: Callable[[], object]
+    nbytes: int
+
+
+def _misdirection_eager(h, control=None, importance=None, anchor=None):
+    x = h.float()
+    if importance is None:
+        loss = ((x - control) ** 2).mean()
+    else:
+        loss = (importance * (x - control) ** 2 + (1 - importance) * (x - anchor.float()) ** 2).mean()
+    (grad,) = torch.autograd.grad(loss, h)
+    return loss, grad
+
+
+def _moments_eager(x):
+    xf = x.float()
+    mean = xf.mean(0)
+    return mean, ((xf - mean) ** 2).sum(0)
+
+
+def _edit_eager(h, importance, control, alpha):
+    x = h.float()
+    return (x + alpha * importance * (control - x)).to(h.dtype)
+
+
+def _cases(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, d, device=device, dtype=dtype, generator=g).requires_grad_(True)
+    anchor = torch.randn(n, d, device=device, dtype=dtype, generator=g)
+    u = torch.rand(d, device=device, generator=g)
+    control = 6.5 * u / u.norm()
+    importance = torch.rand(d, device=device, generator=g)
+    size = h.numel() * h.element_size()
+
+    def loss_step(**kw):
+        def run(backend):
+            def call():
+                h.grad = None
+                misdirection_loss(h, backend=backend, **kw).backward()
+            return call
+        return run
+
+    return [
+        Case("misdirection RMU fwd+bwd", loss_step(control=control),
+             lambda: _misdirection_eager(h, control), 2 * size),
+        Case("misdirection SRMU fwd+bwd", loss_step(control=control, importance=importance, anchor=anchor),
+             lambda: _misdirection_eager(h, control, importance, anchor), 3 * size),
+        Case("masked_moments", lambda b: lambda: masked_moments(h.detach(), backend=b),
+             lambda: _moments_eager(h.detach()), size),
+        Case("masked_edit", lambda b: lambda: masked_edit(h.detach(), importance, control, 0.5, backend=b),
+             lambda: _edit_eager(h.detach(), importance, control, 0.5), 2 * size),
+    ]
+
+
+def run(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, repeats: int = 50,
+        compile_baseline: bool = True, out=print) -> list[dict]:
+    """Benchmark every op on every shape; prints a table and returns its rows."""
+    kernels = [b for b in ("cuda", "triton", "cpu") if _backend.available(b, device, dtype)]
+    bandwidth = copy_bandwidth(device, 1 << 28 if device.type == "cuda" else 1 << 26, repeats)
+    out(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"dtype {dtype}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e12:.3f} TB/s")
+    header = ["op", "shape", "floor ms"] + [f"{k} ms" for k in kernels] + ["eager ms"]
+    header += ["compile ms"] if compile_baseline else []
+    header += [f"{k} TB/s" for k in kernels] + [f"{k} x eager" for k in kernels]
+    header += [f"{k} x compile" for k in kernels] if compile_baseline else []
+    rows = []
+    for n, d in shapes:
+        for case in _cases(n, d, dtype, device):
+            row = {"op": case.name, "shape": f"{n}x{d}", "floor ms": case.nbytes / bandwidth * 1e3}
+            for k in kernels:
+                row[f"{k} ms"] = _time_ms(case.fused(k), device, repeats)
+            row["eager ms"] = _time_ms(case.eager, device, repeats)
+            if compile_baseline:
+                compiled = torch.compile(case.eager)
+                row["compile ms"] = _time_ms(compiled, device, repeats)
+            for k in kernels:
+                row[f"{k} TB/s"] = case.nbytes / (row[f"{k} ms"] * 1e-3) / 1e12
+                row[f"{k} x eager"] = row["eager ms"] / row[f"{k} ms"]
+                if compile_baseline:
+                    row[f"{k} x compile"] = row["compile ms"] / row[f"{k} ms"]
+            rows.append(row)
+    out(format_table(header, rows))
+    return rows
+
+
+def format_table(header: list[str], rows: list[dict]) -> str:
+    """A Markdown table (floats with 3 significant decimals)."""
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in header) + " |" for r in rows]
+    return "\n".join(lines)
