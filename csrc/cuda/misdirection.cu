@@ -82,6 +82,8 @@ bool aligned(const void* p, int64_t stride, int64_t n, int vec) {
          (reinterpret_cast<uintptr_t>(p) % 16 == 0 && (n <= 1 || stride % vec == 0));
 }
 
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float(float v) { return v; }
 template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -147,7 +149,7 @@ __device__ __forceinline__ void row_flags(const bool* mask, int64_t r, int64_t s
   if (mask != nullptr) {
     const auto* bytes = reinterpret_cast<const unsigned char*>(mask);
 #pragma unroll
-    for (int u = 0; u < U; ++u) m[u] = __ldg(bytes + std::min(r + u * step, r1 - 1));
+    for (int u = 0; u < U; ++u) m[u] = __ldg(bytes + min64(r + u * step, r1 - 1));
   }
 #pragma unroll
   for (int u = 0; u < U; ++u) ok[u] = r + u * step < r1 && m[u] != 0;
@@ -190,7 +192,7 @@ misdirection_kernel(const MisdirectionArgs a) {
   T* grad = static_cast<T*>(a.grad);
   const int64_t col = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V;
   const int64_t r0 = int64_t{blockIdx.y} * a.rows;
-  const int64_t r1 = r0 + a.rows < a.n ? r0 + a.rows : a.n;
+  const int64_t r1 = min64(r0 + a.rows, a.n);
   const int64_t step = blockDim.y;
   constexpr int U = kAnchor ? kUnroll / 2 : kUnroll;  // 16-byte loads in flight: kUnroll
   float acc = 0.f;
@@ -299,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) masked_edit_kernel(con
   const int64_t col = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V;
   if (col >= a.d) return;
   const int64_t r0 = int64_t{blockIdx.y} * a.rows;
-  const int64_t r1 = r0 + a.rows < a.n ? r0 + a.rows : a.n;
+  const int64_t r1 = min64(r0 + a.rows, a.n);
   const int64_t step = blockDim.y;
   float k[V], c[V];
 #pragma unroll

@@ -1,0 +1,309 @@
+// Masked per-feature moments and the feature scores, on fp32 / bf16 / fp16 rows with fp32
+// arithmetic (semantics in cuda_launchers.h):
+//
+//   count = #valid rows, mean_j = sum_i x_ij / count, M2_j = sum_i (x_ij - mean_j)^2
+//   (valid rows i; count 0, mean 0, M2 0 without any), one read of x;
+//   score_j = (mean_f_j - mean_r_j)^2 / (var_f_j + var_r_j + eps).
+//
+// Design (memory bound). Pass 1: a block is 256 threads shaped tx x ty: its tx lanes cover
+// tx * V consecutive columns, V elements (16 bytes) per lane when the pointer, row stride
+// and d allow it, else V = 1; its ty thread rows stride through one contiguous chunk of rows
+// with kUnroll loads in flight, each thread running Welford on its columns. The ty thread
+// rows are then combined in shared memory with Chan's formula along a fixed tree, and the
+// block writes its chunk's (mean, M2) for its columns and the chunk's valid-row count.
+// Grid = (column tiles, row chunks), about kBlocksPerSM blocks per SM. Workspace, for
+// `chunks` = grid.y row chunks: [chunks][d] means, [chunks][d] M2s, [chunks] int32 counts.
+// Pass 2: one thread per column merges the chunks in order (Chan): deterministic.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda_launchers.h"
+
+namespace uk::cuda {
+namespace {
+
+constexpr int kThreads = 256;       // threads per block
+constexpr int kUnroll = 4;          // 16-byte loads in flight per thread
+constexpr int kBlocksPerSM = 4;
+constexpr int kTileCols = 256;      // columns of a block on the 16-byte bf16/fp16 path
+constexpr int kMaxDevices = 64;
+constexpr int kMergeThreads = 128;  // pass 2 and feature_scores
+
+int sm_count() {
+  static std::atomic<int> cached[kMaxDevices];
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  if (cacheable) {
+    if (const int v = cached[dev].load(std::memory_order_relaxed)) return v;
+  }
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v < 1)
+    return 1;
+  if (cacheable) cached[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row chunks of an [n, d] problem: about kBlocksPerSM blocks per SM once multiplied by the
+// column tiles of the 16-byte bf16/fp16 path.
+int64_t row_chunks(int64_t n, int64_t d) {
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(d, kTileCols));
+  const int64_t chunks = std::max<int64_t>(1, int64_t{sm_count()} * kBlocksPerSM / tiles);
+  return std::min(chunks, std::max<int64_t>(n, 1));
+}
+
+struct Tiling {
+  dim3 grid, block;
+  int64_t rows;  // rows per block
+};
+
+// grid.y <= row_chunks(n, d) for any vec.
+Tiling make_tiling(int64_t n, int64_t d, int vec) {
+  const int64_t dv = d / vec;
+  int tx = 1;
+  while (tx < 32 && tx < dv) tx *= 2;
+  const int64_t rows = std::max<int64_t>(1, ceil_div(n, row_chunks(n, d)));
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(dv, tx))),
+                  static_cast<unsigned>(std::max<int64_t>(1, ceil_div(n, rows))));
+  return {grid, dim3(tx, kThreads / tx), rows};
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float(float v) { return v; }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T e[V];
+};
+
+// V consecutive elements from p if pred, else zeros; one 16-byte access on the vector path.
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load(const T* p, bool pred) {
+  Pack<T, V> out;
+  if constexpr (sizeof(out) == 16) {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (pred) raw = __ldg(reinterpret_cast<const uint4*>(p));
+    memcpy(&out, &raw, 16);
+  } else {
+    static_assert(V == 1, "the vector path moves 16 bytes");
+    out.e[0] = pred ? __ldg(p) : T(0.f);
+  }
+  return out;
+}
+
+// Element i of a pack as float. bf16 is read through its 32-bit word (a shift or a mask),
+// which keeps the unpacking out of 16-bit registers.
+template <typename T, int V>
+__device__ __forceinline__ float element(const Pack<T, V>& p, int i) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && V % 2 == 0) {
+    uint32_t w;
+    memcpy(&w, &p.e[i & ~1], 4);
+    return __uint_as_float(i & 1 ? w & 0xffff0000u : w << 16);
+  } else {
+    return to_float(p.e[i]);
+  }
+}
+
+// ok[u]: row r + u * step of the chunk [.., r1) exists and is valid (r < r1). The U mask
+// bytes are loaded back to back, before anything waits on them.
+template <int U>
+__device__ __forceinline__ void row_flags(const bool* mask, int64_t r, int64_t step, int64_t r1,
+                                          bool (&ok)[U]) {
+  unsigned char m[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) m[u] = 1;
+  if (mask != nullptr) {
+    const auto* bytes = reinterpret_cast<const unsigned char*>(mask);
+#pragma unroll
+    for (int u = 0; u < U; ++u) m[u] = __ldg(bytes + min64(r + u * step, r1 - 1));
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) ok[u] = r + u * step < r1 && m[u] != 0;
+}
+
+struct MomentsArgs {
+  const void* x;
+  int64_t x_stride;
+  const bool* mask;
+  int64_t n, d, rows;  // rows per block
+  float* partials;     // the workspace, laid out as in the header comment
+};
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+moments_partial_kernel(const MomentsArgs a) {
+  __shared__ float s_mean[V][kThreads], s_m2[V][kThreads];
+  __shared__ int s_count[kThreads];
+  const T* x = static_cast<const T*>(a.x);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int64_t col = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V;
+  const bool active = col < a.d;  // inactive lanes still count rows (d may be 0)
+  const int64_t r0 = int64_t{blockIdx.y} * a.rows;
+  const int64_t r1 = min64(r0 + a.rows, a.n);
+  const int64_t step = blockDim.y;
+
+  int count = 0;
+  float mean[V], m2[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) mean[i] = m2[i] = 0.f;
+  for (int64_t r = r0 + threadIdx.y; r < r1; r += step * kUnroll) {
+    bool ok[kUnroll];
+    row_flags(a.mask, r, step, r1, ok);
+    Pack<T, V> xp[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      xp[u] = load<T, V>(x + (r + u * step) * a.x_stride + col, ok[u] && active);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!ok[u]) continue;
+      ++count;
+      const float inv = __frcp_rn(static_cast<float>(count));
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float v = element(xp[u], i);
+        const float delta = v - mean[i];
+        mean[i] += delta * inv;
+        m2[i] += delta * (v - mean[i]);
+      }
+    }
+  }
+
+  // Chan's combination of the ty thread rows, pairing row y with y + s for s = ty/2 .. 1.
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    s_mean[i][tid] = mean[i];
+    s_m2[i][tid] = m2[i];
+  }
+  s_count[tid] = count;
+  for (int s = blockDim.y / 2; s > 0; s /= 2) {
+    __syncthreads();
+    if (threadIdx.y < s) {
+      const int other = tid + s * blockDim.x;
+      const int nb = s_count[other];
+      if (nb > 0) {
+        const float f = static_cast<float>(nb) / static_cast<float>(count + nb);
+        const float g = static_cast<float>(count) * f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float delta = s_mean[i][other] - mean[i];
+          mean[i] += delta * f;
+          m2[i] += s_m2[i][other] + delta * delta * g;
+          s_mean[i][tid] = mean[i];
+          s_m2[i][tid] = m2[i];
+        }
+        count += nb;
+        s_count[tid] = count;
+      }
+    }
+  }
+
+  if (threadIdx.y == 0) {
+    const int64_t chunk = blockIdx.y, chunks = gridDim.y;
+    if (active) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        a.partials[chunk * a.d + col + i] = mean[i];
+        a.partials[(chunks + chunk) * a.d + col + i] = m2[i];
+      }
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+      reinterpret_cast<int*>(a.partials + 2 * chunks * a.d)[chunk] = count;
+  }
+}
+
+// Thread j merges column j over the chunks in order; thread 0 also writes the count.
+__global__ void __launch_bounds__(kMergeThreads)
+moments_merge_kernel(const float* partials, int64_t chunks, int64_t d, int64_t* count,
+                     float* mean, float* m2) {
+  const int64_t j = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (j >= d && j != 0) return;
+  const bool column = j < d;
+  const int* counts = reinterpret_cast<const int*>(partials + 2 * chunks * d);
+  int64_t total = 0;
+  float m = 0.f, s = 0.f;
+#pragma unroll 4
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int nb = counts[c];
+    const float mb = column ? partials[c * d + j] : 0.f;
+    const float sb = column ? partials[(chunks + c) * d + j] : 0.f;
+    // An empty chunk (nb == 0, mean and M2 written as 0) leaves the running state as is.
+    const float f = nb > 0 ? static_cast<float>(nb) / static_cast<float>(total + nb) : 0.f;
+    const float delta = mb - m;
+    m += delta * f;
+    s += sb + delta * delta * static_cast<float>(total) * f;
+    total += nb;
+  }
+  if (j == 0) *count = total;
+  if (column) {
+    mean[j] = m;
+    m2[j] = s;
+  }
+}
+
+template <typename T>
+void masked_moments_impl(const MomentsArgs& args, int64_t* count, float* mean, float* m2,
+                         cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const bool vec = args.d % V == 0 && reinterpret_cast<uintptr_t>(args.x) % 16 == 0 &&
+                   (args.n <= 1 || args.x_stride % V == 0);
+  const Tiling t = make_tiling(args.n, args.d, vec ? V : 1);
+  MomentsArgs a = args;
+  a.rows = t.rows;
+  if (vec)
+    moments_partial_kernel<T, V><<<t.grid, t.block, 0, stream>>>(a);
+  else
+    moments_partial_kernel<T, 1><<<t.grid, t.block, 0, stream>>>(a);
+  const auto blocks = static_cast<unsigned>(std::max<int64_t>(1, ceil_div(a.d, kMergeThreads)));
+  moments_merge_kernel<<<blocks, kMergeThreads, 0, stream>>>(a.partials, t.grid.y, a.d, count,
+                                                              mean, m2);
+}
+
+__global__ void __launch_bounds__(kMergeThreads)
+feature_scores_kernel(const float* mean_f, const float* var_f, const float* mean_r,
+                      const float* var_r, float eps, int64_t d, float* scores) {
+  const int64_t j = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const float diff = mean_f[j] - mean_r[j];
+  scores[j] = diff * diff / (var_f[j] + var_r[j] + eps);
+}
+
+}  // namespace
+
+int64_t masked_moments_workspace_floats(int64_t n, int64_t d) {
+  return row_chunks(n, d) * (2 * d + 1);
+}
+
+void masked_moments(DType dt, const void* x, int64_t x_stride, const bool* mask, int64_t n,
+                    int64_t d, int64_t* count, float* mean, float* m2, float* workspace,
+                    cudaStream_t stream) {
+  const MomentsArgs a{x, x_stride, mask, n, d, 0, workspace};
+  switch (dt) {
+    case DType::F32: masked_moments_impl<float>(a, count, mean, m2, stream); break;
+    case DType::BF16: masked_moments_impl<__nv_bfloat16>(a, count, mean, m2, stream); break;
+    case DType::F16: masked_moments_impl<__half>(a, count, mean, m2, stream); break;
+  }
+}
+
+void feature_scores(const float* mean_f, const float* var_f, const float* mean_r,
+                    const float* var_r, float eps, int64_t d, float* scores,
+                    cudaStream_t stream) {
+  if (d == 0) return;
+  const auto blocks = static_cast<unsigned>(ceil_div(d, kMergeThreads));
+  feature_scores_kernel<<<blocks, kMergeThreads, 0, stream>>>(mean_f, var_f, mean_r, var_r, eps,
+                                                               d, scores);
+}
+
+}  // namespace uk::cuda

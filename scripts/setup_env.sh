@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv (once), installs the pinned dependencies and builds unlearn_kernels in it.
+# Idempotent: a second run only rebuilds what changed. Works offline where pip's cache or
+# a local wheel store holds the packages (torch 2.14.1 lies on the CI machines' disk).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -m pip install -q -r requirements.txt
+# The extension builds against the torch just installed; CUDA kernels whenever nvcc is found.
+MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python -m pip install -q -e . --no-build-isolation --no-deps
+.venv/bin/unlearn-kernels info
