@@ -24,7 +24,7 @@ def _errors(backend: str, device: torch.device, dtype: torch.dtype, seed: int) -
     mask = (torch.rand(shape[:-1], generator=g) > 0.25).to(device)
 
     def rel(a, b):
-        return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-12))
+        return float((a.detach().double() - b.detach().double()).abs().max() / b.double().abs().max().clamp(min=1e-12))
 
     results = {}
     grads = []

@@ -1,6 +1,6 @@
 // Tensor-facing entry points of the misdirection family: misdirection_fwd_bwd and
 // masked_edit. Checks, output allocation and device dispatch.
-#include "ops.h"
+#include <torch/library.h>
 
 #include "cpu_kernels.h"
 #include "tensor_checks.h"
@@ -18,6 +18,7 @@ at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) {
 }
 }  // namespace
 
+// Schemas, math and conventions: cuda_launchers.h and unlearn_kernels/ops/misdirection.py.
 std::tuple<at::Tensor, at::Tensor> misdirection_fwd_bwd(
     const at::Tensor& h, const c10::optional<at::Tensor>& control,
     const c10::optional<at::Tensor>& importance, const c10::optional<at::Tensor>& anchor,
@@ -90,3 +91,22 @@ at::Tensor masked_edit(const at::Tensor& h, const at::Tensor& importance,
 }
 
 }  // namespace uk
+
+TORCH_LIBRARY_FRAGMENT(unlearn_kernels, m) {
+  m.def("misdirection_fwd_bwd(Tensor h, Tensor? control, Tensor? importance, Tensor? anchor, "
+        "Tensor? token_mask, float scale, bool need_grad) -> (Tensor, Tensor)");
+  m.def("masked_edit(Tensor h, Tensor importance, Tensor control, float alpha, "
+        "Tensor? token_mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(unlearn_kernels, CPU, m) {
+  m.impl("misdirection_fwd_bwd", &uk::misdirection_fwd_bwd);
+  m.impl("masked_edit", &uk::masked_edit);
+}
+
+#ifdef UNLEARN_KERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(unlearn_kernels, CUDA, m) {
+  m.impl("misdirection_fwd_bwd", &uk::misdirection_fwd_bwd);
+  m.impl("masked_edit", &uk::masked_edit);
+}
+#endif

@@ -1,5 +1,5 @@
 // Tensor-facing entry points of the statistics family: masked_moments and feature_scores.
-#include "ops.h"
+#include <torch/library.h>
 
 #include "cpu_kernels.h"
 #include "tensor_checks.h"
@@ -63,3 +63,21 @@ at::Tensor feature_scores(const at::Tensor& mean_f, const at::Tensor& var_f,
 }
 
 }  // namespace uk
+
+TORCH_LIBRARY_FRAGMENT(unlearn_kernels, m) {
+  m.def("masked_moments(Tensor x, Tensor? token_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("feature_scores(Tensor mean_f, Tensor var_f, Tensor mean_r, Tensor var_r, float eps) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(unlearn_kernels, CPU, m) {
+  m.impl("masked_moments", &uk::masked_moments);
+  m.impl("feature_scores", &uk::feature_scores);
+}
+
+#ifdef UNLEARN_KERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(unlearn_kernels, CUDA, m) {
+  m.impl("masked_moments", &uk::masked_moments);
+  m.impl("feature_scores", &uk::feature_scores);
+}
+#endif
