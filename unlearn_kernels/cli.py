@@ -1,15 +1,22 @@
 """The ``unlearn-kernels`` command.
 
-    unlearn-kernels info                 which backends run here
-    unlearn-kernels selfcheck            every backend against the reference
-    unlearn-kernels bench [--device ..]  throughput table of the fused ops
-    unlearn-kernels demo                 self-check, then a small benchmark table
+    unlearn-kernels demo                  unlearn the embedded model with each method, print the table
+    unlearn-kernels unlearn --model DIR --method SRMU --forget F --retain R --out DIR [--config run.yaml]
+    unlearn-kernels eval --model DIR --questions wmdp.jsonl [--questions more.jsonl]
+    unlearn-kernels bench [--device cuda]  throughput table of the fused ops
+    unlearn-kernels selfcheck             every kernel backend against the reference
+    unlearn-kernels info                  which backends run here
+
+A YAML config for ``unlearn`` holds the same keys as the flags (model, method, forget,
+retain, out) plus ``settings:``, the method's config fields (e.g. layer, steering, lr);
+``--set key=value`` overrides one setting (values parsed as YAML).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,14 +54,77 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
-    from . import benchmark, selfcheck
+    from . import demo, selfcheck
 
     _info(args)
-    print("\nSelf-check against the plain-PyTorch reference:")
+    print("\nSelf-check of the kernels against the plain-PyTorch reference:")
     ok = selfcheck.run()
-    print("\nCPU throughput (compiled C++ kernels vs eager PyTorch and torch.compile):")
-    benchmark.run([(2048, 1024)], torch.float32, torch.device("cpu"), repeats=10)
+    print("\nUnlearning the embedded model (entangled-knowledge benchmark, chance = 0.25):")
+    demo.run(args.out, methods=args.methods, relearn_steps=args.relearn_steps, progress=not args.quiet)
     return 0 if ok else 1
+
+
+def _load_run_config(args) -> dict:
+    import yaml
+
+    config = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"--config {path} does not exist")
+        config = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(config, dict):
+            raise SystemExit(f"--config {path} must hold a mapping")
+    for key in ("model", "method", "forget", "retain", "out"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    settings = dict(config.get("settings") or {})
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {item!r}")
+        settings[key] = yaml.safe_load(value)
+    config["settings"] = settings
+    missing = [k for k in ("model", "method", "forget", "retain", "out") if not config.get(k)]
+    if missing:
+        raise SystemExit(f"unlearn needs {', '.join(missing)} (flags or --config)")
+    return config
+
+
+def _unlearn(args) -> int:
+    from .data.loaders import read_texts
+    from .methods import registry
+    from .models.io import load_local, save_pretrained_atomic
+
+    config = _load_run_config(args)
+    if config["method"] not in registry:
+        raise SystemExit(f"unknown method {config['method']!r}; choose from {sorted(registry)}")
+    forget = [t for f in _as_list(config["forget"]) for t in read_texts(f)]
+    retain = [t for f in _as_list(config["retain"]) for t in read_texts(f)]
+    model, tokenizer = load_local(config["model"])
+    method = registry[config["method"]](model, tokenizer, **config["settings"])
+    method.fit(forget, retain)
+    report = {**method.report(), "source_model": str(config["model"])}
+    save_pretrained_atomic(method.model, tokenizer, config["out"], report)
+    print(f"saved the unlearned model and report.json to {config['out']}")
+    return 0
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _eval(args) -> int:
+    from .data.loaders import read_multiple_choice
+    from .eval.multiple_choice import accuracy
+    from .models.io import load_local
+
+    model, tokenizer = load_local(args.model)
+    for path in args.questions:
+        questions = read_multiple_choice(path)
+        print(f"{path}: acc {accuracy(model, tokenizer, questions):.4f}, "
+              f"acc_norm {accuracy(model, tokenizer, questions, normalize=True):.4f} ({len(questions)} questions)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=50, help="timed runs per figure (median)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     bench.set_defaults(func=_bench)
-    sub.add_parser("demo", help="self-check and a CPU benchmark table").set_defaults(func=_demo)
+    demo = sub.add_parser("demo", help="unlearn the embedded model with each method and print the table")
+    demo.add_argument("--out", default="demo_out", help="directory for results.json and tradeoff.png")
+    demo.add_argument("--methods", nargs="+", default=None, help="subset of the demo methods")
+    demo.add_argument("--relearn-steps", type=int, default=30)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+    unlearn = sub.add_parser("unlearn", help="unlearn a local HF model and save it with a report")
+    unlearn.add_argument("--config", help="YAML file with the keys below and settings:")
+    unlearn.add_argument("--model", help="local model directory (save_pretrained format)")
+    unlearn.add_argument("--method", help="RMU, AdaptiveRMU, SRMU, GradAscent, GradDiff, NPO, ...")
+    unlearn.add_argument("--forget", nargs="+", help=".txt (a text per line) or .jsonl ('text') files")
+    unlearn.add_argument("--retain", nargs="+", help="same formats as --forget")
+    unlearn.add_argument("--out", help="output directory (written atomically)")
+    unlearn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method setting")
+    unlearn.set_defaults(func=_unlearn)
+    evaluate = sub.add_parser("eval", help="multiple-choice accuracy of a local model on WMDP-style jsonl")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--questions", nargs="+", required=True)
+    evaluate.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,127 @@
+"""LLM unlearning methods on the embedded model: what changes, saving, bad configs, the data."""
+
+import json
+
+import pytest
+import torch
+
+from unlearn_kernels.data import entangled
+from unlearn_kernels.data.loaders import read_multiple_choice, read_texts, write_jsonl
+from unlearn_kernels.eval.multiple_choice import accuracy
+from unlearn_kernels.methods import registry
+from unlearn_kernels.models import tiny
+from unlearn_kernels.models.io import load_local, save_pretrained_atomic
+
+pytest.importorskip("transformers")
+SETTINGS = {
+    "RMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], steering=10.0, alpha=10.0, lr=1e-3),
+    "AdaptiveRMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], lr=1e-3),
+    "SRMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], lr=1e-3, stats_batches=2),
+    "GradAscent": dict(update=["layers.1.mlp.*"], lr=1e-3),
+    "GradDiff": dict(update=["layers.1.mlp.*"], lr=1e-3),
+    "NPO": dict(update=["layers.1.mlp.*"], lr=1e-3),
+}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny.load()
+
+
+@pytest.fixture(scope="module")
+def split():
+    bench = entangled.generate(0.25)
+    return bench, bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts())
+
+
+def fresh(base):
+    model, tokenizer = base
+    clone = type(model)(model.config)
+    clone.load_state_dict(model.state_dict())
+    return clone.eval(), tokenizer
+
+
+def test_shipped_model_knows_both_domains(base):
+    model, tokenizer = base
+    bench = entangled.generate(0.25)
+    assert accuracy(model, tokenizer, bench.questions(bench.forget_facts())) >= 0.9
+    assert accuracy(model, tokenizer, bench.questions(bench.retain_facts())) >= 0.9
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_only_the_selected_parameters_change(base, split, name):
+    model, tokenizer = fresh(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = registry[name](model, tokenizer, steps=3, batch_size=4, progress=False, **SETTINGS[name])
+    method.fit(split[1], split[2])
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= set(method.params), changed - set(method.params)
+    assert len(method.history) == 3 and all(torch.isfinite(torch.tensor(list(h.values()))).all()
+                                            for h in method.history)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_srmu_importance_is_a_sparse_map(base, split):
+    model, tokenizer = fresh(base)
+    method = registry["SRMU"](model, tokenizer, steps=1, progress=False, **SETTINGS["SRMU"])
+    method.fit(split[1], split[2])
+    m = method.importance
+    assert m.shape == (model.config.hidden_size,) and ((m >= 0) & (m <= 1)).all()
+    assert 0.05 * m.numel() < float(m.sum()) < 0.3 * m.numel()
+
+
+def test_save_and_load_round_trip(base, split, tmp_path):
+    model, tokenizer = fresh(base)
+    method = registry["RMU"](model, tokenizer, steps=2, progress=False, **SETTINGS["RMU"])
+    method.fit(split[1], split[2])
+    out = save_pretrained_atomic(model, tokenizer, tmp_path / "unlearned", method.report())
+    loaded, loaded_tok = load_local(out)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "RMU" and report["data"]["forget"]["n"] == len(split[1])
+    assert loaded_tok("the toxin")["input_ids"] == tokenizer("the toxin")["input_ids"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_bad_configs_fail_before_work(base, split):
+    model, tokenizer = fresh(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        registry["RMU"](model, tokenizer, layer=9)
+    with pytest.raises(ValueError, match="no parameter matches"):
+        registry["RMU"](model, tokenizer, layer=2, update=["layers.7.mlp.down_proj"])
+    with pytest.raises(ValueError, match="forget set is empty"):
+        registry["RMU"](model, tokenizer, **SETTINGS["RMU"]).fit([], split[2])
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        registry["GradDiff"](model, tokenizer, lr=0.0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_texts("/nonexistent/forget.txt")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_benchmark_is_deterministic_and_entangled():
+    a, b = entangled.generate(0.25, seed=3), entangled.generate(0.25, seed=3)
+    assert a.facts == b.facts and a.forget_entities == b.forget_entities
+    assert sum(f.entangled for f in a.forget_facts()) == 4 * 4  # 4 shared entities x 4 attributes
+    assert not any(f.entangled for f in entangled.generate(0.0).forget_facts())
+    retain_entities = {f.entity for f in a.retain_facts()}
+    assert {f.entity for f in a.forget_facts() if f.entangled} <= retain_entities
+    q = a.questions(a.forget_facts()[:1])[0]
+    assert q.choices[q.answer] == a.forget_facts()[0].value and len(set(q.choices)) == 4
+    with pytest.raises(ValueError, match="overlap must be in"):
+        entangled.generate(0.9)
+
+
+def test_loaders_round_trip_and_errors(tmp_path):
+    path = tmp_path / "q.jsonl"
+    write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 1}])
+    assert read_multiple_choice(path)[0].choices == ["a", "b"]
+    write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 2}])
+    with pytest.raises(ValueError, match=r"q.jsonl:1: 'answer' must be an index"):
+        read_multiple_choice(path)
+    texts = tmp_path / "t.jsonl"
+    write_jsonl(texts, [{"text": "one"}, {"text": "two"}])
+    assert read_texts(texts) == ["one", "two"]
+    (tmp_path / "t.txt").write_text("a\n\nb\n")
+    assert read_texts(tmp_path / "t.txt") == ["a", "b"]

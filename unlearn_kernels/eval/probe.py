@@ -1,0 +1,54 @@
+"""Linear probes on layer-l activations: is the forgotten answer still linearly decodable?
+
+For each question, the feature is the layer-l residual stream at the question's last token
+(where the model is about to produce the answer). Per attribute, a multinomial logistic
+regression is fitted on questions whose facts the model is meant to *keep* knowing and
+scored on the forget questions. A model that hid the answer only at the output keeps a high
+probe accuracy; one whose representations no longer carry it drops to chance.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ..models.layers import layer_output
+
+
+@torch.no_grad()
+def question_features(model, tokenizer, questions, layer: int) -> np.ndarray:
+    device = next(model.parameters()).device
+    enc = tokenizer([q.question for q in questions], return_tensors="pt", padding=True).to(device)
+    h = layer_output(model, layer, enc["input_ids"], enc["attention_mask"]).float()
+    last = enc["attention_mask"].sum(1) - 1
+    return h[torch.arange(h.shape[0], device=device), last].cpu().numpy()
+
+
+def probe_accuracy(model, tokenizer, train_questions, test_questions, layer: int, seed: int = 0) -> float:
+    """Accuracy of per-attribute linear probes fitted on ``train_questions``, on ``test_questions``."""
+    from sklearn.linear_model import LogisticRegression
+
+    if not train_questions or not test_questions:
+        raise ValueError("probe_accuracy needs training and test questions")
+    groups = defaultdict(lambda: ([], []))
+    for split, qs in ((0, train_questions), (1, test_questions)):
+        for q in qs:
+            groups[q.fact.attribute][split].append(q)
+    correct = total = 0
+    for attribute, (train, test) in groups.items():
+        if not test:
+            continue
+        if len({q.fact.value for q in train}) < 2:
+            raise ValueError(f"probe for {attribute!r} has fewer than two answer classes to learn from")
+        x_train = question_features(model, tokenizer, train, layer)
+        x_test = question_features(model, tokenizer, test, layer)
+        scale = x_train.std(0) + 1e-6
+        mean = x_train.mean(0)
+        clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+        clf.fit((x_train - mean) / scale, [q.fact.value for q in train])
+        pred = clf.predict((x_test - mean) / scale)
+        correct += int(sum(p == q.fact.value for p, q in zip(pred, test)))
+        total += len(test)
+    return correct / total

@@ -1,0 +1,138 @@
+"""Representation misdirection: RMU, Adaptive RMU and SRMU.
+
+RMU (Li et al., 2024, WMDP). With ``h`` the residual stream after layer ``l`` of the model
+being updated, ``h₀`` that of the frozen model, ``u ~ U[0,1)^d`` normalised and fixed::
+
+    L = mean_t ‖h_f − c·u‖² / d  +  α · mean_t ‖h_r − h₀_r‖² / d
+
+on forget (f) and retain (r) tokens, updating only a few MLP down-projections at and below
+``l`` (published 7B defaults: l = 7, layers 5–7, c = 6.5, α = 1200, lr 5e-5, batch 4, 512
+tokens). Padding tokens are masked out (the reference script averages over them too).
+
+Adaptive RMU (Dang et al., 2025): ``c = β · mean_t ‖h_f‖`` measured on the first forget
+batch with the unmodified model, so the target scales with the layer's activations.
+
+SRMU (selective RMU): a per-feature importance map ``m = feature_importance(M_f, M_r,
+sparsity)`` from masked moments of layer-l activations on the forget and retain sets
+(computed once, on the unmodified model) restricts the misdirection to the features that
+separate forget from retain; elsewhere forget activations are anchored to the frozen model::
+
+    L_f = mean_t Σ_j [ m_j (h_f − c·u)_j² + (1 − m_j)(h_f − h₀_f)_j² ] / d
+
+which leaves the features that forget and retain text share (entangled knowledge) in place.
+Choices the paper leaves open, taken here: a Fisher separability score, a soft top-k mask
+in log-score space (``sparsity``, ``temperature``) and an adaptive ``c`` (``beta``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.layers import FrozenCopy, layer_output
+from ..ops import Moments, feature_importance, masked_moments, misdirection_loss
+from .base import MethodConfig, UnlearningMethod
+
+
+@dataclass
+class RMUConfig(MethodConfig):
+    layer: int = 7
+    update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.down_proj"])
+    steering: float = 6.5      # c
+    alpha: float = 1200.0      # retain weight
+    lr: float = 5e-5
+
+
+class RMU(UnlearningMethod):
+    """RMU: push forget activations at layer l to ``c·u``, keep retain activations (see module)."""
+
+    name = "RMU"
+    config_class = RMUConfig
+
+    def control_scale(self, forget_batch) -> float:
+        return self.config.steering
+
+    def setup(self, forget, retain):
+        d = self.model.config.hidden_size
+        generator = torch.Generator().manual_seed(self.config.seed)
+        u = torch.rand(d, generator=generator)
+        self.direction = (u / u.norm()).to(next(self.model.parameters()).device)
+        self.frozen = FrozenCopy(self.model, self.params)
+        self.control = self.control_scale(next(self.batches(forget, 7))) * self.direction
+
+    def activations(self, batch):
+        return layer_output(self.model, self.config.layer, batch["input_ids"], batch["attention_mask"])
+
+    def frozen_activations(self, batch):
+        return self.frozen.layer_output(self.config.layer, batch["input_ids"], batch["attention_mask"])
+
+    def forget_loss(self, batch):
+        return misdirection_loss(self.activations(batch), self.control, token_mask=batch["attention_mask"],
+                                 backend=self.config.backend)
+
+    def loss(self, forget_batch, retain_batch, step):
+        anchor = self.frozen_activations(retain_batch)
+        retain = misdirection_loss(self.activations(retain_batch), anchor=anchor,
+                                   token_mask=retain_batch["attention_mask"], backend=self.config.backend)
+        return {"forget": self.forget_loss(forget_batch), "retain": self.config.alpha * retain}
+
+    def report(self):
+        return {**super().report(), "control_norm": float(self.control.norm())}
+
+
+@dataclass
+class AdaptiveRMUConfig(RMUConfig):
+    beta: float = 5.0          # c = beta · mean ‖h_forget‖
+
+
+class AdaptiveRMU(RMU):
+    """RMU with ``c = β · mean‖h_f‖`` measured on the first forget batch (see module)."""
+
+    name = "AdaptiveRMU"
+    config_class = AdaptiveRMUConfig
+
+    @torch.no_grad()
+    def control_scale(self, forget_batch) -> float:
+        h = self.frozen_activations(forget_batch).float()
+        valid = forget_batch["attention_mask"].bool()
+        return self.config.beta * float(h[valid].norm(dim=-1).mean())
+
+
+@dataclass
+class SRMUConfig(AdaptiveRMUConfig):
+    sparsity: float = 0.1      # fraction of features the misdirection acts on
+    temperature: float = 0.25  # softness of the importance map (0: hard top-k)
+    stats_batches: int = 16    # batches per set for the moments
+
+
+class SRMU(AdaptiveRMU):
+    """Selective RMU: misdirect only the features that separate forget from retain (see module)."""
+
+    name = "SRMU"
+    config_class = SRMUConfig
+
+    @torch.no_grad()
+    def _moments(self, texts, offset) -> Moments:
+        stats = None
+        batches = self.batches(texts, offset)
+        for _ in range(min(self.config.stats_batches, -(-len(texts) // self.config.batch_size))):
+            batch = next(batches)
+            h = self.frozen_activations(batch)
+            part = masked_moments(h, batch["attention_mask"], backend=self.config.backend)
+            stats = part if stats is None else stats.merge(part)
+        return stats
+
+    def setup(self, forget, retain):
+        super().setup(forget, retain)
+        self.importance = feature_importance(self._moments(forget, 11), self._moments(retain, 12),
+                                             self.config.sparsity, temperature=self.config.temperature,
+                                             backend=self.config.backend)
+
+    def forget_loss(self, batch):
+        anchor = self.frozen_activations(batch)
+        return misdirection_loss(self.activations(batch), self.control, self.importance, anchor,
+                                 token_mask=batch["attention_mask"], backend=self.config.backend)
+
+    def report(self):
+        return {**super().report(), "importance_mass": float(self.importance.sum())}

@@ -1,0 +1,136 @@
+"""Model plumbing for any Hugging Face causal LM: the decoder layers, parameters by pattern,
+activations at layer l with the forward stopped there, and frozen copies of the few
+updated layers.
+
+The layer list is found by structure: the longest ``nn.ModuleList`` whose members all share
+one class (Llama/Mistral/Qwen2 ``model.layers``, GPT-2 ``transformer.h``, GPT-NeoX
+``gpt_neox.layers`` ...). ``layer_output(model, l, ...)`` registers a hook on layer l that
+records its output and raises, so layers above l never run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of ``model`` (found by structure, not by model name)."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"found no decoder-layer list in {type(model).__name__}")
+    return best
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if not -n <= layer < n:
+        raise ValueError(f"layer {layer} does not exist: the model has {n} decoder layers (0..{n - 1})")
+    return layer % n
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def layer_output(model: nn.Module, layer: int, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Residual-stream output of decoder layer ``layer`` ``[batch, seq, d]``; the forward stops there."""
+    with _stop_at(model, check_layer(model, layer)) as captured:
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+    return captured["h"]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``layers.{5,6,7}.mlp`` -> ``layers.5.mlp``, ``layers.6.mlp``, ``layers.7.mlp`` (nested ok)."""
+    parts = re.split(r"(\{[^{}]*\})", pattern)
+    options = [p[1:-1].split(",") if p.startswith("{") else [p] for p in parts]
+    return ["".join(choice) for choice in itertools.product(*options)]
+
+
+def parameters_matching(model: nn.Module, patterns: list[str] | str) -> dict[str, nn.Parameter]:
+    """Parameters whose module path ends with one of ``patterns`` (braces and globs allowed):
+    ``layers.{5,6,7}.mlp.down_proj`` selects those modules' weights (and biases)."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    expanded = [p for pattern in patterns for p in expand_braces(pattern)]
+    chosen = {}
+    for name, param in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        for p in expanded:
+            if fnmatch.fnmatch("." + module, "*." + p) or fnmatch.fnmatch("." + name, "*." + p):
+                chosen[name] = param
+    if not chosen:
+        raise ValueError(f"no parameter matches {patterns}; names look like "
+                         f"{[n for n, _ in itertools.islice(model.named_parameters(), 3)]}")
+    return chosen
+
+
+def layer_index_of(model: nn.Module, param_name: str) -> int | None:
+    """Index of the decoder layer that holds ``param_name`` (None outside the layers)."""
+    layers = decoder_layers(model)
+    for prefix, module in model.named_modules():
+        if module is layers:
+            m = re.match(re.escape(prefix) + r"\.(\d+)\.", param_name)
+            return int(m.group(1)) if m else None
+    return None
+
+
+class FrozenCopy:
+    """The model *as it was* when this object was made, while the live model trains.
+
+    Only the parameters that will be updated are copied (``torch.func.functional_call``
+    swaps them in for a frozen forward); every other weight is shared with the live model,
+    so one model plus a few layers fits where reference scripts hold two full models.
+    """
+
+    def __init__(self, model: nn.Module, updated: dict[str, nn.Parameter]):
+        self.model = model
+        self.frozen = {name: p.detach().clone() for name, p in updated.items()}
+
+    @torch.no_grad()
+    def forward(self, **inputs):
+        """The frozen model's full forward (``use_cache=False``)."""
+        return functional_call(self.model, self.frozen, (), {**inputs, "use_cache": False}, strict=False)
+
+    @torch.no_grad()
+    def layer_output(self, layer: int, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen model's layer-``layer`` output; the forward stops there."""
+        with _stop_at(self.model, check_layer(self.model, layer)) as captured:
+            try:
+                self.forward(input_ids=input_ids, attention_mask=attention_mask)
+            except _Stop:
+                pass
+        return captured["h"]
+
+
+@contextmanager
+def _stop_at(model: nn.Module, layer: int):
+    captured: dict = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = _first(output)
+        raise _Stop
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
