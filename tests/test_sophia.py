@@ -91,16 +91,17 @@ def test_equals_official_loop(backend, device, dtype, masks, zero_hessian):
 
 
 def masked_case(dtype, state_dtype, device, seed=0):
-    """Params with row, column, 1-D and N-D masks (some empty or full), one unmasked, one
-    misaligned view, and a mask with every row off."""
-    flat = torch.randn(1 + 31 * 12, generator=torch.Generator().manual_seed(seed + 7))
+    """Params with row, column, 1-D and N-D masks (some empty or full; chunks of the kernels
+    that start mid-row), one unmasked, one misaligned view, and a mask with every row off."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [(37, 29), (29, 40), (13,), (5, 3, 8), (6, 10), (300, 131), (131, 300), (31, 12), (4, 4)]
+    shapes = [(37, 29), (29, 40), (13,), (5, 3, 8), (7, 9), (300, 131), (131, 300), (31, 12), (4, 4),
+              (40, 264), (64, 136)]
     state = make_state(shapes, dtype, state_dtype, device, seed)
-    state[0][7] = flat[1:].view(31, 12).to(device, dtype)  # contiguous, not 16-byte aligned
+    flat = torch.randn(1 + 31 * 12, generator=g).to(device, dtype)
+    state[0][7] = flat[1:].view(31, 12)  # contiguous, not 16-byte aligned
     bern = lambda n, p=0.5: (torch.rand(n, generator=g) < p).to(device)  # noqa: E731
     masks = [bern(37), (bern(40), -1), bern(13), (bern(5), 0), None, bern(300, 0.3), (bern(300, 0.3), 1),
-             (bern(12), -1), torch.zeros(4, dtype=torch.bool, device=device)]
+             (bern(12), -1), torch.zeros(4, dtype=torch.bool, device=device), bern(40), (bern(136), -1)]
     return shapes, state, masks
 
 

@@ -19,8 +19,9 @@ program counts. When every tensor of the group is 16-byte aligned and its size a
 of the vector width, the offsets are declared multiples of it so p, g, m and h move as
 16-byte vectors (checked in the PTX of an offline sm_90 compile). Programs whose elements
 are all unselected return before loading anything. (A single launch over mixed dtypes would
-need a branch per dtype pair inside the kernel; grouping keeps the kernel small.)
-Under ``TRITON_INTERPRET=1`` the same code runs on CPU tensors (fp32 only).
+need a branch per dtype pair inside the kernel; grouping keeps the kernel small. Base
+pointer plus loaded offset, rather than int64 addresses cast to pointers, keeps the element
+types static and runs unchanged under ``TRITON_INTERPRET=1``, on CPU tensors, fp32 only.)
 """
 
 from __future__ import annotations
