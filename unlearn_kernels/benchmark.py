@@ -108,6 +108,32 @@ def _cases(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list[Cas
     ]
 
 
+def columns(kernels: list[str], compile_baseline: bool) -> list[str]:
+    """The measurement columns of a table (after its label columns), as :func:`measure` fills them."""
+    header = ["floor ms"] + [f"{k} ms" for k in kernels] + ["eager ms"]
+    header += ["compile ms"] if compile_baseline else []
+    header += [f"{k} TB/s" for k in kernels] + [f"{k} x eager" for k in kernels]
+    header += [f"{k} x compile" for k in kernels] if compile_baseline else []
+    return header
+
+
+def measure(case: Case, kernels: list[str], device: torch.device, repeats: int,
+            compile_baseline: bool, bandwidth: float) -> dict:
+    """Times ``case`` on each backend of ``kernels``, eager and (optionally) compiled."""
+    row = {"floor ms": case.nbytes / bandwidth * 1e3}
+    for k in kernels:
+        row[f"{k} ms"] = _time_ms(case.fused(k), device, repeats)
+    row["eager ms"] = _time_ms(case.eager, device, repeats)
+    if compile_baseline:
+        row["compile ms"] = _time_ms(torch.compile(case.eager), device, repeats)
+    for k in kernels:
+        row[f"{k} TB/s"] = case.nbytes / (row[f"{k} ms"] * 1e-3) / 1e12
+        row[f"{k} x eager"] = row["eager ms"] / row[f"{k} ms"]
+        if compile_baseline:
+            row[f"{k} x compile"] = row["compile ms"] / row[f"{k} ms"]
+    return row
+
+
 def run(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, repeats: int = 50,
         compile_baseline: bool = True, out=print) -> list[dict]:
     """Benchmark every op on every shape; prints a table and returns its rows."""
@@ -115,27 +141,12 @@ def run(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device,
     bandwidth = copy_bandwidth(device, 1 << 28 if device.type == "cuda" else 1 << 26, repeats)
     out(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
         f"dtype {dtype}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e12:.3f} TB/s")
-    header = ["op", "shape", "floor ms"] + [f"{k} ms" for k in kernels] + ["eager ms"]
-    header += ["compile ms"] if compile_baseline else []
-    header += [f"{k} TB/s" for k in kernels] + [f"{k} x eager" for k in kernels]
-    header += [f"{k} x compile" for k in kernels] if compile_baseline else []
     rows = []
     for n, d in shapes:
         for case in _cases(n, d, dtype, device):
-            row = {"op": case.name, "shape": f"{n}x{d}", "floor ms": case.nbytes / bandwidth * 1e3}
-            for k in kernels:
-                row[f"{k} ms"] = _time_ms(case.fused(k), device, repeats)
-            row["eager ms"] = _time_ms(case.eager, device, repeats)
-            if compile_baseline:
-                compiled = torch.compile(case.eager)
-                row["compile ms"] = _time_ms(compiled, device, repeats)
-            for k in kernels:
-                row[f"{k} TB/s"] = case.nbytes / (row[f"{k} ms"] * 1e-3) / 1e12
-                row[f"{k} x eager"] = row["eager ms"] / row[f"{k} ms"]
-                if compile_baseline:
-                    row[f"{k} x compile"] = row["compile ms"] / row[f"{k} ms"]
-            rows.append(row)
-    out(format_table(header, rows))
+            rows.append({"op": case.name, "shape": f"{n}x{d}",
+                         **measure(case, kernels, device, repeats, compile_baseline, bandwidth)})
+    out(format_table(["op", "shape"] + columns(kernels, compile_baseline), rows))
     return rows
 
 

@@ -1,0 +1,14 @@
+// CPU kernel of the fused multi-tensor masked Sophia-G step (math in sophia.h).
+#pragma once
+
+#include <cstdint>
+
+#include "sophia.h"
+
+namespace uk::cpu {
+
+// Updates the `count` tensors in place: one at::parallel_for over fixed-size chunks of all
+// the tensors together. Tensors may have different dtypes.
+void masked_sophia_step(const SophiaTensor* tensors, int64_t count, const SophiaHyper& hyper);
+
+}  // namespace uk::cpu
