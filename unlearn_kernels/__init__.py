@@ -8,6 +8,7 @@
 from . import ops
 from ._extension import compiled, compiled_with_cuda
 from .ops import backends
+from .optim import MaskedSophia
 
 __version__ = "0.1.0"
-__all__ = ["backends", "compiled", "compiled_with_cuda", "ops", "__version__"]
+__all__ = ["MaskedSophia", "backends", "compiled", "compiled_with_cuda", "ops", "__version__"]
