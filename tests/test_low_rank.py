@@ -9,6 +9,8 @@ from unlearn_kernels.ops.low_rank import (
     _project_torch, check_orthonormal, low_rank_project, masked_gram, projection_hook)
 from unlearn_kernels.ops.low_rank_basis import forget_basis, grow_basis, retain_subspace
 
+from unlearn_kernels.ops import _backend
+
 from conftest import assert_close, backend_cases
 
 
@@ -80,9 +82,14 @@ def test_backend_matches_reference(backend, device, dtype, shape, r, scale):
 
 
 @pytest.mark.parametrize("backend,device,dtype", backend_cases())
-def test_strided_views_and_basis_dtype(backend, device, dtype):
-    wide = activations((6, 5, 300), dtype, device)
-    x = wide[:, 1:, 17:97]  # neither rows nor the batch are contiguous
+@pytest.mark.parametrize("view", ["batched", "misaligned_rows", "aligned_rows"])
+def test_strided_views_and_basis_dtype(backend, device, dtype, view):
+    if view == "batched":  # copied by the [n, d] reshape
+        x = activations((6, 5, 300), dtype, device)[:, 1:, 17:97]
+    elif view == "misaligned_rows":  # rows 300 apart, starting 17 elements in: the CUDA generic kernel
+        x = activations((6, 300), dtype, device)[:, 17:97]
+    else:  # rows 320 apart, 16-byte aligned: the CUDA tensor-core kernel with a row stride
+        x = activations((6, 320), dtype, device)[:, 16:96]
     assert not x.is_contiguous()
     u = orthonormal(80, 16, device=device)
     y_ref = low_rank_project(x, u, backend="torch")
@@ -102,6 +109,27 @@ def test_auto_backend_on_cpu_uses_compiled_kernel():
     needs_compiled()
     x, u = activations((4, 24), torch.float32, "cpu"), orthonormal(24, 3)
     assert torch.equal(low_rank_project(x, u), low_rank_project(x, u, backend="cpu"))
+
+
+def fp16_cases():
+    cases = [c for c in backend_cases() if c.values[2] == torch.float16]
+    if not torch.cuda.is_available():  # the interpreter runs fp16 too
+        cases.append(pytest.param("triton", torch.device("cpu"), torch.float16, id="triton-float16-interpreted",
+                                  marks=pytest.mark.skipif(not _backend.available("triton", torch.device("cpu"),
+                                                                                  torch.float16),
+                                                           reason="Triton interpreter unavailable")))
+    return cases
+
+
+@pytest.mark.parametrize("backend,device,dtype", fp16_cases())
+def test_fp16_coefficients_beyond_fp16_range(backend, device, dtype):
+    x = (activations((20, 256), torch.float32, "cpu") * 8000).clamp(-60000, 60000)
+    u, _ = torch.linalg.qr(x[:3].T.double())  # x's own directions: |x U| reaches ~1.4e5 > 65504
+    x, u = x.to(device=device, dtype=dtype), u.to(device=device, dtype=torch.float32)
+    y = low_rank_project(x, u, backend=backend)
+    ref = low_rank_project(x, u, backend="torch")
+    assert torch.isfinite(y).all()
+    assert (y.float() - ref.float()).abs().max() < 2e-3 * x.float().abs().max()
 
 
 @settings(max_examples=25, deadline=None)

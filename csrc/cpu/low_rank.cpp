@@ -1,7 +1,7 @@
 // CPU kernels of the low-rank family.
 //
 // low_rank_project: y = x - s (x U) U^T, row block by row block. A block of kBlockElems
-// elements (about 256 KiB in fp32) is converted to the accumulation type once, then
+// elements (512 KiB in fp32, inside a core's L2) is converted to the accumulation type once, then
 //   c_blk = x_blk U                       (at::mm)
 //   y_blk = x_blk - s c_blk U^T           (at::addmm, the subtraction fused as beta = 1)
 // so x is read from memory once and y written once, the block staying in the core's cache
@@ -22,7 +22,7 @@ namespace uk::cpu {
 
 namespace {
 
-constexpr int64_t kBlockElems = 1 << 16;    // elements of x per row block
+constexpr int64_t kBlockElems = 1 << 17;    // elements of x per row block
 constexpr int64_t kGramChunkRows = 4096;    // rows converted at once by masked_gram
 
 int64_t block_rows(int64_t d) { return std::clamp<int64_t>(kBlockElems / std::max<int64_t>(d, 1), 4, 512); }

@@ -114,33 +114,27 @@ struct TileArgs {
   float* coeffs;
 };
 
-template <typename T> struct Pair;
-template <> struct Pair<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    uint32_t out;
-    memcpy(&out, &v, 4);
-    return out;
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t w) {
-    __nv_bfloat162 v;
-    memcpy(&v, &w, 4);
-    return __bfloat1622float2(v);
-  }
-};
-template <> struct Pair<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    uint32_t out;
-    memcpy(&out, &v, 4);
-    return out;
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t w) {
-    __half2 v;
-    memcpy(&v, &w, 4);
-    return __half22float2(v);
-  }
-};
+// Two consecutive elements of a bf16/fp16 row as one 32-bit register (lower address low).
+template <typename T>
+using Vec2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  Vec2<T> v;
+  if constexpr (std::is_same_v<T, __half>) v = __floats2half2_rn(lo, hi);
+  else v = __floats2bfloat162_rn(lo, hi);
+  uint32_t out;
+  memcpy(&out, &v, 4);
+  return out;
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  Vec2<T> v;
+  memcpy(&v, &w, 4);
+  if constexpr (std::is_same_v<T, __half>) return __half22float2(v);
+  else return __bfloat1622float2(v);
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -314,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) low_rank_tensor_core_kernel(const
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = 16 * mg + g + 8 * h, col = 16 * ng + 8 * nt + 2 * t;
-        const float2 v = Pair<T>::unpack(*reinterpret_cast<const uint32_t*>(xs + row * C::XS + col));
+        const float2 v = unpack2<T>(*reinterpret_cast<const uint32_t*>(xs + row * C::XS + col));
         d[nt][2 * h] = sigma * v.x;
         d[nt][2 * h + 1] = sigma * v.y;
       }
@@ -333,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, 1) low_rank_tensor_core_kernel(const
         const int64_t row = tile * kBM + 16 * mg + g + 8 * h;
         const int64_t col = k0 + 16 * ng + 8 * nt + 2 * t;
         if (row < a.n && col < a.d) {
-          const uint32_t v = Pair<T>::pack(inv_sigma * d[nt][2 * h], inv_sigma * d[nt][2 * h + 1]);
+          const uint32_t v = pack2<T>(inv_sigma * d[nt][2 * h], inv_sigma * d[nt][2 * h + 1]);
           __stcs(reinterpret_cast<unsigned int*>(y + row * a.d + col), v);
         }
       }
@@ -392,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1) low_rank_tensor_core_kernel(const
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float* p = cbuf + (16 * mg + g + 8 * (e % 2)) * C::CS + 16 * kt + 8 * (e / 2) + 2 * t;
-        afrag[kt][e] = Pair<T>::pack(f * p[0], f * p[1]);
+        afrag[kt][e] = pack2<T>(f * p[0], f * p[1]);
       }
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
@@ -459,16 +453,6 @@ constexpr int kGenRows = 16;      // rows per tile: thread i = tid / 16 owns row
 constexpr int kGenCols = 32;      // columns per chunk
 constexpr int kGenCoeffs = kLowRankMaxRank / 16;  // coefficients per thread
 
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float(float v) { return v; }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-
 struct GenericArgs {
   const void* x;
   int64_t x_stride;
@@ -514,7 +498,7 @@ __global__ void __launch_bounds__(kThreads) low_rank_generic_kernel(const Generi
       for (int e = tid; e < kGenRows * kGenCols; e += kThreads) {
         const int rr = e / kGenCols, cc = e % kGenCols;
         const bool ok = row0 + rr < a.n && c0 + cc < a.d;
-        xs[rr * (kGenCols + 1) + cc] = ok ? to_float(x[(row0 + rr) * a.x_stride + c0 + cc]) : 0.f;
+        xs[rr * (kGenCols + 1) + cc] = ok ? static_cast<float>(x[(row0 + rr) * a.x_stride + c0 + cc]) : 0.f;
       }
       load_u(c0);
       __syncthreads();
@@ -551,8 +535,8 @@ __global__ void __launch_bounds__(kThreads) low_rank_generic_kernel(const Generi
       }
       if (row < a.n) {
         const int64_t j0 = c0 + l16, j1 = j0 + 16;
-        if (j0 < a.d) y[row * a.d + j0] = from_float<T>(to_float(x[row * a.x_stride + j0]) - a.scale * p0);
-        if (j1 < a.d) y[row * a.d + j1] = from_float<T>(to_float(x[row * a.x_stride + j1]) - a.scale * p1);
+        if (j0 < a.d) y[row * a.d + j0] = T(static_cast<float>(x[row * a.x_stride + j0]) - a.scale * p0);
+        if (j1 < a.d) y[row * a.d + j1] = T(static_cast<float>(x[row * a.x_stride + j1]) - a.scale * p1);
       }
     }
   }

@@ -50,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor> low_rank_project(const at::Tensor& x, const a
     at::Tensor u = basis.to(x.scalar_type());
     if (r % 8 != 0) u = at::constant_pad_nd(u, {0, 8 - r % 8});
     u = u.contiguous();
+    if (reinterpret_cast<uintptr_t>(u.data_ptr()) % 16 != 0) u = u.clone();  // 16-byte copies
     cuda::low_rank_project_tensor_core(dt, x.data_ptr(), x.stride(0), u.data_ptr(), u.size(1), n,
                                        d, r, static_cast<float>(scale), y.data_ptr(), coeff_ptr,
                                        stream);
