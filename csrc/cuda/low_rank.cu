@@ -36,10 +36,16 @@
 //    result is multiplied by 1/sigma (exact). bf16 has fp32's range: sigma = 1.
 //  - rounding: U and -s c enter the mma in x's type (relative error 2^-9 for bf16), which
 //    adds an error of the order of y's own rounding.
+//  - budget per 32x64 chunk step (r = 64, bf16, at 2.5 TB/s over 132 SMs: ~750 cycles): 16
+//    mma per warp (~30 % of the SM's mma.sync rate), ~55 KiB of shared-memory traffic
+//    (~60 % of its bandwidth), and L2 traffic of ~2x the HBM traffic (x in, x re-read,
+//    y out, U at 2 d r / BM bytes per row). These are estimates: the kernel's index math
+//    was checked against a lane-level emulation, its speed is measured by bench_low_rank.py.
 //
 // Generic kernel (fp32, or any misaligned view): 16-row tiles, 256 threads; the first product
 // stages 32-column chunks of x and U in shared memory and keeps up to 16 coefficients per
-// thread; the second product re-reads x (newest chunk first, from L1/L2).
+// thread; the second product re-reads x from L2 (newest chunk first), the grid sized so that
+// at most ~24 MiB of x is waiting to be re-read.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -268,12 +274,15 @@ __global__ void __launch_bounds__(kThreads, 1) low_rank_tensor_core_kernel(const
   const int mg = warp / 4, ng = warp % 4;
   uint32_t afrag[RP / 16][4];  // -s sigma c for rows 16 mg.., as x's type
   float inv_sigma = 1.f;
+  auto clear_acc = [&] {
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < C::NT; ++nt)
+      for (int nt = 0; nt < C::NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+  };
+  clear_acc();
 
   auto first_product = [&](int slot) {
     const T* xs = stages + slot * C::kStageElems;
@@ -388,12 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1) low_rank_tensor_core_kernel(const
         const float* p = cbuf + (16 * mg + g + 8 * (e % 2)) * C::CS + 16 * kt + 8 * (e / 2) + 2 * t;
         afrag[kt][e] = pack2<T>(f * p[0], f * p[1]);
       }
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < C::NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+    clear_acc();
   };
 
   Step fetch;
@@ -452,6 +456,7 @@ void tensor_core_impl(const TileArgs& a, cudaStream_t stream) {
 constexpr int kGenRows = 16;      // rows per tile: thread i = tid / 16 owns row i
 constexpr int kGenCols = 32;      // columns per chunk
 constexpr int kGenCoeffs = kLowRankMaxRank / 16;  // coefficients per thread
+constexpr int64_t kGenericOpenBytes = int64_t{24} << 20;
 
 struct GenericArgs {
   const void* x;
@@ -547,9 +552,12 @@ void generic_impl(const GenericArgs& a, cudaStream_t stream) {
   const size_t smem = generic_smem(a.r);
   cudaFuncSetAttribute(low_rank_generic_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                        static_cast<int>(smem));
-  // About two tiles per SM in flight keeps the re-read part of x in L2.
-  const int sms = std::max(device_attribute(cudaDevAttrMultiProcessorCount), 1);
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(a.tiles, 2 * int64_t{sms}));
+  // Tiles in flight: at least one per SM, at most four, and within kGenericOpenBytes of x
+  // (read once, not yet re-read) so that the second pass over each tile hits L2.
+  const int64_t sms = std::max(device_attribute(cudaDevAttrMultiProcessorCount), 1);
+  const int64_t open = std::clamp<int64_t>(
+      kGenericOpenBytes / std::max<int64_t>(1, kGenRows * a.d * int64_t{sizeof(T)}), sms, 4 * sms);
+  const unsigned grid = static_cast<unsigned>(std::min(a.tiles, open));
   low_rank_generic_kernel<T><<<grid, kThreads, smem, stream>>>(a);
 }
 
