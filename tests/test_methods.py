@@ -125,3 +125,26 @@ def test_loaders_round_trip_and_errors(tmp_path):
     assert read_texts(texts) == ["one", "two"]
     (tmp_path / "t.txt").write_text("a\n\nb\n")
     assert read_texts(tmp_path / "t.txt") == ["a", "b"]
+
+
+def test_mrp_projects_and_changes_no_weight(base, split, tmp_path):
+    from unlearn_kernels.models.layers import layer_output
+
+    model, tokenizer = fresh(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = registry["MRP"](model, tokenizer, layer=1, rank=4, batch_size=8, stats_batches=2, progress=False)
+    method.fit(split[1], split[2])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    u = method.basis
+    assert u.shape == (model.config.hidden_size, 4)
+    torch.testing.assert_close(u.T @ u, torch.eye(4), atol=1e-5, rtol=0)
+    enc = tokenizer(split[1][:4], return_tensors="pt", padding=True)
+    h = layer_output(model, 1, enc["input_ids"], enc["attention_mask"])
+    assert float((h @ u).abs().max()) < 1e-3 * float(h.abs().max())
+    first = u.clone()
+    method.add_request(split[1][:8], split[2][:8])
+    assert method.basis.shape[1] == 8 and torch.equal(method.basis[:, :4], first)
+    out = save_pretrained_atomic(model, tokenizer, tmp_path / "mrp", method.report(), method.projections())
+    reloaded, _ = load_local(out)
+    h2 = layer_output(reloaded, 1, enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(h2, layer_output(model, 1, enc["input_ids"], enc["attention_mask"]))

@@ -22,12 +22,14 @@ from .models.io import write_json_atomic
 
 LAYER = 2
 # Settings for the 4-layer, 128-wide default model (the published 7B defaults live in the
-# config classes). Representation methods read layer 2 and update the MLPs of layers 1-2.
+# config classes): representation losses at layer 2, updating the MLPs of layers 0-2; SRMU
+# without the forget-token anchor, which on this model keeps too much of the answer.
+_MLPS = ["layers.{0,1,2}.mlp.*"]
 DEMO_SETTINGS = {
-    "RMU": dict(layer=LAYER, update=["layers.{1,2}.mlp.down_proj"], steering=20.0, alpha=100.0, lr=2e-3,
-                batch_size=16, steps=80),
-    "SRMU": dict(layer=LAYER, update=["layers.{1,2}.mlp.down_proj"], beta=4.0, alpha=100.0, lr=2e-3,
-                 sparsity=0.25, batch_size=16, steps=80),
+    "RMU": dict(layer=LAYER, update=_MLPS, steering=100.0, alpha=10.0, lr=5e-3, batch_size=16, steps=200),
+    "SRMU": dict(layer=LAYER, update=_MLPS, beta=4.0, alpha=10.0, lr=5e-3, batch_size=16, steps=200,
+                 sparsity=0.25, anchor_forget=False),
+    "MRP": dict(layer=1, rank=32, retain_energy=0.9, batch_size=16, train_steps=80, lr=1e-2),
     "GradDiff": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=40),
 }
 

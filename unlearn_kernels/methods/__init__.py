@@ -3,11 +3,12 @@
 
 from .base import MethodConfig, UnlearningMethod
 from .loss_based import NPO, GradAscent, GradDiff, LossConfig, NPOConfig
+from .mrp import MRP, MRPConfig
 from .rmu import RMU, SRMU, AdaptiveRMU, AdaptiveRMUConfig, RMUConfig, SRMUConfig
 
 registry: dict[str, type[UnlearningMethod]] = {
-    cls.name: cls for cls in (RMU, AdaptiveRMU, SRMU, GradAscent, GradDiff, NPO)
+    cls.name: cls for cls in (RMU, AdaptiveRMU, SRMU, MRP, GradAscent, GradDiff, NPO)
 }
 
-__all__ = ["AdaptiveRMU", "AdaptiveRMUConfig", "GradAscent", "GradDiff", "LossConfig", "MethodConfig", "NPO",
+__all__ = ["AdaptiveRMU", "AdaptiveRMUConfig", "GradAscent", "GradDiff", "LossConfig", "MRP", "MRPConfig", "MethodConfig", "NPO",
            "NPOConfig", "RMU", "RMUConfig", "SRMU", "SRMUConfig", "UnlearningMethod", "registry"]

@@ -56,7 +56,7 @@ class UnlearningMethod:
         self.history: list[dict] = []
         self.data: dict = {}
         self.check_config()
-        self.params = parameters_matching(model, self.config.update)
+        self.params = parameters_matching(model, self.config.update) if self.config.update else {}
 
     def check_config(self) -> None:
         """Raise ValueError on a config that cannot run (before any work)."""
@@ -90,8 +90,7 @@ class UnlearningMethod:
             raise ValueError(f"{self.name}: the forget set is empty")
         if not retain and self.needs_retain:
             raise ValueError(f"{self.name}: the retain set is empty")
-        self.data = {"forget": {"n": len(forget), "sha256": fingerprint(forget)},
-                     "retain": {"n": len(retain), "sha256": fingerprint(retain)}}
+        self._record_data(forget, retain)
         torch.manual_seed(self.config.seed)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -118,6 +117,14 @@ class UnlearningMethod:
         for p in self.model.parameters():
             p.requires_grad_(False)
         return self
+
+    def _record_data(self, forget: list[str], retain: list[str]) -> None:
+        self.data = {"forget": {"n": len(forget), "sha256": fingerprint(forget)},
+                     "retain": {"n": len(retain), "sha256": fingerprint(retain)}}
+
+    def projections(self) -> dict[str, torch.Tensor]:
+        """Tensors that must be saved beside the weights (MRP's bases); none by default."""
+        return {}
 
     # --- hooks for subclasses ------------------------------------------------------------
     needs_retain = True

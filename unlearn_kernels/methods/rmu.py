@@ -104,6 +104,7 @@ class SRMUConfig(AdaptiveRMUConfig):
     sparsity: float = 0.1      # fraction of features the misdirection acts on
     temperature: float = 0.25  # softness of the importance map (0: hard top-k)
     stats_batches: int = 16    # batches per set for the moments
+    anchor_forget: bool = True  # anchor the unselected features of forget tokens to the frozen model
 
 
 class SRMU(AdaptiveRMU):
@@ -130,7 +131,7 @@ class SRMU(AdaptiveRMU):
                                              backend=self.config.backend)
 
     def forget_loss(self, batch):
-        anchor = self.frozen_activations(batch)
+        anchor = self.frozen_activations(batch) if self.config.anchor_forget else None
         return misdirection_loss(self.activations(batch), self.control, self.importance, anchor,
                                  token_mask=batch["attention_mask"], backend=self.config.backend)
 

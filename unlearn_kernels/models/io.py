@@ -9,9 +9,17 @@ import tempfile
 from pathlib import Path
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict | None = None) -> Path:
-    """``save_pretrained`` (safetensors) of model and tokenizer, plus ``report.json``, into a
-    temporary sibling directory that replaces ``out_dir`` only once everything is written."""
+PROJECTIONS = "unlearn_projections.safetensors"   # MRP: "layer.<l>" -> U [d, r]
+MASKS = "unlearn_masks.safetensors"               # SIMU: parameter name -> neuron mask
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict | None = None,
+                           projections: dict | None = None, masks: dict | None = None) -> Path:
+    """``save_pretrained`` (safetensors) of model and tokenizer, plus ``report.json`` and the
+    method's projections and neuron masks (safetensors), into a temporary sibling directory
+    that replaces ``out_dir`` only once everything is written."""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -22,6 +30,9 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict |
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        for name, tensors in ((PROJECTIONS, projections), (MASKS, masks)):
+            if tensors:
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
@@ -53,8 +64,15 @@ def write_json_atomic(path: Path | str, payload: dict) -> Path:
 
 def load_local(path: Path | str, dtype=None):
     """A causal LM and its tokenizer from a local directory (no network), in eval mode.
-    Tokenizers without a padding token get their end-of-text token as padding."""
+
+    Saved MRP projections are re-attached as forward hooks, saved SIMU neuron masks are put
+    on ``model.unlearn_masks``. Tokenizers without a padding token get their end-of-text
+    token as padding."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..ops import projection_hook
+    from .layers import decoder_layers
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -63,4 +81,10 @@ def load_local(path: Path | str, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if (path / PROJECTIONS).is_file():
+        layers = decoder_layers(model)
+        for key, basis in load_file(str(path / PROJECTIONS)).items():
+            layers[int(key.split(".")[1])].register_forward_hook(projection_hook(basis))
+    if (path / MASKS).is_file():
+        model.unlearn_masks = load_file(str(path / MASKS))
     return model.eval(), tokenizer

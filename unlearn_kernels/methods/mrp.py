@@ -1,0 +1,131 @@
+"""MRP: Metamorphosis Representation Projection.
+
+After decoder layer ``l`` the residual stream is projected off a forget subspace::
+
+    h ← h − (h U) Uᵀ,        U ∈ R^{d×r},  UᵀU = I
+
+``U`` is built from the Gram matrices of layer-l activations on forget and retain tokens
+(``masked_gram``): the retain subspace ``V`` (top eigenvectors of ``G_r`` holding
+``retain_energy`` of its trace) is removed first, and ``U`` holds the top-``rank``
+eigenvectors of ``G_f`` inside its complement, so ``Uᵀ V = 0`` and retain activations are
+(almost) untouched. No weight changes, which is what makes the edit robust to relearning:
+fine-tuning the weights does not bring back a direction that is projected away after the
+layer.
+
+Optionally (``train_steps > 0``) ``U`` is trained with the GradDiff objective
+``−NLL(forget) + γ·NLL(retain)`` through the projection, re-orthonormalised (QR) after each
+step. Continual unlearning (``add_request``) grows the basis with ``grow_basis``: the new
+directions are orthogonal to the old ones and to the retain subspace; old ones never move.
+The projections are saved beside the model (``unlearn_projections.safetensors``) and
+re-attached by ``models.io.load_local``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.layers import check_layer, decoder_layers, layer_output
+from ..ops import forget_basis, grow_basis, masked_gram, projection_hook
+from .base import MethodConfig, UnlearningMethod
+from .loss_based import nll
+
+
+@dataclass
+class MRPConfig(MethodConfig):
+    layer: int = 7
+    update: list[str] = field(default_factory=list)   # MRP changes no weight
+    rank: int = 8
+    retain_energy: float = 0.99
+    stats_batches: int = 16
+    train_steps: int = 0
+    retain_weight: float = 1.0
+    lr: float = 1e-3
+
+
+class MRP(UnlearningMethod):
+    """Project a forget subspace out of layer l's output (see module)."""
+
+    name = "MRP"
+    config_class = MRPConfig
+
+    def __init__(self, model, tokenizer, config=None, **overrides):
+        super().__init__(model, tokenizer, config, **overrides)
+        self.basis: torch.Tensor | None = None
+        self._handle = None
+
+    def check_config(self) -> None:
+        super().check_config()
+        if self.config.rank < 1:
+            raise ValueError(f"MRP: rank must be >= 1, got {self.config.rank}")
+
+    @torch.no_grad()
+    def gram(self, texts: list[str], offset: int) -> torch.Tensor:
+        total = None
+        batches = self.batches(texts, offset)
+        for _ in range(min(self.config.stats_batches, -(-len(texts) // self.config.batch_size))):
+            batch = next(batches)
+            h = layer_output(self.model, self.config.layer, batch["input_ids"], batch["attention_mask"])
+            g = masked_gram(h, batch["attention_mask"], backend=self.config.backend)
+            total = g if total is None else total + g
+        return total
+
+    def _attach(self, basis: torch.Tensor) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self.basis = basis
+        layer = decoder_layers(self.model)[check_layer(self.model, self.config.layer)]
+        self._handle = layer.register_forward_hook(projection_hook(basis, backend=self.config.backend))
+
+    def fit(self, forget: list[str], retain: list[str]) -> "MRP":
+        if not forget or not retain:
+            raise ValueError(f"{self.name}: the forget and retain sets must both be non-empty")
+        self._record_data(forget, retain)
+        self.model.eval()
+        self.gram_retain = self.gram(retain, 1)
+        basis = forget_basis(self.gram(forget, 0), self.gram_retain, self.config.rank,
+                             retain_energy=self.config.retain_energy)
+        self._attach(basis)
+        if self.config.train_steps:
+            self._train_basis(forget, retain)
+        return self
+
+    def add_request(self, forget: list[str], retain: list[str] | None = None) -> "MRP":
+        """Continual unlearning: add ``rank`` directions for a new forget set."""
+        if self.basis is None:
+            return self.fit(forget, retain or [])
+        if retain:
+            self.gram_retain = self.gram_retain + self.gram(retain, 1)
+        basis = grow_basis(self.basis.detach(), self.gram(forget, 0), self.config.rank, self.gram_retain,
+                           retain_energy=self.config.retain_energy)
+        self._attach(basis)
+        return self
+
+    def _train_basis(self, forget, retain) -> None:
+        from tqdm import tqdm
+
+        basis = torch.nn.Parameter(self.basis.clone())
+        self._attach(basis)
+        optimizer = torch.optim.Adam([basis], lr=self.config.lr)
+        forget_batches, retain_batches = self.batches(forget, 2), self.batches(retain, 3)
+        for step in tqdm(range(self.config.train_steps), desc="MRP basis", disable=not self.config.progress,
+                         leave=False):
+            losses = {"forget": -nll(self.model, next(forget_batches)),
+                      "retain": self.config.retain_weight * nll(self.model, next(retain_batches))}
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            with torch.no_grad():
+                q, r = torch.linalg.qr(basis)
+                basis.copy_(q * torch.sign(torch.diagonal(r)))
+            self.history.append({"step": step, **{k: float(v) for k, v in losses.items()}})
+        self._attach(basis.detach().clone())
+
+    def projections(self) -> dict[str, torch.Tensor]:
+        """Tensors to save beside the model: ``layer.<l>`` → U."""
+        return {} if self.basis is None else {f"layer.{check_layer(self.model, self.config.layer)}":
+                                              self.basis.detach().float().cpu().contiguous()}
+
+    def report(self):
+        return {**super().report(), "rank": 0 if self.basis is None else self.basis.shape[1]}
