@@ -9,11 +9,12 @@
 //
 // Design (memory bound). A block is 256 threads shaped tx x ty: its tx lanes cover tx * V
 // consecutive columns, V elements (16 bytes) per lane when the pointers, row strides and d
-// allow it, else V = 1; its ty thread rows stride through one contiguous chunk of rows with
-// kUnroll rows of loads in flight. Grid = (column tiles, row chunks), about kBlocksPerSM
-// blocks per SM. A lane keeps its columns' control and weight in registers. The loss is
-// deterministic: each block writes one fp32 partial (fixed-order block reduction) to the
-// workspace, then a single block sums the partials in a fixed order.
+// allow it, else V = 1; its ty thread rows stride through one contiguous chunk of rows,
+// each thread keeping kUnroll 16-byte loads in flight (masked rows are not read). Grid =
+// (column tiles, row chunks), about kBlocksPerSM blocks per SM. A lane keeps its columns'
+// control and weight in registers. The loss is deterministic: each block writes one fp32
+// partial (fixed-order block reduction) to the workspace, then a single block sums the
+// partials in a fixed order.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -24,6 +25,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_dtype.cuh"
 #include "cuda_launchers.h"
 
 namespace uk::cuda {
@@ -35,18 +37,15 @@ constexpr int kBlocksPerSM = 4;
 constexpr int kTileCols = 256;  // columns of a block on the 16-byte bf16/fp16 path
 constexpr int kMaxDevices = 64;
 
-int sm_count() {
+int sm_count() {  // of the current device, cached per device
   static std::atomic<int> cached[kMaxDevices];
-  int dev = 0;
+  int dev = 0, v = 0;
   cudaGetDevice(&dev);
-  const bool cacheable = dev >= 0 && dev < kMaxDevices;
-  if (cacheable) {
-    if (const int v = cached[dev].load(std::memory_order_relaxed)) return v;
-  }
-  int v = 0;
+  std::atomic<int>* slot = dev >= 0 && dev < kMaxDevices ? &cached[dev] : nullptr;
+  if (slot != nullptr && (v = slot->load(std::memory_order_relaxed)) > 0) return v;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v < 1)
     return 1;
-  if (cacheable) cached[dev].store(v, std::memory_order_relaxed);
+  if (slot != nullptr) slot->store(v, std::memory_order_relaxed);
   return v;
 }
 
@@ -62,7 +61,7 @@ int64_t row_chunks(int64_t n, int64_t d) {
 
 struct Tiling {
   dim3 grid, block;
-  int64_t rows;  // rows per block
+  int64_t rows;  // per block
 };
 
 // grid.y <= row_chunks(n, d) and grid.x <= max(1, ceil(d / 32)) for any vec.
@@ -84,20 +83,8 @@ bool aligned(const void* p, int64_t stride, int64_t n, int vec) {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float(float v) { return v; }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-
 template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T e[V];
-};
+struct alignas(sizeof(T) * V) Pack { T e[V]; };
 
 // V consecutive elements from p if pred, else zeros; one 16-byte access on the vector path.
 template <typename T, int V>
@@ -109,7 +96,7 @@ __device__ __forceinline__ Pack<T, V> load(const T* p, bool pred) {
     memcpy(&out, &raw, 16);
   } else {
     static_assert(V == 1, "the vector path moves 16 bytes");
-    out.e[0] = pred ? __ldg(p) : from_float<T>(0.f);
+    out.e[0] = pred ? __ldg(p) : T{};
   }
   return out;
 }
@@ -129,13 +116,7 @@ __device__ __forceinline__ float element(const Pack<T, V>& p, int i) {
 
 template <typename T, int V>
 __device__ __forceinline__ void store(T* p, const Pack<T, V>& v) {
-  if constexpr (sizeof(v) == 16) {
-    uint4 raw;
-    memcpy(&raw, &v, 16);
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-    *p = v.e[0];
-  }
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
 }
 
 // ok[u]: row r + u * step of the chunk [.., r1) exists and is valid (r < r1). The U mask
@@ -173,15 +154,14 @@ __device__ float block_sum(float v) {
 struct MisdirectionArgs {
   const void* h;
   int64_t h_stride;
-  const float* control;
-  const float* importance;
+  const float *control, *importance;
   const void* anchor;
   int64_t anchor_stride;
   const bool* mask;
   int64_t n, d, rows;  // rows per block
   float two_scale;
   void* grad;
-  float* partials;     // one per block, blockIdx.y * gridDim.x + blockIdx.x
+  float* partials;  // one per block, blockIdx.y * gridDim.x + blockIdx.x
 };
 
 template <typename T, int V, bool kControl, bool kAnchor>
@@ -208,7 +188,7 @@ misdirection_kernel(const MisdirectionArgs a) {
       row_flags(a.mask, r, step, r1, ok);
       Pack<T, V> hp[U], ap[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {  // masked rows are not read: their grad is 0
+      for (int u = 0; u < U; ++u) {
         hp[u] = load<T, V>(h + (r + u * step) * a.h_stride + col, ok[u]);
         if constexpr (kAnchor)
           ap[u] = load<T, V>(anchor + (r + u * step) * a.anchor_stride + col, ok[u]);
@@ -286,8 +266,7 @@ void misdirection_impl(MisdirectionArgs a, float scale, float* loss, cudaStream_
 struct EditArgs {
   const void* h;
   int64_t h_stride;
-  const float* importance;
-  const float* control;
+  const float *importance, *control;
   float alpha;
   const bool* mask;
   int64_t n, d, rows;  // rows per block

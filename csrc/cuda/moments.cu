@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_dtype.cuh"
 #include "cuda_launchers.h"
 
 namespace uk::cuda {
@@ -36,18 +37,15 @@ constexpr int kTileCols = 256;      // columns of a block on the 16-byte bf16/fp
 constexpr int kMaxDevices = 64;
 constexpr int kMergeThreads = 128;  // pass 2 and feature_scores
 
-int sm_count() {
+int sm_count() {  // of the current device, cached per device
   static std::atomic<int> cached[kMaxDevices];
-  int dev = 0;
+  int dev = 0, v = 0;
   cudaGetDevice(&dev);
-  const bool cacheable = dev >= 0 && dev < kMaxDevices;
-  if (cacheable) {
-    if (const int v = cached[dev].load(std::memory_order_relaxed)) return v;
-  }
-  int v = 0;
+  std::atomic<int>* slot = dev >= 0 && dev < kMaxDevices ? &cached[dev] : nullptr;
+  if (slot != nullptr && (v = slot->load(std::memory_order_relaxed)) > 0) return v;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v < 1)
     return 1;
-  if (cacheable) cached[dev].store(v, std::memory_order_relaxed);
+  if (slot != nullptr) slot->store(v, std::memory_order_relaxed);
   return v;
 }
 
@@ -63,7 +61,7 @@ int64_t row_chunks(int64_t n, int64_t d) {
 
 struct Tiling {
   dim3 grid, block;
-  int64_t rows;  // rows per block
+  int64_t rows;  // per block
 };
 
 // grid.y <= row_chunks(n, d) for any vec.
@@ -79,15 +77,8 @@ Tiling make_tiling(int64_t n, int64_t d, int vec) {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float(float v) { return v; }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
 template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T e[V];
-};
+struct alignas(sizeof(T) * V) Pack { T e[V]; };
 
 // V consecutive elements from p if pred, else zeros; one 16-byte access on the vector path.
 template <typename T, int V>
@@ -99,7 +90,7 @@ __device__ __forceinline__ Pack<T, V> load(const T* p, bool pred) {
     memcpy(&out, &raw, 16);
   } else {
     static_assert(V == 1, "the vector path moves 16 bytes");
-    out.e[0] = pred ? __ldg(p) : T(0.f);
+    out.e[0] = pred ? __ldg(p) : T{};
   }
   return out;
 }
@@ -148,7 +139,7 @@ moments_partial_kernel(const MomentsArgs a) {
   __shared__ float s_mean[V][kThreads], s_m2[V][kThreads];
   __shared__ int s_count[kThreads];
   const T* x = static_cast<const T*>(a.x);
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int64_t col = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V;
   const bool active = col < a.d;  // inactive lanes still count rows (d may be 0)
   const int64_t r0 = int64_t{blockIdx.y} * a.rows;
@@ -188,10 +179,10 @@ moments_partial_kernel(const MomentsArgs a) {
     s_m2[i][tid] = m2[i];
   }
   s_count[tid] = count;
-  for (int s = blockDim.y / 2; s > 0; s /= 2) {
+  for (unsigned s = blockDim.y / 2; s > 0; s /= 2) {
     __syncthreads();
     if (threadIdx.y < s) {
-      const int other = tid + s * blockDim.x;
+      const unsigned other = tid + s * blockDim.x;
       const int nb = s_count[other];
       if (nb > 0) {
         const float f = static_cast<float>(nb) / static_cast<float>(count + nb);

@@ -1,5 +1,4 @@
 // Device-side conversions between the storage types of DType and fp32, for the .cu files.
-// (misdirection.cu and moments.cu still carry their own copies of to_float/from_float.)
 #pragma once
 
 #include <cuda_bf16.h>
