@@ -119,7 +119,7 @@ class MRP(UnlearningMethod):
             with torch.no_grad():
                 q, r = torch.linalg.qr(basis)
                 basis.copy_(q * torch.sign(torch.diagonal(r)))
-            self.history.append({"step": step, **{k: float(v) for k, v in losses.items()}})
+            self.history.append({"step": step, **{k: float(v.detach()) for k, v in losses.items()}})
         self._attach(basis.detach().clone())
 
     def projections(self) -> dict[str, torch.Tensor]:
