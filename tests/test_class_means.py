@@ -126,6 +126,23 @@ def test_errors_named(kwargs, error, words):
         class_means(**args)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_traces_the_head(backend):
+    pytest.importorskip("unlearn_kernels._C")
+    y = torch.tensor([0, 2, 2, 1, 0, 2])
+
+    def cosine_logits(x):
+        means, _ = class_means(x, y, 3, backend=backend)
+        return torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(means, dim=1).t()
+
+    compiled = torch.compile(cosine_logits, backend="aot_eager")
+    x1 = torch.randn(6, 5, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    compiled(x1).sum().backward()
+    cosine_logits(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 def test_opcheck_compiled_op():
     pytest.importorskip("unlearn_kernels._C")
     op = torch.ops.unlearn_kernels.class_means

@@ -124,6 +124,23 @@ def test_opcheck_compiled_op():
     torch.library.opcheck(op, (torch.rand(5).half(), torch.randn(5).half(), None, 0.0))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_traces_the_update(backend):
+    pytest.importorskip("unlearn_kernels._C")
+
+    def step(hess, a, b):
+        hessian_ema_(hess, a, b, beta=0.9, backend=backend)
+        return hess.sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    hess, a, b = torch.rand(6, 7), torch.randn(6, 7), torch.randn(6, 7)
+    expected = hess.clone()
+    step(expected, a, b)
+    total = compiled(hess, a, b)
+    torch.testing.assert_close(hess, expected)
+    torch.testing.assert_close(total, expected.sum())
+
+
 def test_opcheck_triton_op():
     from unlearn_kernels.ops import _backend
 

@@ -151,6 +151,19 @@ def test_opcheck_compiled_op(dim):
     torch.library.opcheck(op, (w.bfloat16(), h_f, None, dim))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_traces_the_scores(backend):
+    pytest.importorskip("unlearn_kernels._C")
+    w, h_f, h_r = make((12, 20), torch.float32, torch.float32, "cpu")
+
+    def ratio(weight):
+        s_f, s_r = neuron_scores(weight, h_f, h_r, dim=1, backend=backend)
+        return s_f / (s_r.clamp(min=0) + 1e-3)
+
+    compiled = torch.compile(ratio, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(w), ratio(w))
+
+
 def test_opcheck_triton_op():
     from unlearn_kernels.ops import _backend
 

@@ -136,45 +136,43 @@ rank_kernel(const int64_t* labels, int64_t n, int64_t classes, int64_t chunks,
 
 // ---- 2. scan --------------------------------------------------------------------------
 
-// Exclusive scan of (a, b) over the block; returns the block totals in (*ta, *tb).
-__device__ void block_exclusive_scan(int& a, int& b, int* ta, int* tb) {
-  __shared__ int s_a[kScanThreads / 32], s_b[kScanThreads / 32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  int ia = a, ib = b;
+// Inclusive scan of the pairs (a, b) over the lanes of a warp.
+__device__ __forceinline__ void warp_inclusive_scan(int& a, int& b) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int o = 1; o < 32; o *= 2) {
-    const int ua = __shfl_up_sync(0xffffffffu, ia, o), ub = __shfl_up_sync(0xffffffffu, ib, o);
+    const int ua = __shfl_up_sync(0xffffffffu, a, o), ub = __shfl_up_sync(0xffffffffu, b, o);
     if (lane >= o) {
-      ia += ua;
-      ib += ub;
+      a += ua;
+      b += ub;
     }
   }
+}
+
+// Exclusive scan of (a, b) over the block; returns the block totals in (*ta, *tb).
+__device__ void block_exclusive_scan(int& a, int& b, int* ta, int* tb) {
+  constexpr int kWarps = kScanThreads / 32;
+  static_assert(kWarps == 32, "the warp totals are scanned by one warp");
+  __shared__ int s_a[kWarps], s_b[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  int ia = a, ib = b;
+  warp_inclusive_scan(ia, ib);
   if (lane == 31) {
     s_a[warp] = ia;
     s_b[warp] = ib;
   }
   __syncthreads();
   if (warp == 0) {
-    int wa = lane < kScanThreads / 32 ? s_a[lane] : 0, wb = lane < kScanThreads / 32 ? s_b[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o *= 2) {
-      const int ua = __shfl_up_sync(0xffffffffu, wa, o), ub = __shfl_up_sync(0xffffffffu, wb, o);
-      if (lane >= o) {
-        wa += ua;
-        wb += ub;
-      }
-    }
-    if (lane < kScanThreads / 32) {
-      s_a[lane] = wa;
-      s_b[lane] = wb;
-    }
+    int wa = s_a[lane], wb = s_b[lane];
+    warp_inclusive_scan(wa, wb);
+    s_a[lane] = wa;
+    s_b[lane] = wb;
   }
   __syncthreads();
-  const int before_a = warp > 0 ? s_a[warp - 1] : 0, before_b = warp > 0 ? s_b[warp - 1] : 0;
-  *ta = s_a[kScanThreads / 32 - 1];
-  *tb = s_b[kScanThreads / 32 - 1];
-  a = before_a + ia - a;
-  b = before_b + ib - b;
+  *ta = s_a[kWarps - 1];
+  *tb = s_b[kWarps - 1];
+  a = (warp > 0 ? s_a[warp - 1] : 0) + ia - a;
+  b = (warp > 0 ? s_b[warp - 1] : 0) + ib - b;
   __syncthreads();  // s_a / s_b are reused by the next call
 }
 

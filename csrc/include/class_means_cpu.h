@@ -1,6 +1,7 @@
 // CPU kernel of the per-class feature means (semantics in class_means_cuda.h). Inputs arrive
 // validated by the ops layer: x [n, d] with unit column stride, contiguous int64 labels [n]
-// in [0, classes). fp64 features give fp64 means, all others fp32.
+// (their range [0, classes) is checked again here). fp64 features give fp64 means, all
+// others fp32.
 #pragma once
 
 #include <ATen/ATen.h>
