@@ -1,0 +1,69 @@
+// CPU kernel of the per-class feature means and counts.
+//
+// Counts in one sequential pass over the labels (checking their range). The sums run in
+// parallel over column tiles, one per thread: a task walks every row in order and adds
+// the row's slice to its label's accumulator row ([classes][width] for the tile), then
+// divides by the counts; empty classes get zeros. Each sum is over the rows in their
+// original order whatever the tiling, so the result does not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "class_means_cpu.h"
+
+namespace uk::cpu {
+
+namespace {
+
+constexpr int64_t kMinWidth = 64;  // columns per task, at least
+
+template <typename scalar_t>
+void means_impl(const at::Tensor& x, const int64_t* label, const int64_t* count,
+                int64_t classes, const at::Tensor& means_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = x.size(0), d = x.size(1), xs = x.stride(0);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  acc_t* means = means_out.data_ptr<acc_t>();
+  const int64_t threads = at::get_num_threads();
+  const int64_t width = std::max(kMinWidth, (d + threads - 1) / threads);
+  const int64_t tiles = (d + width - 1) / width;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(classes * width);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t c0 = tile * width, w = std::min(width, d - c0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t* row = xp + i * xs + c0;
+        acc_t* a = acc.data() + label[i] * width;
+        for (int64_t j = 0; j < w; ++j) a[j] += static_cast<acc_t>(row[j]);
+      }
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc_t inv = count[c] > 0 ? acc_t(1) / static_cast<acc_t>(count[c]) : acc_t(0);
+        for (int64_t j = 0; j < w; ++j) means[c * d + c0 + j] = acc[c * width + j] * inv;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void class_means(const at::Tensor& x, const at::Tensor& labels, int64_t classes,
+                 const at::Tensor& means, const at::Tensor& counts) {
+  const int64_t n = x.size(0);
+  const int64_t* label = labels.data_ptr<int64_t>();
+  int64_t* count = counts.data_ptr<int64_t>();
+  std::fill(count, count + classes, int64_t{0});
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(label[i] >= 0 && label[i] < classes, "labels must lie in [0, ", classes,
+                "), found ", label[i]);
+    ++count[label[i]];
+  }
+  if (x.size(1) == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "class_means_cpu", [&] {
+    means_impl<scalar_t>(x, label, count, classes, means);
+  });
+}
+
+}  // namespace uk::cpu

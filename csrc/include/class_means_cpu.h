@@ -1,0 +1,14 @@
+// CPU kernel of the per-class feature means (semantics in class_means_cuda.h). Inputs arrive
+// validated by the ops layer: x [n, d] with unit column stride, contiguous int64 labels [n]
+// (their range [0, classes) is checked again here). fp64 features give fp64 means, all
+// others fp32.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace uk::cpu {
+
+void class_means(const at::Tensor& x, const at::Tensor& labels, int64_t classes,
+                 const at::Tensor& means, const at::Tensor& counts);
+
+}  // namespace uk::cpu
