@@ -20,6 +20,9 @@ SETTINGS = {
     "GradAscent": dict(update=["layers.1.mlp.*"], lr=1e-3),
     "GradDiff": dict(update=["layers.1.mlp.*"], lr=1e-3),
     "NPO": dict(update=["layers.1.mlp.*"], lr=1e-3),
+    "SIMU": dict(update=["layers.{1,2}.mlp.{up_proj,down_proj}"], lr=1e-3, fraction=0.25, score_batches=2,
+                 hessian_interval=1),
+    "SO-GradDiff": dict(update=["layers.1.mlp.*"], lr=1e-3, hessian_interval=1),
 }
 
 
@@ -148,3 +151,21 @@ def test_mrp_projects_and_changes_no_weight(base, split, tmp_path):
     reloaded, _ = load_local(out)
     h2 = layer_output(reloaded, 1, enc["input_ids"], enc["attention_mask"])
     torch.testing.assert_close(h2, layer_output(model, 1, enc["input_ids"], enc["attention_mask"]))
+
+
+@pytest.mark.parametrize("scorer", ["obd", "integrated_gradients"])
+def test_simu_updates_only_selected_neurons(base, split, scorer):
+    model, tokenizer = fresh(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = registry["SIMU"](model, tokenizer, steps=3, batch_size=4, progress=False, scorer=scorer,
+                              **SETTINGS["SIMU"])
+    method.fit(split[1], split[2])
+    width = model.config.intermediate_size
+    for name, mask in method.neuron_masks.items():
+        assert mask.shape == (width,) and int(mask.sum()) == round(0.25 * width)
+        delta = (model.state_dict()[name] - before[name]).abs()
+        per_neuron = delta.sum(1) if "up_proj" in name else delta.sum(0)
+        assert (per_neuron[~mask] == 0).all() and (per_neuron[mask] > 0).any()
+    assert "selected_neurons" in method.report()
+    with pytest.raises(ValueError, match="fraction must be in"):
+        registry["SIMU"](model, tokenizer, fraction=0.0, update=["layers.1.mlp.up_proj"])

@@ -30,6 +30,8 @@ DEMO_SETTINGS = {
     "SRMU": dict(layer=LAYER, update=_MLPS, beta=4.0, alpha=10.0, lr=5e-3, batch_size=16, steps=200,
                  sparsity=0.25, anchor_forget=False),
     "MRP": dict(layer=1, rank=32, retain_energy=0.9, batch_size=16, train_steps=80, lr=1e-2),
+    "SIMU": dict(update=["layers.*.mlp.{gate_proj,up_proj,down_proj}"], lr=2e-3, batch_size=16, steps=60,
+                 fraction=0.2, score_batches=4),
     "GradDiff": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=40),
 }
 

@@ -98,7 +98,7 @@ class UnlearningMethod:
             p.requires_grad_(True)
         self.model.train()
         self.setup(forget, retain)
-        optimizer = self.make_optimizer()
+        self.optimizer = optimizer = self.make_optimizer()
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else iter(lambda: None, 0)
         steps = self.num_steps(forget)
