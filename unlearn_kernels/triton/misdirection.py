@@ -11,50 +11,91 @@ anchor states a [n, d], with weight w_j = u_j (importance given), 1 (control onl
 and rows whose token-mask entry is False contribute nothing (their gradient is 0). The
 masked edit is out_ij = h_ij + alpha u_j (c_j - h_ij) on valid rows and h_ij on the others.
 
-Every kernel here (and in moments.py) streams over h in tiles of BLOCK_M rows by BLOCK_D
-columns: axis 0 of the grid picks a column block, axis 1 a row program that loops over
-every num_programs(1)-th row tile, so per-column vectors are loaded once per program and
-the loss is reduced in registers to one partial per program. The partials are summed by
-torch in a fixed order, which keeps the loss deterministic. Math is fp32 throughout.
+The row kernels here and in moments.py stream over a matrix in tiles of BLOCK_M rows by
+BLOCK_D columns (16-byte loads along the unit-stride columns, any row stride). Axis 0 of
+the grid picks a column block, axis 1 a row program that loops over every
+num_programs(1)-th row tile; on CUDA the grid is one full wave of resident programs. Per
+column vectors are thus loaded once per program, and the loss is accumulated in registers
+into one partial per program, which torch sums in a fixed order: the loss is
+deterministic. Math is fp32 throughout.
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# Elements per tile: 16 KiB of fp32, 32 values per thread at 8 warps.
+# Elements per tile: 16 KiB of fp32, 8 KiB of bf16.
 _TILE = 4096
-_GPU_WARPS = 8
-_PROGRAMS_PER_SM = 4
-# Small blocks and grids keep the CPU interpreter fast.
-_CPU_BLOCK_D = 64
-_CPU_BLOCK_M = 8
+# The CPU interpreter's cost is per operation, so it gets few programs (and loop trips).
+_CPU_MAX_BLOCK_D = 256
 _CPU_PROGRAMS = 8
+# Programs per SM until the first launch of a kernel variant tells how many fit.
+_GUESS_PER_SM = 2
+_resident_per_sm: dict[tuple, int] = {}
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
 
 
-def _tile_config(x: torch.Tensor) -> tuple[int, int, int, tuple[int, int]]:
-    """(BLOCK_M, BLOCK_D, num_warps, grid) for streaming over the rows of a 2-D ``x``."""
+@dataclass(frozen=True)
+class _RowTiling:
+    """Tile shape, warps and grid (column blocks, row programs) of one launch."""
+
+    block_m: int
+    block_d: int
+    num_warps: int
+    grid: tuple[int, int]
+    key: tuple
+
+
+def _row_tiling(kernel, x: torch.Tensor, variant: tuple, max_block_d: int,
+                num_warps: int) -> _RowTiling:
+    """Tiling of a 2-D ``x`` for ``kernel``: on CUDA one full wave of resident programs.
+
+    Each row program loops over many row tiles, so a grid larger than what the GPU holds at
+    once would leave a tail wave running at low occupancy. The number of programs an SM
+    holds depends on the registers of the compiled variant, which ``_note_occupancy``
+    records after its first launch; ``variant`` holds the constexpr flags that select it.
+    """
     n, d = x.shape
-    if x.device.type == "cuda":
-        block_d = min(triton.next_power_of_2(d), 1024)
-        block_m = _TILE // block_d
-        num_warps = _GPU_WARPS
-        programs = _PROGRAMS_PER_SM * _sm_count(x.device.index)
+    on_gpu = x.device.type == "cuda"
+    block_d = min(triton.next_power_of_2(d), max_block_d if on_gpu else _CPU_MAX_BLOCK_D)
+    block_m = _TILE // block_d
+    if on_gpu:
+        key = (kernel, x.device.index, x.dtype, block_m, block_d, num_warps, variant,
+               d % 16 == 0, x.stride(0) % 16 == 0)
+        per_sm = _resident_per_sm.get(key, _GUESS_PER_SM)
+        programs = per_sm * _device_properties(x.device.index).multi_processor_count
     else:
-        block_d = min(triton.next_power_of_2(d), _CPU_BLOCK_D)
-        block_m = _CPU_BLOCK_M
-        num_warps = 1
+        key = ()
         programs = _CPU_PROGRAMS
     col_blocks = triton.cdiv(d, block_d)
     row_programs = max(1, min(triton.cdiv(n, block_m), programs // col_blocks))
-    return block_m, block_d, num_warps, (col_blocks, row_programs)
+    return _RowTiling(block_m, block_d, num_warps, (col_blocks, row_programs), key)
+
+
+def _note_occupancy(tiling: _RowTiling, compiled) -> None:
+    """Remember how many programs of a freshly launched CUDA kernel fit on one SM."""
+    if not tiling.key or tiling.key in _resident_per_sm:
+        return
+    n_regs = getattr(compiled, "n_regs", 0)
+    if not n_regs:
+        return
+    props = _device_properties(tiling.key[1])
+    warps = tiling.num_warps
+    regs_per_warp = triton.cdiv(n_regs * 32, 256) * 256
+    shared = getattr(compiled.metadata, "shared", 0) + 1024
+    _resident_per_sm[tiling.key] = max(1, min(
+        getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // warps,
+        getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps),
+        getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // shared,
+        32,
+    ))
 
 
 @triton.jit
@@ -155,21 +196,23 @@ def misdirection_fwd_bwd(h, control, importance, anchor, token_mask, scale: floa
             else torch.empty(0, dtype=h.dtype, device=h.device))
     if n == 0 or d == 0:
         return torch.zeros((), dtype=torch.float32, device=h.device), grad
-    block_m, block_d, num_warps, grid = _tile_config(h)
-    partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=h.device)
     # With control but no importance every weight is 1, so the anchor term vanishes.
     use_anchor = anchor is not None and (control is None or importance is not None)
-    _misdirection_kernel[grid](
+    flags = dict(HAS_CONTROL=control is not None, HAS_IMPORTANCE=importance is not None,
+                 USE_ANCHOR=use_anchor, HAS_MASK=token_mask is not None, NEED_GRAD=need_grad)
+    tiling = _row_tiling(_misdirection_kernel, h, tuple(flags.values()), 1024, 8)
+    partials = torch.empty(tiling.grid[0] * tiling.grid[1], dtype=torch.float32,
+                           device=h.device)
+    compiled = _misdirection_kernel[tiling.grid](
         h, h.stride(0),
         control if control is not None else partials,
         importance if importance is not None else partials,
         anchor if use_anchor else h, anchor.stride(0) if use_anchor else 0,
         token_mask if token_mask is not None else partials,
         grad if need_grad else h, partials, n, d, float(scale),
-        HAS_CONTROL=control is not None, HAS_IMPORTANCE=importance is not None,
-        USE_ANCHOR=use_anchor, HAS_MASK=token_mask is not None, NEED_GRAD=need_grad,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_M=tiling.block_m, BLOCK_D=tiling.block_d, num_warps=tiling.num_warps, **flags,
     )
+    _note_occupancy(tiling, compiled)
     return partials.sum(), grad
 
 
@@ -179,11 +222,13 @@ def masked_edit(h, importance, control, alpha: float, token_mask) -> torch.Tenso
     out = torch.empty((n, d), dtype=h.dtype, device=h.device)
     if n == 0 or d == 0:
         return out
-    block_m, block_d, num_warps, grid = _tile_config(h)
-    _masked_edit_kernel[grid](
-        h, h.stride(0), importance, control,
-        token_mask if token_mask is not None else importance, out, n, d, float(alpha),
-        HAS_MASK=token_mask is not None, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=num_warps,
+    has_mask = token_mask is not None
+    tiling = _row_tiling(_masked_edit_kernel, h, (has_mask,), 1024, 8)
+    compiled = _masked_edit_kernel[tiling.grid](
+        h, h.stride(0), importance, control, token_mask if has_mask else importance, out,
+        n, d, float(alpha),
+        HAS_MASK=has_mask, BLOCK_M=tiling.block_m, BLOCK_D=tiling.block_d,
+        num_warps=tiling.num_warps,
     )
+    _note_occupancy(tiling, compiled)
     return out

@@ -6,17 +6,19 @@ masked_moments(x, mask) returns, over the valid rows i of x [n, d],
     mean_j = (1 / count) sum_i x_ij
     m2_j   = sum_i (x_ij - mean_j)^2
 
-(all zero when no row is valid) in one pass over x. It uses the tiling of misdirection.py:
-every program keeps a Welford summary (count, mean, M2) per row slot of its
-[BLOCK_M, BLOCK_D] tile while it loops over its row tiles, merges its slots into one
-summary per column, and writes that to a partials buffer; a second small kernel merges the
-partials of each column. Both merges use Chan's formula for K summaries (n_k, mean_k, M2_k):
+(all zero when no row is valid) in one pass over x. It uses the row tiling of
+misdirection.py: every program keeps a Welford summary (count, mean, M2) per row slot of
+its [BLOCK_M, BLOCK_D] tile while it loops over its row tiles, merges its slots into one
+summary per column and writes that to a partials buffer; a second small kernel merges the
+partials of each column (one launch where a chain of torch ops would cost about ten, which
+matters next to a pass over x that takes tens of microseconds). Both merges use Chan's
+formula for K summaries (n_k, mean_k, M2_k):
 
     n    = sum_k n_k
-    mean = sum_k n_k mean_k / n
+    mean = sum_k n_k mean_k / n,  refined once by  sum_k n_k (mean_k - mean) / n
     M2   = sum_k M2_k + sum_k n_k (mean_k - mean)^2
 
-which, like the Welford updates, never forms sum x^2, so large means cost no precision.
+Like the Welford updates this never forms sum x^2, so a large mean costs no precision.
 The order of every sum is fixed, so the result is deterministic.
 
 feature_scores is elementwise: score_j = (mean_f_j - mean_r_j)^2 / (var_f_j + var_r_j + eps).
@@ -26,12 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .misdirection import _load_tile, _row_masks, _tile_config
+from .misdirection import _load_tile, _note_occupancy, _row_masks, _row_tiling
 
 # Partial summaries merged per program of the merge kernel (BLOCK_P * BLOCK_D).
 _MERGE_TILE = 4096
-_SCORES_BLOCK_GPU = 1024
-_SCORES_BLOCK_CPU = 64
+_SCORES_BLOCK = 1024
 
 
 @triton.jit
@@ -39,8 +40,14 @@ def _merge_rows(n_k, mean_k, m2_k):
     """Chan's merge along axis 0 of summaries with counts n_k [K] and mean_k, m2_k [K, D]."""
     weight = n_k[:, None]
     n = tl.sum(n_k, axis=0)
-    mean = tl.sum(weight * mean_k, axis=0) / tl.maximum(n, 1.0)
+    inv_n = 1.0 / tl.maximum(n, 1.0)
+    mean = tl.sum(weight * mean_k, axis=0) * inv_n
+    # One refinement step: the weighted sum of deviations is small, so it is summed
+    # almost exactly and removes the rounding error of the large first sum.
     dev = mean_k - mean[None, :]
+    fix = tl.sum(weight * dev, axis=0) * inv_n
+    mean += fix
+    dev -= fix[None, :]
     m2 = tl.sum(m2_k + weight * dev * dev, axis=0)
     return n, mean, m2
 
@@ -115,17 +122,22 @@ def masked_moments(x, token_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     if n == 0 or d == 0:
         zeros = torch.zeros(d, dtype=torch.float32, device=x.device)
         return torch.zeros((), dtype=torch.int64, device=x.device), zeros, zeros.clone()
-    block_m, block_d, num_warps, grid = _tile_config(x)
-    parts = grid[1]
-    part_count = torch.empty(parts, dtype=torch.float32, device=x.device)
-    part_mean = torch.empty((parts, d), dtype=torch.float32, device=x.device)
-    part_m2 = torch.empty((parts, d), dtype=torch.float32, device=x.device)
-    _moments_partial_kernel[grid](
-        x, x.stride(0), token_mask if token_mask is not None else part_count,
-        part_count, part_mean, part_m2, n, d,
-        HAS_MASK=token_mask is not None, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=num_warps,
+    has_mask = token_mask is not None
+    # Narrow column blocks put more of the programs side by side along d, so fewer row
+    # programs, hence fewer partials, share each column.
+    tiling = _row_tiling(_moments_partial_kernel, x, (has_mask,), 256, 4)
+    parts = tiling.grid[1]
+    # One buffer for the partial means [parts, d], M2s [parts, d] and counts [parts].
+    buffer = torch.empty(parts * (2 * d + 1), dtype=torch.float32, device=x.device)
+    part_mean, part_m2 = buffer[:2 * parts * d].view(2, parts, d)
+    part_count = buffer[2 * parts * d:]
+    compiled = _moments_partial_kernel[tiling.grid](
+        x, x.stride(0), token_mask if has_mask else part_count, part_count, part_mean,
+        part_m2, n, d,
+        HAS_MASK=has_mask, BLOCK_M=tiling.block_m, BLOCK_D=tiling.block_d,
+        num_warps=tiling.num_warps,
     )
+    _note_occupancy(tiling, compiled)
     count = torch.empty((), dtype=torch.int64, device=x.device)
     mean = torch.empty(d, dtype=torch.float32, device=x.device)
     m2 = torch.empty(d, dtype=torch.float32, device=x.device)
@@ -144,8 +156,7 @@ def feature_scores(mean_f, var_f, mean_r, var_r, eps: float) -> torch.Tensor:
     out = torch.empty(d, dtype=torch.float32, device=mean_f.device)
     if d == 0:
         return out
-    block = _SCORES_BLOCK_GPU if mean_f.is_cuda else _SCORES_BLOCK_CPU
-    _feature_scores_kernel[(triton.cdiv(d, block),)](
-        mean_f, var_f, mean_r, var_r, out, d, float(eps), BLOCK=block, num_warps=4,
+    _feature_scores_kernel[(triton.cdiv(d, _SCORES_BLOCK),)](
+        mean_f, var_f, mean_r, var_r, out, d, float(eps), BLOCK=_SCORES_BLOCK, num_warps=4,
     )
     return out
