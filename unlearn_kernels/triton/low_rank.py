@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .misdirection import _sm_count
+from .misdirection import _device_properties
 
 MAX_RANK = 256
 
@@ -105,7 +105,8 @@ def _launch(device: torch.device, n: int, r: int) -> tuple[int, int, int, int, i
     block_r = max(16, triton.next_power_of_2(r))
     if device.type != "cuda":  # the interpreter: small tiles, a few programs
         return min(triton.cdiv(n, 16), 4), 16, 32, block_r, 1
-    programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    programs = _device_properties(index).multi_processor_count
     return min(triton.cdiv(n, 32), programs), 32, 64, block_r, (4 if block_r <= 64 else 8)
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .misdirection import _load_tile, _tile_config
+from .misdirection import _load_tile, _note_occupancy, _row_tiling
 
 _ROW_TILE_GPU = 4096  # elements of a dim-0 tile
 _ROW_TILE_CPU = 256
@@ -90,12 +90,13 @@ def neuron_scores(weight, hess_forget, hess_retain, dim: int) -> tuple[torch.Ten
             num_warps=8 if weight.is_cuda else 1,
         )
         return s_f, s_r
-    block_m, block_d, num_warps, grid = _tile_config(weight)
-    p_f = torch.empty((grid[1], cols), dtype=torch.float32, device=device)
+    tiling = _row_tiling(_col_partials_kernel, weight, (retain,), 1024, 8)
+    p_f = torch.empty((tiling.grid[1], cols), dtype=torch.float32, device=device)
     p_r = torch.empty_like(p_f) if retain else p_f
-    _col_partials_kernel[grid](
+    compiled = _col_partials_kernel[tiling.grid](
         *args, p_f, p_r, rows, cols,
-        HAS_RETAIN=retain, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_RETAIN=retain, BLOCK_M=tiling.block_m, BLOCK_D=tiling.block_d, num_warps=tiling.num_warps,
     )
+    _note_occupancy(tiling, compiled)
     s_f = 0.5 * p_f.sum(0)
     return s_f, 0.5 * p_r.sum(0) if retain else s_f.new_empty(0)
