@@ -169,3 +169,30 @@ def test_simu_updates_only_selected_neurons(base, split, scorer):
     assert "selected_neurons" in method.report()
     with pytest.raises(ValueError, match="fraction must be in"):
         registry["SIMU"](model, tokenizer, fraction=0.0, update=["layers.1.mlp.up_proj"])
+
+
+def test_demo_writes_table_results_and_plot(tmp_path):
+    from unlearn_kernels import demo
+
+    lines = []
+    rows = demo.run(tmp_path, overlaps=(0.25,), methods=["GradDiff"], relearn_steps=1, progress=False,
+                    out=lines.append)
+    assert [r["method"] for r in rows] == ["base", "GradDiff"]
+    assert rows[0]["forget_acc"] >= 0.9 and rows[0]["shared_retain_acc"] >= 0.9
+    assert rows[1]["forget_acc"] < rows[0]["forget_acc"]
+    assert "| 25% | GradDiff |" in lines[0]
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["method"] == "GradDiff"
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="unknown demo methods"):
+        demo.run(tmp_path, methods=["Nope"])
+
+
+def test_verdict_reports_the_bar_honestly():
+    from unlearn_kernels.demo import verdict
+
+    base = {"overlap": 0.25, "method": "base", "forget_acc": 1.0, "retain_acc": 1.0}
+    good = {"overlap": 0.25, "method": "SRMU", "forget_acc": 0.3, "retain_acc": 0.95}
+    rmu = {"overlap": 0.25, "method": "RMU", "forget_acc": 0.5, "retain_acc": 0.9}
+    assert "SRMU meets the bar" in verdict([base, good, rmu]) and "SRMU beats RMU" in verdict([base, good, rmu])
+    bad = dict(good, forget_acc=0.6)
+    assert "MISSES" in verdict([base, bad, rmu]) and "is beaten by" in verdict([base, bad, rmu])

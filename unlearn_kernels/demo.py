@@ -1,9 +1,10 @@
 """The demo: unlearn the embedded default model with each method at 0 % and 25 % overlap.
 
 For every split it evaluates the base model and each method (forget accuracy, retain
-accuracy, held-out accuracy after a relearning attack, linear-probe accuracy at the loss
-layer, wall time), prints one table, and writes ``results.json`` and ``tradeoff.png``
-(forget vs retain accuracy, and the relearning curves) into the output directory.
+accuracy, accuracy on the retain facts of the forget entities, held-out accuracy after a
+relearning attack, linear-probe accuracy at layer 2, wall time), prints one table and a
+check of the quality bar, and writes ``results.json`` and ``tradeoff.png`` (forget vs
+retain accuracy, and the relearning curves) into the output directory.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def run(out_dir: Path | str = "demo_out", overlaps=(0.0, 0.25), methods=None, re
             rows.append({"overlap": overlap, "method": name, "time_s": elapsed,
                          **evaluate(model, tokenizer, split, LAYER, relearn_steps)})
     out(table(rows))
+    out(verdict(rows))
     write_json_atomic(out_dir / "results.json", {"rows": rows, "chance": 0.25})
     plot(rows, out_dir / "tradeoff.png")
     out(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'tradeoff.png'}")
@@ -65,11 +67,36 @@ def run(out_dir: Path | str = "demo_out", overlaps=(0.0, 0.25), methods=None, re
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| overlap | method | forget acc | retain acc | relearn acc | probe acc | time s |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table; "shared retain" is the accuracy on retain facts about forget entities."""
+    lines = ["| overlap | method | forget acc | retain acc | shared retain acc | relearn acc | probe acc | time s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        shared = "n/a" if r["shared_retain_acc"] is None else f"{r['shared_retain_acc']:.3f}"
         lines.append(f"| {r['overlap']:.0%} | {r['method']} | {r['forget_acc']:.3f} | {r['retain_acc']:.3f} | "
-                     f"{r['relearn_acc']:.3f} | {r['probe_acc']:.3f} | {r['time_s']:.1f} |")
+                     f"{shared} | {r['relearn_acc']:.3f} | {r['probe_acc']:.3f} | {r['time_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict], chance: float = 0.25) -> str:
+    """The quality bar at the largest overlap: SRMU's forget accuracy within 10 points of
+    chance with retain accuracy >= 90 % of the base model's, and how it compares with RMU."""
+    overlap = max(r["overlap"] for r in rows)
+    at = {r["method"]: r for r in rows if r["overlap"] == overlap}
+    if "SRMU" not in at or "base" not in at:
+        return ""
+    srmu, base = at["SRMU"], at["base"]
+    forgets = srmu["forget_acc"] <= chance + 0.10
+    keeps = srmu["retain_acc"] >= 0.9 * base["retain_acc"]
+    lines = [f"\nAt {overlap:.0%} overlap SRMU {'meets' if forgets and keeps else 'MISSES'} the bar: forget "
+             f"{srmu['forget_acc']:.3f} (chance {chance:.2f}, limit {chance + 0.10:.2f}), retain "
+             f"{srmu['retain_acc']:.3f} (limit {0.9 * base['retain_acc']:.3f})."]
+    if "RMU" in at:
+        rmu = at["RMU"]
+        better = (srmu["forget_acc"] <= rmu["forget_acc"] and srmu["retain_acc"] >= rmu["retain_acc"]
+                  and (srmu["forget_acc"], -srmu["retain_acc"]) != (rmu["forget_acc"], -rmu["retain_acc"]))
+        worse = srmu["forget_acc"] > rmu["forget_acc"] and srmu["retain_acc"] <= rmu["retain_acc"]
+        word = "beats" if better else "is beaten by" if worse else "ties or trades off against"
+        lines.append(f"SRMU {word} RMU (RMU: forget {rmu['forget_acc']:.3f}, retain {rmu['retain_acc']:.3f}).")
     return "\n".join(lines)
 
 
@@ -84,14 +111,16 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, len(overlaps), figsize=(5 * len(overlaps), 8), squeeze=False)
     for col, overlap in enumerate(overlaps):
         ax, curves = axes[0, col], axes[1, col]
-        for r in (r for r in rows if r["overlap"] == overlap):
-            ax.scatter(r["forget_acc"], r["retain_acc"], s=60)
-            ax.annotate(r["method"], (r["forget_acc"], r["retain_acc"]), textcoords="offset points", xytext=(5, 5))
+        for i, r in enumerate(r for r in rows if r["overlap"] == overlap):
+            color, marker = f"C{i}", "osD^vP*X"[i % 8]
+            ax.scatter(r["forget_acc"], r["retain_acc"], s=70, color=color, marker=marker, label=r["method"],
+                       alpha=0.8)
             steps, accs = zip(*r["relearn_curve"])
-            curves.plot(steps, accs, marker="o", label=r["method"])
+            curves.plot(steps, accs, marker=marker, color=color, label=r["method"])
         ax.axvline(0.25, ls="--", c="grey", lw=1)
         ax.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel="forget accuracy (lower is better)",
                ylabel="retain accuracy", title=f"{overlap:.0%} overlap")
+        ax.legend(fontsize=8, loc="lower right")
         curves.axhline(0.25, ls="--", c="grey", lw=1)
         curves.set(ylim=(0, 1.05), xlabel="relearning steps", ylabel="held-out forget accuracy")
         curves.legend(fontsize=8)
