@@ -194,5 +194,5 @@ def test_verdict_reports_the_bar_honestly():
     good = {"overlap": 0.25, "method": "SRMU", "forget_acc": 0.3, "retain_acc": 0.95}
     rmu = {"overlap": 0.25, "method": "RMU", "forget_acc": 0.5, "retain_acc": 0.9}
     assert "SRMU meets the bar" in verdict([base, good, rmu]) and "SRMU beats RMU" in verdict([base, good, rmu])
-    bad = dict(good, forget_acc=0.6)
+    bad = dict(good, forget_acc=0.6, retain_acc=0.85)
     assert "MISSES" in verdict([base, bad, rmu]) and "is beaten by" in verdict([base, bad, rmu])
