@@ -100,11 +100,11 @@ class UnlearningMethod:
         self.setup(forget, retain)
         self.optimizer = optimizer = self.make_optimizer()
         forget_batches = self.batches(forget)
-        retain_batches = self.batches(retain, 1) if retain else iter(lambda: None, 0)
+        retain_batches = self.batches(retain, 1) if retain else None
         steps = self.num_steps(forget)
         bar = tqdm(range(steps), desc=self.name, disable=not self.config.progress, leave=False)
         for step in bar:
-            losses = self.loss(next(forget_batches), next(retain_batches) if retain else None, step)
+            losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
