@@ -56,6 +56,9 @@ def _bench(args) -> int:
 def _demo(args) -> int:
     from . import demo, selfcheck
 
+    # The embedded model is far too small to gain from intra-op threads, and spinning
+    # OpenMP threads slow down badly when anything else shares the cores.
+    torch.set_num_threads(args.threads)
     _info(args)
     print("\nSelf-check of the kernels against the plain-PyTorch reference:")
     ok = selfcheck.run()
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--methods", nargs="+", default=None, help="subset of the demo methods")
     demo.add_argument("--relearn-steps", type=int, default=30)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     demo.set_defaults(func=_demo)
     unlearn = sub.add_parser("unlearn", help="unlearn a local HF model and save it with a report")
     unlearn.add_argument("--config", help="YAML file with the keys below and settings:")
