@@ -196,3 +196,28 @@ def test_verdict_reports_the_bar_honestly():
     assert "SRMU meets the bar" in verdict([base, good, rmu]) and "SRMU beats RMU" in verdict([base, good, rmu])
     bad = dict(good, forget_acc=0.6, retain_acc=0.85)
     assert "MISSES" in verdict([base, bad, rmu]) and "is beaten by" in verdict([base, bad, rmu])
+
+
+def test_cli_unlearn_with_yaml_then_eval(tmp_path, capsys):
+    from unlearn_kernels.cli import main
+
+    bench = entangled.generate(0.25)
+    (tmp_path / "forget.txt").write_text("\n".join(bench.corpus(bench.forget_facts())))
+    (tmp_path / "retain.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                   for t in bench.corpus(bench.retain_facts())))
+    write_jsonl(tmp_path / "q.jsonl", [q.to_json() for q in bench.questions(bench.forget_facts())])
+    (tmp_path / "run.yaml").write_text(
+        f"model: {tiny.ASSET_DIR}\nmethod: GradDiff\nforget: {tmp_path / 'forget.txt'}\n"
+        f"retain: {tmp_path / 'retain.jsonl'}\nout: {tmp_path / 'out'}\n"
+        "settings:\n  update: ['layers.*']\n  lr: 0.001\n  batch_size: 16\n")
+    assert main(["unlearn", "--config", str(tmp_path / "run.yaml"), "--set", "steps=30", "--set", "progress=false"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["method"] == "GradDiff" and report["config"]["steps"] == 30
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "out"), "--questions", str(tmp_path / "q.jsonl")]) == 0
+    acc = float(capsys.readouterr().out.split("acc ")[1].split(",")[0])
+    assert acc < 0.6  # the base model answers all of them
+    with pytest.raises(SystemExit, match="unlearn needs"):
+        main(["unlearn", "--method", "RMU"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["unlearn", "--config", str(tmp_path / "run.yaml"), "--method", "Nope"])
