@@ -221,3 +221,20 @@ def test_cli_unlearn_with_yaml_then_eval(tmp_path, capsys):
         main(["unlearn", "--method", "RMU"])
     with pytest.raises(SystemExit, match="unknown method"):
         main(["unlearn", "--config", str(tmp_path / "run.yaml"), "--method", "Nope"])
+
+
+@pytest.mark.parametrize("name", ["MRP", "GradDiff"])
+def test_continual_unlearning_rows(base, name):
+    from unlearn_kernels.eval.continual import continual_unlearning
+
+    model, tokenizer = fresh(base)
+    settings = {"MRP": dict(layer=1, rank=4, batch_size=8, stats_batches=2),
+                "GradDiff": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=15)}[name]
+    rows = continual_unlearning(model, tokenizer, registry[name], dict(settings, progress=False),
+                                entangled.generate(0.25), n_requests=2)
+    assert [r["request"] for r in rows] == [1, 2] and rows[0]["earlier_forget_acc"] is None
+    assert all(0 <= r["seen_forget_acc"] <= 1 and 0 <= r["retain_acc"] <= 1 for r in rows)
+    if name == "GradDiff":
+        assert rows[-1]["seen_forget_acc"] < 0.9
+    with pytest.raises(ValueError, match="n_requests must be in"):
+        continual_unlearning(model, tokenizer, registry[name], settings, entangled.generate(0.25), n_requests=0)
