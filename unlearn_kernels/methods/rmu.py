@@ -22,6 +22,9 @@ separate forget from retain; elsewhere forget activations are anchored to the fr
 which leaves the features that forget and retain text share (entangled knowledge) in place.
 Choices the paper leaves open, taken here: a Fisher separability score, a soft top-k mask
 in log-score space (``sparsity``, ``temperature``) and an adaptive ``c`` (``beta``).
+``anchor_forget=False`` drops the anchor term on forget tokens (the unselected features
+then drift freely, as in RMU): on the embedded 4-layer model the anchor kept too much of
+the answer (forget accuracy 0.63 vs 0.28 at 25 % overlap), so the demo turns it off.
 """
 
 from __future__ import annotations
