@@ -316,6 +316,8 @@ def test_check_finding_reads_the_rows():
     assert not demo.check_finding(rows)["part2"]
     rows[2] = row("RL", 0.4, 0.98)
     assert not demo.check_finding(rows)["part1"]
+    rows.append({**row("RL (CMF budget)", 0.0, 0.2), "RA": 0.3})
+    assert "wrecks the model" in demo.check_finding(rows)["text"]
 
 
 # --- the shipped model and saving ------------------------------------------------------------

@@ -17,6 +17,12 @@ were (feature–classifier misalignment: a linear probe still decodes the class)
 class-c weight *is* the (centred) mean of the class-c features, so lowering forget accuracy
 forces the features themselves to leave their cluster.
 
+CMF-RL and CMF-NegGrad+ are RL (``CE(R ∪ F)`` with random retain-class labels on the forget
+images) and NegGrad+ (``β·CE(R) − (1 − β)·CE(F)``) with every cross-entropy computed through
+this head; only the feature extractor has parameters to move. Through the head the forget
+cross-entropy is bounded (``≤ 2τ + log C``), so NegGrad+ cannot diverge the way it can with
+a linear head, and its default ``β`` is 0.9 instead of 0.99.
+
 Choices the paper leaves open (config fields):
 - ``head_data="all"``: the head is rebuilt from retain **and** forget training images with their
   true labels, so the forgotten class keeps a prototype that follows its own samples (with

@@ -79,7 +79,8 @@ def run(out_dir: Path | str = "demo_out", scenarios=tuple(SCENARIOS), methods=No
         out(table(rows))
         out(verdict["text"])
     results["time_s"] = time.perf_counter() - start
-    out(f"\nMeGU's similarity oracle: {oracle}.")
+    out("\n" + summary(results))
+    out(f"MeGU's similarity oracle: {oracle}.")
     write_json_atomic(out_dir / "results.json", results)
     plot(results, out_dir / "classifier.png")
     out(f"wrote {out_dir / 'results.json'} and {out_dir / 'classifier.png'} ({results['time_s']:.0f} s)")
@@ -154,10 +155,14 @@ def check_finding(rows: list[dict]) -> dict:
             if label in by and cmf_name in by:
                 ctrl, mine = by[label], by[cmf_name]
                 closer = abs(ctrl["probe_forget_acc"] - retrain) <= abs(mine["probe_forget_acc"] - retrain)
+                if ctrl["RA"] < by["Retrain"]["RA"] - 0.1:
+                    reading = "the same budget without the CMF head wrecks the model"
+                elif closer:
+                    reading = "the same budget without the CMF head gets as close to Retrain"
+                else:
+                    reading = "the CMF head, not the budget, brings it closer to Retrain"
                 lines.append(f"    control {label}: RA {ctrl['RA']:.3f}, probe {ctrl['probe_forget_acc']:.3f} vs "
-                             f"{cmf_name} RA {mine['RA']:.3f}, probe {mine['probe_forget_acc']:.3f} — "
-                             + ("the same budget without the CMF head gets as close to Retrain"
-                                if closer else "the CMF head, not the budget, brings it closer to Retrain"))
+                             f"{cmf_name} RA {mine['RA']:.3f}, probe {mine['probe_forget_acc']:.3f} — {reading}")
         overshoot = [r["method"] for r in cmf if r["probe_forget_acc"] < retrain - NEAR_ORIGINAL]
         if overshoot:
             lines.append(f"    {', '.join(overshoot)} push the probe below Retrain's: the features lose more of the "
@@ -168,6 +173,21 @@ def check_finding(rows: list[dict]) -> dict:
                      "pixel space).")
     verdict["text"] = "\n".join(lines)
     return verdict
+
+
+def summary(results: dict) -> str:
+    """One line per scenario: which parts of the CMF finding held."""
+    lines = ["Summary of the CMF finding on digits:"]
+    for name, scenario in results["scenarios"].items():
+        v = scenario["verdict"]
+        parts = [f"(1) {'holds' if v['part1'] else 'does not hold'}"]
+        if "part2" in v:
+            parts.append(f"(2) {'holds' if v['part2'] else 'does not hold'} by |probe − Retrain| "
+                         f"({v['gap_cmf']:.3f} CMF vs {v['gap_baselines']:.3f} baselines), "
+                         f"{'holds' if v['excess_holds'] else 'does not hold'} by probe accuracy above Retrain's "
+                         f"({v['excess_cmf']:.3f} vs {v['excess_baselines']:.3f})")
+        lines.append(f"  forget {', '.join(scenario['data']['forget_names'])}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -205,9 +225,10 @@ def plot(results: dict, path: Path) -> None:
         bars.set(ylim=(0, 1.05), ylabel="forget accuracy",
                  title=f"forget {', '.join(scenario['data']['forget_names'])}")
         bars.legend(fontsize=8)
-        for r in rows:
+        colours = plt.get_cmap("tab20").colors
+        for i, r in enumerate(rows):
             steps, accs = zip(*r["relearn_curve"])
-            curves.plot(steps, accs, marker="o", ms=3, label=r["method"])
+            curves.plot(steps, accs, marker="o", ms=3, color=colours[i % len(colours)], label=r["method"])
         curves.set(ylim=(-0.02, 1.05), xlabel="relearning steps (16 forget images)",
                    ylabel="held-out forget accuracy")
         curves.legend(fontsize=7, ncol=2)

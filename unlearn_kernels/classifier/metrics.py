@@ -26,8 +26,9 @@ Representation level, on the frozen penultimate features ``f(x)``:
 - nearest class mean: the CMF cosine head built from the training features (true labels),
   scored on the forget images (``ncm_forget_acc``).
 
-Relearning: a copy of the model is fine-tuned (Adam, every weight, full batches) on
-``relearn_samples`` forget training images with their true labels; ``relearn_acc`` is its
+Relearning: a copy of the model is fine-tuned (Adam, every weight, full batches; a CMF head
+keeps its prototypes, which are buffers) on ``relearn_samples`` forget training images with
+their true labels; ``relearn_acc`` is its
 accuracy on the held-out forget test images after ``relearn_steps`` steps (``relearn_curve``
 along the way).
 
