@@ -1,0 +1,27 @@
+"""Class-wise unlearning for PyTorch image classifiers (the CMF and MeGU papers' setting).
+
+- ``data``: the scikit-learn digits split (and torchvision-style datasets on disk), with the
+  forgotten classes;
+- ``model``: the small CNN (``features`` + ``head``), its training script and the shipped weights;
+- ``cmf``: the class-mean-feature (CMF) cosine head and the CMF unlearning variants;
+- ``methods``: Retrain, fine-tune, Random-label, NegGrad+, SalUn; ``megu``: MeGU;
+- ``metrics``: UA, RA, TA, MIA-efficacy, linear-probe / nearest-class-mean forget accuracy,
+  relearning;
+- ``demo``: the table and plot of ``unlearn-kernels demo --track classifier``.
+"""
+
+from .cmf import CMFHead, CMFNegGradPlus, CMFRandomLabel, rebuild_cmf_head, to_cmf
+from .data import ClassSplit, digits_split, torchvision_split
+from .megu import MeGU, MeGUConfig, transition_matrix
+from .methods import (ClassifierConfig, ClassifierMethod, FineTune, NegGradPlus, NegGradPlusConfig, RandomLabel,
+                      Retrain, SalUn, SalUnConfig)
+from .model import SmallCNN, load_digits_cnn
+
+registry: dict[str, type[ClassifierMethod]] = {
+    cls.name: cls for cls in (Retrain, FineTune, RandomLabel, NegGradPlus, SalUn, CMFRandomLabel, CMFNegGradPlus, MeGU)
+}
+
+__all__ = ["CMFHead", "CMFNegGradPlus", "CMFRandomLabel", "ClassSplit", "ClassifierConfig", "ClassifierMethod",
+           "FineTune", "MeGU", "MeGUConfig", "NegGradPlus", "NegGradPlusConfig", "RandomLabel", "Retrain", "SalUn",
+           "SalUnConfig", "SmallCNN", "digits_split", "load_digits_cnn", "rebuild_cmf_head", "registry", "to_cmf",
+           "torchvision_split", "transition_matrix"]

@@ -1,0 +1,303 @@
+"""Class-wise unlearning baselines and the interface every classifier method shares.
+
+``Method(model, config, **overrides).fit(split)`` unlearns ``split.forget_classes`` from
+``model`` in place (a ``SmallCNN`` or any module with ``features(x)`` and ``head``), logs the
+losses per step in ``history`` and returns the method; ``report()`` says what was done.
+Training data: retain ∪ forget training images (``uses_forget``) or the retain images only,
+shuffled per epoch, Adam without weight decay (so a parameter whose gradient is always
+masked to zero never moves). ``F = forget`` and ``R = retain`` below; ``CE`` is cross-entropy
+averaged over the samples of that group in the batch (0 when the batch has none).
+
+- Retrain:  re-initialise every layer, train ``CE(R)`` with the original recipe (the gold standard).
+- FineTune: ``CE(R)`` from the trained weights (forgetting by catastrophic interference).
+- RandomLabel (RL): ``CE(R ∪ F)`` where each forget image carries a label drawn uniformly from
+  the retain classes (never its true class), once (``resample_each_epoch=False``: a consistent
+  target, as a relabelled dataset) or anew every epoch.
+- NegGrad+ (Kurmanji et al., 2023): ``β·CE(R) − (1 − β)·CE(F)``.
+- SalUn (Fan et al., 2024): the saliency mask ``m = 1[|∇_θ Σ_F CE| in the top `fraction` of all
+  weights]`` (one global threshold over every trainable tensor), then RL with ``∇θ ← m ⊙ ∇θ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import ClassSplit
+from .model import TRAIN_RECIPE, accuracy, shuffled_batches
+
+
+@dataclass
+class ClassifierConfig:
+    """Fields every classifier method has."""
+
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+    # Stop after the first epoch whose forget-set accuracy (eval mode) is <= this; None: run every epoch.
+    stop_at_forget_acc: float | None = None
+
+
+def group_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values[mask]``; an exact 0 (still in the graph) when the mask is empty."""
+    return values[mask].mean() if bool(mask.any()) else values.sum() * 0.0
+
+
+def random_labels(n: int, classes: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """``n`` labels drawn uniformly from ``classes``."""
+    pool = torch.tensor(classes, dtype=torch.int64)
+    return pool[torch.randint(len(pool), (n,), generator=generator)]
+
+
+class ClassifierMethod:
+    """Base class: config checks, the data, the epoch loop and the report."""
+
+    name = "method"
+    config_class = ClassifierConfig
+    uses_forget = True   # train on retain ∪ forget (False: on retain only)
+
+    def __init__(self, model: nn.Module, config: ClassifierConfig | None = None, **overrides):
+        if not (isinstance(model, nn.Module) and hasattr(model, "features") and hasattr(model, "head")):
+            raise TypeError(f"{self.name}: model must be an nn.Module with features(x) and a head, "
+                            f"got {type(model).__name__}")
+        self.config = dataclasses.replace(config or self.config_class(), **overrides)
+        self.model = model
+        self.history: list[dict] = []
+        self.data: dict = {}
+        self.time_s = 0.0
+        self.epochs_run = 0
+        self.check_config()
+
+    def check_config(self) -> None:
+        c = self.config
+        if c.epochs < 1:
+            raise ValueError(f"{self.name}: epochs must be >= 1, got {c.epochs}")
+        if not c.lr > 0:
+            raise ValueError(f"{self.name}: lr must be > 0, got {c.lr}")
+        if c.batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size must be >= 1, got {c.batch_size}")
+        if c.stop_at_forget_acc is not None and not 0.0 <= c.stop_at_forget_acc <= 1.0:
+            raise ValueError(f"{self.name}: stop_at_forget_acc must lie in [0, 1] or be None, got {c.stop_at_forget_acc}")
+
+    # --- the loop ------------------------------------------------------------------------
+    def fit(self, split: ClassSplit) -> "ClassifierMethod":
+        from tqdm import tqdm
+
+        if not isinstance(split, ClassSplit):
+            raise TypeError(f"{self.name}: split must be a ClassSplit, got {type(split).__name__}")
+        classes = getattr(self.model, "num_classes", split.num_classes)
+        if classes != split.num_classes:
+            raise ValueError(f"{self.name}: split has {split.num_classes} classes, the model {classes}")
+        start = time.perf_counter()
+        self.data = split.describe()
+        self.split = split
+        (xr, yr), (xf, yf) = split.retain, split.forget
+        self.n_retain, self.n_forget = len(yr), len(yf)
+        self.x = torch.cat([xr, xf]) if self.uses_forget else xr
+        self.y = torch.cat([yr, yf]) if self.uses_forget else yr
+        self.is_forget = torch.arange(len(self.y)) >= self.n_retain
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.model.train()
+        self.setup(split)
+        self.optimizer = self.make_optimizer()
+        steps_per_epoch = math.ceil(len(self.y) / self.config.batch_size)
+        bar = tqdm(total=self.config.epochs * steps_per_epoch, desc=self.name, disable=not self.config.progress,
+                   leave=False)
+        for epoch in range(self.config.epochs):
+            self.start_epoch(epoch)
+            for idx in shuffled_batches(len(self.y), self.config.batch_size, self.generator):
+                losses = self.loss(self.x[idx], self.y[idx], self.is_forget[idx], idx)
+                total = sum(losses.values())
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                self.before_step()
+                self.optimizer.step()
+                record = {k: float(v.detach()) for k, v in losses.items()}
+                self.history.append({"epoch": epoch, "step": len(self.history), **record})
+                bar.update()
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()})
+            self.end_epoch(epoch)
+            self.epochs_run = epoch + 1
+            if self.forgotten(split):
+                break
+        bar.close()
+        self.model.eval()
+        self.time_s = time.perf_counter() - start
+        return self
+
+    def forgotten(self, split: ClassSplit) -> bool:
+        """Whether ``stop_at_forget_acc`` is set and reached."""
+        target = self.config.stop_at_forget_acc
+        return target is not None and accuracy(self.model, *split.forget) <= target
+
+    def forget_index(self, idx: Tensor, forget: Tensor) -> Tensor:
+        """Positions in the forget set of the batch's forget samples."""
+        return idx[forget] - self.n_retain
+
+    # --- hooks for subclasses ------------------------------------------------------------
+    def setup(self, split: ClassSplit) -> None:
+        """Work before the first step."""
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.config.lr)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch's first batch."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called after each epoch's last step."""
+
+    def before_step(self) -> None:
+        """Called between backward and the optimizer step."""
+
+    def loss(self, x: Tensor, y: Tensor, forget: Tensor, idx: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def report(self) -> dict:
+        return {"method": self.name, "config": dataclasses.asdict(self.config), "data": self.data,
+                "time_s": self.time_s, "epochs_run": self.epochs_run, "steps": len(self.history),
+                "final_losses": self.history[-1] if self.history else None}
+
+
+def _has_trainable_head(model: nn.Module) -> bool:
+    return any(True for _ in model.head.parameters())
+
+
+class FineTune(ClassifierMethod):
+    """``CE(R)``: keep training on the retain images only."""
+
+    name = "FT"
+    uses_forget = False
+
+    def loss(self, x, y, forget, idx):
+        return {"retain": F.cross_entropy(self.model(x), y)}
+
+
+@dataclass
+class RetrainConfig(ClassifierConfig):
+    epochs: int = TRAIN_RECIPE["epochs"]
+    lr: float = TRAIN_RECIPE["lr"]
+    batch_size: int = TRAIN_RECIPE["batch_size"]
+
+
+class Retrain(FineTune):
+    """Re-initialise every layer (seeded) and train ``CE(R)`` with the original recipe."""
+
+    name = "Retrain"
+    config_class = RetrainConfig
+
+    def setup(self, split):
+        if not _has_trainable_head(self.model):
+            raise ValueError("Retrain: the model's head has no parameters (a CMF head); retrain a model "
+                             "with a linear head")
+        self.model.reset_parameters(self.config.seed)
+
+
+@dataclass
+class RandomLabelConfig(ClassifierConfig):
+    epochs: int = 5
+    lr: float = 1e-3
+    resample_each_epoch: bool = False   # False: one fixed random label per forget image
+
+
+class RandomLabel(ClassifierMethod):
+    """``CE(R ∪ F)`` with forget labels drawn uniformly from the retain classes."""
+
+    name = "RL"
+    config_class = RandomLabelConfig
+
+    def start_epoch(self, epoch):
+        if epoch == 0 or self.config.resample_each_epoch:
+            self.forget_targets = random_labels(self.n_forget, self.split.retain_classes, self.generator)
+
+    def loss(self, x, y, forget, idx):
+        targets = y.clone()
+        targets[forget] = self.forget_targets[self.forget_index(idx, forget)]
+        return {"ce": F.cross_entropy(self.model(x), targets)}
+
+
+@dataclass
+class NegGradPlusConfig(ClassifierConfig):
+    epochs: int = 3
+    lr: float = 1e-3
+    beta: float = 0.99    # weight of the retain loss; 1 − beta on the (negated, unbounded) forget loss
+
+
+class NegGradPlus(ClassifierMethod):
+    """``β·CE(R) − (1 − β)·CE(F)``."""
+
+    name = "NegGrad+"
+    config_class = NegGradPlusConfig
+
+    def check_config(self):
+        super().check_config()
+        if not 0.0 <= self.config.beta <= 1.0:
+            raise ValueError(f"{self.name}: beta must lie in [0, 1], got {self.config.beta}")
+
+    def loss(self, x, y, forget, idx):
+        ce = F.cross_entropy(self.model(x), y, reduction="none")
+        return {"retain": self.config.beta * group_mean(ce, ~forget),
+                "forget": -(1.0 - self.config.beta) * group_mean(ce, forget)}
+
+
+@dataclass
+class SalUnConfig(RandomLabelConfig):
+    fraction: float = 0.5   # share of the weights (by |gradient| on the forget loss) that may move
+
+
+def saliency_masks(model: nn.Module, x: Tensor, y: Tensor, fraction: float,
+                   batch_size: int = 256) -> dict[str, Tensor]:
+    """SalUn's weight-saliency masks: 1 on the ``ceil(fraction · #weights)`` entries with the
+    largest ``|∂ Σ_F CE / ∂θ|`` (one global ranking over every trainable tensor, exact count)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        loss = F.cross_entropy(model(xb), yb, reduction="sum")
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            grads[n] += g
+    scores = torch.cat([g.abs().flatten() for g in grads.values()])
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[scores.topk(math.ceil(fraction * scores.numel())).indices] = True
+    masks, offset = {}, 0
+    for n, g in grads.items():
+        masks[n] = keep[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+    return masks
+
+
+class SalUn(RandomLabel):
+    """RL restricted to the salient weights (``∇θ ← m ⊙ ∇θ`` before every step)."""
+
+    name = "SalUn"
+    config_class = SalUnConfig
+
+    def check_config(self):
+        super().check_config()
+        if not 0.0 < self.config.fraction <= 1.0:
+            raise ValueError(f"{self.name}: fraction must lie in (0, 1], got {self.config.fraction}")
+
+    def setup(self, split):
+        xf, yf = split.forget
+        self.masks = saliency_masks(self.model, xf, yf, self.config.fraction)
+        self.masked = [(p, self.masks[n]) for n, p in self.model.named_parameters() if n in self.masks]
+
+    def before_step(self):
+        for p, mask in self.masked:
+            if p.grad is not None:
+                p.grad.mul_(mask)
+
+    def report(self):
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        total = sum(m.numel() for m in self.masks.values())
+        return {**super().report(), "salient_weights": kept, "weights": total}
