@@ -1,6 +1,7 @@
 """The ``unlearn-kernels`` command.
 
     unlearn-kernels demo                  unlearn the embedded model with each method, print the table
+    unlearn-kernels demo --track classifier   class-wise unlearning of the embedded digits CNN
     unlearn-kernels unlearn --model DIR --method SRMU --forget F --retain R --out DIR [--config run.yaml]
     unlearn-kernels eval --model DIR --questions wmdp.jsonl [--questions more.jsonl]
     unlearn-kernels bench [--device cuda]  throughput table of the fused ops
@@ -54,16 +55,24 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
-    from . import demo, selfcheck
+    from . import selfcheck
 
-    # The embedded model is far too small to gain from intra-op threads, and spinning
+    # The embedded models are far too small to gain from intra-op threads, and spinning
     # OpenMP threads slow down badly when anything else shares the cores.
     torch.set_num_threads(args.threads)
     _info(args)
     print("\nSelf-check of the kernels against the plain-PyTorch reference:")
     ok = selfcheck.run()
-    print("\nUnlearning the embedded model (entangled-knowledge benchmark, chance = 0.25):")
-    demo.run(args.out, methods=args.methods, relearn_steps=args.relearn_steps, progress=not args.quiet)
+    if args.track == "classifier":
+        from .classifier import demo
+
+        print("\nClass-wise unlearning of the embedded digits CNN:")
+        demo.run(Path(args.out) / "classifier", methods=args.methods, progress=not args.quiet)
+    else:
+        from . import demo
+
+        print("\nUnlearning the embedded model (entangled-knowledge benchmark, chance = 0.25):")
+        demo.run(args.out, methods=args.methods, relearn_steps=args.relearn_steps, progress=not args.quiet)
     return 0 if ok else 1
 
 
@@ -145,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     bench.set_defaults(func=_bench)
     demo = sub.add_parser("demo", help="unlearn the embedded model with each method and print the table")
+    demo.add_argument("--track", choices=["llm", "classifier"], default="llm",
+                      help="llm: the tiny LM on the entangled benchmark; classifier: the digits CNN")
     demo.add_argument("--out", default="demo_out", help="directory for results.json and tradeoff.png")
     demo.add_argument("--methods", nargs="+", default=None, help="subset of the demo methods")
     demo.add_argument("--relearn-steps", type=int, default=30)

@@ -13,13 +13,12 @@ import copy
 import time
 from pathlib import Path
 
-import torch
 
 from .data import entangled
 from .eval.suite import Split, evaluate
 from .methods import registry
 from .models import tiny
-from .models.io import write_json_atomic
+from .models.io import save_figure_atomic, write_json_atomic
 
 LAYER = 2
 # Settings for the 4-layer, 128-wide default model (the published 7B defaults live in the
@@ -125,8 +124,4 @@ def plot(rows: list[dict], path: Path) -> None:
         curves.set(ylim=(0, 1.05), xlabel="relearning steps", ylabel="held-out forget accuracy")
         curves.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=100)

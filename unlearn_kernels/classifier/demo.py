@@ -29,7 +29,7 @@ import copy
 import time
 from pathlib import Path
 
-from ..models.io import write_json_atomic
+from ..models.io import save_figure_atomic, write_json_atomic
 from . import registry
 from .cmf import to_cmf
 from .data import FORGET_CLASS, FORGET_SET, digits_split
@@ -233,11 +233,7 @@ def plot(results: dict, path: Path) -> None:
                    ylabel="held-out forget accuracy")
         curves.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> int:

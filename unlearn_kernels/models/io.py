@@ -62,6 +62,22 @@ def write_json_atomic(path: Path | str, payload: dict) -> Path:
     return path
 
 
+def save_figure_atomic(fig, path: Path | str, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def load_local(path: Path | str, dtype=None):
     """A causal LM and its tokenizer from a local directory (no network), in eval mode.
 
