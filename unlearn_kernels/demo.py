@@ -13,7 +13,6 @@ import copy
 import time
 from pathlib import Path
 
-
 from .data import entangled
 from .eval.suite import Split, evaluate
 from .methods import registry
