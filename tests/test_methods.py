@@ -154,7 +154,7 @@ def test_mrp_projects_and_changes_no_weight(base, split, tmp_path):
 
 
 @pytest.mark.parametrize("scorer", ["obd", "integrated_gradients"])
-def test_simu_updates_only_selected_neurons(base, split, scorer):
+def test_simu_updates_only_selected_neurons(base, split, scorer, tmp_path):
     model, tokenizer = fresh(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     method = registry["SIMU"](model, tokenizer, steps=3, batch_size=4, progress=False, scorer=scorer,
@@ -167,6 +167,11 @@ def test_simu_updates_only_selected_neurons(base, split, scorer):
         per_neuron = delta.sum(1) if "up_proj" in name else delta.sum(0)
         assert (per_neuron[~mask] == 0).all() and (per_neuron[mask] > 0).any()
     assert "selected_neurons" in method.report()
+    out = save_pretrained_atomic(model, tokenizer, tmp_path / f"simu-{scorer}", method.report(),
+                                 masks=method.saved_masks())
+    reloaded, _ = load_local(out)
+    assert set(reloaded.unlearn_masks) == set(method.neuron_masks)
+    assert all(torch.equal(reloaded.unlearn_masks[k], v) for k, v in method.neuron_masks.items())
     with pytest.raises(ValueError, match="fraction must be in"):
         registry["SIMU"](model, tokenizer, fraction=0.0, update=["layers.1.mlp.up_proj"])
 

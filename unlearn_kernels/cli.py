@@ -117,7 +117,8 @@ def _unlearn(args) -> int:
     method = registry[config["method"]](model, tokenizer, **config["settings"])
     method.fit(forget, retain)
     report = {**method.report(), "source_model": str(config["model"])}
-    save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections())
+    save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
+                           method.saved_masks())
     print(f"saved the unlearned model and report.json to {config['out']}")
     return 0
 

@@ -126,6 +126,10 @@ class UnlearningMethod:
         """Tensors that must be saved beside the weights (MRP's bases); none by default."""
         return {}
 
+    def saved_masks(self) -> dict[str, torch.Tensor]:
+        """Neuron masks saved beside the weights (SIMU's selection); none by default."""
+        return {}
+
     # --- hooks for subclasses ------------------------------------------------------------
     needs_retain = True
 

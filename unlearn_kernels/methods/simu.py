@@ -137,5 +137,8 @@ class SIMU(SOGradDiff):
         return {p: (self.neuron_masks[name], self.neuron_dim(p) if self.neuron_dim(p) == 0 else -1)
                 for name, p in self.params.items()}
 
+    def saved_masks(self) -> dict:
+        return dict(self.neuron_masks)
+
     def report(self):
         return {**super().report(), "selected_neurons": {k: int(v.sum()) for k, v in self.neuron_masks.items()}}
