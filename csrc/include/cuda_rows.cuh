@@ -87,17 +87,10 @@ __device__ __forceinline__ Pack<T, V> load(const T* p, bool pred) {
   return out;
 }
 
-// Element i of a pack as float. bf16 is read through its 32-bit word (a shift or a mask),
-// which keeps the unpacking out of 16-bit registers.
+// Element i of a pack as float.
 template <typename T, int V>
 __device__ __forceinline__ float element(const Pack<T, V>& p, int i) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && V % 2 == 0) {
-    uint32_t w;
-    memcpy(&w, &p.e[i & ~1], 4);
-    return __uint_as_float(i & 1 ? w & 0xffff0000u : w << 16);
-  } else {
-    return to_float(p.e[i]);
-  }
+  return unpack(p.e, i);
 }
 
 template <typename T, int V>

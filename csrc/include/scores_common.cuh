@@ -77,17 +77,10 @@ __device__ __forceinline__ Raw<T, V> load(const T* p, bool pred) {
   return r;
 }
 
-// Element i of a loaded pack as float. bf16 pairs are read through their 32-bit word (a
-// shift or a mask), which keeps the unpacking out of 16-bit registers.
+// Element i of a loaded pack as float.
 template <typename T, int V>
 __device__ __forceinline__ float element(const Raw<T, V>& r, int i) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && V % 2 == 0) {
-    uint32_t w;
-    memcpy(&w, &r.e[i & ~1], 4);
-    return __uint_as_float(i & 1 ? w & 0xffff0000u : w << 16);
-  } else {
-    return to_float(r.e[i]);
-  }
+  return unpack(r.e, i);
 }
 
 // Stores V floats at p as T (round to nearest even).
