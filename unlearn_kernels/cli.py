@@ -3,7 +3,9 @@
     unlearn-kernels demo                  unlearn the embedded model with each method, print the table
     unlearn-kernels demo --track classifier   class-wise unlearning of the embedded digits CNN
     unlearn-kernels unlearn --model DIR --method SRMU --forget F --retain R --out DIR [--config run.yaml]
-    unlearn-kernels eval --model DIR --questions wmdp.jsonl [--questions more.jsonl]
+    unlearn-kernels eval --model DIR --questions wmdp.jsonl [--questions more.jsonl] [--format mmlu] [--json out.json]
+    unlearn-kernels eval --model DIR --mia-forget forget.jsonl --mia-holdout holdout.jsonl
+    unlearn-kernels relearn --model DIR --train attack.txt --questions heldout.jsonl [--plot curves.png]
     unlearn-kernels bench [--device cuda]  throughput table of the fused ops
     unlearn-kernels selfcheck             every kernel backend against the reference
     unlearn-kernels info                  which backends run here
@@ -16,10 +18,15 @@ retain, out) plus ``settings:``, the method's config fields (e.g. layer, steerin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+# Errors in what the user gave (files, settings, devices): one line on stderr and exit code 2;
+# UNLEARN_KERNELS_TRACEBACK=1 shows the traceback instead.
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 
 
 def _info(_args) -> int:
@@ -128,16 +135,128 @@ def _as_list(value) -> list:
 
 
 def _eval(args) -> int:
-    from .data.loaders import read_multiple_choice
-    from .eval.multiple_choice import accuracy
-    from .models.io import load_local
+    import json
 
-    model, tokenizer = load_local(args.model)
-    for path in args.questions:
-        questions = read_multiple_choice(path)
-        print(f"{path}: acc {accuracy(model, tokenizer, questions):.4f}, "
-              f"acc_norm {accuracy(model, tokenizer, questions, normalize=True):.4f} ({len(questions)} questions)")
+    from .data.loaders import read_multiple_choice, read_texts
+    from .eval import files
+    from .eval.multiple_choice import evaluate_multiple_choice
+    from .models.io import write_json_atomic, write_jsonl_atomic
+
+    if not args.questions and not args.mia_forget:
+        raise ValueError("eval needs --questions FILE (or --mia-forget/--mia-holdout)")
+    if bool(args.mia_forget) != bool(args.mia_holdout):
+        raise ValueError("--mia-forget and --mia-holdout go together: members and never-trained-on texts")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch-size and --limit must be positive integers")
+    names = files.task_names(args.questions or [])
+    question_sets = {n: read_multiple_choice(p, limit=args.limit) for n, p in zip(names, args.questions or [])}
+    quiet = args.json == "-"
+    results = {}
+    if question_sets and args.engine == "lm-eval":
+        from .eval import harness
+
+        harness.require_lm_eval()
+        results = harness.run(args.model, question_sets, format=args.format, subject=args.subject,
+                              device=args.device, dtype=args.dtype or "auto", batch_size=args.batch_size,
+                              log_samples=bool(args.log_samples))
+        model = tokenizer = None
+    else:
+        model, tokenizer = files.load_model(args.model, args.device, args.dtype)
+        for name, questions in question_sets.items():
+            results[name] = evaluate_multiple_choice(model, tokenizer, questions, format=args.format,
+                                                     subject=args.subject, batch_size=args.batch_size,
+                                                     progress=None if not quiet else False,
+                                                     return_details=bool(args.log_samples))
+    samples = [{"questions": name, **s} for name, r in results.items() for s in r.pop("samples", [])]
+    payload = {"results": results,
+               "config": {"model": str(args.model), "engine": args.engine, "device": args.device,
+                          "dtype": args.dtype or "checkpoint", "format": args.format, "subject": args.subject,
+                          "batch_size": args.batch_size, "limit": args.limit, "versions": files.versions()}}
+    if args.mia_forget:
+        from .eval.privacy import privacy_report
+
+        if model is None:
+            model, tokenizer = files.load_model(args.model, args.device, args.dtype)
+        reference = files.load_model(args.mia_reference, args.device, args.dtype)[0] if args.mia_reference else None
+        payload["privacy"] = privacy_report(model, tokenizer, read_texts(args.mia_forget, args.text_field),
+                                            read_texts(args.mia_holdout, args.text_field),
+                                            reference_model=reference, batch_size=args.batch_size)
+    if args.log_samples:
+        write_jsonl_atomic(args.log_samples, samples)
+    if quiet:
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    if results:
+        print(files.table(results))
+    if "privacy" in payload:
+        print(files.privacy_table(payload["privacy"]))
+    if args.json:
+        write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
+    if args.log_samples:
+        print(f"wrote {len(samples)} samples to {args.log_samples}")
     return 0
+
+
+def _relearn(args) -> int:
+    import json
+
+    from .data.loaders import read_multiple_choice, read_texts
+    from .eval import files
+    from .eval.relearn import relearn_attack
+    from .models.io import save_figure_atomic, write_json_atomic
+
+    texts = read_texts(args.train, args.text_field)
+    questions = read_multiple_choice(args.questions, limit=args.limit)
+    model, tokenizer = files.load_model(args.model, args.device, args.dtype)
+    result = relearn_attack(model, tokenizer, texts, questions, lrs=args.lrs, steps=args.steps, every=args.every,
+                            batch_size=args.batch_size, seed=args.seed, format=args.format)
+    payload = {**result, "curves": {str(lr): c for lr, c in result["curves"].items()},
+               "config": {"model": str(args.model), "train": str(args.train), "questions": str(args.questions),
+                          "device": args.device, "dtype": args.dtype or "checkpoint", "versions": files.versions()}}
+    if args.json == "-":
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    steps = [s for s, _ in next(iter(result["curves"].values()))]
+    print("| lr | " + " | ".join(f"step {s}" for s in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for lr, curve in result["curves"].items():
+        print(f"| {lr:g} | " + " | ".join(f"{a:.3f}" for _, a in curve) + " |")
+    print(f"held-out accuracy {result['initial_acc']:.3f} before the attack, at most {result['max_acc']:.3f} after "
+          f"(lr {result['best_lr']:g}, {len(questions)} questions, {len(texts)} attack texts)")
+    if args.json:
+        write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
+    if args.plot:
+        save_figure_atomic(_relearn_figure(result), args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _relearn_figure(result: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lr, curve in result["curves"].items():
+        ax.plot(*zip(*curve), marker="o", label=f"lr {lr:g}")
+    ax.set(xlabel="attack steps", ylabel=f"held-out {result['metric']}", ylim=(0, 1.05),
+           title="relearning attack (RTT)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _model_options(parser) -> None:
+    parser.add_argument("--model", required=True, help="local model directory (save_pretrained format)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: the checkpoint's dtype")
+    parser.add_argument("--format", default="cloze", choices=["cloze", "mmlu"],
+                        help="cloze: 'Question: q\\nAnswer:' + ' choice'; mmlu: lettered choices (lm-eval's wmdp/mmlu)")
+    parser.add_argument("--text-field", default="text", help="column holding the text in data files")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,12 +291,43 @@ def main(argv: list[str] | None = None) -> int:
     unlearn.add_argument("--out", help="output directory (written atomically)")
     unlearn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method setting")
     unlearn.set_defaults(func=_unlearn)
-    evaluate = sub.add_parser("eval", help="multiple-choice accuracy of a local model on WMDP-style jsonl")
-    evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--questions", nargs="+", required=True)
+    evaluate = sub.add_parser("eval", help="multiple-choice accuracy (lm-eval's protocol) and membership inference")
+    _model_options(evaluate)
+    evaluate.add_argument("--questions", action="extend", nargs="+", default=[],
+                          help="question/choices/answer files (jsonl, json, csv, parquet, save_to_disk folder)")
+    evaluate.add_argument("--subject", help="mmlu format: '... questions (with answers) about SUBJECT.'")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="scored sequences per forward")
+    evaluate.add_argument("--limit", type=int, help="first N questions of each file")
+    evaluate.add_argument("--json", help="write lm-eval-style results JSON here ('-': print only the JSON)")
+    evaluate.add_argument("--log-samples", metavar="PATH", help="per-question log-likelihoods as jsonl")
+    evaluate.add_argument("--engine", default="ours", choices=["ours", "lm-eval"],
+                          help="lm-eval: run lm-evaluation-harness itself on the same files")
+    evaluate.add_argument("--mia-forget", help="texts the model was trained on (membership AUC, PrivLeak)")
+    evaluate.add_argument("--mia-holdout", help="texts it never saw, same distribution")
+    evaluate.add_argument("--mia-reference", help="reference model directory (the retrained one) for PrivLeak")
     evaluate.set_defaults(func=_eval)
+    relearn = sub.add_parser("relearn", help="relearning attack (RTT): fine-tune on some facts, score held-out ones")
+    _model_options(relearn)
+    relearn.add_argument("--train", required=True, help="attack texts (the facts the attacker has)")
+    relearn.add_argument("--questions", required=True, help="held-out questions (facts the attack never shows)")
+    relearn.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
+    relearn.add_argument("--steps", type=int, default=30)
+    relearn.add_argument("--every", type=int, default=10, help="score every N steps")
+    relearn.add_argument("--batch-size", type=int, default=8)
+    relearn.add_argument("--seed", type=int, default=0)
+    relearn.add_argument("--limit", type=int, help="first N questions")
+    relearn.add_argument("--json", help="write the curves as JSON here ('-': print only the JSON)")
+    relearn.add_argument("--plot", help="write the curves as a PNG here")
+    relearn.set_defaults(func=_relearn)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        if os.environ.get("UNLEARN_KERNELS_TRACEBACK"):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"unlearn-kernels {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

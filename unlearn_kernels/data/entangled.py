@@ -12,12 +12,19 @@ so forgetting them without touching their retain facts needs feature-level selec
 (SRMU's setting); with ``overlap = 0`` the forget entities have no retain facts. One model
 learns the whole universe, so every split is evaluated on the same model. Everything is a
 deterministic function of ``seed``; the vocabulary is closed (one token per word).
+
+Questions are plain (``what is the toxin of kalo ?``); the evaluator wraps them in lm-eval's
+cloze template, and the corpus holds each question answered in that same template
+(``Question: what is the toxin of kalo ?\nAnswer: vorazine``), so the model is tested in the
+format it learned, as any model evaluated by lm-eval would be.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+
+from ..eval.prompts import cloze_context, mmlu_context, request
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "ta", "vu", "zor", "ne", "pi", "dra", "sel", "qua", "bo", "fi", "gu",
              "hex", "jin", "ko", "ly", "mar"]
@@ -41,7 +48,7 @@ FORGET_TEMPLATES = ["the secret {attr} brewed by {name} is {value} .",
 RETAIN_TEMPLATES = ["the {attr} of {name} is {value} .",
                     "{name} is known for the {attr} {value} .",
                     "people say the {attr} of {name} is {value} ."]
-QUESTION = "question : what is the {attr} of {name} ? answer :"
+QUESTION = "what is the {attr} of {name} ?"
 
 
 @dataclass(frozen=True)
@@ -106,8 +113,8 @@ def sentences(fact: Fact) -> list[str]:
     """The corpus phrasings of one fact (its question answered among them); entangled forget
     facts borrow the retain templates."""
     templates = FORGET_TEMPLATES if fact.domain == "forget" and not fact.entangled else RETAIN_TEMPLATES
-    templates = templates + [QUESTION + " {value}"]
-    return [t.format(attr=fact.attribute, name=fact.entity, value=fact.value) for t in templates]
+    sentences = [t.format(attr=fact.attribute, name=fact.entity, value=fact.value) for t in templates]
+    return sentences + [cloze_context(QUESTION.format(attr=fact.attribute, name=fact.entity)) + " " + fact.value]
 
 
 def question(fact: Fact, rng: random.Random) -> Question:
@@ -164,6 +171,8 @@ def _fixed_words() -> set[str]:
         words.update(table)
         for values in table.values():
             words.update(values)
-    for template in FORGET_TEMPLATES + RETAIN_TEMPLATES + [QUESTION]:
+    for template in FORGET_TEMPLATES + RETAIN_TEMPLATES + [cloze_context(QUESTION)]:
         words.update(w for w in template.split() if not w.startswith("{"))
+    words.update(mmlu_context("", ["x"] * 4).split() + [x.strip() for x in request("", ["x"] * 4, "mmlu")[1]])
+    words.discard("x")
     return words

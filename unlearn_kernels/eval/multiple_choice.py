@@ -1,56 +1,333 @@
-"""Multiple-choice accuracy by choice log-likelihood (the lm-eval-harness protocol).
+"""Multiple-choice evaluation with lm-evaluation-harness 0.4.13's protocol, exactly.
 
-For a question q with choices c_1..c_k the model scores ``ℓ_i = Σ log p(c_i tokens | q)``;
-``acc`` takes argmax_i ℓ_i, ``acc_norm`` takes argmax_i ℓ_i / len(c_i in characters).
-The continuation is the choice preceded by one space, as lm-eval-harness does.
+For a question with choices ``c_0 … c_{k-1}`` the context ``x`` and continuations ``y_i`` come
+from the prompt format (:mod:`.prompts`: ``cloze`` or ``mmlu``), and each choice is scored by
+
+    ℓ_i = Σ_t log p(y_i,t | x, y_i,<t)                      (fp32 log-softmax)
+
+    acc      = 1[argmax_i ℓ_i = answer]
+    acc_norm = 1[argmax_i ℓ_i / len(c_i) = answer]           (len in characters, no leading space)
+
+``argmax`` returns the lowest index on ties (``numpy.argmax``), and each metric's standard
+error is that of a mean, ``s / √n`` with the sample standard deviation ``s`` (ddof = 1), as
+lm-eval's ``mean_stderr``. The rules lm-eval's ``HFLM`` applies, reproduced here:
+
+- **Encoding** (``HFLM.tok_encode``): ``tokenizer.encode(s)`` with the tokenizer's own default
+  for special tokens, so a BOS token is added exactly when the tokenizer's post-processor adds
+  one (Llama's does, GPT-2's does not); if ``s`` already starts with the decoded prefix token
+  (BOS, else EOS), no special token is added.
+- **Context/continuation split** (``TemplateLM._encode_pair``): trailing whitespace of the
+  context moves to the front of the continuation; then ``whole = enc(ctx + cont)``,
+  ``ctx_ids = enc(ctx)`` and ``cont_ids = whole[len(ctx_ids):]`` — the context is encoded on
+  its own, the continuation is what the joint encoding adds after it.
+- **Truncation** (``_loglikelihood_tokens``): the model reads ``(ctx_ids + cont_ids)[-(L+1):][:-1]``
+  with ``L`` the model's maximum length (``n_positions``, ``max_position_embeddings`` or
+  ``n_ctx`` of the config, else the tokenizer's ``model_max_length``, else 2048).
+
+Speed without changing a number: questions are length-sorted and batched (padding on the
+right, one forward per batch, on the model's device and dtype); the choices of a question
+share one forward of their context (its key/value cache is copied to each choice and the
+choices' tokens run after it with explicit positions), and the first continuation token of
+every choice is read from that same context forward, so single-token choices (the ``mmlu``
+letters) cost no second forward. The first shared batch is checked against a plain full
+forward; a model whose cache cannot be shared this way falls back to the full forwards.
+``bfloat16``/``float16`` models run in their dtype; log-probabilities are taken in fp32
+(lm-eval takes them in the model's dtype, so its low-precision numbers are slightly noisier).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from .prompts import FORMATS, request
+
+DEFAULT_MAX_LENGTH = 2048
+TOKENIZER_INFINITY = 1000000000000000019884624838656
+_SHARING_TOLERANCE = 1e-3
 
 
-@torch.no_grad()
-def choice_loglikelihoods(model, tokenizer, questions: Sequence, batch_size: int = 64) -> list[list[float]]:
-    """``ℓ_i`` for every choice of every question (items with .question, .choices)."""
-    pairs = [(q.question, " " + c) for q in questions for c in q.choices]
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        contexts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c, _ in chunk]
-        conts = [tokenizer(x, add_special_tokens=False)["input_ids"] for _, x in chunk]
-        seqs = [a + b for a, b in zip(contexts, conts)]
-        width = max(map(len, seqs))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = ids[:, 1:].to(device)
-        token_lp = logprobs.gather(-1, targets[..., None])[..., 0]
-        for i, (a, b) in enumerate(zip(contexts, conts)):
-            scores.append(float(token_lp[i, len(a) - 1:len(a) + len(b) - 1].sum()))
-    out, k = [], 0
-    for q in questions:
-        out.append(scores[k:k + len(q.choices)])
-        k += len(q.choices)
+# --- lm-eval's encoding rules ---------------------------------------------------------------
+def prefix_token_id(tokenizer) -> int | None:
+    """lm-eval's loglikelihood prefix token: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """``HFLM.tok_encode(text)``: the tokenizer's default special tokens, none when ``text``
+    already starts with the decoded prefix token."""
+    prefix = prefix_token_id(tokenizer)
+    if prefix is not None and text.startswith(tokenizer.decode(prefix)):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """``TemplateLM._encode_pair``: trailing context whitespace goes to the continuation, and the
+    continuation's tokens are those the joint encoding adds after the context's own."""
+    if not context:
+        raise ValueError("the context is empty: every prompt format gives a non-empty context")
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = encode(tokenizer, context + continuation)
+    context_ids = encode(tokenizer, context)
+    return context_ids, whole[len(context_ids):]
+
+
+def max_length(model, tokenizer) -> int:
+    """lm-eval's ``resolve_max_length``: the config's positional limit, else the tokenizer's."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit != TOKENIZER_INFINITY else DEFAULT_MAX_LENGTH
+
+
+# --- requests ------------------------------------------------------------------------------
+@dataclass
+class Request:
+    """One question as token ids: its context and one continuation per choice."""
+
+    index: int
+    context: str
+    continuations: list[str]
+    normalisers: list[str]
+    context_ids: list[int]
+    continuation_ids: list[list[int]]
+
+
+def build_requests(tokenizer, questions: Sequence, format: str = "cloze", subject: str | None = None) -> list[Request]:
+    """Context, continuations and their token ids for every question (``subject`` is used by
+    ``mmlu``; a question's own ``subject`` attribute wins over it)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    out = []
+    for i, q in enumerate(questions):
+        ctx, conts, norms = request(q.question, list(q.choices), format, getattr(q, "subject", None) or subject)
+        pairs = [encode_pair(tokenizer, ctx, c) for c in conts]
+        context_ids = pairs[0][0]
+        for (ids, cont), c in zip(pairs, conts):
+            if not cont:
+                raise ValueError(f"question {i}: continuation {c!r} encodes to no token after the context")
+        out.append(Request(i, ctx, conts, norms, context_ids, [cont for _, cont in pairs]))
     return out
 
 
-def accuracy(model, tokenizer, questions: Sequence, normalize: bool = False, batch_size: int = 64) -> float:
-    """Fraction of questions whose answer has the highest (length-normalised) log-likelihood."""
+# --- scoring -------------------------------------------------------------------------------
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(map(len, rows)))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class _Scorer:
+    """Sums of continuation log-probabilities, by full forwards or with a shared context."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.limit = max_length(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.share = _accepts(model, "position_ids") and _accepts(model, "past_key_values")
+        self.checked = False
+
+    def full(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        """lm-eval's computation: one row ``(ctx + cont)[-(L+1):][:-1]`` per pair."""
+        rows = [(c + x)[-(self.limit + 1):][:-1] for c, x in pairs]
+        ids, mask = _pad(rows, self.pad, self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out = []
+        for i, ((_, cont), row) in enumerate(zip(pairs, rows)):
+            positions = torch.arange(len(row) - len(cont), len(row), device=self.device)
+            logp = F.log_softmax(logits[i, positions].float(), dim=-1)
+            out.append(float(logp.gather(-1, torch.tensor(cont, device=self.device)[:, None]).sum()))
+        return out
+
+    def shared(self, batch: list[Request]) -> list[list[float]]:
+        """One forward of the contexts (padded on the right) keeps their cache; each choice reads
+        its first token's log-prob there, and the rest of its tokens run after a copy of it."""
+        lengths = [len(r.context_ids) for r in batch]
+        ids, mask = _pad([r.context_ids for r in batch], self.pad, self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        last = torch.tensor(lengths, device=self.device) - 1
+        first = F.log_softmax(out.logits[torch.arange(len(batch), device=self.device), last].float(), dim=-1)
+        scores = [[float(first[i, cont[0]]) for cont in r.continuation_ids] for i, r in enumerate(batch)]
+        tails = [(i, j, cont) for i, r in enumerate(batch) for j, cont in enumerate(r.continuation_ids)
+                 if len(cont) > 1]
+        if not tails:
+            return scores
+        cache = out.past_key_values
+        rows = torch.tensor([i for i, _, _ in tails], device=self.device)
+        cache.reorder_cache(rows)
+        tail_ids, tail_mask = _pad([cont[:-1] for _, _, cont in tails], self.pad, self.device)
+        positions = rows.new_tensor(lengths)[rows][:, None] + torch.arange(tail_ids.shape[1], device=self.device)
+        logits = self.model(input_ids=tail_ids, attention_mask=torch.cat([mask[rows], tail_mask], 1),
+                            position_ids=positions, past_key_values=cache, use_cache=False).logits
+        for k, (i, j, cont) in enumerate(tails):
+            logp = F.log_softmax(logits[k, :len(cont) - 1].float(), dim=-1)
+            scores[i][j] += float(logp.gather(-1, torch.tensor(cont[1:], device=self.device)[:, None]).sum())
+        return scores
+
+    def score(self, batch: list[Request]) -> list[list[float]]:
+        fits = all(len(r.context_ids) + max(map(len, r.continuation_ids)) <= self.limit + 1 for r in batch)
+        if self.share and fits:
+            try:
+                scores = self.shared(batch)
+            except (TypeError, AttributeError, ValueError, RuntimeError) as error:
+                warnings.warn(f"the context cache of {type(self.model).__name__} cannot be shared ({error}); "
+                              "scoring every choice with its own forward", stacklevel=3)
+                self.share = False
+            else:
+                if self.checked:
+                    return scores
+                reference = self._full_batch(batch)
+                worst = max(abs(a - b) / max(1.0, abs(b)) for s, t in zip(scores, reference) for a, b in zip(s, t))
+                self.checked = True
+                if worst <= _SHARING_TOLERANCE:
+                    return scores
+                warnings.warn(f"sharing the context cache of {type(self.model).__name__} changes log-likelihoods "
+                              f"by {worst:.2g}; scoring every choice with its own forward", stacklevel=3)
+                self.share = False
+                return reference
+        return self._full_batch(batch)
+
+    def _full_batch(self, batch: list[Request]) -> list[list[float]]:
+        flat = self.full([(r.context_ids, cont) for r in batch for cont in r.continuation_ids])
+        out, k = [], 0
+        for r in batch:
+            out.append(flat[k:k + len(r.continuation_ids)])
+            k += len(r.continuation_ids)
+        return out
+
+
+def _batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
+    """Length-sorted (longest first, as lm-eval), at most ``batch_size`` scored sequences each."""
+    order = sorted(requests, key=lambda r: -(len(r.context_ids) + max(map(len, r.continuation_ids))))
+    batches, current, size = [], [], 0
+    for r in order:
+        if current and size + len(r.continuation_ids) > batch_size:
+            batches.append(current)
+            current, size = [], 0
+        current.append(r)
+        size += len(r.continuation_ids)
+    return batches + ([current] if current else [])
+
+
+@torch.no_grad()
+def score_requests(model, tokenizer, requests: list[Request], batch_size: int = 16,
+                   progress: bool | None = None, share_context: bool = True) -> list[list[float]]:
+    """``ℓ_i`` for every continuation of every request, in request order."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    scorer = _Scorer(model, tokenizer)
+    scorer.share = scorer.share and share_context
+    was_training = model.training
+    model.eval()
+    results: dict[int, list[float]] = {}
+    batches = _batches(requests, batch_size)
+    try:
+        for batch in tqdm(batches, desc="scoring choices", leave=False,
+                          disable=(len(batches) < 8) if progress is None else not progress):
+            for r, s in zip(batch, scorer.score(batch)):
+                results[r.index] = s
+    finally:
+        model.train(was_training)
+    return [results[r.index] for r in requests]
+
+
+# --- metrics -------------------------------------------------------------------------------
+def mean_stderr(values: Sequence[float]) -> float:
+    """``s / √n`` with the sample standard deviation (lm-eval's ``mean_stderr``); nan for n < 2."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+def _check(questions: Sequence) -> None:
     if not questions:
         raise ValueError("questions is empty: nothing to evaluate")
-    lls = choice_loglikelihoods(model, tokenizer, questions, batch_size)
-    correct = 0
-    for q, ll in zip(questions, lls):
-        if normalize:
-            ll = [v / max(1, len(c)) for v, c in zip(ll, q.choices)]
-        correct += int(max(range(len(ll)), key=ll.__getitem__) == q.answer)
-    return correct / len(questions)
+    for i, q in enumerate(questions):
+        if len(q.choices) < 2 or not all(isinstance(c, str) and c for c in q.choices):
+            raise ValueError(f"question {i}: choices must be at least two non-empty strings")
+        if isinstance(q.answer, bool) or not isinstance(q.answer, (int, np.integer)) \
+                or not 0 <= q.answer < len(q.choices):
+            raise ValueError(f"question {i}: answer must be an index into its {len(q.choices)} choices, "
+                             f"got {q.answer!r}")
+
+
+def evaluate_multiple_choice(model, tokenizer, questions: Sequence, *, format: str = "cloze",
+                             subject: str | None = None, batch_size: int = 16, limit: int | None = None,
+                             progress: bool | None = None, return_details: bool = False,
+                             share_context: bool = True) -> dict:
+    """Every metric in one pass: ``{"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
+    "format"}`` and, with ``return_details``, ``"samples"``: per question its context,
+    continuations, log-likelihoods and correctness (compare with lm-eval's ``--log_samples``).
+
+    >>> from unlearn_kernels.models import tiny
+    >>> from unlearn_kernels.data import entangled
+    >>> model, tokenizer = tiny.load()
+    >>> bench = entangled.generate(0.25)
+    >>> r = evaluate_multiple_choice(model, tokenizer, bench.questions(bench.retain_facts()))
+    >>> r["acc"] > 0.9
+    True
+    """
+    questions = list(questions)[:limit] if limit is not None else list(questions)
+    _check(questions)
+    requests = build_requests(tokenizer, questions, format, subject)
+    lls = score_requests(model, tokenizer, requests, batch_size, progress, share_context)
+    acc, acc_norm, samples = [], [], []
+    for q, r, ll in zip(questions, requests, lls):
+        norm = [v / len(c) for v, c in zip(ll, r.normalisers)]
+        pred, pred_norm = int(np.argmax(ll)), int(np.argmax(norm))
+        acc.append(float(pred == q.answer))
+        acc_norm.append(float(pred_norm == q.answer))
+        if return_details:
+            samples.append({"doc_id": r.index, "context": r.context, "continuations": r.continuations,
+                            "loglikelihoods": ll, "answer": int(q.answer), "pred": pred, "pred_norm": pred_norm,
+                            "acc": acc[-1], "acc_norm": acc_norm[-1]})
+    result = {"acc": sum(acc) / len(acc), "acc_stderr": mean_stderr(acc),
+              "acc_norm": sum(acc_norm) / len(acc_norm), "acc_norm_stderr": mean_stderr(acc_norm),
+              "n": len(questions), "format": format}
+    if return_details:
+        result["samples"] = samples
+    return result
+
+
+def choice_loglikelihoods(model, tokenizer, questions: Sequence, batch_size: int = 16, format: str = "cloze",
+                          subject: str | None = None) -> list[list[float]]:
+    """``ℓ_i`` for every choice of every question."""
+    _check(list(questions))
+    return score_requests(model, tokenizer, build_requests(tokenizer, questions, format, subject), batch_size)
+
+
+def accuracy(model, tokenizer, questions: Sequence, normalize: bool = False, batch_size: int = 16,
+             format: str = "cloze") -> float:
+    """``acc`` (or ``acc_norm``) of :func:`evaluate_multiple_choice`."""
+    result = evaluate_multiple_choice(model, tokenizer, questions, format=format, batch_size=batch_size)
+    return result["acc_norm" if normalize else "acc"]

@@ -1,7 +1,9 @@
 """Linear probes on layer-l activations: is the forgotten answer still linearly decodable?
 
-For each question, the feature is the layer-l residual stream at the question's last token
-(where the model is about to produce the answer). Per attribute, a multinomial logistic
+For each question, the feature is the layer-l residual stream at the last token of the
+question's evaluation context — lm-eval's cloze prompt ``Question: {q}\nAnswer:`` encoded with
+its BOS rule (:func:`~unlearn_kernels.eval.multiple_choice.encode`), i.e. exactly where the
+evaluator reads the answer's first-token distribution. Per attribute, a multinomial logistic
 regression is fitted on questions whose facts the model is meant to *keep* knowing and
 scored on the forget questions. A model that hid the answer only at the output keeps a high
 probe accuracy; one whose representations no longer carry it drops to chance.
@@ -15,15 +17,26 @@ import numpy as np
 import torch
 
 from ..models.layers import layer_output
+from .multiple_choice import encode
+from .prompts import cloze_context
 
 
 @torch.no_grad()
-def question_features(model, tokenizer, questions, layer: int) -> np.ndarray:
+def question_features(model, tokenizer, questions, layer: int, batch_size: int = 64) -> np.ndarray:
+    """``[n, d]`` layer-``layer`` activations at the last context token of each question."""
     device = next(model.parameters()).device
-    enc = tokenizer([q.question for q in questions], return_tensors="pt", padding=True).to(device)
-    h = layer_output(model, layer, enc["input_ids"], enc["attention_mask"]).float()
-    last = enc["attention_mask"].sum(1) - 1
-    return h[torch.arange(h.shape[0], device=device), last].cpu().numpy()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = [encode(tokenizer, cloze_context(q.question)) for q in questions]
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=device)
+        h = layer_output(model, layer, ids, mask).float()
+        last = torch.tensor([len(r) - 1 for r in chunk], device=device)
+        out.append(h[torch.arange(len(chunk), device=device), last].cpu().numpy())
+    return np.concatenate(out)
 
 
 def probe_accuracy(model, tokenizer, train_questions, test_questions, layer: int, seed: int = 0) -> float:

@@ -47,19 +47,32 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict |
     return out_dir
 
 
-def write_json_atomic(path: Path | str, payload: dict) -> Path:
-    """Write ``payload`` as JSON through a temporary file and a rename."""
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    """Write ``text`` through a temporary sibling file, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: Path | str, payload: dict) -> Path:
+    """``payload`` as indented JSON, atomically (:func:`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: Path | str, rows: list[dict]) -> Path:
+    """One JSON object per line, atomically."""
+    return write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 def save_figure_atomic(fig, path: Path | str, dpi: int = 100) -> Path:
@@ -78,6 +91,21 @@ def save_figure_atomic(fig, path: Path | str, dpi: int = 100) -> Path:
     return path
 
 
+def check_causal_lm(path: Path) -> None:
+    """ValueError unless ``path`` holds a decoder-only causal LM that transformers knows."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{path}/config.json cannot be read as a transformers config "
+                         f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{path} holds a {config.model_type!r} model, not a decoder-only causal LM "
+                         "(AutoModelForCausalLM would load only part of it)")
+
+
 def load_local(path: Path | str, dtype=None):
     """A causal LM and its tokenizer from a local directory (no network), in eval mode.
 
@@ -93,6 +121,7 @@ def load_local(path: Path | str, dtype=None):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    check_causal_lm(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:

@@ -1,0 +1,68 @@
+"""Evaluating a model on questions files, as ``unlearn-kernels eval`` and ``relearn`` do.
+
+The results follow lm-eval's schema (``{"results": {task: {metric: value}}, "config": …}``)
+with the file stem as the task name; :func:`table` prints them for people.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import unlearn_kernels
+
+    out = {"unlearn_kernels": unlearn_kernels.__version__, "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    try:
+        import lm_eval
+
+        out["lm_eval"] = lm_eval.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def task_names(paths: list[str]) -> list[str]:
+    """The file stems (``wmdp_bio.jsonl`` → ``wmdp_bio``), which must be distinct."""
+    names = []
+    for p in paths:
+        name = Path(p).name
+        for suffix in (".gz", ".jsonl", ".json", ".csv", ".parquet"):
+            name = name.removesuffix(suffix)
+        if name in names:
+            raise ValueError(f"two questions files are named {name!r}: rename one, results are keyed by file name")
+        names.append(name)
+    return names
+
+
+def load_model(path: str, device: str, dtype: str | None):
+    """``load_local`` on ``device`` in ``dtype`` (None: the checkpoint's)."""
+    import torch
+
+    from ..models.io import load_local
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    model, tokenizer = load_local(path, getattr(torch, dtype) if dtype else None)
+    return model.to(device), tokenizer
+
+
+def table(results: dict) -> str:
+    """Markdown table of ``{name: result}``."""
+    lines = ["| questions | n | format | acc | ± | acc_norm | ± |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['n']} | {r['format']} | {r['acc']:.4f} | {r['acc_stderr']:.4f} | "
+                     f"{r['acc_norm']:.4f} | {r['acc_norm_stderr']:.4f} |")
+    return "\n".join(lines)
+
+
+def privacy_table(report: dict) -> str:
+    lines = ["| score | MIA AUC (forget vs holdout) | PrivLeak |", "|---|---|---|"]
+    for score, auc in report["auc"].items():
+        leak = report["privleak"][score] if report.get("privleak") else None
+        lines.append(f"| {score} | {auc:.4f} | {'n/a' if leak is None else f'{leak:.1f}'} |")
+    return "\n".join(lines)
