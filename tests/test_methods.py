@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unlearn_kernels.data import entangled
-from unlearn_kernels.data.loaders import read_multiple_choice, read_texts, write_jsonl
+from unlearn_kernels.data.loaders import read_texts, write_jsonl
 from unlearn_kernels.eval.multiple_choice import accuracy
 from unlearn_kernels.methods import registry
 from unlearn_kernels.models import tiny
@@ -116,20 +116,6 @@ def test_benchmark_is_deterministic_and_entangled():
         entangled.generate(0.9)
 
 
-def test_loaders_round_trip_and_errors(tmp_path):
-    path = tmp_path / "q.jsonl"
-    write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 1}])
-    assert read_multiple_choice(path)[0].choices == ["a", "b"]
-    write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 2}])
-    with pytest.raises(ValueError, match=r"q.jsonl:1: 'answer' must be an index"):
-        read_multiple_choice(path)
-    texts = tmp_path / "t.jsonl"
-    write_jsonl(texts, [{"text": "one"}, {"text": "two"}])
-    assert read_texts(texts) == ["one", "two"]
-    (tmp_path / "t.txt").write_text("a\n\nb\n")
-    assert read_texts(tmp_path / "t.txt") == ["a", "b"]
-
-
 def test_mrp_projects_and_changes_no_weight(base, split, tmp_path):
     from unlearn_kernels.models.layers import layer_output
 
@@ -219,8 +205,8 @@ def test_cli_unlearn_with_yaml_then_eval(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"] == "GradDiff" and report["config"]["steps"] == 30
     capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "out"), "--questions", str(tmp_path / "q.jsonl")]) == 0
-    acc = float(capsys.readouterr().out.split("acc ")[1].split(",")[0])
+    assert main(["eval", "--model", str(tmp_path / "out"), "--questions", str(tmp_path / "q.jsonl"), "--json", "-"]) == 0
+    acc = json.loads(capsys.readouterr().out)["results"]["q"]["acc"]
     assert acc < 0.6  # the base model answers all of them
     with pytest.raises(SystemExit, match="unlearn needs"):
         main(["unlearn", "--method", "RMU"])

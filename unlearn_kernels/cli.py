@@ -140,7 +140,7 @@ def _eval(args) -> int:
     from .data.loaders import read_multiple_choice, read_texts
     from .eval import files
     from .eval.multiple_choice import evaluate_multiple_choice
-    from .models.io import write_json_atomic, write_jsonl_atomic
+    from .models.io import check_causal_lm, write_json_atomic, write_jsonl_atomic
 
     if not args.questions and not args.mia_forget:
         raise ValueError("eval needs --questions FILE (or --mia-forget/--mia-holdout)")
@@ -150,23 +150,33 @@ def _eval(args) -> int:
         raise ValueError("--batch-size and --limit must be positive integers")
     names = files.task_names(args.questions or [])
     question_sets = {n: read_multiple_choice(p, limit=args.limit) for n, p in zip(names, args.questions or [])}
+    if args.format == "mmlu":
+        for path, questions in zip(args.questions, question_sets.values()):
+            for i, q in enumerate(questions):
+                if len(q.choices) > 26:
+                    raise ValueError(f"{path}: question {i + 1}: --format mmlu labels choices A-Z, "
+                                     f"this one has {len(q.choices)}")
     quiet = args.json == "-"
     results = {}
     if question_sets and args.engine == "lm-eval":
         from .eval import harness
 
         harness.require_lm_eval()
+        check_causal_lm(Path(args.model))
         results = harness.run(args.model, question_sets, format=args.format, subject=args.subject,
                               device=args.device, dtype=args.dtype or "auto", batch_size=args.batch_size,
                               log_samples=bool(args.log_samples))
         model = tokenizer = None
     else:
         model, tokenizer = files.load_model(args.model, args.device, args.dtype)
-        for name, questions in question_sets.items():
-            results[name] = evaluate_multiple_choice(model, tokenizer, questions, format=args.format,
-                                                     subject=args.subject, batch_size=args.batch_size,
-                                                     progress=None if not quiet else False,
-                                                     return_details=bool(args.log_samples))
+        for (name, questions), path in zip(question_sets.items(), args.questions):
+            try:
+                results[name] = evaluate_multiple_choice(model, tokenizer, questions, format=args.format,
+                                                         subject=args.subject, batch_size=args.batch_size,
+                                                         progress=None if not quiet else False,
+                                                         return_details=bool(args.log_samples))
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
     samples = [{"questions": name, **s} for name, r in results.items() for s in r.pop("samples", [])]
     payload = {"results": results,
                "config": {"model": str(args.model), "engine": args.engine, "device": args.device,

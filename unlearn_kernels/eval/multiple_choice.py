@@ -250,8 +250,9 @@ def score_requests(model, tokenizer, requests: list[Request], batch_size: int = 
     results: dict[int, list[float]] = {}
     batches = _batches(requests, batch_size)
     try:
+        # progress None: a bar only on a terminal, and only when there is a lot to score
         for batch in tqdm(batches, desc="scoring choices", leave=False,
-                          disable=(len(batches) < 8) if progress is None else not progress):
+                          disable=(None if len(batches) >= 50 else True) if progress is None else not progress):
             for r, s in zip(batch, scorer.score(batch)):
                 results[r.index] = s
     finally:
@@ -329,5 +330,6 @@ def choice_loglikelihoods(model, tokenizer, questions: Sequence, batch_size: int
 def accuracy(model, tokenizer, questions: Sequence, normalize: bool = False, batch_size: int = 16,
              format: str = "cloze") -> float:
     """``acc`` (or ``acc_norm``) of :func:`evaluate_multiple_choice`."""
-    result = evaluate_multiple_choice(model, tokenizer, questions, format=format, batch_size=batch_size)
+    result = evaluate_multiple_choice(model, tokenizer, questions, format=format, batch_size=batch_size,
+                                      progress=False)
     return result["acc_norm" if normalize else "acc"]

@@ -4,6 +4,19 @@ A method is made from a model, its tokenizer and a config dataclass; ``fit(forge
 runs the unlearning (progress bar, loss log in ``history``) and returns the method;
 ``report()`` describes what was done. Config errors (unknown layer, no matching parameter,
 empty forget set) raise before any work starts.
+
+``forget`` and ``retain`` are each a list of strings (documents) or a list of
+``QAPair`` (TOFU-style question/answer pairs, ``data.loaders.read_qa_pairs``); a list
+mixing the two raises ``ValueError``. A QA pair is tokenised as its full text
+``prompt + answer`` and its batches carry, besides ``input_ids``/``attention_mask``, a
+``loss_mask`` ``[b, T]`` that is 1 exactly on the answer tokens (not on the prompt, on
+special tokens the tokenizer adds such as BOS/EOS, or on padding; a pair whose answer is
+cut off by ``max_length`` has none). ``loss_mask`` is not a model input: code that calls
+the model passes ``model_inputs(batch)``. The loss-based objectives (GradAscent, GradDiff,
+NPO, SO-GradDiff, SIMU's scoring and training, MRP's optional basis training) put their
+NLL on the answer tokens only; the representation objectives (RMU, Adaptive RMU and SRMU
+activations and moments, MRP's Gram matrices) treat a QA pair as its full text (every
+non-padding token).
 """
 
 from __future__ import annotations
@@ -11,13 +24,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from ..data.loaders import QAPair
 from ..models.layers import check_layer, parameters_matching
+
+MODEL_KEYS = ("input_ids", "attention_mask")
 
 
 @dataclass
@@ -34,13 +51,89 @@ class MethodConfig:
     progress: bool = True
 
 
-def fingerprint(texts: list[str]) -> str:
-    """SHA-256 of the texts (order-sensitive), to record which data a run saw."""
+def fingerprint(items: list) -> str:
+    """SHA-256 of the texts (order-sensitive; a QA pair counts as its ``text``), to record
+    which data a run saw."""
     digest = hashlib.sha256()
-    for t in texts:
-        digest.update(t.encode())
+    for item in items:
+        digest.update((item.text if isinstance(item, QAPair) else item).encode())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def data_kind(items: list, what: str = "data") -> str:
+    """``"text"`` for a list of strings, ``"qa"`` for a list of QA pairs; ValueError otherwise."""
+    if all(isinstance(item, str) for item in items):
+        return "text"
+    if all(isinstance(item, QAPair) for item in items):
+        return "qa"
+    kinds = sorted({type(item).__name__ for item in items})
+    if set(kinds) <= {"str", "QAPair"}:
+        raise ValueError(f"{what} mixes strings and QAPair items: give only texts or only QA pairs")
+    raise ValueError(f"{what} must be a list of strings or of QAPair, got items of type {', '.join(kinds)}")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's inputs of a batch (drops ``loss_mask`` and any other bookkeeping key)."""
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_qa(tokenizer, pairs: list[QAPair], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, answer mask) of each pair's ``text``, special tokens included, truncated.
+
+    The answer tokens are those of ``prompt + answer`` after the prompt's tokens (the
+    longest common prefix of the two token sequences, so a token merged across the
+    boundary counts as answer). BOS/EOS the tokenizer adds are located by tokenising
+    without special tokens and are never answer tokens. Truncation keeps ``max_length``
+    tokens from the tokenizer's ``truncation_side``.
+    """
+    prompts = tokenizer([p.prompt for p in pairs], add_special_tokens=False)["input_ids"]
+    contents = tokenizer([p.text for p in pairs], add_special_tokens=False)["input_ids"]
+    fulls = tokenizer([p.text for p in pairs])["input_ids"]
+    left = getattr(tokenizer, "truncation_side", "right") == "left"
+    encoded = []
+    for pair, prompt, content, full in zip(pairs, prompts, contents, fulls):
+        prompt, content, full = list(prompt), list(content), list(full)
+        start = next((i for i in range(len(full) - len(content) + 1) if full[i:i + len(content)] == content), None)
+        if start is None:   # specials interleaved with content: count against the prompt with specials
+            with_specials = list(tokenizer(pair.prompt)["input_ids"])
+            special = set(tokenizer.all_special_ids)
+            while with_specials and with_specials[-1] in special:
+                with_specials.pop()
+            begin, end = _common_prefix(with_specials, full), len(full)
+        else:
+            begin, end = start + _common_prefix(prompt, content), start + len(content)
+        mask = [int(begin <= i < end) for i in range(len(full))]
+        if len(full) > max_length:
+            cut = slice(len(full) - max_length, None) if left else slice(0, max_length)
+            full, mask = full[cut], mask[cut]
+        encoded.append((full, mask))
+    return encoded
+
+
+def collate_qa(tokenizer, rows: list[tuple[list[int], list[int]]], device) -> dict[str, torch.Tensor]:
+    """Pad encoded QA rows (the tokenizer's pad token and padding side)."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos_token)")
+    width = max(len(ids) for ids, _ in rows)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    batch = {"input_ids": torch.full((len(rows), width), pad, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+             "loss_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    for i, (ids, mask) in enumerate(rows):
+        cols = slice(width - len(ids), width) if left else slice(0, len(ids))
+        batch["input_ids"][i, cols] = torch.tensor(ids, dtype=torch.long)
+        batch["attention_mask"][i, cols] = 1
+        batch["loss_mask"][i, cols] = torch.tensor(mask, dtype=torch.long)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 class UnlearningMethod:
@@ -66,24 +159,40 @@ class UnlearningMethod:
             check_layer(self.model, self.config.layer)
 
     # --- data -----------------------------------------------------------------------------
-    def batches(self, texts: list[str], seed_offset: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless shuffled batches of tokenised ``texts`` (padded, truncated)."""
+    def batches(self, items: list, seed_offset: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless shuffled batches of tokenised ``items`` (padded, truncated).
+
+        Texts give ``input_ids`` and ``attention_mask``; QA pairs also a ``loss_mask`` on
+        the answer tokens (see the module docstring; call the model on ``model_inputs``).
+        """
+        kind = data_kind(items, f"{self.name}: the data")
         rng = random.Random(self.config.seed + seed_offset)
         device = next(self.model.parameters()).device
+        encoded = None
+        if kind == "qa":
+            encoded = encode_qa(self.tokenizer, items, self.config.max_length)
+            empty = sum(1 for _, mask in encoded if not any(mask))
+            if empty:
+                warnings.warn(f"{self.name}: {empty} of {len(items)} QA pairs have no answer token within "
+                              f"max_length={self.config.max_length}; they add no loss", stacklevel=2)
         order: list[int] = []
         while True:
             if len(order) < self.config.batch_size:
-                order += rng.sample(range(len(texts)), len(texts))
+                order += rng.sample(range(len(items)), len(items))
             chosen, order = order[:self.config.batch_size], order[self.config.batch_size:]
-            enc = self.tokenizer([texts[i] for i in chosen], return_tensors="pt", padding=True,
+            if encoded is not None:
+                yield collate_qa(self.tokenizer, [encoded[i] for i in chosen], device)
+                continue
+            enc = self.tokenizer([items[i] for i in chosen], return_tensors="pt", padding=True,
                                  truncation=True, max_length=self.config.max_length)
-            yield {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            yield {k: v.to(device) for k, v in enc.items() if k in MODEL_KEYS}
 
-    def num_steps(self, forget: list[str]) -> int:
+    def num_steps(self, forget: list) -> int:
         return self.config.steps or -(-len(forget) // self.config.batch_size)
 
     # --- the loop --------------------------------------------------------------------------
-    def fit(self, forget: list[str], retain: list[str]) -> "UnlearningMethod":
+    def fit(self, forget: list, retain: list) -> "UnlearningMethod":
+        """Unlearn ``forget`` (strings or QA pairs) while keeping ``retain``."""
         from tqdm import tqdm
 
         if not forget:
@@ -118,9 +227,12 @@ class UnlearningMethod:
             p.requires_grad_(False)
         return self
 
-    def _record_data(self, forget: list[str], retain: list[str]) -> None:
-        self.data = {"forget": {"n": len(forget), "sha256": fingerprint(forget)},
-                     "retain": {"n": len(retain), "sha256": fingerprint(retain)}}
+    def _record_data(self, forget: list, retain: list) -> None:
+        """Check the data (ValueError on a mixed list) and record its size and fingerprint."""
+        kinds = {"forget": data_kind(forget, f"{self.name}: the forget set"),
+                 "retain": data_kind(retain, f"{self.name}: the retain set")}
+        self.data = {"forget": {"n": len(forget), "kind": kinds["forget"], "sha256": fingerprint(forget)},
+                     "retain": {"n": len(retain), "kind": kinds["retain"], "sha256": fingerprint(retain)}}
 
     def projections(self) -> dict[str, torch.Tensor]:
         """Tensors that must be saved beside the weights (MRP's bases); none by default."""
@@ -133,7 +245,7 @@ class UnlearningMethod:
     # --- hooks for subclasses ------------------------------------------------------------
     needs_retain = True
 
-    def setup(self, forget: list[str], retain: list[str]) -> None:
+    def setup(self, forget: list, retain: list) -> None:
         """Work before the first step (frozen copies, statistics)."""
 
     def make_optimizer(self) -> torch.optim.Optimizer:

@@ -1,6 +1,8 @@
 """Loss-based LLM unlearning baselines: GradAscent, GradDiff and NPO.
 
-With ``NLL(x) = −(1/|x|) Σ_t log p_θ(x_t | x_<t)`` over non-padding tokens:
+With ``NLL(x) = −(1/|x|) Σ_t log p_θ(x_t | x_<t)`` over the loss tokens ``x`` (every
+non-padding token of a text; only the answer tokens of a ``QAPair``, marked by the batch's
+``loss_mask``):
 
 - GradAscent: ``L = −NLL(forget)`` (maximise the forget loss).
 - GradDiff:   ``L = −NLL(forget) + γ · NLL(retain)``.
@@ -20,19 +22,23 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import FrozenCopy
-from .base import MethodConfig, UnlearningMethod
+from .base import MethodConfig, UnlearningMethod, model_inputs
 
 
 def token_logprobs(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p(x_t | x_<t) ``[b, T−1]`` and the mask of real (non-padding) targets."""
+    """Per-token log p(x_t | x_<t) ``[b, T−1]`` and the mask of the targets that count:
+    non-padding, and answer tokens only when the batch has a ``loss_mask`` (QA pairs)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     target = batch["input_ids"][:, 1:]
     mask = batch["attention_mask"][:, 1:].bool()
+    if batch.get("loss_mask") is not None:
+        mask = mask & batch["loss_mask"][:, 1:].bool()
     return logp.gather(-1, target[..., None])[..., 0], mask
 
 
 def nll(model, batch) -> torch.Tensor:
-    lp, mask = token_logprobs(model(**batch, use_cache=False).logits, batch)
+    """Mean NLL over the batch's loss tokens (the model sees only ``model_inputs(batch)``)."""
+    lp, mask = token_logprobs(model(**model_inputs(batch), use_cache=False).logits, batch)
     return -(lp * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -80,8 +86,9 @@ class NPO(UnlearningMethod):
         self.reference = FrozenCopy(self.model, self.params)
 
     def loss(self, forget_batch, retain_batch, step):
-        lp, mask = token_logprobs(self.model(**forget_batch, use_cache=False).logits, forget_batch)
-        ref, _ = token_logprobs(self.reference.forward(**forget_batch).logits, forget_batch)
+        inputs = model_inputs(forget_batch)
+        lp, mask = token_logprobs(self.model(**inputs, use_cache=False).logits, forget_batch)
+        ref, _ = token_logprobs(self.reference.forward(**inputs).logits, forget_batch)
         log_ratio = ((lp - ref) * mask).sum(-1)
         losses = {"forget": -(2 / self.config.beta) * F.logsigmoid(-self.config.beta * log_ratio).mean()}
         if self.config.retain_weight:

@@ -96,6 +96,8 @@ def check_causal_lm(path: Path) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:

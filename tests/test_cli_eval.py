@@ -1,0 +1,127 @@
+"""``unlearn-kernels eval`` and ``relearn`` as scripts use them: tables, JSON, samples, errors."""
+
+import json
+
+import pytest
+
+from unlearn_kernels import cli
+from unlearn_kernels.data import entangled
+from unlearn_kernels.data.loaders import write_jsonl
+from unlearn_kernels.eval.multiple_choice import evaluate_multiple_choice
+from unlearn_kernels.models import tiny
+
+MODEL = str(tiny.ASSET_DIR)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    bench = entangled.generate(0.25)
+    facts = bench.forget_facts()
+    write_jsonl(folder / "forget.jsonl", [q.to_json() for q in bench.questions(facts[1::2])])
+    write_jsonl(folder / "retain.jsonl", [q.to_json() for q in bench.questions(bench.retain_facts()[:40])])
+    (folder / "attack.txt").write_text("\n".join(bench.corpus(facts[::2])))
+    (folder / "holdout.txt").write_text("\n".join(" ".join(reversed(s.split())) for s in bench.corpus(facts[:20])))
+    return folder
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_prints_a_table_and_writes_lm_eval_style_json(capsys, files, tmp_path):
+    code, out, _ = run(capsys, "eval", "--model", MODEL, "--questions", str(files / "forget.jsonl"),
+                       "--questions", str(files / "retain.jsonl"), "--json", str(tmp_path / "r.json"),
+                       "--log-samples", str(tmp_path / "s.jsonl"), "--device", "cpu")
+    assert code == 0 and "| forget |" in out and "| retain |" in out
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert set(payload["results"]) == {"forget", "retain"}
+    r = payload["results"]["forget"]
+    assert set(r) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "format"} and r["format"] == "cloze"
+    model, tokenizer = tiny.load()
+    from unlearn_kernels.data.loaders import read_multiple_choice
+
+    direct = evaluate_multiple_choice(model, tokenizer, read_multiple_choice(files / "forget.jsonl"))
+    assert r["acc"] == direct["acc"] and r["n"] == direct["n"]
+    assert {"model", "device", "dtype", "versions"} <= set(payload["config"])
+    samples = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(samples) == r["n"] + payload["results"]["retain"]["n"]
+    assert len(samples[0]["loglikelihoods"]) == 4 and samples[0]["questions"] == "forget"
+
+
+def test_json_dash_prints_only_json(capsys, files):
+    code, out, _ = run(capsys, "eval", "--model", MODEL, "--questions", str(files / "forget.jsonl"),
+                       "--format", "mmlu", "--subject", "toxins", "--limit", "5", "--json", "-")
+    payload = json.loads(out)
+    assert code == 0 and payload["results"]["forget"]["n"] == 5
+    assert payload["results"]["forget"]["format"] == "mmlu" and payload["config"]["subject"] == "toxins"
+
+
+def test_engine_lm_eval_gives_our_numbers(capsys, files):
+    pytest.importorskip("lm_eval")
+    args = ["eval", "--model", MODEL, "--questions", str(files / "forget.jsonl"), "--limit", "12", "--json", "-"]
+    ours = json.loads(run(capsys, *args)[1])["results"]["forget"]
+    theirs = json.loads(run(capsys, *args, "--engine", "lm-eval")[1])["results"]["forget"]
+    for key in ("acc", "acc_norm", "n"):
+        assert ours[key] == theirs[key]
+
+
+def test_membership_inference_from_the_command_line(capsys, files):
+    code, out, _ = run(capsys, "eval", "--model", MODEL, "--mia-forget", str(files / "attack.txt"),
+                       "--mia-holdout", str(files / "holdout.txt"), "--json", "-")
+    privacy = json.loads(out)["privacy"]
+    assert code == 0 and privacy["auc"]["loss"] > 0.75 and privacy["privleak"] is None
+
+
+def test_relearn_command(capsys, files, tmp_path):
+    code, out, _ = run(capsys, "relearn", "--model", MODEL, "--train", str(files / "attack.txt"),
+                       "--questions", str(files / "forget.jsonl"), "--lrs", "1e-4", "1e-3", "--steps", "2",
+                       "--every", "1", "--json", str(tmp_path / "rl.json"), "--plot", str(tmp_path / "rl.png"))
+    assert code == 0 and "held-out accuracy" in out
+    payload = json.loads((tmp_path / "rl.json").read_text())
+    assert set(payload["curves"]) == {"0.0001", "0.001"} and len(payload["curves"]["0.001"]) == 3
+    assert (tmp_path / "rl.png").stat().st_size > 0
+
+
+def bad_rows(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) if rows is not None else "")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["empty", "bool-answer", "answer-out-of-range", "choices-not-list",
+                                  "empty-choice", "27-choices-mmlu", "not-a-causal-lm", "missing-file",
+                                  "no-questions"])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, case):
+    good = {"question": "what is the pet of kalo ?", "choices": ["otter", "heron"], "answer": 0}
+    model, extra = MODEL, []
+    if case == "empty":
+        questions = bad_rows(tmp_path, "q.jsonl", None)
+    elif case == "bool-answer":
+        questions = bad_rows(tmp_path, "q.jsonl", [good, {**good, "answer": True}])
+    elif case == "answer-out-of-range":
+        questions = bad_rows(tmp_path, "q.jsonl", [{**good, "answer": 2}])
+    elif case == "choices-not-list":
+        questions = bad_rows(tmp_path, "q.jsonl", [{**good, "choices": "otter"}])
+    elif case == "empty-choice":
+        questions = bad_rows(tmp_path, "q.jsonl", [{**good, "choices": ["otter", ""]}])
+    elif case == "27-choices-mmlu":
+        questions = bad_rows(tmp_path, "q.jsonl", [{**good, "choices": ["otter"] * 27}])
+        extra = ["--format", "mmlu"]
+    elif case == "not-a-causal-lm":
+        questions = bad_rows(tmp_path, "q.jsonl", [good])
+        model = tmp_path / "bert"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        model = str(model)
+    elif case == "missing-file":
+        questions = str(tmp_path / "absent.jsonl")
+    argv = ["eval", "--model", model] + ([] if case == "no-questions" else ["--questions", questions]) + extra
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (case, out, err)
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    if case not in ("not-a-causal-lm", "no-questions"):
+        assert "q.jsonl" in lines[0] or "absent.jsonl" in lines[0], lines[0]
