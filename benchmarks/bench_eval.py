@@ -47,6 +47,21 @@ def benchmark_questions(n: int, seed: int = 0):
     return out[:n]
 
 
+def bpe_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unlearn_kernels.data import entangled
+    from unlearn_kernels.models import tiny
+
+    bench = entangled.generate(0.25)
+    tokenizer = tiny.build_bpe_tokenizer(bench.corpus() + [q.question for q in bench.questions(bench.facts)])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
 def main() -> None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -64,12 +79,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bpe", action="store_true",
+                        help="a random 4-layer Llama with a byte-level BPE tokenizer (multi-token choices) "
+                             "instead of --model")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both engines)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     questions = benchmark_questions(args.questions)
-    model, tokenizer = load_local(args.model, getattr(torch, args.dtype))
+    if args.bpe:
+        model, tokenizer = bpe_model()
+        args.model = "random Llama, byte-level BPE"
+    else:
+        model, tokenizer = load_local(args.model, getattr(torch, args.dtype))
     model.to(args.device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device=args.device, batch_size=args.batch_size)
     pairs = [(r.context, c) for r in build_requests(tokenizer, questions, args.format) for c in r.continuations]

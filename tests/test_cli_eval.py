@@ -125,3 +125,14 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, case):
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
     if case not in ("not-a-causal-lm", "no-questions"):
         assert "q.jsonl" in lines[0] or "absent.jsonl" in lines[0], lines[0]
+
+
+def test_unlearn_on_question_answer_pairs(capsys, tmp_path):
+    rows = [{"question": "what is the toxin of filopi ?", "answer": "kelbane"}] * 8
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run(capsys, "unlearn", "--model", MODEL, "--method", "GradAscent", "--forget",
+                         str(tmp_path / "qa.jsonl"), "--retain", str(tmp_path / "qa.jsonl"), "--qa",
+                         "--out", str(tmp_path / "out"), "--set", "steps=2", "--set", "progress=false")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["data"]["forget"]["kind"] == "qa" and report["data"]["forget"]["n"] == 8

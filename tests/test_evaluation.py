@@ -77,8 +77,10 @@ def test_shared_context_equals_full_forwards(shipped, family, format):
     qs = multi_token_questions() + bench_questions(12)
     requests = build_requests(tokenizer, qs, format)
     assert any(len(c) > 1 for r in requests for c in r.continuation_ids) or format == "mmlu"
-    shared = score_requests(model, tokenizer, requests, batch_size=7, share_context=True)
-    full = score_requests(model, tokenizer, requests, batch_size=7, share_context=False)
+    stats, none = {}, {}
+    shared = score_requests(model, tokenizer, requests, batch_size=7, share_context=True, stats=stats)
+    full = score_requests(model, tokenizer, requests, batch_size=7, share_context=False, stats=none)
+    assert stats["shared_batches"] == stats["batches"] > 1 and none["shared_batches"] == 0
     for a, b in zip(shared, full):
         assert a == pytest.approx(b, abs=2e-5)
 

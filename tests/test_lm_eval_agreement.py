@@ -32,33 +32,27 @@ SUBJECT = "fictional toxicology"
 
 
 def questions():
-    """Forget and retain questions of the benchmark, 24 of each."""
+    """Forget and retain questions of the benchmark, 24 of each, and two longer than every
+    model's context (lm-eval truncates them on the left)."""
     bench = entangled.generate(0.25)
-    return bench.questions(bench.forget_facts())[:24] + bench.questions(bench.retain_facts())[:24]
+    forget, retain = bench.questions(bench.forget_facts())[:24], bench.questions(bench.retain_facts())[:24]
+    story = " ".join(entangled.sentences(bench.facts[0]) * 8)
+    long = [type(q)(story + " " + q.question, q.choices, q.answer, q.fact) for q in (forget[0], retain[0])]
+    return forget + retain + long
 
 
 def bpe_model_dir(folder: Path, with_bos: bool) -> Path:
     """A random 2-layer Llama with a byte-level BPE tokenizer trained on the benchmark text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     bench = entangled.generate(0.25)
-    text = bench.corpus() + [q.question for q in bench.questions(bench.facts)]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bos = core.token_to_id("<bos>")
-    if with_bos:
-        core.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
-                                                            special_tokens=[("<bos>", bos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                        eos_token="<eos>")
+    tokenizer = tiny.build_bpe_tokenizer(bench.corpus() + [q.question for q in bench.questions(bench.facts)],
+                                         with_bos=with_bos)
     torch.manual_seed(1)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=bos, eos_token_id=core.token_to_id("<eos>"))
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     out = folder / ("bpe-bos" if with_bos else "bpe")
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

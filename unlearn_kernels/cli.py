@@ -111,15 +111,14 @@ def _load_run_config(args) -> dict:
 
 
 def _unlearn(args) -> int:
-    from .data.loaders import read_texts
     from .methods import registry
     from .models.io import load_local, save_pretrained_atomic
 
     config = _load_run_config(args)
     if config["method"] not in registry:
         raise SystemExit(f"unknown method {config['method']!r}; choose from {sorted(registry)}")
-    forget = [t for f in _as_list(config["forget"]) for t in read_texts(f)]
-    retain = [t for f in _as_list(config["retain"]) for t in read_texts(f)]
+    forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
+    retain = [t for f in _as_list(config["retain"]) for t in _training_data(f, args)]
     model, tokenizer = load_local(config["model"])
     method = registry[config["method"]](model, tokenizer, **config["settings"])
     method.fit(forget, retain)
@@ -128,6 +127,16 @@ def _unlearn(args) -> int:
                            method.saved_masks())
     print(f"saved the unlearned model and report.json to {config['out']}")
     return 0
+
+
+def _training_data(path, args) -> list:
+    """Texts (``--text-field``), or question/answer pairs with ``--qa`` (the loss-based methods
+    then put their loss on the answer tokens only)."""
+    from .data.loaders import read_qa_pairs, read_texts
+
+    if args.qa:
+        return read_qa_pairs(path, args.question_field, args.answer_field)
+    return read_texts(path, args.text_field)
 
 
 def _as_list(value) -> list:
@@ -299,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     unlearn.add_argument("--forget", nargs="+", help=".txt (a text per line) or .jsonl ('text') files")
     unlearn.add_argument("--retain", nargs="+", help="same formats as --forget")
     unlearn.add_argument("--out", help="output directory (written atomically)")
+    unlearn.add_argument("--text-field", default="text", help="column holding the text in data files")
+    unlearn.add_argument("--qa", action="store_true",
+                         help="data files hold question/answer pairs (TOFU style): loss on the answer tokens")
+    unlearn.add_argument("--question-field", default="question")
+    unlearn.add_argument("--answer-field", default="answer")
     unlearn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method setting")
     unlearn.set_defaults(func=_unlearn)
     evaluate = sub.add_parser("eval", help="multiple-choice accuracy (lm-eval's protocol) and membership inference")
@@ -306,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--questions", action="extend", nargs="+", default=[],
                           help="question/choices/answer files (jsonl, json, csv, parquet, save_to_disk folder)")
     evaluate.add_argument("--subject", help="mmlu format: '... questions (with answers) about SUBJECT.'")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="scored sequences per forward")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="questions per forward (their choices share it)")
     evaluate.add_argument("--limit", type=int, help="first N questions of each file")
     evaluate.add_argument("--json", help="write lm-eval-style results JSON here ('-': print only the JSON)")
     evaluate.add_argument("--log-samples", metavar="PATH", help="per-question log-likelihoods as jsonl")

@@ -24,8 +24,9 @@ lm-eval's ``mean_stderr``. The rules lm-eval's ``HFLM`` applies, reproduced here
   with ``L`` the model's maximum length (``n_positions``, ``max_position_embeddings`` or
   ``n_ctx`` of the config, else the tokenizer's ``model_max_length``, else 2048).
 
-Speed without changing a number: questions are length-sorted and batched (padding on the
-right, one forward per batch, on the model's device and dtype); the choices of a question
+Speed without changing a number: all strings are tokenised in one batched call; questions are
+length-sorted and batched, ``batch_size`` questions per batch (padding on the right, on the
+model's device and dtype); the choices of a question
 share one forward of their context (its key/value cache is copied to each choice and the
 choices' tokens run after it with explicit positions), and the first continuation token of
 every choice is read from that same context forward, so single-token choices (the ``mmlu``
@@ -107,20 +108,55 @@ class Request:
     continuation_ids: list[list[int]]
 
 
+def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """:func:`encode` of every text, in one batched tokenizer call per special-token setting."""
+    prefix = prefix_token_id(tokenizer)
+    marker = tokenizer.decode(prefix) if prefix is not None else None
+    plain = [i for i, t in enumerate(texts) if marker is None or not t.startswith(marker)]
+    out: list[list[int] | None] = [None] * len(texts)
+    # A fast tokenizer's Rust core gives the same ids without building Python encodings, as
+    # long as no truncation or padding is configured on it.
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and (backend.truncation is not None or backend.padding is not None):
+        backend = None
+    for indices, special in ((plain, True), (sorted(set(range(len(texts))) - set(plain)), False)):
+        if not indices:
+            continue
+        batch = [texts[i] for i in indices]
+        if backend is not None:
+            ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=special)]
+        else:
+            ids = tokenizer(batch, add_special_tokens=special)["input_ids"]
+        for i, row in zip(indices, ids):
+            out[i] = list(row)
+    return out
+
+
 def build_requests(tokenizer, questions: Sequence, format: str = "cloze", subject: str | None = None) -> list[Request]:
     """Context, continuations and their token ids for every question (``subject`` is used by
-    ``mmlu``; a question's own ``subject`` attribute wins over it)."""
+    ``mmlu``; a question's own ``subject`` attribute wins over it). Same ids as
+    :func:`encode_pair` on each (context, continuation), with the context encoded once."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    out = []
-    for i, q in enumerate(questions):
+    prompts, texts = [], []
+    for q in questions:
         ctx, conts, norms = request(q.question, list(q.choices), format, getattr(q, "subject", None) or subject)
-        pairs = [encode_pair(tokenizer, ctx, c) for c in conts]
-        context_ids = pairs[0][0]
-        for (ids, cont), c in zip(pairs, conts):
+        if not ctx:
+            raise ValueError("the context is empty: every prompt format gives a non-empty context")
+        n_spaces = len(ctx) - len(ctx.rstrip())
+        head, moved = (ctx[:-n_spaces], ctx[-n_spaces:]) if n_spaces else (ctx, "")
+        prompts.append((ctx, conts, norms))
+        texts += [head] + [head + moved + c for c in conts]
+    ids = encode_many(tokenizer, texts)
+    out, k = [], 0
+    for i, (ctx, conts, norms) in enumerate(prompts):
+        context_ids = ids[k]
+        continuation_ids = [whole[len(context_ids):] for whole in ids[k + 1:k + 1 + len(conts)]]
+        k += 1 + len(conts)
+        for c, cont in zip(conts, continuation_ids):
             if not cont:
                 raise ValueError(f"question {i}: continuation {c!r} encodes to no token after the context")
-        out.append(Request(i, ctx, conts, norms, context_ids, [cont for _, cont in pairs]))
+        out.append(Request(i, ctx, conts, norms, context_ids, continuation_ids))
     return out
 
 
@@ -150,8 +186,12 @@ class _Scorer:
         self.device = next(model.parameters()).device
         self.limit = max_length(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.share = _accepts(model, "position_ids") and _accepts(model, "past_key_values")
+        # the key/value cache argument is ``cache`` from transformers 5.2x, ``past_key_values`` before
+        self.cache_arg = next((n for n in ("cache", "past_key_values") if _accepts(model, n)), None)
+        self.share = _accepts(model, "position_ids") and self.cache_arg is not None
         self.checked = False
+        self.shared_batches = 0
+        self.keep_logits = _accepts(model, "logits_to_keep")  # the LM head only where it is read
 
     def full(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         """lm-eval's computation: one row ``(ctx + cont)[-(L+1):][:-1]`` per pair."""
@@ -170,21 +210,26 @@ class _Scorer:
         its first token's log-prob there, and the rest of its tokens run after a copy of it."""
         lengths = [len(r.context_ids) for r in batch]
         ids, mask = _pad([r.context_ids for r in batch], self.pad, self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
-        last = torch.tensor(lengths, device=self.device) - 1
+        keep = sorted(set(n - 1 for n in lengths))
+        extra = {"logits_to_keep": torch.tensor(keep, device=self.device)} if self.keep_logits else {}
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+        column = {p: (keep.index(p) if self.keep_logits else p) for p in keep}
+        last = torch.tensor([column[n - 1] for n in lengths], device=self.device)
         first = F.log_softmax(out.logits[torch.arange(len(batch), device=self.device), last].float(), dim=-1)
         scores = [[float(first[i, cont[0]]) for cont in r.continuation_ids] for i, r in enumerate(batch)]
         tails = [(i, j, cont) for i, r in enumerate(batch) for j, cont in enumerate(r.continuation_ids)
                  if len(cont) > 1]
         if not tails:
             return scores
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None:
+            raise TypeError("the model returned no key/value cache")
         rows = torch.tensor([i for i, _, _ in tails], device=self.device)
         cache.reorder_cache(rows)
         tail_ids, tail_mask = _pad([cont[:-1] for _, _, cont in tails], self.pad, self.device)
         positions = rows.new_tensor(lengths)[rows][:, None] + torch.arange(tail_ids.shape[1], device=self.device)
         logits = self.model(input_ids=tail_ids, attention_mask=torch.cat([mask[rows], tail_mask], 1),
-                            position_ids=positions, past_key_values=cache, use_cache=False).logits
+                            position_ids=positions, use_cache=False, **{self.cache_arg: cache}).logits
         for k, (i, j, cont) in enumerate(tails):
             logp = F.log_softmax(logits[k, :len(cont) - 1].float(), dim=-1)
             scores[i][j] += float(logp.gather(-1, torch.tensor(cont[1:], device=self.device)[:, None]).sum())
@@ -200,6 +245,7 @@ class _Scorer:
                               "scoring every choice with its own forward", stacklevel=3)
                 self.share = False
             else:
+                self.shared_batches += 1
                 if self.checked:
                     return scores
                 reference = self._full_batch(batch)
@@ -223,22 +269,17 @@ class _Scorer:
 
 
 def _batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
-    """Length-sorted (longest first, as lm-eval), at most ``batch_size`` scored sequences each."""
+    """Length-sorted (longest first, as lm-eval), ``batch_size`` questions each."""
     order = sorted(requests, key=lambda r: -(len(r.context_ids) + max(map(len, r.continuation_ids))))
-    batches, current, size = [], [], 0
-    for r in order:
-        if current and size + len(r.continuation_ids) > batch_size:
-            batches.append(current)
-            current, size = [], 0
-        current.append(r)
-        size += len(r.continuation_ids)
-    return batches + ([current] if current else [])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
 def score_requests(model, tokenizer, requests: list[Request], batch_size: int = 16,
-                   progress: bool | None = None, share_context: bool = True) -> list[list[float]]:
-    """``ℓ_i`` for every continuation of every request, in request order."""
+                   progress: bool | None = None, share_context: bool = True,
+                   stats: dict | None = None) -> list[list[float]]:
+    """``ℓ_i`` for every continuation of every request, in request order; ``stats``, when given,
+    receives how many batches ran and how many of them shared their context."""
     from tqdm import tqdm
 
     if batch_size < 1:
@@ -257,6 +298,8 @@ def score_requests(model, tokenizer, requests: list[Request], batch_size: int = 
                 results[r.index] = s
     finally:
         model.train(was_training)
+    if stats is not None:
+        stats.update(batches=len(batches), shared_batches=scorer.shared_batches)
     return [results[r.index] for r in requests]
 
 
@@ -286,7 +329,8 @@ def evaluate_multiple_choice(model, tokenizer, questions: Sequence, *, format: s
                              subject: str | None = None, batch_size: int = 16, limit: int | None = None,
                              progress: bool | None = None, return_details: bool = False,
                              share_context: bool = True) -> dict:
-    """Every metric in one pass: ``{"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
+    """Every metric in one pass (``batch_size`` questions per forward, their choices sharing
+    it): ``{"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
     "format"}`` and, with ``return_details``, ``"samples"``: per question its context,
     continuations, log-likelihoods and correctness (compare with lm-eval's ``--log_samples``).
 

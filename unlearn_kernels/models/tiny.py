@@ -31,6 +31,24 @@ def build_tokenizer(words: list[str]):
                                    bos_token="<bos>", eos_token="<eos>")
 
 
+def build_bpe_tokenizer(texts: list[str], vocab_size: int = 400, with_bos: bool = False):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on ``texts``; with ``with_bos`` its
+    post-processor prepends ``<bos>`` as Llama's does. Specials: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                        special_tokens=["<pad>", "<bos>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if with_bos:
+        core.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                            special_tokens=[("<bos>", core.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
 def build_model(vocab_size: int, hidden: int = 128, layers: int = 4, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
