@@ -16,3 +16,8 @@ python -m pytest -q -x tests 2>&1 | tail -30 | tee "$out/tests.log"
 for bench in bench_ops bench_low_rank bench_simu_scores bench_sophia; do
   python "benchmarks/$bench.py" 2>&1 | tee "$out/$bench.md"
 done
+# The evaluator against lm-eval (only where the image has lm-eval installed).
+if python -c "import lm_eval" 2>/dev/null; then
+  timeout 180 python benchmarks/bench_eval.py --bpe --device cuda --dtype bfloat16 --threads 16 2>&1 \
+    | tail -8 | tee "$out/bench_eval.md"
+fi

@@ -136,3 +136,21 @@ def test_unlearn_on_question_answer_pairs(capsys, tmp_path):
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["data"]["forget"]["kind"] == "qa" and report["data"]["forget"]["n"] == 8
+
+
+def test_readme_evaluation_example_runs(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Evaluating a model")[1].split("```python\n")[1].split("```")[0]
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("1.0 ") and "loss" in printed[-1]
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    from unlearn_kernels.eval import multiple_choice
+
+    assert doctest.testmod(multiple_choice, raise_on_error=True).attempted >= 1

@@ -27,10 +27,10 @@ lm-eval's ``mean_stderr``. The rules lm-eval's ``HFLM`` applies, reproduced here
 Speed without changing a number: all strings are tokenised in one batched call; questions are
 length-sorted and batched, ``batch_size`` questions per batch (padding on the right, on the
 model's device and dtype); the choices of a question
-share one forward of their context (its key/value cache is copied to each choice and the
-choices' tokens run after it with explicit positions), and the first continuation token of
-every choice is read from that same context forward, so single-token choices (the ``mmlu``
-letters) cost no second forward. The first shared batch is checked against a plain full
+share one forward of their context (extended by the tokens all choices start with; its
+key/value cache is copied to each choice and the choices' remaining tokens run after it with
+explicit positions), and the first own token of every choice is read from that same forward,
+so choices that differ only in their last token (the ``mmlu`` letters) cost no second forward. The first shared batch is checked against a plain full
 forward; a model whose cache cannot be shared this way falls back to the full forwards.
 ``bfloat16``/``float16`` models run in their dtype; log-probabilities are taken in fp32
 (lm-eval takes them in the model's dtype, so its low-precision numbers are slightly noisier).
@@ -168,6 +168,18 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
+def _common_prefix(continuations: list[list[int]]) -> list[int]:
+    """The tokens every continuation starts with, leaving each at least one of its own."""
+    limit = min(map(len, continuations)) - 1
+    prefix = []
+    for t in range(limit):
+        token = continuations[0][t]
+        if any(c[t] != token for c in continuations):
+            break
+        prefix.append(token)
+    return prefix
+
+
 def _pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, max(map(len, rows)))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -196,8 +208,10 @@ class _Scorer:
     def full(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         """lm-eval's computation: one row ``(ctx + cont)[-(L+1):][:-1]`` per pair."""
         rows = [(c + x)[-(self.limit + 1):][:-1] for c, x in pairs]
-        ids, mask = _pad(rows, self.pad, self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        ids, _ = _pad(rows, self.pad, self.device)
+        # Padding is on the right and attention causal, so it never reaches a scored position:
+        # no mask, as lm-eval (and attention keeps its causal fast path).
+        logits = self.model(input_ids=ids, use_cache=False).logits
         out = []
         for i, ((_, cont), row) in enumerate(zip(pairs, rows)):
             positions = torch.arange(len(row) - len(cont), len(row), device=self.device)
@@ -206,19 +220,30 @@ class _Scorer:
         return out
 
     def shared(self, batch: list[Request]) -> list[list[float]]:
-        """One forward of the contexts (padded on the right) keeps their cache; each choice reads
-        its first token's log-prob there, and the rest of its tokens run after a copy of it."""
-        lengths = [len(r.context_ids) for r in batch]
-        ids, mask = _pad([r.context_ids for r in batch], self.pad, self.device)
-        keep = sorted(set(n - 1 for n in lengths))
+        """One forward of the contexts, extended by the tokens that all choices of the question
+        start with (padded on the right), keeps their cache; each choice reads its first own
+        token's log-prob there, and the rest of its tokens run after a copy of that cache."""
+        prefixes = [_common_prefix(r.continuation_ids) for r in batch]
+        heads = [r.context_ids + p for r, p in zip(batch, prefixes)]
+        lengths = [len(h) for h in heads]
+        ids, mask = _pad(heads, self.pad, self.device)
+        needed = [range(len(r.context_ids) - 1, n) for r, n in zip(batch, lengths)]
+        keep = sorted({p for span in needed for p in span})
         extra = {"logits_to_keep": torch.tensor(keep, device=self.device)} if self.keep_logits else {}
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
-        column = {p: (keep.index(p) if self.keep_logits else p) for p in keep}
-        last = torch.tensor([column[n - 1] for n in lengths], device=self.device)
-        first = F.log_softmax(out.logits[torch.arange(len(batch), device=self.device), last].float(), dim=-1)
-        scores = [[float(first[i, cont[0]]) for cont in r.continuation_ids] for i, r in enumerate(batch)]
-        tails = [(i, j, cont) for i, r in enumerate(batch) for j, cont in enumerate(r.continuation_ids)
-                 if len(cont) > 1]
+        out = self.model(input_ids=ids, use_cache=True, **extra)  # right padding: no mask needed here
+        column = {p: (k if self.keep_logits else p) for k, p in enumerate(keep)}
+        rows_of = [i for i, span in enumerate(needed) for _ in span]
+        cols_of = [column[p] for span in needed for p in span]
+        logp = F.log_softmax(out.logits[torch.tensor(rows_of, device=self.device),
+                                        torch.tensor(cols_of, device=self.device)].float(), dim=-1)
+        scores, k = [], 0
+        for r, prefix in zip(batch, prefixes):
+            shared = sum(float(logp[k + t, tok]) for t, tok in enumerate(prefix))
+            first = logp[k + len(prefix)]
+            scores.append([shared + float(first[cont[len(prefix)]]) for cont in r.continuation_ids])
+            k += len(prefix) + 1
+        tails = [(i, j, cont[len(prefixes[i]):]) for i, r in enumerate(batch)
+                 for j, cont in enumerate(r.continuation_ids) if len(cont) > len(prefixes[i]) + 1]
         if not tails:
             return scores
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -226,13 +251,13 @@ class _Scorer:
             raise TypeError("the model returned no key/value cache")
         rows = torch.tensor([i for i, _, _ in tails], device=self.device)
         cache.reorder_cache(rows)
-        tail_ids, tail_mask = _pad([cont[:-1] for _, _, cont in tails], self.pad, self.device)
+        tail_ids, tail_mask = _pad([rest[:-1] for _, _, rest in tails], self.pad, self.device)
         positions = rows.new_tensor(lengths)[rows][:, None] + torch.arange(tail_ids.shape[1], device=self.device)
         logits = self.model(input_ids=tail_ids, attention_mask=torch.cat([mask[rows], tail_mask], 1),
                             position_ids=positions, use_cache=False, **{self.cache_arg: cache}).logits
-        for k, (i, j, cont) in enumerate(tails):
-            logp = F.log_softmax(logits[k, :len(cont) - 1].float(), dim=-1)
-            scores[i][j] += float(logp.gather(-1, torch.tensor(cont[1:], device=self.device)[:, None]).sum())
+        for k, (i, j, rest) in enumerate(tails):
+            lp = F.log_softmax(logits[k, :len(rest) - 1].float(), dim=-1)
+            scores[i][j] += float(lp.gather(-1, torch.tensor(rest[1:], device=self.device)[:, None]).sum())
         return scores
 
     def score(self, batch: list[Request]) -> list[list[float]]:
