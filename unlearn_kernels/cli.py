@@ -26,7 +26,7 @@ import torch
 
 # Errors in what the user gave (files, settings, devices): one line on stderr and exit code 2;
 # UNLEARN_KERNELS_TRACEBACK=1 shows the traceback instead.
-USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 def _info(_args) -> int:
@@ -114,19 +114,40 @@ def _unlearn(args) -> int:
     from .methods import registry
     from .models.io import load_local, save_pretrained_atomic
 
+    from .models.output_dir import check_output_path, weights_size
+
     config = _load_run_config(args)
     if config["method"] not in registry:
         raise SystemExit(f"unknown method {config['method']!r}; choose from {sorted(registry)}")
+    inputs = [config["model"], *_as_list(config["forget"]), *_as_list(config["retain"])]
+    inputs += [args.config] if args.config else []
+    check_output_path(config["out"], inputs, overwrite=args.overwrite, needed_bytes=weights_size(config["model"]))
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
     retain = [t for f in _as_list(config["retain"]) for t in _training_data(f, args)]
+    method_config = _method_config(registry[config["method"]], config["settings"])
     model, tokenizer = load_local(config["model"])
-    method = registry[config["method"]](model, tokenizer, **config["settings"])
+    method = registry[config["method"]](model, tokenizer, config=method_config)
     method.fit(forget, retain)
     report = {**method.report(), "source_model": str(config["model"])}
     save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
                            method.saved_masks())
     print(f"saved the unlearned model and report.json to {config['out']}")
     return 0
+
+
+def _method_config(method_class, settings: dict):
+    """The method's config with ``settings`` applied, checked before the model is loaded."""
+    import dataclasses
+
+    from .methods.base import check_finite_config
+
+    fields = [f.name for f in dataclasses.fields(method_class.config_class)]
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"{method_class.name} has no setting {', '.join(unknown)}; its settings: {', '.join(fields)}")
+    config = dataclasses.replace(method_class.config_class(), **settings)
+    check_finite_config(config)
+    return config
 
 
 def _training_data(path, args) -> list:
@@ -308,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     unlearn.add_argument("--forget", nargs="+", help=".txt (a text per line) or .jsonl ('text') files")
     unlearn.add_argument("--retain", nargs="+", help="same formats as --forget")
     unlearn.add_argument("--out", help="output directory (written atomically)")
+    unlearn.add_argument("--overwrite", action="store_true",
+                         help="replace --out when it holds a previous output of unlearn_kernels")
     unlearn.add_argument("--text-field", default="text", help="column holding the text in data files")
     unlearn.add_argument("--qa", action="store_true",
                          help="data files hold question/answer pairs (TOFU style): loss on the answer tokens")
@@ -346,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except FloatingPointError as error:   # a run that diverged: nothing was written
+        if os.environ.get("UNLEARN_KERNELS_TRACEBACK"):
+            raise
+        print(f"unlearn-kernels {args.command}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
     except USER_ERRORS as error:
         if os.environ.get("UNLEARN_KERNELS_TRACEBACK"):
             raise

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import time
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +37,31 @@ from ..data.loaders import QAPair
 from ..models.layers import check_layer, parameters_matching
 
 MODEL_KEYS = ("input_ids", "attention_mask")
+REPORT_SCHEMA = 1
+PROJECTIONS_FILE = "unlearn_projections.safetensors"
+MASKS_FILE = "unlearn_masks.safetensors"
+
+
+def _versions() -> dict:
+    import transformers
+
+    import unlearn_kernels
+
+    return {"unlearn_kernels": unlearn_kernels.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def _git_commit() -> str | None:
+    """The commit of the package's source checkout, when it is one."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 @dataclass
@@ -136,6 +163,32 @@ def collate_qa(tokenizer, rows: list[tuple[list[int], list[int]]], device) -> di
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss term or an updated weight stopped being finite: the run is aborted, nothing saved."""
+
+
+def check_finite(method: str, step: int, losses: dict[str, torch.Tensor], params=()) -> None:
+    """NonFiniteError naming the step and the loss term (or parameter) that is not finite."""
+    for name, value in losses.items():
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise NonFiniteError(f"{method}: loss term {name!r} is {float(value.detach())} at step {step}; "
+                                 "aborting without saving (lower lr or steering?)")
+    for name, p in (params.items() if isinstance(params, dict) else enumerate(params)):
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise NonFiniteError(f"{method}: parameter {name} has non-finite values after step {step}; "
+                                 "aborting without saving")
+
+
+def check_finite_config(config) -> None:
+    """ValueError naming the first config field holding a non-finite number."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"setting {f.name}={value!r} is not a finite number")
+
+
 class UnlearningMethod:
     """Base class: parameter selection, batching, the training loop and the report."""
 
@@ -153,6 +206,7 @@ class UnlearningMethod:
 
     def check_config(self) -> None:
         """Raise ValueError on a config that cannot run (before any work)."""
+        check_finite_config(self.config)
         if self.config.lr <= 0 or self.config.batch_size < 1 or self.config.steps < 0:
             raise ValueError(f"{self.name}: lr must be > 0, batch_size >= 1 and steps >= 0 (got {self.config})")
         if hasattr(self.config, "layer"):
@@ -200,6 +254,7 @@ class UnlearningMethod:
         if not retain and self.needs_retain:
             raise ValueError(f"{self.name}: the retain set is empty")
         self._record_data(forget, retain)
+        self._start_run()
         torch.manual_seed(self.config.seed)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -214,18 +269,46 @@ class UnlearningMethod:
         bar = tqdm(range(steps), desc=self.name, disable=not self.config.progress, leave=False)
         for step in bar:
             losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
+            check_finite(self.name, step, losses)
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.before_step()
             optimizer.step()
+            check_finite(self.name, step, {}, self.params)
             record = {k: float(v.detach()) for k, v in losses.items()}
             self.history.append({"step": step, **record})
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()})
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._finish_run()
         return self
+
+    # --- what a run did ------------------------------------------------------------------
+    def _start_run(self) -> None:
+        """Host copies of the selected weights (to report what really changed), the clock and
+        the peak-memory counters."""
+        self._originals = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        self._started = time.perf_counter()
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _finish_run(self) -> None:
+        import resource
+
+        device = next(self.model.parameters()).device
+        originals = getattr(self, "_originals", {})
+        self.changes = {n: float((p.detach().cpu().float() - originals[n].float()).abs().max())
+                        for n, p in self.params.items() if n in originals and p.numel()}
+        peak = {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if device.type == "cuda":
+            peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        self.run_info = {"wall_time_s": time.perf_counter() - getattr(self, "_started", time.perf_counter()),
+                         "peak_memory": peak, "device": str(device),
+                         "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
+        self._originals = {}
 
     def _record_data(self, forget: list, retain: list) -> None:
         """Check the data (ValueError on a mixed list) and record its size and fingerprint."""
@@ -258,6 +341,15 @@ class UnlearningMethod:
         raise NotImplementedError
 
     def report(self) -> dict:
-        return {"method": self.name, "config": dataclasses.asdict(self.config),
-                "updated_parameters": sorted(self.params), "data": self.data,
-                "final_losses": self.history[-1] if self.history else None}
+        import unlearn_kernels
+
+        changes = getattr(self, "changes", {})
+        needs = ([PROJECTIONS_FILE] if self.projections() else []) + ([MASKS_FILE] if self.saved_masks() else [])
+        return {"unlearn_kernels": {"version": unlearn_kernels.__version__, "report_schema": REPORT_SCHEMA,
+                                    "git_commit": _git_commit()},
+                "method": self.name, "config": dataclasses.asdict(self.config),
+                "updated_parameters": {n: {"max_abs_delta": d} for n, d in sorted(changes.items()) if d > 0},
+                "selected_but_unchanged": sorted(n for n, d in changes.items() if d == 0),
+                "needs": needs, "data": self.data, "history": self.history,
+                "final_losses": self.history[-1] if self.history else None,
+                **getattr(self, "run_info", {}), "versions": _versions()}

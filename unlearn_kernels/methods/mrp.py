@@ -28,7 +28,7 @@ import torch
 
 from ..models.layers import check_layer, decoder_layers, layer_output
 from ..ops import forget_basis, grow_basis, masked_gram, projection_hook
-from .base import MethodConfig, UnlearningMethod
+from .base import MethodConfig, UnlearningMethod, check_finite
 from .loss_based import nll
 
 
@@ -82,6 +82,7 @@ class MRP(UnlearningMethod):
         if not forget or not retain:
             raise ValueError(f"{self.name}: the forget and retain sets must both be non-empty")
         self._record_data(forget, retain)
+        self._start_run()
         self.model.eval()
         self.gram_retain = self.gram(retain, 1)
         basis = forget_basis(self.gram(forget, 0), self.gram_retain, self.config.rank,
@@ -89,6 +90,7 @@ class MRP(UnlearningMethod):
         self._attach(basis)
         if self.config.train_steps:
             self._train_basis(forget, retain)
+        self._finish_run()
         return self
 
     def add_request(self, forget: list[str], retain: list[str] | None = None) -> "MRP":
@@ -113,9 +115,11 @@ class MRP(UnlearningMethod):
                          leave=False):
             losses = {"forget": -nll(self.model, next(forget_batches)),
                       "retain": self.config.retain_weight * nll(self.model, next(retain_batches))}
+            check_finite(self.name, step, losses)
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
+            check_finite(self.name, step, {}, {"basis": basis})
             with torch.no_grad():
                 q, r = torch.linalg.qr(basis)
                 basis.copy_(q * torch.sign(torch.diagonal(r)))
