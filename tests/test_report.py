@@ -35,3 +35,30 @@ def test_mrp_report_names_the_projection_it_needs_and_no_weight():
     method.fit(bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts()))
     report = method.report()
     assert report["updated_parameters"] == {} and report["needs"] == ["unlearn_projections.safetensors"]
+
+
+def test_cli_report_holds_before_after_accuracy_relearning_and_a_plot(tmp_path, capsys):
+    import json
+
+    from unlearn_kernels import cli
+    from unlearn_kernels.data.loaders import write_jsonl
+
+    bench = entangled.generate(0.25)
+    facts = bench.forget_facts()
+    (tmp_path / "forget.txt").write_text("\n".join(bench.corpus(facts)))
+    (tmp_path / "retain.txt").write_text("\n".join(bench.corpus(bench.retain_facts())))
+    (tmp_path / "attack.txt").write_text("\n".join(bench.corpus(facts[::2])))
+    write_jsonl(tmp_path / "f.jsonl", [q.to_json() for q in bench.questions(facts[1::2])])
+    write_jsonl(tmp_path / "r.jsonl", [q.to_json() for q in bench.questions(bench.retain_facts()[:24])])
+    code = cli.main(["unlearn", "--model", str(tiny.ASSET_DIR), "--method", "GradDiff", "--forget",
+                     str(tmp_path / "forget.txt"), "--retain", str(tmp_path / "retain.txt"), "--out",
+                     str(tmp_path / "out"), "--set", "steps=20", "--set", "lr=1e-3", "--set", "progress=false",
+                     "--eval-forget", str(tmp_path / "f.jsonl"), "--eval-retain", str(tmp_path / "r.jsonl"),
+                     "--relearn", str(tmp_path / "attack.txt")])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    ev = report["evaluation"]
+    assert ev["before"]["forget"]["acc"] == 1.0 and ev["after"]["forget"]["acc"] < 1.0
+    assert set(ev["after"]) == {"forget", "retain"} and report["relearning"]["max_acc"] >= 0
+    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
+    assert "forget accuracy: 1.000 ->" in capsys.readouterr().out

@@ -111,9 +111,9 @@ def _load_run_config(args) -> dict:
 
 
 def _unlearn(args) -> int:
+    from .data.loaders import read_multiple_choice, read_texts
     from .methods import registry
-    from .models.io import load_local, save_pretrained_atomic
-
+    from .models.io import load_local, save_figure_atomic, save_pretrained_atomic
     from .models.output_dir import check_output_path, weights_size
 
     config = _load_run_config(args)
@@ -121,18 +121,71 @@ def _unlearn(args) -> int:
         raise SystemExit(f"unknown method {config['method']!r}; choose from {sorted(registry)}")
     inputs = [config["model"], *_as_list(config["forget"]), *_as_list(config["retain"])]
     inputs += [args.config] if args.config else []
+    inputs += [p for p in (args.eval_forget, args.eval_retain, args.relearn) if p]
+    if args.relearn and not args.eval_forget:
+        raise ValueError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
     check_output_path(config["out"], inputs, overwrite=args.overwrite, needed_bytes=weights_size(config["model"]))
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
     retain = [t for f in _as_list(config["retain"]) for t in _training_data(f, args)]
     method_config = _method_config(registry[config["method"]], config["settings"])
+    evals = {name: read_multiple_choice(path) for name, path in (("forget", args.eval_forget),
+                                                                  ("retain", args.eval_retain)) if path}
+    attack = read_texts(args.relearn, args.text_field) if args.relearn else None
     model, tokenizer = load_local(config["model"])
+    before = _accuracies(model, tokenizer, evals)
     method = registry[config["method"]](model, tokenizer, config=method_config)
     method.fit(forget, retain)
     report = {**method.report(), "source_model": str(config["model"])}
-    save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
-                           method.saved_masks())
-    print(f"saved the unlearned model and report.json to {config['out']}")
+    if evals:
+        report["evaluation"] = {"before": before, "after": _accuracies(method.model, tokenizer, evals),
+                                "protocol": "lm-eval 0.4.13 multiple choice, cloze format"}
+    if attack is not None:
+        from .eval.relearn import relearn_attack
+
+        result = relearn_attack(method.model, tokenizer, attack, evals["forget"])
+        report["relearning"] = {**result, "curves": {str(k): v for k, v in result["curves"].items()}}
+    out = save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
+                                 method.saved_masks())
+    save_figure_atomic(_report_figure(report), Path(out) / "report.png")
+    print(f"saved the unlearned model, report.json and report.png to {config['out']}")
+    for split, values in report.get("evaluation", {}).get("before", {}).items():
+        print(f"{split} accuracy: {values['acc']:.3f} -> {report['evaluation']['after'][split]['acc']:.3f}")
     return 0
+
+
+def _accuracies(model, tokenizer, evals: dict) -> dict:
+    from .eval.multiple_choice import evaluate_multiple_choice
+
+    return {name: {k: v for k, v in evaluate_multiple_choice(model, tokenizer, qs, progress=False).items()}
+            for name, qs in evals.items()}
+
+
+def _report_figure(report: dict):
+    """Loss curves, and before/after accuracy bars when there was an evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluation = report.get("evaluation")
+    fig, axes = plt.subplots(1, 2 if evaluation else 1, figsize=(11 if evaluation else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    history = report.get("history") or []
+    for term in sorted({k for h in history for k in h if k != "step"}):
+        ax.plot([h["step"] for h in history if term in h], [h[term] for h in history if term in h], label=term)
+    ax.set(xlabel="step", ylabel="loss", title=f"{report['method']}: loss terms")
+    if history:
+        ax.legend()
+    if evaluation:
+        bars = axes[0, 1]
+        names = list(evaluation["before"])
+        x = range(len(names))
+        bars.bar([i - 0.2 for i in x], [evaluation["before"][n]["acc"] for n in names], 0.4, label="before")
+        bars.bar([i + 0.2 for i in x], [evaluation["after"][n]["acc"] for n in names], 0.4, label="after")
+        bars.set(xticks=list(x), xticklabels=names, ylim=(0, 1.05), ylabel="accuracy", title="multiple choice")
+        bars.legend()
+    fig.tight_layout()
+    return fig
 
 
 def _method_config(method_class, settings: dict):
@@ -145,7 +198,23 @@ def _method_config(method_class, settings: dict):
     unknown = sorted(set(settings) - set(fields))
     if unknown:
         raise ValueError(f"{method_class.name} has no setting {', '.join(unknown)}; its settings: {', '.join(fields)}")
-    config = dataclasses.replace(method_class.config_class(), **settings)
+    defaults = method_class.config_class()
+    typed = {}
+    for key, value in settings.items():
+        default = getattr(defaults, key)
+        # YAML reads 5e-5 (no dot) as a string: numbers are converted by the field's type
+        if isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"setting {key} expects a number, got {value!r}") from None
+        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"setting {key} expects an integer, got {value!r}") from None
+        typed[key] = value
+    config = dataclasses.replace(defaults, **typed)
     check_finite_config(config)
     return config
 
@@ -329,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     unlearn.add_argument("--forget", nargs="+", help=".txt (a text per line) or .jsonl ('text') files")
     unlearn.add_argument("--retain", nargs="+", help="same formats as --forget")
     unlearn.add_argument("--out", help="output directory (written atomically)")
+    unlearn.add_argument("--eval-forget", help="questions file: accuracy before/after goes into the report")
+    unlearn.add_argument("--eval-retain", help="questions file: accuracy before/after goes into the report")
+    unlearn.add_argument("--relearn", help="attack texts: relearning attack on --eval-forget after unlearning")
     unlearn.add_argument("--overwrite", action="store_true",
                          help="replace --out when it holds a previous output of unlearn_kernels")
     unlearn.add_argument("--text-field", default="text", help="column holding the text in data files")
