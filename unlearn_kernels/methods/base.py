@@ -245,9 +245,19 @@ class UnlearningMethod:
         return self.config.steps or -(-len(forget) // self.config.batch_size)
 
     # --- the loop --------------------------------------------------------------------------
-    def fit(self, forget: list, retain: list) -> "UnlearningMethod":
-        """Unlearn ``forget`` (strings or QA pairs) while keeping ``retain``."""
+    def fit(self, forget: list, retain: list, *, checkpoint=None, resume: bool = False) -> "UnlearningMethod":
+        """Unlearn ``forget`` (strings or QA pairs) while keeping ``retain``.
+
+        ``checkpoint`` (a :class:`~unlearn_kernels.methods.checkpoint.Checkpointer`) writes
+        resumable checkpoints every ``checkpoint.every`` steps and on SIGINT/SIGTERM (then
+        raises ``RunInterrupted``); ``resume=True`` continues from its last checkpoint, on the
+        same original model, config and data, and ends bit for bit where an uninterrupted run
+        would."""
+        from contextlib import nullcontext
+
         from tqdm import tqdm
+
+        from .checkpoint import RunInterrupted
 
         if not forget:
             raise ValueError(f"{self.name}: the forget set is empty")
@@ -262,28 +272,55 @@ class UnlearningMethod:
             p.requires_grad_(True)
         self.model.train()
         self.setup(forget, retain)
-        self.optimizer = optimizer = self.make_optimizer()
+        self.optimizer = self.make_optimizer()
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
         steps = self.num_steps(forget)
-        bar = tqdm(range(steps), desc=self.name, disable=not self.config.progress, leave=False)
-        for step in bar:
-            losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
-            check_finite(self.name, step, losses)
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.before_step()
-            optimizer.step()
-            check_finite(self.name, step, {}, self.params)
-            record = {k: float(v.detach()) for k, v in losses.items()}
-            self.history.append({"step": step, **record})
-            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()})
+        start = 0
+        if resume:
+            if checkpoint is None:
+                raise ValueError(f"{self.name}: resume=True needs a checkpoint")
+            start = checkpoint.load(self) + 1
+            for _ in range(start):       # replay the batch order without running the steps
+                next(forget_batches)
+                if retain_batches is not None:
+                    next(retain_batches)
+        with checkpoint if checkpoint is not None else nullcontext():
+            bar = tqdm(range(start, steps), desc=self.name, disable=not self.config.progress, leave=False)
+            for step in bar:
+                self._step(step, forget_batches, retain_batches, bar)
+                if checkpoint is not None and checkpoint.due(step):
+                    checkpoint.save(self, step)
+                    if checkpoint.stop_requested:
+                        raise RunInterrupted(f"{self.name}: stopped after step {step}; checkpoint in "
+                                             f"{checkpoint.path} (resume to continue)")
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._finish_run()
         return self
+
+    def _step(self, step: int, forget_batches, retain_batches, bar) -> None:
+        """One optimisation step: loss, finiteness checks, backward, update, history."""
+        optimizer = self.optimizer
+        losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
+        check_finite(self.name, step, losses)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.before_step()
+        optimizer.step()
+        check_finite(self.name, step, {}, self.params)
+        record = {k: float(v.detach()) for k, v in losses.items()}
+        self.history.append({"step": step, **record})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()})
+
+    def extra_state(self) -> dict:
+        """JSON-able counters a checkpoint must carry besides weights and optimizer state."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state`."""
 
     # --- what a run did ------------------------------------------------------------------
     def _start_run(self) -> None:

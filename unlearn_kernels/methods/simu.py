@@ -59,6 +59,12 @@ class SOGradDiff(GradDiff):
             self.optimizer.update_hessian()
         self._steps += 1
 
+    def extra_state(self) -> dict:
+        return {"hessian_steps": self._steps}
+
+    def load_extra_state(self, state: dict) -> None:
+        self._steps = int(state["hessian_steps"])
+
 
 @dataclass
 class SIMUConfig(SOGradDiffConfig):

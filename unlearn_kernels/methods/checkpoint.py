@@ -1,0 +1,146 @@
+"""Checkpoints that make an unlearning run resumable bit for bit.
+
+A checkpoint folder holds, after step ``k``:
+
+- ``tensors.safetensors``: the updated weights (``param.<name>``), every tensor of the
+  optimizer state (``optim.<index>.<key>``) and the torch RNG state (``rng.cpu``, and
+  ``rng.cuda`` on a GPU);
+- ``state.json``: the step, the optimizer's non-tensor state and param groups, the method's
+  own counters (``extra_state``), the loss history, and the fingerprints of the config and
+  the data, which a resume must match.
+
+No pickle is written or read. Everything else a run needs is a deterministic function of
+the original model, the config and the data, and is rebuilt by ``setup`` exactly as in the
+first run (frozen copies, control vector, importance map, neuron masks); the batch order is
+replayed by drawing ``k + 1`` batches of each stream without running them. A checkpoint is
+written through a staging folder and an atomic swap (``models.output_dir``), so a kill
+during the write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+from pathlib import Path
+
+import torch
+
+STATE = "state.json"
+TENSORS = "tensors.safetensors"
+FORMAT = 1
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during a checkpointed run: a checkpoint was written, the run stopped."""
+
+
+def config_fingerprint(config) -> str:
+    """SHA-256 of the config fields that change the computation (progress bars do not)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    tensors, plain = {}, {}
+    for index, entry in state_dict["state"].items():
+        plain[str(index)] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain[str(index)][key] = value
+    return tensors, {"state": plain, "param_groups": state_dict["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict, structure: dict) -> dict:
+    state: dict = {int(i): dict(entry) for i, entry in structure["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if isinstance(g.get("betas"), list) else g
+              for g in structure["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+class Checkpointer:
+    """Writes a checkpoint every ``every`` steps (and on SIGINT/SIGTERM) to ``path``."""
+
+    def __init__(self, path: Path | str, every: int = 0):
+        if every < 0:
+            raise ValueError(f"checkpoint every must be >= 0 steps, got {every}")
+        self.path = Path(path)
+        self.every = every
+        self.stop_requested = False
+        self._previous = {}
+
+    # --- signals -------------------------------------------------------------------------
+    def __enter__(self) -> "Checkpointer":
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:      # not the main thread: no handlers, checkpoints still written
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def due(self, step: int) -> bool:
+        return self.stop_requested or (self.every > 0 and (step + 1) % self.every == 0)
+
+    # --- writing and reading ---------------------------------------------------------------
+    def save(self, method, step: int) -> Path:
+        from safetensors.torch import save_file
+
+        from ..models.output_dir import make_staging, swap_into_place
+
+        opt_tensors, opt_plain = _flatten_optimizer(method.optimizer.state_dict())
+        tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in method.params.items()}
+        tensors.update(opt_tensors)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        device = next(method.model.parameters()).device
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        state = {"format": FORMAT, "method": method.name, "step": step, "optimizer": opt_plain,
+                 "extra_state": method.extra_state(), "history": method.history,
+                 "config_sha256": config_fingerprint(method.config), "data": method.data}
+        staging = make_staging(self.path)
+        save_file(tensors, str(staging / TENSORS))
+        (staging / STATE).write_text(json.dumps(state, default=str))
+        swap_into_place(staging, self.path)
+        return self.path
+
+    def load(self, method) -> int:
+        """Restore a saved run into ``method`` (after its ``setup`` and optimizer); returns the
+        last completed step."""
+        from safetensors.torch import load_file
+
+        if not (self.path / STATE).is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.path}")
+        state = json.loads((self.path / STATE).read_text())
+        if state.get("format") != FORMAT or state.get("method") != method.name:
+            raise ValueError(f"--resume: {self.path} is not a {method.name} checkpoint of this version")
+        if state["config_sha256"] != config_fingerprint(method.config):
+            raise ValueError(f"--resume: {self.path} was written with other settings; rerun with the same ones")
+        if state["data"] != method.data:
+            raise ValueError(f"--resume: {self.path} was written for other forget/retain data")
+        tensors = load_file(str(self.path / TENSORS))
+        with torch.no_grad():
+            for name, p in method.params.items():
+                p.copy_(tensors[f"param.{name}"])
+        method.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        method.load_extra_state(state["extra_state"])
+        method.history = state["history"]
+        torch.set_rng_state(tensors["rng.cpu"])
+        device = next(method.model.parameters()).device
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        return int(state["step"])
