@@ -69,3 +69,46 @@ def test_resume_refuses_other_settings_or_data(tmp_path):
         again.fit(forget[1:], retain, checkpoint=Checkpointer(tmp_path / "c"), resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         again.fit(forget, retain, checkpoint=Checkpointer(tmp_path / "absent"), resume=True)
+
+
+def test_cli_killed_with_sigterm_then_resumed_equals_uninterrupted(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    forget, retain = data()
+    (tmp_path / "forget.txt").write_text("\n".join(forget))
+    (tmp_path / "retain.txt").write_text("\n".join(retain))
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "unlearn_kernels.cli", "unlearn", "--model", str(tiny.ASSET_DIR),
+                "--method", "GradDiff", "--forget", str(tmp_path / "forget.txt"), "--retain",
+                str(tmp_path / "retain.txt"), "--out", str(out), "--set", "steps=60", "--set", "batch_size=4",
+                "--set", "update=['layers.1.mlp.*']", "--set", "lr=1e-3", "--set", "progress=false", *extra]
+
+    assert subprocess.run(command(tmp_path / "whole"), capture_output=True).returncode == 0
+    run = subprocess.Popen(command(tmp_path / "cut", "--checkpoint-every", "1"), stderr=subprocess.PIPE)
+    state = tmp_path / "cut.checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and run.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err.decode()
+    assert b"resume to continue" in err and not (tmp_path / "cut").exists()
+    stopped_at = json.loads(state.read_text())["step"]
+    assert 3 <= stopped_at < 59
+    done = subprocess.run(command(tmp_path / "cut", "--checkpoint-every", "1", "--resume"), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert not (tmp_path / "cut.checkpoint").exists()
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)

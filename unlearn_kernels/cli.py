@@ -124,7 +124,9 @@ def _unlearn(args) -> int:
     inputs += [p for p in (args.eval_forget, args.eval_retain, args.relearn) if p]
     if args.relearn and not args.eval_forget:
         raise ValueError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
-    check_output_path(config["out"], inputs, overwrite=args.overwrite, needed_bytes=weights_size(config["model"]))
+    out = check_output_path(config["out"], inputs, overwrite=args.overwrite or args.resume,
+                            needed_bytes=weights_size(config["model"]))
+    checkpointer = _checkpointer(out, args)
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
     retain = [t for f in _as_list(config["retain"]) for t in _training_data(f, args)]
     method_config = _method_config(registry[config["method"]], config["settings"])
@@ -134,7 +136,7 @@ def _unlearn(args) -> int:
     model, tokenizer = load_local(config["model"])
     before = _accuracies(model, tokenizer, evals)
     method = registry[config["method"]](model, tokenizer, config=method_config)
-    method.fit(forget, retain)
+    method.fit(forget, retain, checkpoint=checkpointer, resume=args.resume)
     report = {**method.report(), "source_model": str(config["model"])}
     if evals:
         report["evaluation"] = {"before": before, "after": _accuracies(method.model, tokenizer, evals),
@@ -147,10 +149,33 @@ def _unlearn(args) -> int:
     out = save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
                                  method.saved_masks())
     save_figure_atomic(_report_figure(report), Path(out) / "report.png")
+    if checkpointer is not None and checkpointer.path.exists():
+        import shutil
+
+        shutil.rmtree(checkpointer.path)      # ours, and the run it served is saved
     print(f"saved the unlearned model, report.json and report.png to {config['out']}")
     for split, values in report.get("evaluation", {}).get("before", {}).items():
         print(f"{split} accuracy: {values['acc']:.3f} -> {report['evaluation']['after'][split]['acc']:.3f}")
     return 0
+
+
+def _checkpointer(out: Path, args):
+    """``{out}.checkpoint`` for ``--checkpoint-every``/``--resume`` (refusing a folder that is
+    not one of our checkpoints, or starting over one without ``--overwrite``)."""
+    from .methods.checkpoint import STATE, Checkpointer
+
+    if not args.checkpoint_every and not args.resume:
+        return None
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    path = out.with_name(out.name + ".checkpoint")
+    if path.exists() and not (path / STATE).is_file():
+        raise ValueError(f"{path} exists and is not an unlearn_kernels checkpoint: refusing to touch it")
+    if path.exists() and not args.resume and not args.overwrite:
+        raise ValueError(f"a checkpoint exists at {path}: pass --resume to continue it or --overwrite to start over")
+    if args.resume and not path.exists():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    return Checkpointer(path, args.checkpoint_every)
 
 
 def _accuracies(model, tokenizer, evals: dict) -> dict:
@@ -401,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     unlearn.add_argument("--eval-forget", help="questions file: accuracy before/after goes into the report")
     unlearn.add_argument("--eval-retain", help="questions file: accuracy before/after goes into the report")
     unlearn.add_argument("--relearn", help="attack texts: relearning attack on --eval-forget after unlearning")
+    unlearn.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                         help="write a resumable checkpoint to OUT.checkpoint every N steps (and on Ctrl-C)")
+    unlearn.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")
     unlearn.add_argument("--overwrite", action="store_true",
                          help="replace --out when it holds a previous output of unlearn_kernels")
     unlearn.add_argument("--text-field", default="text", help="column holding the text in data files")
@@ -439,8 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     relearn.add_argument("--plot", help="write the curves as a PNG here")
     relearn.set_defaults(func=_relearn)
     args = parser.parse_args(argv)
+    from .methods.checkpoint import RunInterrupted
+
     try:
         return args.func(args)
+    except RunInterrupted as error:
+        print(f"unlearn-kernels {args.command}: {error}", file=sys.stderr)
+        return 130
     except FloatingPointError as error:   # a run that diverged: nothing was written
         if os.environ.get("UNLEARN_KERNELS_TRACEBACK"):
             raise
