@@ -10,6 +10,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -r requirements.txt
+# transformers 4.57 beside the venv (not on its path): the tests load our saved tokenizers with it.
+compat=.venv/compat/transformers-4.57
+if [ ! -d "$compat/transformers" ]; then
+  # (pip warns that the target's huggingface-hub 0.x differs from the venv's: expected, they never mix)
+  .venv/bin/python -m pip install -q --target "$compat" "transformers==4.57.*"
+fi
 # The extension builds against the torch just installed; CUDA kernels whenever nvcc is found.
 MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python -m pip install -q -e . --no-build-isolation --no-deps
 .venv/bin/unlearn-kernels info

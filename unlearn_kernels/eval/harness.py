@@ -37,6 +37,17 @@ def require_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+def _is_projected(folder) -> bool:
+    """A projected-model folder of ours: its modeling code is the package's own, loaded with
+    ``trust_remote_code=True`` (the harness would otherwise refuse it)."""
+    from ..models.export import MODEL_TYPE
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def task_config(name: str, data_file: Path | str, format: str = "cloze", subject: str | None = None) -> dict:
     """The lm-eval task (a YAML mapping) scoring ``data_file`` (json lines) in ``format``."""
     if format not in FORMATS:
@@ -74,7 +85,8 @@ def run(model, tasks: dict[str, list], *, format: str = "cloze", subject: str | 
     ``"samples"``: per question, in file order, lm-eval's log-likelihoods."""
     lm_eval, HFLM, TaskManager = require_lm_eval()
     if not isinstance(model, HFLM):
-        model = HFLM(pretrained=str(model), tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size)
+        model = HFLM(pretrained=str(model), tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size,
+                     trust_remote_code=_is_projected(model))
     with tempfile.TemporaryDirectory(prefix="unlearn-kernels-lm-eval-") as folder:
         names = {}
         for name, questions in tasks.items():

@@ -78,7 +78,11 @@ class MRP(UnlearningMethod):
         layer = decoder_layers(self.model)[check_layer(self.model, self.config.layer)]
         self._handle = layer.register_forward_hook(projection_hook(basis, backend=self.config.backend))
 
-    def fit(self, forget: list[str], retain: list[str]) -> "MRP":
+    def fit(self, forget: list[str], retain: list[str], *, checkpoint=None, resume: bool = False) -> "MRP":
+        """Build (and optionally train) the basis; MRP's fit is one pass over statistics, so it
+        has no checkpoints: asking for one is refused rather than ignored."""
+        if checkpoint is not None or resume:
+            raise ValueError(f"{self.name} builds its projection in one pass: --checkpoint-every/--resume do not apply")
         if not forget or not retain:
             raise ValueError(f"{self.name}: the forget and retain sets must both be non-empty")
         self._record_data(forget, retain)

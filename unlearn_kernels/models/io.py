@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -15,36 +16,77 @@ MASKS = "unlearn_masks.safetensors"               # SIMU: parameter name -> neur
 
 def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict | None = None,
                            projections: dict | None = None, masks: dict | None = None) -> Path:
-    """``save_pretrained`` (safetensors) of model and tokenizer, plus ``report.json`` and the
-    method's projections and neuron masks (safetensors), into a temporary sibling directory
-    that replaces ``out_dir`` only once everything is written."""
+    """``save_pretrained`` (safetensors) of model and tokenizer, plus ``report.json`` (always,
+    carrying the package's marker) and the method's projections and neuron masks
+    (safetensors), into a staging folder beside ``out_dir`` that is fsynced and swapped in
+    atomically (``models.output_dir``); ``out_dir`` must be new or a previous output of ours.
+    The tokenizer files are made loadable by transformers 4.x too (``models.portable``).
+
+    With non-empty ``projections`` (MRP: ``"layer.<l>"`` → U) the folder is a model type of its
+    own (``models.export``): standard loaders need ``trust_remote_code=True`` and refuse it
+    without, so they never load the unedited base model in its place; ``load_local`` reads it
+    as is. The ``report.json`` of a transformers model says how to load its folder
+    (``"loading"``). A model that carries projections (``model.unlearn_projections``, set by
+    ``load_local`` and by the exported modeling code) must be saved with them: dropping them
+    is refused. Bad projections are refused before anything is written."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the saved model is an ordinary directory
+    from . import export
+
+    from .output_dir import MARKER, check_output_path, fix_permissions, make_staging, swap_into_place
+    from .portable import make_tokenizer_portable
+
+    _check_carried_projections(model, projections)
+    if projections:
+        export.check_projections(model, projections)
+    out_dir = check_output_path(out_dir, overwrite=True)     # new, or a previous output of ours
+    tmp = make_staging(out_dir)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-        for name, tensors in ((PROJECTIONS, projections), (MASKS, masks)):
-            if tensors:
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            make_tokenizer_portable(tmp)
+        if projections:
+            export.write_projected(tmp, model, projections, report.get("method") if isinstance(report, dict) else None)
+        if report is not None and (projections or _is_transformers_model(model)):
+            report = {**report, "loading": export.loading_info(projected=bool(projections))}
+        report = dict(report or {})
+        if not isinstance(report.get(MARKER), dict):     # every output is marked as ours
+            import unlearn_kernels
+
+            report[MARKER] = {"version": unlearn_kernels.__version__, "report_schema": 1}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        if masks:
+            save_file({k: v.detach().cpu().contiguous() for k, v in masks.items()}, str(tmp / MASKS))
+        fix_permissions(tmp)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _is_transformers_model(model) -> bool:
+    import sys
+
+    transformers = sys.modules.get("transformers")   # a transformers model has imported it
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _check_carried_projections(model, projections: dict | None) -> None:
+    """ValueError if ``model`` has projection hooks from a loaded folder that ``projections``
+    does not include (saving would silently drop them)."""
+    import torch
+
+    carried = getattr(model, "unlearn_projections", None) or {}
+    given = projections or {}
+    for layer, basis in carried.items():
+        key = f"layer.{layer}"
+        if key not in given or not torch.equal(given[key].detach().cpu().float(), basis.detach().cpu().float()):
+            raise ValueError(f"the model carries a projection after layer {layer} (loaded with it) that the "
+                             f"projections to save do not include: pass it as projections[{key!r}], or the "
+                             "saved folder would lose it")
 
 
 def write_text_atomic(path: Path | str, text: str) -> Path:
@@ -96,10 +138,22 @@ def check_causal_lm(path: Path) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from . import export
+
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}/config.json is not valid JSON ({error})") from None
+    if isinstance(raw, dict) and raw.get("model_type") == export.MODEL_TYPE:   # ours: check its base
+        base = export.base_config_dict(raw).get("model_type")
+        if base not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"{path} is a projected model over {base!r}, which transformers does not know")
+        return
+    try:
+        # never run (or ask to run) a folder's own code just to check what it is
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"{path}/config.json cannot be read as a transformers config "
                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
@@ -108,30 +162,75 @@ def check_causal_lm(path: Path) -> None:
                          "(AutoModelForCausalLM would load only part of it)")
 
 
+@contextmanager
+def quiet_transformers():
+    """No "Loading weights" / "Writing model shards" progress bars from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_local(path: Path | str, dtype=None):
+    """A causal LM and its tokenizer from a local folder (no network, no progress bars); see
+    :func:`_load_local`."""
+    with quiet_transformers():
+        return _load_local(path, dtype)
+
+
+def _load_local(path: Path | str, dtype=None):
     """A causal LM and its tokenizer from a local directory (no network), in eval mode.
 
-    Saved MRP projections are re-attached as forward hooks, saved SIMU neuron masks are put
-    on ``model.unlearn_masks``. Tokenizers without a padding token get their end-of-text
-    token as padding."""
+    Saved MRP projections are re-attached as forward hooks (and kept, ``{layer: U}``, on
+    ``model.unlearn_projections``); saved SIMU neuron masks are put on
+    ``model.unlearn_masks``. A projected-model folder (``models.export``) is loaded without
+    running its modeling code: the base architecture is built from the base config recorded
+    in ``config.json`` and the weights are the folder's. Tokenizers without a padding token
+    get their end-of-text token as padding."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from ..ops import projection_hook
+    from . import export
     from .layers import decoder_layers
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    check_causal_lm(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    projected = export.read_projected(path)
+    if projected is None:
+        check_causal_lm(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        scales = {}
+        bases = ({int(k.split(".")[1]): u for k, u in load_file(str(path / PROJECTIONS)).items()}
+                 if (path / PROJECTIONS).is_file() else {})   # folders written before models.export
+        layers = decoder_layers(model)
+    else:
+        config = projected.base_config()
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"{path}: the base model is a {config.model_type!r} model, not a decoder-only causal LM")
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+        bases = projected.bases()
+        scales = {int(k): float(v.get("scale", 1.0)) for k, v in projected.unlearning["projections"].items()}
+        layers = model.get_submodule(projected.unlearning["layers_module"])
+        if layers is not decoder_layers(model):
+            raise ValueError(f"{path}: config.json's layers_module {projected.unlearning['layers_module']!r} "
+                             "is not the model's decoder-layer list")
+    # a projected folder's config.json needs trust_remote_code: hand the tokenizer the base config
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                              **({} if projected is None else {"config": model.config}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if (path / PROJECTIONS).is_file():
-        layers = decoder_layers(model)
-        for key, basis in load_file(str(path / PROJECTIONS)).items():
-            layers[int(key.split(".")[1])].register_forward_hook(projection_hook(basis))
+    for layer, basis in sorted(bases.items()):
+        layers[layer].register_forward_hook(projection_hook(basis, scale=scales.get(layer, 1.0)))
+    if bases:
+        model.unlearn_projections = dict(sorted(bases.items()))
     if (path / MASKS).is_file():
         model.unlearn_masks = load_file(str(path / MASKS))
     return model.eval(), tokenizer
