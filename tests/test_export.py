@@ -248,3 +248,27 @@ def test_mrp_through_the_command_line_then_both_eval_engines(tmp_path, capsys):
     assert cli.main(["unlearn", "--model", str(tiny.ASSET_DIR), "--method", "MRP", "--forget",
                      str(tmp_path / "forget.txt"), "--retain", str(tmp_path / "retain.txt"), "--out",
                      str(tmp_path / "mrp2"), "--checkpoint-every", "5"]) == 2
+
+
+@pytest.mark.parametrize("name", ["RMU", "SRMU", "AdaptiveRMU", "SIMU", "SO-GradDiff", "GradAscent", "GradDiff", "NPO"])
+def test_plain_from_pretrained_gives_the_unlearned_model_for_weight_edits(tmp_path, name):
+    """Every method but MRP edits weights: a plain transformers load is the unlearned model."""
+    from unlearn_kernels.methods import registry
+
+    model, tokenizer = tiny.load()
+    bench = entangled.generate(0.25)
+    settings = {"update": ["layers.{1,2}.mlp.{up_proj,down_proj}"], "lr": 1e-3, "steps": 2, "batch_size": 4,
+                "progress": False}
+    if name in ("RMU", "SRMU", "AdaptiveRMU"):
+        settings["layer"] = 2
+    if name == "SIMU":
+        settings.update(fraction=0.25, score_batches=2)
+    method = registry[name](model, tokenizer, **settings)
+    method.fit(bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts()))
+    out = save_pretrained_atomic(method.model, tokenizer, tmp_path / name, method.report(), method.projections(),
+                                 method.saved_masks())
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tokenizer(["Question: what is the toxin of filopi ?\nAnswer:"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, method.model(ids).logits)
+        assert not torch.equal(plain(ids).logits, tiny.load()[0](ids).logits)

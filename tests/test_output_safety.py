@@ -124,9 +124,10 @@ def test_swap_is_atomic_exchange_on_linux(tmp_path):
     assert (b / "x").read_text() == "new" and (a / "x").read_text() == "old"
 
 
-@pytest.mark.parametrize("setting", ["lr=.inf", "lr=.nan", "retain_weight=-.inf"])
-def test_non_finite_settings_are_refused_up_front(capsys, data, setting, no_loading):
-    code, err = unlearn(capsys, data, data / "out", "--set", setting)
+@pytest.mark.parametrize("method, setting", [("GradAscent", "lr=.inf"), ("GradAscent", "lr=nan"),
+                                             ("GradDiff", "retain_weight=-.inf"), ("RMU", "steering=.inf")])
+def test_non_finite_settings_are_refused_up_front(capsys, data, method, setting, no_loading):
+    code, err = unlearn(capsys, data, data / "out", "--set", setting, method=method)
     assert code == 2 and "not a finite number" in err and setting.split("=")[0] in err, err
     assert not (data / "out").exists()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 # Errors in what the user gave (files, settings, devices): one line on stderr and exit code 2;
-# UNLEARN_KERNELS_TRACEBACK=1 shows the traceback instead.
+# --debug (or UNLEARN_KERNELS_TRACEBACK=1) shows the traceback instead.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
@@ -90,10 +90,10 @@ def _load_run_config(args) -> dict:
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise SystemExit(f"--config {path} does not exist")
+            raise ValueError(f"--config {path} does not exist")
         config = yaml.safe_load(path.read_text()) or {}
         if not isinstance(config, dict):
-            raise SystemExit(f"--config {path} must hold a mapping")
+            raise ValueError(f"--config {path} must hold a mapping")
     for key in ("model", "method", "forget", "retain", "out"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -101,12 +101,12 @@ def _load_run_config(args) -> dict:
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set takes key=value, got {item!r}")
+            raise ValueError(f"--set takes key=value, got {item!r}")
         settings[key] = yaml.safe_load(value)
     config["settings"] = settings
     missing = [k for k in ("model", "method", "forget", "retain", "out") if not config.get(k)]
     if missing:
-        raise SystemExit(f"unlearn needs {', '.join(missing)} (flags or --config)")
+        raise ValueError(f"unlearn needs {', '.join(missing)} (flags or --config)")
     return config
 
 
@@ -118,7 +118,7 @@ def _unlearn(args) -> int:
 
     config = _load_run_config(args)
     if config["method"] not in registry:
-        raise SystemExit(f"unknown method {config['method']!r}; choose from {sorted(registry)}")
+        raise ValueError(f"unknown method {config['method']!r}; choose from {sorted(registry)}")
     inputs = [config["model"], *_as_list(config["forget"]), *_as_list(config["retain"])]
     inputs += [args.config] if args.config else []
     inputs += [p for p in (args.eval_forget, args.eval_retain, args.relearn) if p]
@@ -396,6 +396,7 @@ def _model_options(parser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unlearn-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="which backends run here").set_defaults(func=_info)
     sub.add_parser("selfcheck", help="every backend against the reference").set_defaults(func=_selfcheck)
@@ -467,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     relearn.add_argument("--plot", help="write the curves as a PNG here")
     relearn.set_defaults(func=_relearn)
     args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get("UNLEARN_KERNELS_TRACEBACK"))
     from .methods.checkpoint import RunInterrupted
 
     try:
@@ -475,12 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unlearn-kernels {args.command}: {error}", file=sys.stderr)
         return 130
     except FloatingPointError as error:   # a run that diverged: nothing was written
-        if os.environ.get("UNLEARN_KERNELS_TRACEBACK"):
+        if debug:
             raise
         print(f"unlearn-kernels {args.command}: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
     except USER_ERRORS as error:
-        if os.environ.get("UNLEARN_KERNELS_TRACEBACK"):
+        if debug:
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"unlearn-kernels {args.command}: error: {message}", file=sys.stderr)
