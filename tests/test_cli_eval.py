@@ -154,3 +154,25 @@ def test_docstring_example_runs():
     from unlearn_kernels.eval import multiple_choice
 
     assert doctest.testmod(multiple_choice, raise_on_error=True).attempted >= 1
+
+
+def test_methods_command_lists_methods_and_settings(capsys):
+    from unlearn_kernels.methods import registry
+
+    code, out, _ = run(capsys, "methods")
+    assert code == 0 and all(name in out for name in registry)
+    code, out, _ = run(capsys, "methods", "SRMU")
+    assert code == 0 and "| sparsity | float | 0.1 | fraction of features" in out
+    assert all(f"| {f} |" in out for f in ("lr", "layer", "beta", "anchor_forget"))
+    code, _, err = run(capsys, "methods", "Nope")
+    assert code == 2 and "unknown method" in err
+
+
+def test_grad_ascent_needs_no_retain_set(capsys, tmp_path, files):
+    code, _, err = run(capsys, "unlearn", "--model", MODEL, "--method", "GradAscent", "--forget",
+                       str(files / "attack.txt"), "--out", str(tmp_path / "out"), "--set", "steps=2",
+                       "--set", "update=['layers.1.mlp.*']", "--set", "progress=false", "--device", "cpu")
+    assert code == 0, err
+    code, _, err = run(capsys, "unlearn", "--model", MODEL, "--method", "GradDiff", "--forget",
+                       str(files / "attack.txt"), "--out", str(tmp_path / "out2"))
+    assert code == 2 and "retain" in err

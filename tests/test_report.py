@@ -7,12 +7,29 @@ from unlearn_kernels.methods import registry
 from unlearn_kernels.models import tiny
 
 
+def test_weights_that_get_no_gradient_are_refused_by_name():
+    import pytest
+
+    model, tokenizer = tiny.load()
+    bench = entangled.generate(0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # the loss is at layer 1: layer 2's down_proj is selected but gets no gradient
+    method = registry["RMU"](model, tokenizer, layer=1, update=["layers.{1,2}.mlp.down_proj"], steps=3,
+                             batch_size=4, lr=1e-3, progress=False)
+    with pytest.raises(ValueError, match=r"1 selected parameter\(s\) get no gradient.*layers\.2\.mlp\.down_proj"):
+        method.fit(bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts()))
+    only_above = registry["RMU"](model, tokenizer, layer=1, update=["layers.3.mlp.down_proj"], steps=3,
+                                 batch_size=4, lr=1e-3, progress=False)
+    with pytest.raises(ValueError, match="no selected parameter gets a gradient"):
+        only_above.fit(bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts()))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_report_lists_only_weights_that_changed_with_their_change():
     model, tokenizer = tiny.load()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bench = entangled.generate(0.25)
-    # the loss is at layer 1: layer 2's down_proj is selected but gets no gradient
-    method = registry["RMU"](model, tokenizer, layer=1, update=["layers.{1,2}.mlp.down_proj"], steps=3,
+    method = registry["RMU"](model, tokenizer, layer=1, update=["layers.1.mlp.down_proj"], steps=3,
                              batch_size=4, lr=1e-3, progress=False)
     method.fit(bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts()))
     report = method.report()
@@ -21,7 +38,7 @@ def test_report_lists_only_weights_that_changed_with_their_change():
     assert set(report["updated_parameters"]) == set(changed) == {"model.layers.1.mlp.down_proj.weight"}
     for name, entry in report["updated_parameters"].items():
         assert entry["max_abs_delta"] == changed[name] > 0
-    assert report["selected_but_unchanged"] == ["model.layers.2.mlp.down_proj.weight"]
+    assert report["selected_but_unchanged"] == []
     assert len(report["history"]) == 3 and report["wall_time_s"] > 0 and report["device"] == "cpu"
     assert report["dtype"] == "float32" and report["peak_memory"]["cpu_max_rss_bytes"] > 0
     assert report["unlearn_kernels"]["report_schema"] == 1 and report["needs"] == []

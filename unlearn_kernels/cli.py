@@ -104,7 +104,12 @@ def _load_run_config(args) -> dict:
             raise ValueError(f"--set takes key=value, got {item!r}")
         settings[key] = yaml.safe_load(value)
     config["settings"] = settings
-    missing = [k for k in ("model", "method", "forget", "retain", "out") if not config.get(k)]
+    from .methods import registry
+
+    needed = ("model", "method", "forget", "out")
+    if config.get("method") not in registry or registry[config["method"]].needs_retain:
+        needed += ("retain",)
+    missing = [k for k in needed if not config.get(k)]
     if missing:
         raise ValueError(f"unlearn needs {', '.join(missing)} (flags or --config)")
     return config
@@ -119,7 +124,7 @@ def _unlearn(args) -> int:
     config = _load_run_config(args)
     if config["method"] not in registry:
         raise ValueError(f"unknown method {config['method']!r}; choose from {sorted(registry)}")
-    inputs = [config["model"], *_as_list(config["forget"]), *_as_list(config["retain"])]
+    inputs = [config["model"], *_as_list(config["forget"]), *_as_list(config.get("retain") or [])]
     inputs += [args.config] if args.config else []
     inputs += [p for p in (args.eval_forget, args.eval_retain, args.relearn) if p]
     if args.relearn and not args.eval_forget:
@@ -128,12 +133,15 @@ def _unlearn(args) -> int:
                             needed_bytes=weights_size(config["model"]))
     checkpointer = _checkpointer(out, args)
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
-    retain = [t for f in _as_list(config["retain"]) for t in _training_data(f, args)]
+    retain = [t for f in _as_list(config.get("retain") or []) for t in _training_data(f, args)]
     method_config = _method_config(registry[config["method"]], config["settings"])
     evals = {name: read_multiple_choice(path) for name, path in (("forget", args.eval_forget),
                                                                   ("retain", args.eval_retain)) if path}
     attack = read_texts(args.relearn, args.text_field) if args.relearn else None
-    model, tokenizer = load_local(config["model"])
+    from .eval import files
+
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    model, tokenizer = files.load_model(config["model"], device, dtype)
     before = _accuracies(model, tokenizer, evals)
     method = registry[config["method"]](model, tokenizer, config=method_config)
     method.fit(forget, retain, checkpoint=checkpointer, resume=args.resume)
@@ -211,6 +219,32 @@ def _report_figure(report: dict):
         bars.legend()
     fig.tight_layout()
     return fig
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, str | None]:
+    """``auto``: CUDA when present; bf16 on GPUs that support it, else the checkpoint's dtype."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else None
+    return device, dtype
+
+
+def _methods(args) -> int:
+    """The methods, one line each; with a name, every setting with its type, default and meaning."""
+    from .methods import registry
+    from .methods.settings import describe
+
+    if not args.name:
+        for name, cls in registry.items():
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"{name:12s} {doc}")
+        print("\nunlearn-kernels methods NAME lists a method's settings (unlearn --set KEY=VALUE)")
+        return 0
+    if args.name not in registry:
+        raise ValueError(f"unknown method {args.name!r}; choose from {', '.join(registry)}")
+    print(describe(registry[args.name]))
+    return 0
 
 
 def _method_config(method_class, settings: dict):
@@ -417,12 +451,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     demo.set_defaults(func=_demo)
+    methods = sub.add_parser("methods", help="list the methods, or one method's settings")
+    methods.add_argument("name", nargs="?")
+    methods.set_defaults(func=_methods)
     unlearn = sub.add_parser("unlearn", help="unlearn a local HF model and save it with a report")
     unlearn.add_argument("--config", help="YAML file with the keys below and settings:")
     unlearn.add_argument("--model", help="local model directory (save_pretrained format)")
-    unlearn.add_argument("--method", help="RMU, AdaptiveRMU, SRMU, GradAscent, GradDiff, NPO, ...")
+    from .methods import registry
+
+    unlearn.add_argument("--method", help=f"one of {', '.join(registry)} (unlearn-kernels methods NAME: its settings)")
+    unlearn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                         help="auto: CUDA when present")
+    unlearn.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                         help="auto: bfloat16 on GPUs that support it, else the checkpoint's dtype")
     unlearn.add_argument("--forget", nargs="+", help=".txt (a text per line) or .jsonl ('text') files")
-    unlearn.add_argument("--retain", nargs="+", help="same formats as --forget")
+    unlearn.add_argument("--retain", nargs="+", help="same formats as --forget (not needed by GradAscent)")
     unlearn.add_argument("--out", help="output directory (written atomically)")
     unlearn.add_argument("--eval-forget", help="questions file: accuracy before/after goes into the report")
     unlearn.add_argument("--eval-retain", help="questions file: accuracy before/after goes into the report")

@@ -68,14 +68,14 @@ def _git_commit() -> str | None:
 class MethodConfig:
     """Fields every method has."""
 
-    update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.down_proj"])
-    lr: float = 5e-5
-    batch_size: int = 4
-    max_length: int = 512
+    update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.down_proj"])  # weights to change (glob/brace patterns)
+    lr: float = 5e-5          # learning rate
+    batch_size: int = 4       # texts per step (each of forget and retain)
+    max_length: int = 512     # tokens per text (longer ones are truncated)
     steps: int = 0            # 0: one pass over the forget batches
-    seed: int = 0
+    seed: int = 0             # seeds the batch order and every random draw
     backend: str = "auto"     # fused-op backend
-    progress: bool = True
+    progress: bool = True     # progress bar
 
 
 def fingerprint(items: list) -> str:
@@ -265,6 +265,7 @@ class UnlearningMethod:
             raise ValueError(f"{self.name}: the retain set is empty")
         self._record_data(forget, retain)
         self._start_run()
+        self._checked_gradients = False
         torch.manual_seed(self.config.seed)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -307,7 +308,18 @@ class UnlearningMethod:
         check_finite(self.name, step, losses)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
+        if not self._checked_gradients and not total.requires_grad:
+            raise ValueError(f"{self.name}: no selected parameter gets a gradient from the loss "
+                             f"({', '.join(sorted(self.params)) or 'none selected'}): choose weights at or below "
+                             "the loss layer with update=[...]")
         total.backward()
+        if not self._checked_gradients:
+            idle = sorted(n for n, p in self.params.items() if p.grad is None)
+            if idle:
+                raise ValueError(f"{self.name}: {len(idle)} selected parameter(s) get no gradient from the loss "
+                                 f"and would not change: {', '.join(idle[:6])}{' ...' if len(idle) > 6 else ''} "
+                                 "(above the loss layer?); drop them from update")
+            self._checked_gradients = True
         self.before_step()
         optimizer.step()
         check_finite(self.name, step, {}, self.params)

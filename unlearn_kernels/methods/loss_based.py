@@ -44,9 +44,9 @@ def nll(model, batch) -> torch.Tensor:
 
 @dataclass
 class LossConfig(MethodConfig):
-    update: list[str] = field(default_factory=lambda: ["*"])
-    lr: float = 1e-5
-    retain_weight: float = 1.0   # γ
+    update: list[str] = field(default_factory=lambda: ["*"])  # weights to change (all by default)
+    lr: float = 1e-5           # learning rate (AdamW)
+    retain_weight: float = 1.0   # γ: weight of the retain NLL
 
 
 class GradAscent(UnlearningMethod):
@@ -73,7 +73,7 @@ class GradDiff(UnlearningMethod):
 
 @dataclass
 class NPOConfig(LossConfig):
-    beta: float = 0.1
+    beta: float = 0.1          # NPO's inverse temperature
 
 
 class NPO(UnlearningMethod):

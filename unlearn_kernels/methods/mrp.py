@@ -34,14 +34,14 @@ from .loss_based import nll
 
 @dataclass
 class MRPConfig(MethodConfig):
-    layer: int = 7
+    layer: int = 7             # decoder layer whose output is projected
     update: list[str] = field(default_factory=list)   # MRP changes no weight
-    rank: int = 8
-    retain_energy: float = 0.99
-    stats_batches: int = 16
-    train_steps: int = 0
-    retain_weight: float = 1.0
-    lr: float = 1e-3
+    rank: int = 8              # directions removed per request
+    retain_energy: float = 0.99  # share of the retain Gram trace kept out of the basis
+    stats_batches: int = 16    # batches per set for the Gram matrices
+    train_steps: int = 0       # GradDiff steps training the basis (0: none)
+    retain_weight: float = 1.0  # γ of the basis training
+    lr: float = 1e-3           # learning rate of the basis training
 
 
 class MRP(UnlearningMethod):

@@ -40,11 +40,11 @@ from .base import MethodConfig, UnlearningMethod
 
 @dataclass
 class RMUConfig(MethodConfig):
-    layer: int = 7
-    update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.down_proj"])
+    layer: int = 7             # decoder layer whose output the loss reads
+    update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.down_proj"])  # at or below layer
     steering: float = 6.5      # c
     alpha: float = 1200.0      # retain weight
-    lr: float = 5e-5
+    lr: float = 5e-5           # learning rate (AdamW)
 
 
 class RMU(UnlearningMethod):

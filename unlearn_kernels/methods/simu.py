@@ -32,11 +32,11 @@ from .loss_based import GradDiff, LossConfig, nll
 
 @dataclass
 class SOGradDiffConfig(LossConfig):
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.965, 0.99)
-    rho: float = 0.04
-    weight_decay: float = 0.0
-    hessian_interval: int = 10
+    lr: float = 1e-4           # learning rate (Sophia)
+    betas: tuple[float, float] = (0.965, 0.99)  # Sophia's EMA factors (gradient, Hessian)
+    rho: float = 0.04          # Sophia's clipping scale
+    weight_decay: float = 0.0  # decoupled weight decay
+    hessian_interval: int = 10  # steps between Hessian estimates
 
 
 class SOGradDiff(GradDiff):
@@ -70,10 +70,10 @@ class SOGradDiff(GradDiff):
 class SIMUConfig(SOGradDiffConfig):
     update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.{gate_proj,up_proj,down_proj}"])
     fraction: float = 0.1          # neurons kept per weight
-    scorer: str = "obd"            # or "integrated_gradients"
-    score_batches: int = 8
-    score_beta: float = 0.9
-    ig_steps: int = 4
+    scorer: str = "obd"            # neuron scores: "obd" or "integrated_gradients"
+    score_batches: int = 8         # batches per set for the neuron scores
+    score_beta: float = 0.9        # EMA factor of the Hessian diagonals while scoring
+    ig_steps: int = 4              # integrated-gradient steps (scorer integrated_gradients)
 
 
 class SIMU(SOGradDiff):
