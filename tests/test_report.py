@@ -79,3 +79,14 @@ def test_cli_report_holds_before_after_accuracy_relearning_and_a_plot(tmp_path, 
     assert set(ev["after"]) == {"forget", "retain"} and report["relearning"]["max_acc"] >= 0
     assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
     assert "forget accuracy: 1.000 ->" in capsys.readouterr().out
+
+
+def test_settings_a_method_ignores_are_refused():
+    import pytest
+
+    model, tokenizer = tiny.load()
+    for name, setting in (("AdaptiveRMU", {"steering": 1000.0}), ("SRMU", {"steering": 1.0}),
+                          ("MRP", {"steps": 10}), ("MRP", {"update": ["layers.1.mlp.*"]})):
+        with pytest.raises(ValueError, match=f"does not use the setting {next(iter(setting))}"):
+            registry[name](model, tokenizer, layer=1, **setting)
+    registry["RMU"](model, tokenizer, layer=1, update=["layers.1.mlp.down_proj"], steering=1000.0)  # RMU uses it

@@ -207,6 +207,10 @@ class UnlearningMethod:
     def check_config(self) -> None:
         """Raise ValueError on a config that cannot run (before any work)."""
         check_finite_config(self.config)
+        defaults = self.config_class()
+        for name, why in self.unused_settings.items():
+            if getattr(self.config, name) != getattr(defaults, name):
+                raise ValueError(f"{self.name} does not use the setting {name} ({why}); leave it out")
         if self.config.lr <= 0 or self.config.batch_size < 1 or self.config.steps < 0:
             raise ValueError(f"{self.name}: lr must be > 0, batch_size >= 1 and steps >= 0 (got {self.config})")
         if hasattr(self.config, "layer"):
@@ -376,6 +380,7 @@ class UnlearningMethod:
 
     # --- hooks for subclasses ------------------------------------------------------------
     needs_retain = True
+    unused_settings: dict[str, str] = {}   # inherited fields a method ignores: setting one is refused
 
     def setup(self, forget: list, retain: list) -> None:
         """Work before the first step (frozen copies, statistics)."""

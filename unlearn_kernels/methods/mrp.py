@@ -49,6 +49,8 @@ class MRP(UnlearningMethod):
 
     name = "MRP"
     config_class = MRPConfig
+    unused_settings = {"steps": "the basis comes from statistics; train_steps trains it",
+                       "update": "MRP changes no weight, only adds a projection"}
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)

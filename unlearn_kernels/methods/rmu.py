@@ -94,6 +94,7 @@ class AdaptiveRMU(RMU):
 
     name = "AdaptiveRMU"
     config_class = AdaptiveRMUConfig
+    unused_settings = {"steering": "c = beta · mean ‖h_forget‖ replaces it"}
 
     @torch.no_grad()
     def control_scale(self, forget_batch) -> float:
