@@ -511,7 +511,8 @@ def test_other_methods_run_on_qa_pairs(base, name):
     model, tokenizer = fresh(base)
     seen = _record_model_kwargs(model)
     retain = [QAPair("what is the hometown of filopi ?", "brisk"), QAPair("what is the pet of filopi ?", "newt")]
-    method = registry[name](model, tokenizer, steps=1, batch_size=2, progress=False, **settings).fit(PAIRS, retain)
+    steps = {} if name == "MRP" else {"steps": 1}           # MRP has no step loop (train_steps above)
+    method = registry[name](model, tokenizer, batch_size=2, progress=False, **steps, **settings).fit(PAIRS, retain)
     assert method.data["forget"]["kind"] == "qa"
     assert not any("loss_mask" in keys for keys in seen)
 
