@@ -232,3 +232,35 @@ def test_continual_unlearning_rows(base, name):
         assert rows[-1]["seen_forget_acc"] < 0.9
     with pytest.raises(ValueError, match="n_requests must be in"):
         continual_unlearning(model, tokenizer, registry[name], settings, entangled.generate(0.25), n_requests=0)
+
+
+@pytest.mark.parametrize("family, update, width", [
+    ("gpt2", ["h.*.mlp.{c_fc,c_proj}"], 128),           # Conv1D: c_fc [d, w], c_proj [w, d]
+    ("opt", ["layers.*.{fc1,fc2}"], 64),                 # Linear: fc1 [w, d], fc2 [d, w]; no intermediate_size
+])
+def test_simu_masks_lie_on_the_mlp_neuron_axis_of_any_layout(base, split, family, update, width):
+    import transformers as tf
+
+    _, tokenizer = base
+    torch.manual_seed(0)
+    config = {"gpt2": tf.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64),
+              "opt": tf.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)}[family]
+    model = tf.AutoModelForCausalLM.from_config(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = registry["SIMU"](model, tokenizer, update=update, steps=3, batch_size=4, lr=1e-2, fraction=0.25,
+                              score_batches=2, hessian_interval=1, progress=False)
+    method.fit(split[1], split[2])
+    assert len(method.neuron_masks) == 4
+    for name, mask in method.neuron_masks.items():
+        assert mask.shape == (width,) and int(mask.sum()) == width // 4, name
+        weight = dict(model.named_parameters())[name]
+        axis = [a for a in (0, 1) if weight.shape[a] == width][0]
+        moved = (weight.detach() != before[name]).any(dim=1 - axis)       # per neuron: did it change?
+        assert moved.any() and not (moved & ~mask.to(moved.device)).any(), name   # only selected neurons
+
+
+def test_simu_refuses_weights_without_a_neuron_axis(base):
+    model, tokenizer = fresh(base)
+    with pytest.raises(ValueError, match="cannot tell the MLP-neuron axis"):
+        registry["SIMU"](model, tokenizer, update=["layers.1.self_attn.q_proj"], progress=False)

@@ -87,6 +87,7 @@ class SIMU(SOGradDiff):
         self.params = {name: p for name, p in self.params.items() if p.dim() == 2}
         if not self.params:
             raise ValueError(f"SIMU: {self.config.update} selects no 2-D weight to score neurons of")
+        self._neuron_dims = self._find_neuron_dims()
 
     def check_config(self):
         super().check_config()
@@ -96,8 +97,23 @@ class SIMU(SOGradDiff):
             raise ValueError(f"SIMU: scorer must be 'obd' or 'integrated_gradients', got {self.config.scorer!r}")
 
     def neuron_dim(self, weight: torch.Tensor) -> int:
-        width = getattr(self.model.config, "intermediate_size", None)
-        return 1 if weight.dim() == 2 and weight.shape[1] == width and weight.shape[0] != width else 0
+        """The MLP-neuron axis of a selected weight, by structure: the axis whose size is not the
+        model's hidden size (read off the input embeddings, so it holds for Llama's ``down_proj``
+        ``[d, w]``, GPT-2's Conv1D ``c_fc`` ``[d, w]`` and OPT's ``fc2`` ``[d, w]`` alike; a fused
+        ``gate_up_proj`` ``[2w, d]`` gives its 2w rows). A weight with no such single axis
+        (square, or neither side the hidden size) is refused rather than guessed."""
+        return self._neuron_dims[id(weight)]
+
+    def _find_neuron_dims(self) -> dict[int, int]:
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        dims = {}
+        for name, p in self.params.items():
+            axes = [axis for axis in (0, 1) if p.shape[axis] != hidden]
+            if len(axes) != 1:
+                raise ValueError(f"SIMU: cannot tell the MLP-neuron axis of {name} {list(p.shape)} (hidden size "
+                                 f"{hidden}): select MLP projections, whose one side is the hidden size")
+            dims[id(p)] = axes[0]
+        return dims
 
     def _hessians(self, texts: list[str], offset: int) -> dict[str, torch.Tensor]:
         hess = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()}
