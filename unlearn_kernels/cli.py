@@ -118,7 +118,7 @@ def _load_run_config(args) -> dict:
 def _unlearn(args) -> int:
     from .data.loaders import read_multiple_choice, read_texts
     from .methods import registry
-    from .models.io import load_local, save_figure_atomic, save_pretrained_atomic
+    from .models.io import save_figure_atomic, save_pretrained_atomic
     from .models.output_dir import check_output_path, weights_size
 
     config = _load_run_config(args)
@@ -189,8 +189,7 @@ def _checkpointer(out: Path, args):
 def _accuracies(model, tokenizer, evals: dict) -> dict:
     from .eval.multiple_choice import evaluate_multiple_choice
 
-    return {name: {k: v for k, v in evaluate_multiple_choice(model, tokenizer, qs, progress=False).items()}
-            for name, qs in evals.items()}
+    return {name: evaluate_multiple_choice(model, tokenizer, qs, progress=False) for name, qs in evals.items()}
 
 
 def _report_figure(report: dict):

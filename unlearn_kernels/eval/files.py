@@ -8,22 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def versions() -> dict:
-    import torch
-    import transformers
-
-    import unlearn_kernels
-
-    out = {"unlearn_kernels": unlearn_kernels.__version__, "torch": torch.__version__,
-           "transformers": transformers.__version__}
-    try:
-        import lm_eval
-
-        out["lm_eval"] = lm_eval.__version__
-    except ImportError:
-        pass
-    return out
+from ..models.output_dir import versions  # noqa: F401  (the config of every results file)
 
 
 def task_names(paths: list[str]) -> list[str]:

@@ -69,9 +69,10 @@ def write_task(folder: Path, name: str, questions, format: str, subject: str | N
     """A task YAML and its data (``question``, ``choices``, ``answer`` rows) in ``folder``."""
     import yaml
 
+    from ..data.loaders import write_jsonl
+
     data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps({"question": q.question, "choices": list(q.choices), "answer": int(q.answer)})
-                            + "\n" for q in questions))
+    write_jsonl(data, [{"question": q.question, "choices": list(q.choices), "answer": int(q.answer)} for q in questions])
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(task_config(name, data, format, subject), sort_keys=False, allow_unicode=True))
     return path

@@ -63,11 +63,16 @@ def prefix_token_id(tokenizer) -> int | None:
 
 def encode(tokenizer, text: str) -> list[int]:
     """``HFLM.tok_encode(text)``: the tokenizer's default special tokens, none when ``text``
-    already starts with the decoded prefix token."""
-    prefix = prefix_token_id(tokenizer)
-    if prefix is not None and text.startswith(tokenizer.decode(prefix)):
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
+    already starts with the decoded prefix token (:func:`encode_many` of one text)."""
+    return encode_many(tokenizer, [text])[0]
+
+
+def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's rule: trailing whitespace of the context belongs to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -75,11 +80,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     continuation's tokens are those the joint encoding adds after the context's own."""
     if not context:
         raise ValueError("the context is empty: every prompt format gives a non-empty context")
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = encode(tokenizer, context + continuation)
-    context_ids = encode(tokenizer, context)
+    context, continuation = _move_trailing_space(context, continuation)
+    context_ids, whole = encode_many(tokenizer, [context, context + continuation])
     return context_ids, whole[len(context_ids):]
 
 
@@ -143,10 +145,9 @@ def build_requests(tokenizer, questions: Sequence, format: str = "cloze", subjec
         ctx, conts, norms = request(q.question, list(q.choices), format, getattr(q, "subject", None) or subject)
         if not ctx:
             raise ValueError("the context is empty: every prompt format gives a non-empty context")
-        n_spaces = len(ctx) - len(ctx.rstrip())
-        head, moved = (ctx[:-n_spaces], ctx[-n_spaces:]) if n_spaces else (ctx, "")
+        head = _move_trailing_space(ctx, "")[0]
         prompts.append((ctx, conts, norms))
-        texts += [head] + [head + moved + c for c in conts]
+        texts += [head] + [head + _move_trailing_space(ctx, c)[1] for c in conts]
     ids = encode_many(tokenizer, texts)
     out, k = [], 0
     for i, (ctx, conts, norms) in enumerate(prompts):
@@ -180,7 +181,8 @@ def _common_prefix(continuations: list[list[int]]) -> list[int]:
     return prefix
 
 
-def _pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the right: ``(ids, attention mask)`` on ``device``."""
     width = max(1, max(map(len, rows)))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -208,7 +210,7 @@ class _Scorer:
     def full(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         """lm-eval's computation: one row ``(ctx + cont)[-(L+1):][:-1]`` per pair."""
         rows = [(c + x)[-(self.limit + 1):][:-1] for c, x in pairs]
-        ids, _ = _pad(rows, self.pad, self.device)
+        ids, _ = pad_rows(rows, self.pad, self.device)
         # Padding is on the right and attention causal, so it never reaches a scored position:
         # no mask, as lm-eval (and attention keeps its causal fast path).
         logits = self.model(input_ids=ids, use_cache=False).logits
@@ -226,7 +228,7 @@ class _Scorer:
         prefixes = [_common_prefix(r.continuation_ids) for r in batch]
         heads = [r.context_ids + p for r, p in zip(batch, prefixes)]
         lengths = [len(h) for h in heads]
-        ids, mask = _pad(heads, self.pad, self.device)
+        ids, mask = pad_rows(heads, self.pad, self.device)
         needed = [range(len(r.context_ids) - 1, n) for r, n in zip(batch, lengths)]
         keep = sorted({p for span in needed for p in span})
         extra = {"logits_to_keep": torch.tensor(keep, device=self.device)} if self.keep_logits else {}
@@ -251,7 +253,7 @@ class _Scorer:
             raise TypeError("the model returned no key/value cache")
         rows = torch.tensor([i for i, _, _ in tails], device=self.device)
         cache.reorder_cache(rows)
-        tail_ids, tail_mask = _pad([rest[:-1] for _, _, rest in tails], self.pad, self.device)
+        tail_ids, tail_mask = pad_rows([rest[:-1] for _, _, rest in tails], self.pad, self.device)
         positions = rows.new_tensor(lengths)[rows][:, None] + torch.arange(tail_ids.shape[1], device=self.device)
         logits = self.model(input_ids=tail_ids, attention_mask=torch.cat([mask[rows], tail_mask], 1),
                             position_ids=positions, use_cache=False, **{self.cache_arg: cache}).logits

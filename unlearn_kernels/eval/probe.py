@@ -2,7 +2,7 @@
 
 For each question, the feature is the layer-l residual stream at the last token of the
 question's evaluation context — lm-eval's cloze prompt ``Question: {q}\nAnswer:`` encoded with
-its BOS rule (:func:`~unlearn_kernels.eval.multiple_choice.encode`), i.e. exactly where the
+its BOS rule (:func:`~unlearn_kernels.eval.multiple_choice.encode_many`), i.e. exactly where the
 evaluator reads the answer's first-token distribution. Per attribute, a multinomial logistic
 regression is fitted on questions whose facts the model is meant to *keep* knowing and
 scored on the forget questions. A model that hid the answer only at the output keeps a high
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..models.layers import layer_output
-from .multiple_choice import encode
+from .multiple_choice import encode_many, pad_rows
 from .prompts import cloze_context
 
 
@@ -26,13 +26,11 @@ def question_features(model, tokenizer, questions, layer: int, batch_size: int =
     """``[n, d]`` layer-``layer`` activations at the last context token of each question."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = [encode(tokenizer, cloze_context(q.question)) for q in questions]
+    rows = encode_many(tokenizer, [cloze_context(q.question) for q in questions])
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=device)
+        ids, mask = pad_rows(chunk, pad, device)
         h = layer_output(model, layer, ids, mask).float()
         last = torch.tensor([len(r) - 1 for r in chunk], device=device)
         out.append(h[torch.arange(len(chunk), device=device), last].cpu().numpy())

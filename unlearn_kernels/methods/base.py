@@ -37,18 +37,6 @@ from ..data.loaders import QAPair
 from ..models.layers import check_layer, parameters_matching
 
 MODEL_KEYS = ("input_ids", "attention_mask")
-REPORT_SCHEMA = 1
-PROJECTIONS_FILE = "unlearn_projections.safetensors"
-MASKS_FILE = "unlearn_masks.safetensors"
-
-
-def _versions() -> dict:
-    import transformers
-
-    import unlearn_kernels
-
-    return {"unlearn_kernels": unlearn_kernels.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
 
 
 def _git_commit() -> str | None:
@@ -395,15 +383,15 @@ class UnlearningMethod:
         raise NotImplementedError
 
     def report(self) -> dict:
-        import unlearn_kernels
+        from ..models.io import MASKS, PROJECTIONS
+        from ..models.output_dir import marker, versions
 
         changes = getattr(self, "changes", {})
-        needs = ([PROJECTIONS_FILE] if self.projections() else []) + ([MASKS_FILE] if self.saved_masks() else [])
-        return {"unlearn_kernels": {"version": unlearn_kernels.__version__, "report_schema": REPORT_SCHEMA,
-                                    "git_commit": _git_commit()},
+        needs = ([PROJECTIONS] if self.projections() else []) + ([MASKS] if self.saved_masks() else [])
+        return {"unlearn_kernels": marker(git_commit=_git_commit()),
                 "method": self.name, "config": dataclasses.asdict(self.config),
                 "updated_parameters": {n: {"max_abs_delta": d} for n, d in sorted(changes.items()) if d > 0},
                 "selected_but_unchanged": sorted(n for n, d in changes.items() if d == 0),
                 "needs": needs, "data": self.data, "history": self.history,
                 "final_losses": self.history[-1] if self.history else None,
-                **getattr(self, "run_info", {}), "versions": _versions()}
+                **getattr(self, "run_info", {}), "versions": versions()}

@@ -9,8 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .export import PROJECTIONS  # noqa: F401  (MRP: "layer.<l>" -> U [d, r])
 
-PROJECTIONS = "unlearn_projections.safetensors"   # MRP: "layer.<l>" -> U [d, r]
 MASKS = "unlearn_masks.safetensors"               # SIMU: parameter name -> neuron mask
 
 
@@ -33,7 +33,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict |
 
     from . import export
 
-    from .output_dir import MARKER, check_output_path, fix_permissions, make_staging, swap_into_place
+    from .output_dir import MARKER, check_output_path, fix_permissions, make_staging, marker, swap_into_place
     from .portable import make_tokenizer_portable
 
     _check_carried_projections(model, projections)
@@ -53,9 +53,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict |
             report = {**report, "loading": export.loading_info(projected=bool(projections))}
         report = dict(report or {})
         if not isinstance(report.get(MARKER), dict):     # every output is marked as ours
-            import unlearn_kernels
-
-            report[MARKER] = {"version": unlearn_kernels.__version__, "report_schema": 1}
+            report[MARKER] = marker()
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
         if masks:
             save_file({k: v.detach().cpu().contiguous() for k, v in masks.items()}, str(tmp / MASKS))
@@ -99,9 +97,9 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes it private; a report is an ordinary file
+        from .output_dir import umask
+
+        os.chmod(tmp, 0o666 & ~umask())   # mkstemp makes it private; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

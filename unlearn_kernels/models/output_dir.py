@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 
 MARKER = "unlearn_kernels"
+REPORT_SCHEMA = 1
 STAGING_FILE = ".unlearn_kernels_staging"
 SPACE_FACTOR = 1.2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -40,6 +41,31 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 class OutputPathError(ValueError):
     """An output path that may not be written (one line, names the path)."""
+
+
+def marker(**extra) -> dict:
+    """The ``"unlearn_kernels"`` entry of a report.json: what makes a folder an output of ours."""
+    import unlearn_kernels
+
+    return {"version": unlearn_kernels.__version__, "report_schema": REPORT_SCHEMA, **extra}
+
+
+def versions() -> dict:
+    """Versions of the package and of what it ran on (lm-eval when installed)."""
+    import torch
+    import transformers
+
+    import unlearn_kernels
+
+    out = {"unlearn_kernels": unlearn_kernels.__version__, "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    try:
+        import lm_eval
+
+        out["lm_eval"] = lm_eval.__version__
+    except ImportError:
+        pass
+    return out
 
 
 def is_previous_output(path: Path | str) -> bool:
@@ -123,7 +149,8 @@ def remove_stale_staging(out: Path) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -141,7 +168,7 @@ def make_staging(out: Path) -> Path:
 
 def fix_permissions(folder: Path) -> None:
     """Files 0666 and folders 0777, less the umask (temp-file helpers create 0600)."""
-    mask = _umask()
+    mask = umask()
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
