@@ -12,6 +12,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} UNLEARN_KERNELS_CUDA=1 MAX_JOBS=16 \
   pip install -e . --no-build-isolation --no-deps -q 2>&1 | tail -20 | tee "$out/build.log"
 python -m unlearn_kernels.cli selfcheck 2>&1 | tee "$out/selfcheck.md"
+python -m pytest -q tests/test_gpu_methods.py 2>&1 | tail -15 | tee "$out/gpu_methods.log"
 python -m pytest -q -x tests 2>&1 | tail -30 | tee "$out/tests.log"
 for bench in bench_ops bench_low_rank bench_simu_scores bench_sophia; do
   python "benchmarks/$bench.py" 2>&1 | tee "$out/$bench.md"

@@ -162,8 +162,11 @@ def test_methods_command_lists_methods_and_settings(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0 and all(name in out for name in registry)
     code, out, _ = run(capsys, "methods", "SRMU")
-    assert code == 0 and "| sparsity | float | 0.1 | fraction of features" in out
-    assert all(f"| {f} |" in out for f in ("lr", "layer", "beta", "anchor_forget"))
+    assert code == 0 and "| sparsity | float | 0.4 | fraction of features" in out
+    assert "| layer | int or None | auto | decoder layer whose output the loss reads" in out
+    assert "| lr | float or None | auto |" in out and "| master_dtype | str or None | None |" in out and "| steering |" not in out.split("| lr |")[0]
+    assert all(f"| {f} |" in out for f in ("lr", "layer", "beta", "anchor_forget", "grad_accum", "master_dtype",
+                                           "checkpointing"))
     code, _, err = run(capsys, "methods", "Nope")
     assert code == 2 and "unknown method" in err
 

@@ -16,7 +16,8 @@ pytest.importorskip("transformers")
 SETTINGS = {
     "RMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], steering=10.0, alpha=10.0, lr=1e-3),
     "AdaptiveRMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], lr=1e-3),
-    "SRMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], lr=1e-3, stats_batches=2),
+    "SRMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], lr=1e-3, stats_batches=2, sparsity=0.1,
+                 temperature=0.25),
     "GradAscent": dict(update=["layers.1.mlp.*"], lr=1e-3),
     "GradDiff": dict(update=["layers.1.mlp.*"], lr=1e-3),
     "NPO": dict(update=["layers.1.mlp.*"], lr=1e-3),

@@ -13,15 +13,20 @@ def test_weights_that_get_no_gradient_are_refused_by_name():
     model, tokenizer = tiny.load()
     bench = entangled.generate(0.25)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    # the loss is at layer 1: layer 2's down_proj is selected but gets no gradient
-    method = registry["RMU"](model, tokenizer, layer=1, update=["layers.{1,2}.mlp.down_proj"], steps=3,
+    # the loss is at layer 1: layer 2's down_proj is above it -- refused when the method is built
+    with pytest.raises(ValueError, match=r"1 selected parameter\(s\) sit above the loss layer 1.*layers\.2\.mlp\.down_proj"):
+        registry["RMU"](model, tokenizer, layer=1, update=["layers.{1,2}.mlp.down_proj"], steps=3)
+    with pytest.raises(ValueError, match=r"sit above the loss layer 1.*layers\.3\.mlp\.down_proj"):
+        registry["SRMU"](model, tokenizer, layer=1, update=["layers.3.mlp.down_proj"], steps=3)
+    # outside the layer list (the final norm runs after the last layer): caught at the first step
+    method = registry["RMU"](model, tokenizer, layer=1, update=["layers.1.mlp.down_proj", "model.norm"], steps=3,
                              batch_size=4, lr=1e-3, progress=False)
-    with pytest.raises(ValueError, match=r"1 selected parameter\(s\) get no gradient.*layers\.2\.mlp\.down_proj"):
+    with pytest.raises(ValueError, match=r"1 selected parameter\(s\) get no gradient.*model\.norm\.weight"):
         method.fit(bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts()))
-    only_above = registry["RMU"](model, tokenizer, layer=1, update=["layers.3.mlp.down_proj"], steps=3,
-                                 batch_size=4, lr=1e-3, progress=False)
+    only_norm = registry["RMU"](model, tokenizer, layer=1, update=["model.norm"], steps=3, batch_size=4, lr=1e-3,
+                                progress=False)
     with pytest.raises(ValueError, match="no selected parameter gets a gradient"):
-        only_above.fit(bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts()))
+        only_norm.fit(bench.corpus(bench.forget_facts()), bench.corpus(bench.retain_facts()))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

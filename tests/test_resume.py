@@ -112,3 +112,22 @@ def test_cli_killed_with_sigterm_then_resumed_equals_uninterrupted(tmp_path):
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_resume_with_fp32_masters_and_accumulation(tmp_path):
+    """bf16 model, fp32 masters, two batches per step: the masters travel in the checkpoint."""
+    def go(**fit):
+        model, tokenizer = tiny.load(dtype=torch.bfloat16)
+        method = registry["RMU"](model, tokenizer, steps=STEPS, batch_size=2, grad_accum=2, master_dtype="float32",
+                                 progress=False, **SETTINGS["RMU"])
+        return method.fit(*data(), **fit)
+
+    reference = go()
+    with pytest.raises(RunInterrupted):
+        go(checkpoint=KilledAfter(tmp_path / "ckpt", every=0))
+    resumed = go(checkpoint=Checkpointer(tmp_path / "ckpt", every=2), resume=True)
+    assert all(m.dtype == torch.float32 for m in resumed.optimized.values())
+    for key, value in reference.params.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, resumed.params[key]), key
+        assert torch.equal(reference.optimized[key], resumed.optimized[key]), key
+    assert resumed.history == reference.history

@@ -247,32 +247,11 @@ def _methods(args) -> int:
 
 
 def _method_config(method_class, settings: dict):
-    """The method's config with ``settings`` applied, checked before the model is loaded."""
-    import dataclasses
-
+    """The method's config with ``settings`` applied, typed and checked before the model is loaded."""
     from .methods.base import check_finite_config
+    from .methods.settings import make_config
 
-    fields = [f.name for f in dataclasses.fields(method_class.config_class)]
-    unknown = sorted(set(settings) - set(fields))
-    if unknown:
-        raise ValueError(f"{method_class.name} has no setting {', '.join(unknown)}; its settings: {', '.join(fields)}")
-    defaults = method_class.config_class()
-    typed = {}
-    for key, value in settings.items():
-        default = getattr(defaults, key)
-        # YAML reads 5e-5 (no dot) as a string: numbers are converted by the field's type
-        if isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"setting {key} expects a number, got {value!r}") from None
-        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise ValueError(f"setting {key} expects an integer, got {value!r}") from None
-        typed[key] = value
-    config = dataclasses.replace(defaults, **typed)
+    config = make_config(method_class.config_class, **settings)
     check_finite_config(config)
     return config
 

@@ -27,14 +27,17 @@ import math
 import time
 import random
 import warnings
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..data.loaders import QAPair
-from ..models.layers import check_layer, parameters_matching
+from ..models.layers import check_layer, layer_index_of, parameters_matching
+from ..models.roles import ROLES, find_roles, hidden_size
+from .settings import make_config
 
 MODEL_KEYS = ("input_ids", "attention_mask")
 
@@ -54,13 +57,18 @@ def _git_commit() -> str | None:
 
 @dataclass
 class MethodConfig:
-    """Fields every method has."""
+    """Fields every method has. ``None`` (``auto`` on the command line) is chosen from the model
+    when the method is built (``models.roles``) and recorded in the report."""
 
-    update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.down_proj"])  # weights to change (glob/brace patterns)
-    lr: float = 5e-5          # learning rate
-    batch_size: int = 4       # texts per step (each of forget and retain)
+    update: list[str] | None = None  # weights to change (glob/brace patterns); auto: the method's MLP band by structure
+    lr: float | None = None   # learning rate; auto: the method's 7B rate x 4096 / hidden size
+    batch_size: int = 4       # texts per batch (each of forget and retain)
     max_length: int = 512     # tokens per text (longer ones are truncated)
-    steps: int = 0            # 0: one pass over the forget batches
+    steps: int = 0            # optimizer steps; 0: epochs passes over the forget set
+    epochs: int = 1           # passes over the forget set when steps is 0
+    grad_accum: int = 1       # batches per optimizer step (gradients averaged)
+    master_dtype: str | None = None  # float32: fp32 master copies of the updated weights of a bf16/fp16 model
+    checkpointing: bool = False  # activation checkpointing: decoder layers recompute their activations in backward
     seed: int = 0             # seeds the batch order and every random draw
     backend: str = "auto"     # fused-op backend
     progress: bool = True     # progress bar
@@ -151,6 +159,34 @@ def collate_qa(tokenizer, rows: list[tuple[list[int], list[int]]], device) -> di
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@contextmanager
+def activation_checkpointing(model: nn.Module):
+    """Within the block every decoder layer's ``forward`` runs under
+    ``torch.utils.checkpoint`` (non-reentrant): its activations are recomputed in backward
+    instead of stored. Forward hooks (the stop at layer l, MRP's projection) stay outside the
+    recomputation, so they run once, as without checkpointing; any model with a decoder-layer
+    list works, HF's ``gradient_checkpointing_enable`` is not needed."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    from ..models.layers import decoder_layers
+
+    def wrapped(forward, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layers = list(decoder_layers(model))
+    for layer in layers:
+        layer.forward = partial(wrapped, layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 class NonFiniteError(FloatingPointError):
     """A loss term or an updated weight stopped being finite: the run is aborted, nothing saved."""
 
@@ -184,25 +220,77 @@ class UnlearningMethod:
     config_class = MethodConfig
 
     def __init__(self, model: nn.Module, tokenizer, config: MethodConfig | None = None, **overrides):
-        self.config = dataclasses.replace(config or self.config_class(), **overrides)
+        self.config = make_config(self.config_class, config, **overrides)
         self.model = model
         self.tokenizer = tokenizer
         self.history: list[dict] = []
         self.data: dict = {}
+        check_finite_config(self.config)
+        self._refuse_unused()
+        self.chosen = self.resolve_defaults()
         self.check_config()
         self.params = parameters_matching(model, self.config.update) if self.config.update else {}
+        self.check_selection()
 
-    def check_config(self) -> None:
-        """Raise ValueError on a config that cannot run (before any work)."""
-        check_finite_config(self.config)
+    # --- defaults and checks ---------------------------------------------------------------
+    reference_lr = 5e-5                    # the rate at hidden 4096 (7B) that auto lr scales from
+    default_roles: tuple[str, ...] = ROLES  # MLP projections of the band a default update selects
+
+    def model_roles(self):
+        """The model's MLP roles (``models.roles.find_roles``), found once."""
+        if getattr(self, "_roles", None) is None:
+            self._roles = find_roles(self.model)
+        return self._roles
+
+    def resolve_defaults(self) -> dict:
+        """Fill the ``None`` fields from the model (``models.roles``): the loss layer
+        ``max(2, round(7/32 · depth))``, the update band (the ``default_roles`` projections of
+        that layer and the two below it) and the learning rate ``reference_lr · 4096 / hidden``
+        (Adam's step on a hidden matrix scales as 1/width, so the published 7B value carries
+        over). Returns what was chosen (recorded in the report)."""
+        config, chosen = self.config, {}
+        has_layer = hasattr(config, "layer")
+        if (has_layer and config.layer is None) or config.update is None:
+            roles = self.model_roles()
+            layer = config.layer if has_layer and config.layer is not None else roles.default_layer()
+            if has_layer and config.layer is None:
+                chosen["layer"] = layer
+            if config.update is None:
+                chosen["update"] = roles.patterns(roles.band(check_layer(self.model, layer)), self.default_roles)
+        if config.lr is None:
+            chosen["lr"] = float(f"{self.reference_lr * 4096 / hidden_size(self.model):.3g}")
+        self.config = dataclasses.replace(config, **chosen)
+        return chosen
+
+    def _refuse_unused(self) -> None:
         defaults = self.config_class()
         for name, why in self.unused_settings.items():
             if getattr(self.config, name) != getattr(defaults, name):
                 raise ValueError(f"{self.name} does not use the setting {name} ({why}); leave it out")
-        if self.config.lr <= 0 or self.config.batch_size < 1 or self.config.steps < 0:
-            raise ValueError(f"{self.name}: lr must be > 0, batch_size >= 1 and steps >= 0 (got {self.config})")
-        if hasattr(self.config, "layer"):
-            check_layer(self.model, self.config.layer)
+
+    def check_config(self) -> None:
+        """Raise ValueError on a config that cannot run (before any work)."""
+        c = self.config
+        if c.lr <= 0 or c.batch_size < 1 or c.steps < 0 or c.grad_accum < 1 or c.max_length < 1 or c.epochs < 1:
+            raise ValueError(f"{self.name}: lr must be > 0, batch_size, grad_accum and max_length >= 1 and "
+                             f"steps >= 0, epochs >= 1 (got lr={c.lr}, epochs={c.epochs}, batch_size={c.batch_size}, grad_accum={c.grad_accum}, "
+                             f"max_length={c.max_length}, steps={c.steps})")
+        if c.master_dtype not in (None, "float32"):
+            raise ValueError(f"{self.name}: master_dtype must be float32 or unset, got {c.master_dtype!r}")
+        if hasattr(c, "layer"):
+            check_layer(self.model, c.layer)
+
+    def check_selection(self) -> None:
+        """Representation methods read layer ``layer``: a selected weight above it gets no
+        gradient and is refused by name here, before any work."""
+        if not self.params or not getattr(self, "reads_layer", False):
+            return
+        top = check_layer(self.model, self.config.layer)
+        above = sorted(n for n in self.params if (layer_index_of(self.model, n) or 0) > top)
+        if above:
+            raise ValueError(f"{self.name}: {len(above)} selected parameter(s) sit above the loss layer {top} and "
+                             f"would get no gradient: {', '.join(above[:4])}{' ...' if len(above) > 4 else ''}; "
+                             f"choose weights in layers 0..{top}")
 
     # --- data -----------------------------------------------------------------------------
     def batches(self, items: list, seed_offset: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -234,7 +322,8 @@ class UnlearningMethod:
             yield {k: v.to(device) for k, v in enc.items() if k in MODEL_KEYS}
 
     def num_steps(self, forget: list) -> int:
-        return self.config.steps or -(-len(forget) // self.config.batch_size)
+        per_step = self.config.batch_size * self.config.grad_accum
+        return self.config.steps or -(-self.config.epochs * len(forget) // per_step)
 
     # --- the loop --------------------------------------------------------------------------
     def fit(self, forget: list, retain: list, *, checkpoint=None, resume: bool = False) -> "UnlearningMethod":
@@ -265,6 +354,7 @@ class UnlearningMethod:
             p.requires_grad_(True)
         self.model.train()
         self.setup(forget, retain)
+        self.optimized = self._master_copies()
         self.optimizer = self.make_optimizer()
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
@@ -274,11 +364,12 @@ class UnlearningMethod:
             if checkpoint is None:
                 raise ValueError(f"{self.name}: resume=True needs a checkpoint")
             start = checkpoint.load(self) + 1
-            for _ in range(start):       # replay the batch order without running the steps
+            for _ in range(start * self.config.grad_accum):   # replay the batch order without the steps
                 next(forget_batches)
                 if retain_batches is not None:
                     next(retain_batches)
-        with checkpoint if checkpoint is not None else nullcontext():
+        checkpointed = activation_checkpointing(self.model) if self.config.checkpointing else nullcontext()
+        with checkpoint if checkpoint is not None else nullcontext(), checkpointed:
             bar = tqdm(range(start, steps), desc=self.name, disable=not self.config.progress, leave=False)
             for step in bar:
                 self._step(step, forget_batches, retain_batches, bar)
@@ -294,17 +385,24 @@ class UnlearningMethod:
         return self
 
     def _step(self, step: int, forget_batches, retain_batches, bar) -> None:
-        """One optimisation step: loss, finiteness checks, backward, update, history."""
+        """One optimisation step: ``grad_accum`` batches of loss and backward (each loss divided by
+        ``grad_accum``, so the gradient is their mean), finiteness checks, update, history."""
         optimizer = self.optimizer
-        losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
-        check_finite(self.name, step, losses)
-        total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
-        if not self._checked_gradients and not total.requires_grad:
-            raise ValueError(f"{self.name}: no selected parameter gets a gradient from the loss "
-                             f"({', '.join(sorted(self.params)) or 'none selected'}): choose weights at or below "
-                             "the loss layer with update=[...]")
-        total.backward()
+        for p in self.params.values():
+            p.grad = None
+        totals: dict[str, float] = {}
+        for _ in range(self.config.grad_accum):
+            losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
+            check_finite(self.name, step, losses)
+            total = sum(losses.values())
+            if not self._checked_gradients and not total.requires_grad:
+                raise ValueError(f"{self.name}: no selected parameter gets a gradient from the loss "
+                                 f"({', '.join(sorted(self.params)) or 'none selected'}): choose weights at or "
+                                 "below the loss layer with update=[...]")
+            (total / self.config.grad_accum).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.config.grad_accum
         if not self._checked_gradients:
             idle = sorted(n for n, p in self.params.items() if p.grad is None)
             if idle:
@@ -312,12 +410,35 @@ class UnlearningMethod:
                                  f"and would not change: {', '.join(idle[:6])}{' ...' if len(idle) > 6 else ''} "
                                  "(above the loss layer?); drop them from update")
             self._checked_gradients = True
+        masters = self.optimized is not self.params
+        if masters:
+            for name, p in self.params.items():
+                self.optimized[name].grad = None if p.grad is None else p.grad.to(torch.float32)
         self.before_step()
         optimizer.step()
-        check_finite(self.name, step, {}, self.params)
-        record = {k: float(v.detach()) for k, v in losses.items()}
-        self.history.append({"step": step, **record})
-        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()})
+        if masters:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(self.optimized[name])
+        check_finite(self.name, step, {}, self.optimized)
+        self.history.append({"step": step, **totals})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in totals.items()})
+
+    def _master_copies(self) -> dict[str, torch.Tensor]:
+        """What the optimizer updates: the selected weights themselves, or with
+        ``master_dtype="float32"`` fp32 copies of those held in a lower precision (the model,
+        its activations and frozen copies stay in the model's dtype; each step rounds the
+        masters into the model's weights, as mixed-precision training does)."""
+        if self.config.master_dtype is None or all(p.dtype == torch.float32 for p in self.params.values()):
+            return self.params
+        return {n: p.detach().to(torch.float32).clone().requires_grad_(True) for n, p in self.params.items()}
+
+    def chosen_by_structure(self) -> dict:
+        """The settings filled from the model (``resolve_defaults``) and the roles they came from."""
+        if not self.chosen:
+            return {}
+        roles = getattr(self, "_roles", None)
+        return {**self.chosen, **({"roles": roles.describe()} if roles is not None else {})}
 
     def extra_state(self) -> dict:
         """JSON-able counters a checkpoint must carry besides weights and optimizer state."""
@@ -374,7 +495,7 @@ class UnlearningMethod:
         """Work before the first step (frozen copies, statistics)."""
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(list(self.params.values()), lr=self.config.lr, weight_decay=0.0)
+        return torch.optim.AdamW(list(self.optimized.values()), lr=self.config.lr, weight_decay=0.0)
 
     def before_step(self) -> None:
         """Called between backward and the optimizer step."""
@@ -390,6 +511,7 @@ class UnlearningMethod:
         needs = ([PROJECTIONS] if self.projections() else []) + ([MASKS] if self.saved_masks() else [])
         return {"unlearn_kernels": marker(git_commit=_git_commit()),
                 "method": self.name, "config": dataclasses.asdict(self.config),
+                "chosen_by_structure": self.chosen_by_structure(),
                 "updated_parameters": {n: {"max_abs_delta": d} for n, d in sorted(changes.items()) if d > 0},
                 "selected_but_unchanged": sorted(n for n, d in changes.items() if d == 0),
                 "needs": needs, "data": self.data, "history": self.history,

@@ -2,7 +2,8 @@
 
 A checkpoint folder holds, after step ``k``:
 
-- ``tensors.safetensors``: the updated weights (``param.<name>``), every tensor of the
+- ``tensors.safetensors``: the updated weights (``param.<name>``; their fp32 masters
+  ``master.<name>`` with ``master_dtype``), every tensor of the
   optimizer state (``optim.<index>.<key>``) and the torch RNG state (``rng.cpu``, and
   ``rng.cuda`` on a GPU);
 - ``state.json``: the step, the optimizer's non-tensor state and param groups, the method's
@@ -104,6 +105,8 @@ class Checkpointer:
 
         opt_tensors, opt_plain = _flatten_optimizer(method.optimizer.state_dict())
         tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in method.params.items()}
+        if method.optimized is not method.params:      # fp32 masters (master_dtype)
+            tensors.update({f"master.{n}": p.detach().cpu().contiguous() for n, p in method.optimized.items()})
         tensors.update(opt_tensors)
         tensors["rng.cpu"] = torch.get_rng_state()
         device = next(method.model.parameters()).device
@@ -136,6 +139,9 @@ class Checkpointer:
         with torch.no_grad():
             for name, p in method.params.items():
                 p.copy_(tensors[f"param.{name}"])
+            if method.optimized is not method.params:
+                for name, p in method.optimized.items():
+                    p.copy_(tensors[f"master.{name}"])
         method.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
         method.load_extra_state(state["extra_state"])
         method.history = state["history"]

@@ -11,12 +11,15 @@ non-padding token of a text; only the answer tokens of a ``QAPair``, marked by t
   (the NPO+RT form; ``γ = 0`` gives plain NPO). The reference shares every weight but the
   updated ones (``FrozenCopy``).
 
-Published setups update all weights; ``update`` selects a subset (``["*"]`` for all).
+Published setups update all weights on 7B models; the default here updates the MLPs of the
+band RMU reads (``models.roles``: layers ``l−2 … l`` with ``l = max(2, round(7/32 · depth))``)
+at ``1e-5 · 4096 / hidden``, which forgets on small models without rewriting the embeddings
+and the head; ``update=["*"]`` selects everything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +47,15 @@ def nll(model, batch) -> torch.Tensor:
 
 @dataclass
 class LossConfig(MethodConfig):
-    update: list[str] = field(default_factory=lambda: ["*"])  # weights to change (all by default)
-    lr: float = 1e-5           # learning rate (AdamW)
     retain_weight: float = 1.0   # γ: weight of the retain NLL
+    epochs: int = 5           # passes over the forget set when steps is 0 (TOFU's 5)
 
 
-class GradAscent(UnlearningMethod):
+class _LossMethod(UnlearningMethod):
+    reference_lr = 1e-5       # TOFU/NPO's 7B fine-tuning rate (AdamW)
+
+
+class GradAscent(_LossMethod):
     """``L = −NLL(forget)``."""
 
     name = "GradAscent"
@@ -60,7 +66,7 @@ class GradAscent(UnlearningMethod):
         return {"forget": -nll(self.model, forget_batch)}
 
 
-class GradDiff(UnlearningMethod):
+class GradDiff(_LossMethod):
     """``L = −NLL(forget) + γ · NLL(retain)``."""
 
     name = "GradDiff"
@@ -76,7 +82,7 @@ class NPOConfig(LossConfig):
     beta: float = 0.1          # NPO's inverse temperature
 
 
-class NPO(UnlearningMethod):
+class NPO(_LossMethod):
     """Negative preference optimisation against the frozen reference (+ retain NLL)."""
 
     name = "NPO"

@@ -22,24 +22,29 @@ re-attached by ``models.io.load_local``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from ..models.layers import check_layer, decoder_layers, layer_output
 from ..ops import forget_basis, grow_basis, masked_gram, projection_hook
+from ..ops.low_rank_basis import retain_subspace
 from .base import MethodConfig, UnlearningMethod, check_finite
 from .loss_based import nll
 
 
+AUTO_RANK = 32   # directions of an auto rank (on the embedded 128-wide model: forget 0.72, retain 0.98)
+
+
 @dataclass
 class MRPConfig(MethodConfig):
-    layer: int = 7             # decoder layer whose output is projected
-    update: list[str] = field(default_factory=list)   # MRP changes no weight
-    rank: int = 8              # directions removed per request
-    retain_energy: float = 0.99  # share of the retain Gram trace kept out of the basis
+    layer: int | None = None   # decoder layer whose output is projected; auto: max(2, round(7/32 · depth))
+    update: list[str] | None = field(default_factory=list)   # MRP changes no weight
+    rank: int | None = None    # directions removed per request; auto: 32, fewer if the retain subspace leaves less
+    retain_energy: float = 0.95  # share of the retain Gram trace kept out of the basis
     stats_batches: int = 16    # batches per set for the Gram matrices
-    train_steps: int = 0       # GradDiff steps training the basis (0: none)
+    train_steps: int = 80      # GradDiff steps training the basis (0: none)
     retain_weight: float = 1.0  # γ of the basis training
     lr: float = 1e-3           # learning rate of the basis training
 
@@ -50,7 +55,11 @@ class MRP(UnlearningMethod):
     name = "MRP"
     config_class = MRPConfig
     unused_settings = {"steps": "the basis comes from statistics; train_steps trains it",
-                       "update": "MRP changes no weight, only adds a projection"}
+                       "update": "MRP changes no weight, only adds a projection",
+                       "grad_accum": "the basis training takes one batch per step",
+                       "epochs": "the basis comes from statistics; train_steps trains it",
+                       "master_dtype": "MRP changes no weight; the basis is kept in fp32",
+                       "checkpointing": "the statistics run without gradients and the basis training is short"}
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)
@@ -59,7 +68,7 @@ class MRP(UnlearningMethod):
 
     def check_config(self) -> None:
         super().check_config()
-        if self.config.rank < 1:
+        if self.config.rank is not None and self.config.rank < 1:
             raise ValueError(f"MRP: rank must be >= 1, got {self.config.rank}")
 
     @torch.no_grad()
@@ -91,6 +100,10 @@ class MRP(UnlearningMethod):
         self._start_run()
         self.model.eval()
         self.gram_retain = self.gram(retain, 1)
+        if self.config.rank is None:
+            left = self.gram_retain.shape[0] - retain_subspace(self.gram_retain, self.config.retain_energy).shape[1]
+            self.chosen["rank"] = max(1, min(AUTO_RANK, left))
+            self.config = dataclasses.replace(self.config, rank=self.chosen["rank"])
         basis = forget_basis(self.gram(forget, 0), self.gram_retain, self.config.rank,
                              retain_energy=self.config.retain_energy)
         self._attach(basis)

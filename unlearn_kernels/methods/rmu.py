@@ -7,7 +7,8 @@ being updated, ``h₀`` that of the frozen model, ``u ~ U[0,1)^d`` normalised an
 
 on forget (f) and retain (r) tokens, updating only a few MLP down-projections at and below
 ``l`` (published 7B defaults: l = 7, layers 5–7, c = 6.5, α = 1200, lr 5e-5, batch 4, 512
-tokens). Padding tokens are masked out (the reference script averages over them too).
+tokens; here ``l`` and the band are fractions of depth and lr scales as 4096 / hidden size,
+see ``models.roles`` and ``MethodConfig``). Padding tokens are masked out (the reference script averages over them too).
 
 Adaptive RMU (Dang et al., 2025): ``c = β · mean_t ‖h_f‖`` measured on the first forget
 batch with the unmodified model, so the target scales with the layer's activations.
@@ -22,14 +23,23 @@ separate forget from retain; elsewhere forget activations are anchored to the fr
 which leaves the features that forget and retain text share (entangled knowledge) in place.
 Choices the paper leaves open, taken here: a Fisher separability score, a soft top-k mask
 in log-score space (``sparsity``, ``temperature``) and an adaptive ``c`` (``beta``).
-``anchor_forget=False`` drops the anchor term on forget tokens (the unselected features
-then drift freely, as in RMU): on the embedded 4-layer model the anchor kept too much of
-the answer (forget accuracy 0.63 vs 0.28 at 25 % overlap), so the demo turns it off.
+``anchor_forget=False`` (the default) drops the anchor term on forget tokens (the
+unselected features then drift freely, as in RMU): on the embedded 4-layer model the anchor
+kept too much of the answer (forget accuracy 0.63 vs 0.28 at 25 % overlap).
+
+Defaults (none of them needs setting): the loss layer is a fraction of depth and the update
+band its MLP down-projections and those of the two layers below (``models.roles``); lr is the
+7B rate scaled by 4096 / hidden; RMU's c is 5 × the mean forget-activation norm when not given
+(the published c is per model: 6.5 for Zephyr-7B, 300 for Mixtral-8x7B); α = 100 and 150 steps
+(WMDP's batch budget). Chosen on the embedded model and checked on 6-, 12- and 32-layer ones
+(``benchmarks/defaults_by_depth.py``, table in ``benchmarks/RESULTS.md``): the published
+α = 1200 left forget accuracy at 1.00 there at every c and lr tried; α = 100 forgets (RMU 0.52,
+SRMU 0.70 at 25 % overlap, chance 0.25) with retain accuracy 1.00.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,11 +50,13 @@ from .base import MethodConfig, UnlearningMethod
 
 @dataclass
 class RMUConfig(MethodConfig):
-    layer: int = 7             # decoder layer whose output the loss reads
-    update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.down_proj"])  # at or below layer
-    steering: float = 6.5      # c
-    alpha: float = 1200.0      # retain weight
-    lr: float = 5e-5           # learning rate (AdamW)
+    layer: int | None = None   # decoder layer whose output the loss reads; auto: max(2, round(7/32 · depth))
+    steering: float | None = None  # c; auto: 5 x mean ‖h_forget‖ at the layer (published: 6.5 Zephyr-7B, 300 Mixtral)
+    alpha: float = 100.0       # retain weight (published 1200 at 7B stops all forgetting on small models)
+    steps: int = 150           # optimizer steps (WMDP's max_num_batches)
+
+
+AUTO_STEERING = 5.0   # c = 5 · mean ‖h_forget‖ when steering is auto (Adaptive RMU's β = 5 rule, once)
 
 
 class RMU(UnlearningMethod):
@@ -52,9 +64,20 @@ class RMU(UnlearningMethod):
 
     name = "RMU"
     config_class = RMUConfig
+    reads_layer = True
+    default_roles = ("down",)     # the MLP output projections of the loss layer and the two below
+    reference_lr = 5e-5       # WMDP's RMU rate at 7B
 
+    @torch.no_grad()
     def control_scale(self, forget_batch) -> float:
-        return self.config.steering
+        if self.config.steering is not None:
+            return self.config.steering
+        return AUTO_STEERING * self._forget_norm(forget_batch)
+
+    def _forget_norm(self, forget_batch) -> float:
+        """Mean ‖h‖ of the forget tokens at the loss layer, on the unmodified model."""
+        h = self.frozen_activations(forget_batch).float()
+        return float(h[forget_batch["attention_mask"].bool()].norm(dim=-1).mean())
 
     def setup(self, forget, retain):
         d = self.model.config.hidden_size
@@ -98,17 +121,15 @@ class AdaptiveRMU(RMU):
 
     @torch.no_grad()
     def control_scale(self, forget_batch) -> float:
-        h = self.frozen_activations(forget_batch).float()
-        valid = forget_batch["attention_mask"].bool()
-        return self.config.beta * float(h[valid].norm(dim=-1).mean())
+        return self.config.beta * self._forget_norm(forget_batch)
 
 
 @dataclass
 class SRMUConfig(AdaptiveRMUConfig):
-    sparsity: float = 0.1      # fraction of features the misdirection acts on
-    temperature: float = 0.25  # softness of the importance map (0: hard top-k)
+    sparsity: float = 0.4      # fraction of features the misdirection acts on
+    temperature: float = 0.1   # softness of the importance map (0: hard top-k)
     stats_batches: int = 16    # batches per set for the moments
-    anchor_forget: bool = True  # anchor the unselected features of forget tokens to the frozen model
+    anchor_forget: bool = False  # anchor the unselected features of forget tokens to the frozen model
 
 
 class SRMU(AdaptiveRMU):

@@ -6,8 +6,9 @@ SIMU, in two stages:
    the forget loss and of the retain loss is estimated by the Gauss-Newton/Fisher EMA
    ``h ← β h + (1 − β) g ⊙ g`` over ``score_batches`` batches (``hessian_ema_``). Each
    neuron gets the Optimal-Brain-Damage saliency ``s = ½ Σ h ⊙ w²`` over its weights
-   (``neuron_scores``; rows of up/gate projections, columns of down projections, the
-   dimension of size ``intermediate_size``), on both sets, and the top ``fraction`` by
+   (``neuron_scores``, on the MLP-neuron axis ``models.roles`` finds: rows of Linear up/gate
+   projections, columns of down projections, the other way round for Conv1D, per expert for
+   MoE weights ``[E, ·, ·]``), on both sets, and the top ``fraction`` by
    ``s_f / (s_r + ε)`` are selected per weight (``select_neurons``). ``scorer =
    "integrated_gradients"`` replaces the saliency by the paper's attribution
    ``|Σ W ⊙ mean_k ∇L(α_k W)|`` along the path ``α ∈ (0, 1]`` (``ig_steps`` points).
@@ -21,18 +22,19 @@ SO-GradDiff is GradDiff with the same Sophia optimizer on every selected weight,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..ops import hessian_ema_, neuron_scores, select_neurons
 from ..optim import MaskedSophia
+from ..models.roles import hidden_size
 from .loss_based import GradDiff, LossConfig, nll
 
 
 @dataclass
 class SOGradDiffConfig(LossConfig):
-    lr: float = 1e-4           # learning rate (Sophia)
+    epochs: int = 3            # passes over the forget set when steps is 0
     betas: tuple[float, float] = (0.965, 0.99)  # Sophia's EMA factors (gradient, Hessian)
     rho: float = 0.04          # Sophia's clipping scale
     weight_decay: float = 0.0  # decoupled weight decay
@@ -44,13 +46,15 @@ class SOGradDiff(GradDiff):
 
     name = "SO-GradDiff"
     config_class = SOGradDiffConfig
+    reference_lr = 3e-5        # 7B-equivalent Sophia rate (1e-3 on the 128-wide embedded model; SOUL's 1e-4
+                               # scaled to that width moved retain accuracy to 0.74)
 
     def masks(self) -> dict:
         return {}
 
     def make_optimizer(self):
         self._steps = 0
-        return MaskedSophia(list(self.params.values()), lr=self.config.lr, betas=self.config.betas,
+        return MaskedSophia(list(self.optimized.values()), lr=self.config.lr, betas=self.config.betas,
                             rho=self.config.rho, weight_decay=self.config.weight_decay,
                             masks=self.masks(), backend=self.config.backend)
 
@@ -68,8 +72,7 @@ class SOGradDiff(GradDiff):
 
 @dataclass
 class SIMUConfig(SOGradDiffConfig):
-    update: list[str] = field(default_factory=lambda: ["layers.{5,6,7}.mlp.{gate_proj,up_proj,down_proj}"])
-    fraction: float = 0.1          # neurons kept per weight
+    fraction: float = 0.1          # neurons kept per weight (per expert of an MoE weight)
     scorer: str = "obd"            # neuron scores: "obd" or "integrated_gradients"
     score_batches: int = 8         # batches per set for the neuron scores
     score_beta: float = 0.9        # EMA factor of the Hessian diagonals while scoring
@@ -84,7 +87,7 @@ class SIMU(SOGradDiff):
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)
-        self.params = {name: p for name, p in self.params.items() if p.dim() == 2}
+        self.params = {name: p for name, p in self.params.items() if p.dim() >= 2}
         if not self.params:
             raise ValueError(f"SIMU: {self.config.update} selects no 2-D weight to score neurons of")
         self._neuron_dims = self._find_neuron_dims()
@@ -96,23 +99,31 @@ class SIMU(SOGradDiff):
         if self.config.scorer not in ("obd", "integrated_gradients"):
             raise ValueError(f"SIMU: scorer must be 'obd' or 'integrated_gradients', got {self.config.scorer!r}")
 
-    def neuron_dim(self, weight: torch.Tensor) -> int:
-        """The MLP-neuron axis of a selected weight, by structure: the axis whose size is not the
-        model's hidden size (read off the input embeddings, so it holds for Llama's ``down_proj``
-        ``[d, w]``, GPT-2's Conv1D ``c_fc`` ``[d, w]`` and OPT's ``fc2`` ``[d, w]`` alike; a fused
-        ``gate_up_proj`` ``[2w, d]`` gives its 2w rows). A weight with no such single axis
-        (square, or neither side the hidden size) is refused rather than guessed."""
-        return self._neuron_dims[id(weight)]
+    def neuron_dim(self, name: str) -> int:
+        """The MLP-neuron axis of the selected weight ``name``: its role's axis from
+        ``models.roles`` (rows of a Linear up/gate ``[w, d]``, columns of a down ``[d, w]``,
+        the other way round for GPT-2's ``Conv1D``, axis 1/2 of MoE experts ``[E, ·, ·]``); for a
+        weight outside the role table, the one axis whose size is not the hidden size. A weight
+        with no such single axis (square, or neither side the hidden size) is refused rather
+        than guessed."""
+        return self._neuron_dims[name]
 
-    def _find_neuron_dims(self) -> dict[int, int]:
-        hidden = self.model.get_input_embeddings().weight.shape[1]
+    def _find_neuron_dims(self) -> dict[str, int]:
+        try:
+            roles = self.model_roles()
+        except ValueError:
+            roles = None
+        hidden = hidden_size(self.model)
         dims = {}
         for name, p in self.params.items():
-            axes = [axis for axis in (0, 1) if p.shape[axis] != hidden]
-            if len(axes) != 1:
-                raise ValueError(f"SIMU: cannot tell the MLP-neuron axis of {name} {list(p.shape)} (hidden size "
-                                 f"{hidden}): select MLP projections, whose one side is the hidden size")
-            dims[id(p)] = axes[0]
+            axis = roles.neuron_axis(name) if roles is not None else None
+            if axis is None:
+                axes = [a for a in (0, 1) if p.shape[a] != hidden] if p.dim() == 2 else []
+                if len(axes) != 1:
+                    raise ValueError(f"SIMU: cannot tell the MLP-neuron axis of {name} {list(p.shape)} (hidden "
+                                     f"size {hidden}): select MLP projections, whose one side is the hidden size")
+                axis = axes[0]
+            dims[name] = axis
         return dims
 
     def _hessians(self, texts: list[str], offset: int) -> dict[str, torch.Tensor]:
@@ -143,21 +154,53 @@ class SIMU(SOGradDiff):
                     p.copy_(originals[name])
         return {name: (originals[name].float() * total[name]).abs() for name in self.params}
 
+    def _scores(self, name: str, weight, hess_f, hess_r):
+        """(s_f, s_r) per neuron; an MoE weight ``[E, ·, ·]`` is scored per expert ``[E, w]``."""
+        axis = self.neuron_dim(name)
+        if weight.dim() == 2:
+            return neuron_scores(weight, hess_f, hess_r, dim=axis, backend=self.config.backend)
+        pairs = [neuron_scores(weight[e], hess_f[e], hess_r[e], dim=axis - 1, backend=self.config.backend)
+                 for e in range(weight.shape[0])]
+        return torch.stack([f for f, _ in pairs]), torch.stack([r for _, r in pairs])
+
     def setup(self, forget, retain):
         if self.config.scorer == "obd":
             h_f, h_r = self._hessians(forget, 21), self._hessians(retain, 22)
-            scores = {name: neuron_scores(p.detach(), h_f[name], h_r[name], dim=self.neuron_dim(p),
-                                          backend=self.config.backend) for name, p in self.params.items()}
+            scores = {name: self._scores(name, p.detach(), h_f[name], h_r[name]) for name, p in self.params.items()}
         else:
             a_f, a_r = self._integrated_gradients(forget, 21), self._integrated_gradients(retain, 22)
-            scores = {name: (a_f[name].sum(1 - self.neuron_dim(p)), a_r[name].sum(1 - self.neuron_dim(p)))
-                      for name, p in self.params.items()}
-        self.neuron_masks = {name: select_neurons(s_f, s_r, fraction=self.config.fraction)
-                             for name, (s_f, s_r) in scores.items()}
+            scores = {}
+            for name, p in self.params.items():
+                other = [a for a in range(p.dim()) if a != self.neuron_dim(name) and not (p.dim() == 3 and a == 0)]
+                scores[name] = (a_f[name].sum(other), a_r[name].sum(other))
+        self.neuron_masks = {name: self._select(s_f, s_r) for name, (s_f, s_r) in scores.items()}
+        # MoE weights are masked by restoring their unselected neurons after each step
+        self._expert_originals = {name: p.detach().clone() for name, p in self.params.items() if p.dim() == 3}
+
+    def _select(self, s_f, s_r):
+        if s_f.dim() == 1:
+            return select_neurons(s_f, s_r, fraction=self.config.fraction)
+        return torch.stack([select_neurons(f, r, fraction=self.config.fraction) for f, r in zip(s_f, s_r)])
+
+    def _expert_mask(self, name: str, p) -> torch.Tensor:
+        """The [E, w] neuron mask of an MoE weight broadcast to its shape."""
+        mask = self.neuron_masks[name].to(p.device)
+        return mask[:, :, None] if self.neuron_dim(name) == 1 else mask[:, None, :]
 
     def masks(self) -> dict:
-        return {p: (self.neuron_masks[name], self.neuron_dim(p) if self.neuron_dim(p) == 0 else -1)
-                for name, p in self.params.items()}
+        return {self.optimized[name]: (self.neuron_masks[name], self.neuron_dim(name) if self.neuron_dim(name) == 0
+                                       else -1)
+                for name, p in self.params.items() if p.dim() == 2}
+
+    def _step(self, step, forget_batches, retain_batches, bar):
+        super()._step(step, forget_batches, retain_batches, bar)
+        if self._expert_originals:
+            with torch.no_grad():
+                for name, original in self._expert_originals.items():
+                    for target in {id(self.params[name]): self.params[name],
+                                   id(self.optimized[name]): self.optimized[name]}.values():
+                        target.copy_(torch.where(self._expert_mask(name, target), target,
+                                                 original.to(target.dtype)))
 
     def saved_masks(self) -> dict:
         return dict(self.neuron_masks)

@@ -116,6 +116,22 @@ def read_bases(path: str, config) -> dict[int, torch.Tensor]:
     return bases
 
 
+def _take_base_weight_renamings() -> None:
+    """transformers 5 renames some checkpoint keys on load and back on save, looked up by class
+    name or ``model_type`` (GPT-NeoX's ``embed_out`` -> ``lm_head``). This class reads the base
+    architecture's checkpoints, so it takes the base's renamings (registered again before every
+    load and save: each projected folder's file defines a class of this name)."""
+    try:
+        from transformers import conversion_mapping
+    except ImportError:        # transformers 4: no renamings
+        return
+    renamings = (conversion_mapping.get_checkpoint_conversion_mapping(BASE_ARCHITECTURE)
+                 or conversion_mapping.get_checkpoint_conversion_mapping(BASE_MODEL_TYPE))
+    if renamings:
+        conversion_mapping.register_checkpoint_conversion_mapping("UnlearnProjectedForCausalLM", renamings,
+                                                                  overwrite=True)
+
+
 class UnlearnProjectedForCausalLM(BaseForCausalLM):
     """The base causal LM with ``h ← h − (h U_l) U_lᵀ`` after the listed decoder layers."""
 
@@ -143,6 +159,7 @@ class UnlearnProjectedForCausalLM(BaseForCausalLM):
 
         hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision",
                                       "subfolder", "proxies") if kwargs.get(k) is not None}
+        _take_base_weight_renamings()
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         path = cached_file(pretrained_model_name_or_path, PROJECTIONS_FILE, **hub)
@@ -158,6 +175,7 @@ class UnlearnProjectedForCausalLM(BaseForCausalLM):
             raise ValueError(f"config.json lists projections after layers {sorted(listed)}, the model has "
                              f"{sorted(self.unlearn_projections)}: refusing to save a folder that would "
                              "load differently from this model")
+        _take_base_weight_renamings()
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             spec = self.config.unlearning["projections"]

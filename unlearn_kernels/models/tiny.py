@@ -61,15 +61,16 @@ def build_model(vocab_size: int, hidden: int = 128, layers: int = 4, seed: int =
 
 
 def train(out_dir: Path = ASSET_DIR, steps: int = 3000, batch_size: int = 32, lr: float = 3e-3,
-          seed: int = 0) -> None:
-    """Train the default model on the whole universe of ``seed`` and save it atomically."""
+          seed: int = 0, hidden: int = 128, layers: int = 4) -> None:
+    """Train the default model (or one of another width and depth) on the whole universe of
+    ``seed`` and save it atomically."""
     from tqdm import tqdm
 
     from .io import save_pretrained_atomic
     from ..eval.multiple_choice import accuracy
 
     tokenizer = build_tokenizer(entangled.vocabulary(seed))
-    model = build_model(len(tokenizer), seed=seed)
+    model = build_model(len(tokenizer), hidden=hidden, layers=layers, seed=seed)
     bench = entangled.generate(seed=seed)
     corpus = bench.corpus()
     rng = random.Random(seed)
@@ -107,5 +108,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=ASSET_DIR)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args()
-    train(args.out, args.steps, seed=args.seed)
+    train(args.out, args.steps, lr=args.lr, seed=args.seed, hidden=args.hidden, layers=args.layers)
