@@ -27,13 +27,13 @@ from unlearn_kernels.models import tiny
 METHODS = ["RMU", "AdaptiveRMU", "SRMU", "MRP", "SIMU", "SO-GradDiff", "GradAscent", "GradDiff", "NPO"]
 
 
-def model_for(shape: str, work: Path, steps: int):
+def model_for(shape: str, work: Path, steps: int, lr: float):
     layers, hidden = (int(v) for v in shape.split("x"))
     if (layers, hidden) == (4, 128):
         return tiny.load()
     path = work / shape
     if not (path / "config.json").exists():
-        tiny.train(path, steps=steps, hidden=hidden, layers=layers)
+        tiny.train(path, steps=steps, lr=lr, hidden=hidden, layers=layers)
     return tiny.load(path)
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("defaults_by_depth"))
     parser.add_argument("--shapes", nargs="+", default=["4x128", "6x96", "12x64", "32x64"])
     parser.add_argument("--train-steps", type=int, default=3000)
+    parser.add_argument("--train-lr", type=float, default=3e-3, help="peak lr of the training recipe")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--overlap", type=float, default=0.25)
     args = parser.parse_args()
@@ -49,7 +50,7 @@ def main() -> None:
     print("| model | method | layer | update | lr | forget | retain | shared retain | time s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
-        base, tokenizer = model_for(shape, args.work, args.train_steps)
+        base, tokenizer = model_for(shape, args.work, args.train_steps, args.train_lr)
 
         def scores(model):
             return [accuracy(model, tokenizer, q) for q in

@@ -143,3 +143,20 @@ def test_every_method_runs_with_defaults(models, tokenizer, data, family, method
     ids = torch.tensor([[1, 5, 9, 14, 20, 3]])
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_errors_say_what_to_type(models, tokenizer):
+    with pytest.raises(ValueError, match=r"its MLP weights are transformer\.h\.\{0,1,2,3\}\.mlp\.\{c_fc,c_proj\}"):
+        registry["GradDiff"](models["gpt2"], tokenizer, update=["layers.{5,6,7}.mlp.down_proj"])
+    with pytest.raises(ValueError, match=r"layer 7 does not exist: the model has 4 decoder layers"):
+        registry["RMU"](models["opt"], tokenizer, layer=7)
+
+
+def test_encoder_decoders_are_refused(tokenizer):
+    bart = tf.BartForConditionalGeneration(tf.BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1,
+                                                         decoder_layers=1, encoder_attention_heads=4,
+                                                         decoder_attention_heads=4, encoder_ffn_dim=48,
+                                                         decoder_ffn_dim=48))
+    for name in ("RMU", "GradDiff", "MRP", "SIMU"):
+        with pytest.raises(ValueError, match="is an encoder-decoder"):
+            registry[name](bart, tokenizer)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
-import io
 import json
 import math
 import numbers

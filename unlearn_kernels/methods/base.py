@@ -221,6 +221,9 @@ class UnlearningMethod:
 
     def __init__(self, model: nn.Module, tokenizer, config: MethodConfig | None = None, **overrides):
         self.config = make_config(self.config_class, config, **overrides)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(f"{self.name}: {type(model).__name__} is an encoder-decoder; the methods unlearn "
+                             "decoder-only causal LMs")
         self.model = model
         self.tokenizer = tokenizer
         self.history: list[dict] = []

@@ -126,7 +126,9 @@ def describe(method_class) -> str:
     config = method_class.config_class()
     comments = field_comments(method_class.config_class)
     doc = (method_class.__doc__ or "").strip().splitlines()
-    lines = [f"{method_class.name}: {doc[0] if doc else ''}", "", "| setting | type | default | meaning |",
+    summary = doc[0] if doc else ""
+    summary = summary if summary.startswith(method_class.name) else f"{method_class.name}: {summary}"
+    lines = [summary, "", "| setting | type | default | meaning |",
              "|---|---|---|---|"]
     for f in dataclasses.fields(config):
         value, comment = getattr(config, f.name), comments.get(f.name, "")

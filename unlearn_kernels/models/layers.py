@@ -77,9 +77,21 @@ def parameters_matching(model: nn.Module, patterns: list[str] | str) -> dict[str
             if fnmatch.fnmatch("." + module, "*." + p) or fnmatch.fnmatch("." + name, "*." + p):
                 chosen[name] = param
     if not chosen:
-        raise ValueError(f"no parameter matches {patterns}; names look like "
-                         f"{[n for n, _ in itertools.islice(model.named_parameters(), 3)]}")
+        raise ValueError(f"no parameter matches {patterns}; {_what_to_type(model)}")
     return chosen
+
+
+def _what_to_type(model: nn.Module) -> str:
+    """The patterns that do exist: the decoder layers and their MLP projections by role."""
+    from .roles import find_roles
+
+    try:
+        roles = find_roles(model)
+    except ValueError:
+        return f"names look like {[n for n, _ in itertools.islice(model.named_parameters(), 3)]}"
+    every = list(range(roles.depth))
+    return (f"this model has {roles.depth} decoder layers (0..{roles.depth - 1}) at {roles.layers_path}; "
+            f"its MLP weights are {roles.patterns(every)[0]}")
 
 
 def layer_index_of(model: nn.Module, param_name: str) -> int | None:
