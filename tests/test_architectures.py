@@ -64,7 +64,7 @@ def data():
 
 
 FAMILY_NAMES = list(_configs(64))
-METHODS = ["RMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO"]
+METHODS = sorted(registry)   # all nine
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -160,3 +160,27 @@ def test_encoder_decoders_are_refused(tokenizer):
     for name in ("RMU", "GradDiff", "MRP", "SIMU"):
         with pytest.raises(ValueError, match="is an encoder-decoder"):
             registry[name](bart, tokenizer)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cli_runs_every_method_without_a_setting_on_the_shipped_model(method, tmp_path, capsys, data):
+    """``unlearn`` with no --set at all: the defaults run and the report names what changed."""
+    import json
+
+    from unlearn_kernels import cli
+
+    forget, retain = data
+    (tmp_path / "forget.txt").write_text("\n".join(forget[:16]) + "\n")
+    (tmp_path / "retain.txt").write_text("\n".join(retain[:16]) + "\n")
+    code = cli.main(["unlearn", "--model", str(tiny.ASSET_DIR), "--method", method, "--forget",
+                     str(tmp_path / "forget.txt"), "--retain", str(tmp_path / "retain.txt"), "--out",
+                     str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    chosen = report["chosen_by_structure"]
+    assert "table (llama)" in chosen["roles"]
+    if method == "MRP":
+        assert report["needs"] == ["unlearn_projections.safetensors"] and chosen["rank"] >= 1
+    else:
+        assert report["updated_parameters"] and all(
+            layer_index_of(tiny.load()[0], name) in (0, 1, 2) for name in report["updated_parameters"])
