@@ -108,3 +108,50 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last)`` bytes of ``t``'s storage that its elements can touch."""
+    if t.numel() == 0:
+        return 0, 0
+    start = t.storage_offset() * t.element_size()
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same storage (an exact alias)."""
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.dtype == b.dtype
+            and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def no_partial_overlap(name: str, t: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    """ValueError when ``t`` (written in place) and ``other`` share memory without being the same
+    elements: an in-place kernel would read values it has already overwritten. Views whose
+    spans merely interleave (``x[::2]`` and ``x[1::2]``) are refused too."""
+    if torch.compiler.is_compiling() or t.numel() == 0 or other.numel() == 0:
+        return      # eager-only: a traced graph has no storages to compare (functionalised)
+    if t.untyped_storage().data_ptr() != other.untyped_storage().data_ptr() or same_memory(t, other):
+        return
+    (a0, a1), (b0, b1) = _byte_span(t), _byte_span(other)
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"{name} and {other_name} overlap in memory without being the same tensor; "
+                         f"{name} is updated in place: pass non-overlapping tensors (e.g. .clone() one)")
+
+
+def not_expanded(name: str, t: torch.Tensor) -> None:
+    """ValueError for a tensor with internal overlap (stride 0 over a dim > 1, as after
+    ``expand``): writing it in place would write one element many times."""
+    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        raise ValueError(f"{name} must not be an expanded (stride-0) view: it is updated in place")
+
+
+def mark_mutated(*tensors: torch.Tensor) -> None:
+    """Bump the autograd version counters of tensors a compiled kernel wrote through their data
+    pointers (the dispatcher does not for our C++ ops), so that a graph that saved one of them
+    raises "modified by an inplace operation" in backward, as after ``torch.optim``. Under
+    ``torch.compile`` the traced op's declared mutation does this."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)

@@ -107,14 +107,18 @@ def hessian_ema_(hess: Tensor, a: Tensor, b: Tensor | None = None, *, beta: floa
     beta = check.finite_scalar("beta", beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    if any(s == 0 and n > 1 for s, n in zip(hess.stride(), hess.shape)):
-        raise ValueError("hess must not be an expanded (stride-0) view: it is updated in place")
+    check.not_expanded("hess", hess)
+    check.no_partial_overlap("hess", hess, "a", a)
+    if b is not None:
+        check.no_partial_overlap("hess", hess, "b", b)
     name = _backend.resolve(backend, hess.device, a.dtype)
     target = hess.detach()
     work = target.view(-1) if target.is_contiguous() else target.reshape(-1).clone()
     _kernel(name)(work, _flat(a), None if b is None else _flat(b), beta)
     if not target.is_contiguous():
         target.copy_(work.view(target.shape))
+    elif name in ("cpu", "cuda"):
+        check.mark_mutated(hess)
     return hess
 
 

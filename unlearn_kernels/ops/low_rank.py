@@ -13,7 +13,9 @@ subspace. Gradients, with ``g = ∂L/∂y``::
 
 so the backward pass re-uses the forward kernel on ``g``; its by-product ``g U`` and the
 forward's ``x U`` (kept only when ``U`` requires grad) give ``∂L/∂U`` with two thin matrix
-products. ``∂L/∂U`` holds for any ``U``; orthonormality is a property of the input that is
+products. Under ``create_graph=True`` the same two formulas run as plain torch ops, so
+double backward is exact (the map is linear in ``x``: ``∂²/∂x² = 0``; the mixed and ``U``
+terms come from differentiating the formulas). ``∂L/∂U`` holds for any ``U``; orthonormality is a property of the input that is
 checked (``‖UᵀU − I‖_max``, an r×r product and one host sync) unless ``assume_orthonormal``.
 
 ``masked_gram(x, token_mask)``: ``G = Σ_valid x_tᵀ x_t`` in fp32, ``[d, d]``; feed it to
@@ -30,7 +32,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._extension import compiled
 from . import _backend, _validation as check
@@ -121,24 +122,42 @@ class _LowRankProject(torch.autograd.Function):
     def forward(ctx, x, rows, basis, scale, kernel):
         need_basis_grad = ctx.needs_input_grad[2]
         y, coeffs = kernel(rows, basis, scale, need_basis_grad)
-        ctx.save_for_backward(rows if need_basis_grad else None, basis,
-                              coeffs if need_basis_grad else None)
+        # x itself (the caller's tensor, no copy) is kept when U needs a gradient: ∂L/∂U reads it
+        ctx.save_for_backward(x if need_basis_grad else None, basis, coeffs if need_basis_grad else None)
         ctx.scale, ctx.kernel = scale, kernel
         return y.view(x.shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
-        rows, basis, coeffs = ctx.saved_tensors
-        g = check.rows_view(grad_y)
+        x, basis, coeffs = ctx.saved_tensors
         need_basis_grad = ctx.needs_input_grad[2]
+        if torch.is_grad_enabled():     # create_graph=True: the same formulas in plain torch ops
+            return _differentiable_backward(grad_y, x, basis, ctx.scale, ctx.needs_input_grad[0],
+                                            need_basis_grad) + (None, None)
+        g = check.rows_view(grad_y)
         grad_rows, grad_coeffs = ctx.kernel(g, basis, ctx.scale, need_basis_grad)
         grad_x = grad_rows.view(grad_y.shape) if ctx.needs_input_grad[0] else None
         grad_basis = None
         if need_basis_grad:
+            rows = check.rows_view(x.detach())
             grad_basis = (_transposed_product(rows, grad_coeffs) + _transposed_product(g, coeffs))
             grad_basis = (-ctx.scale * grad_basis).to(basis.dtype)
         return grad_x, None, grad_basis, None, None
+
+
+def _differentiable_backward(grad_y, x, basis, scale, need_x, need_basis):
+    """``(∂L/∂x, None, ∂L/∂U)`` as differentiable torch ops of ``grad_y``, ``x`` and ``U``
+    (module docstring), so that second derivatives (``∂²/∂U∂x``, ``∂²/∂U²``) are exact."""
+    acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+    u = basis.to(acc)
+    g = grad_y.reshape(-1, grad_y.shape[-1]).to(acc)
+    gu = g @ u
+    grad_x = (g - scale * gu @ u.T).view(grad_y.shape).to(grad_y.dtype) if need_x else None
+    grad_basis = None
+    if need_basis:
+        rows = x.reshape(-1, x.shape[-1]).to(acc)
+        grad_basis = (-scale * (rows.T @ gu + g.T @ (rows @ u))).to(basis.dtype)
+    return grad_x, None, grad_basis
 
 
 def check_basis(basis, d: int, like: Tensor | None = None) -> int:

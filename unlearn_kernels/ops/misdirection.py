@@ -17,7 +17,12 @@ and importance + control + anchor is SRMU's selective loss.
 
 Each backend computes the loss and its gradient in one pass (one read of ``h`` and
 ``anchor``, one write of ``∂h``); the gradient is kept from the forward and handed back by
-autograd, scaled only when the incoming gradient is not exactly 1.
+autograd, scaled only when the incoming gradient is not exactly 1. Under
+``create_graph=True`` the gradient is recomputed from ``h`` in plain torch ops instead, so
+double backward (Hessian-vector products, ``hutchinson_pairs``) is exact:
+``∂²L/∂h_tj² = 2 [w_j + (1 − w_j)·[anchor given]] / (n_valid · d)`` on valid tokens, 0
+elsewhere. ``masked_edit`` is affine in ``h``; its backward is plain torch, so its second
+derivative (0 in ``h``) comes out of autograd as well.
 """
 
 from __future__ import annotations
@@ -111,18 +116,41 @@ def _kernels(backend: str):
     return _backend.compiled_op("misdirection_fwd_bwd"), _backend.compiled_op("masked_edit")
 
 
+def _differentiable_grad(h: Tensor, control, importance, anchor, token_mask, scale: float) -> Tensor:
+    """``∂L/∂h`` in plain torch ops of ``h`` (used under ``create_graph=True``), so that the
+    gradient is itself differentiable: ``∂²L/∂h_tj² = 2 [w_j + (1 − w_j)·[anchor]] / (n_valid·d)``
+    on valid tokens, the Hessian-vector products double backward needs."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    x = h.to(acc)
+    w = importance.to(acc) if importance is not None else torch.full((h.shape[-1],), float(control is not None),
+                                                                    dtype=acc, device=h.device)
+    residual = torch.zeros_like(x)
+    if control is not None:
+        residual = residual + w * (x - control.to(acc))
+    if anchor is not None:
+        residual = residual + (1 - w) * (x - anchor.view(h.shape).to(acc))
+    if token_mask is not None:
+        residual = torch.where(token_mask.view(h.shape[:-1] + (1,)), residual, 0)
+    return (2 * scale * residual).to(h.dtype)
+
+
 class _FusedMisdirection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, rows, control, importance, anchor, token_mask, scale, kernel):
         loss, grad = kernel(rows, control, importance, anchor, token_mask, scale,
                             ctx.needs_input_grad[0])
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(grad.view(h.shape))
+            # h itself is kept (not a copy: it is the caller's activation) for double backward
+            ctx.save_for_backward(grad.view(h.shape), h, control, importance, anchor, token_mask)
+            ctx.scale = scale
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
+        grad, h, control, importance, anchor, token_mask = ctx.saved_tensors
+        if torch.is_grad_enabled():    # create_graph=True: the gradient must carry its graph in h
+            grad = _differentiable_grad(h, control, importance, anchor, token_mask, ctx.scale)
+            return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
         if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grad = grad * grad_loss.to(grad.dtype)
         return grad, None, None, None, None, None, None, None

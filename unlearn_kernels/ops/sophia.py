@@ -184,6 +184,32 @@ def _check_tensors(params, grads, exp_avgs, hessians) -> None:
         check.matching(f"hessians[{i}]", h, m, f"exp_avgs[{i}]")
 
 
+def _check_aliasing(params, grads, exp_avgs, hessians) -> None:
+    """Every written tensor (params, exp_avgs) is checked against every tensor of the call before
+    any is touched: no expanded view, no memory shared with another argument (an exact alias
+    of a read-only argument is refused too: the step reads it after writing)."""
+    written = [(f"params[{i}]", p) for i, p in enumerate(params)] + \
+              [(f"exp_avgs[{i}]", m) for i, m in enumerate(exp_avgs)]
+    read = [(f"grads[{i}]", g) for i, g in enumerate(grads)] + [(f"hessians[{i}]", h) for i, h in enumerate(hessians)]
+    for name, t in written:
+        check.not_expanded(name, t)
+    if torch.compiler.is_compiling():
+        return
+    by_storage: dict[int, list] = {}
+    for k, (name, t) in enumerate(written + read):
+        if t.numel():
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((k < len(written), name, t))
+    for group in (g for g in by_storage.values() if len(g) > 1):   # tensors sharing one storage
+        for i, (is_written, name, t) in enumerate(group):
+            for _, other_name, other in group[i + 1:]:
+                if not is_written:
+                    continue
+                if check.same_memory(t, other):
+                    raise ValueError(f"{name} and {other_name} are the same memory; {name} is updated in place: "
+                                     "pass separate tensors")
+                check.no_partial_overlap(name, t, other_name, other)
+
+
 def masked_sophia_step_(params: Sequence[Tensor], grads: Sequence[Tensor],
                         exp_avgs: Sequence[Tensor], hessians: Sequence[Tensor],
                         masks: Sequence | None = None, *, lr: float,
@@ -224,10 +250,12 @@ def masked_sophia_step_(params: Sequence[Tensor], grads: Sequence[Tensor],
         raise ValueError(f"masks has {len(masks)} entries but params has {n}")
     hp = sophia_hyperparameters(lr, betas, rho, weight_decay, eps, bs)
     _check_tensors(params, grads, exp_avgs, hessians)
+    _check_aliasing(params, grads, exp_avgs, hessians)
     pairs = [neuron_mask(f"masks[{i}]", mask, p) for i, (mask, p) in enumerate(zip(masks, params))]
     if n == 0:
         return
-    kernel = _kernel(_backend.resolve(backend, params[0].device, params[0].dtype))
+    name = _backend.resolve(backend, params[0].device, params[0].dtype)
+    kernel = _kernel(name)
     with torch.no_grad():
         work_p, work_m = [p.contiguous() for p in params], [m.contiguous() for m in exp_avgs]
         kernel(work_p, [g.contiguous() for g in grads], work_m, [h.contiguous() for h in hessians],
@@ -236,3 +264,5 @@ def masked_sophia_step_(params: Sequence[Tensor], grads: Sequence[Tensor],
         for t, work in zip(params + exp_avgs, work_p + work_m):
             if work is not t:
                 t.copy_(work)
+            elif name in ("cpu", "cuda"):
+                check.mark_mutated(t)
