@@ -78,8 +78,9 @@ def test_merge_equals_moments_of_concatenation(sizes, d, seed):
         merged = merged.merge(masked_moments(p, backend="torch") if len(p) else Moments.empty(d))
     whole = masked_moments(torch.cat(parts), backend="torch")
     assert int(merged.count) == int(whole.count)
-    torch.testing.assert_close(merged.mean, whole.mean, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(merged.m2, whole.m2, atol=1e-3, rtol=1e-4)
+    assert merged.mean.dtype == torch.float64                  # merges are kept in fp64
+    torch.testing.assert_close(merged.mean, whole.mean.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged.m2, whole.m2.double(), atol=1e-3, rtol=1e-4)
 
 
 @settings(max_examples=20, deadline=None)

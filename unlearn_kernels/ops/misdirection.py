@@ -136,24 +136,28 @@ def _differentiable_grad(h: Tensor, control, importance, anchor, token_mask, sca
 
 class _FusedMisdirection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, rows, control, importance, anchor, token_mask, scale, kernel):
+    def forward(ctx, h, rows, control, importance, anchor, token_mask, scale, kernel, factor=None):
         loss, grad = kernel(rows, control, importance, anchor, token_mask, scale,
                             ctx.needs_input_grad[0])
+        if factor is not None:          # compiled with a mask: 1 / n_valid as a tensor
+            loss = loss * factor.to(loss.dtype)
+            grad = (grad * factor.to(grad.dtype)) if ctx.needs_input_grad[0] else grad
         if ctx.needs_input_grad[0]:
             # h itself is kept (not a copy: it is the caller's activation) for double backward
-            ctx.save_for_backward(grad.view(h.shape), h, control, importance, anchor, token_mask)
+            ctx.save_for_backward(grad.view(h.shape), h, control, importance, anchor, token_mask, factor)
             ctx.scale = scale
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad, h, control, importance, anchor, token_mask = ctx.saved_tensors
+        grad, h, control, importance, anchor, token_mask, factor = ctx.saved_tensors
         if torch.is_grad_enabled():    # create_graph=True: the gradient must carry its graph in h
-            grad = _differentiable_grad(h, control, importance, anchor, token_mask, ctx.scale)
-            return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
+            scale = ctx.scale if factor is None else ctx.scale * factor
+            grad = _differentiable_grad(h, control, importance, anchor, token_mask, scale)
+            return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None, None
         if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def misdirection_loss(h: Tensor, control: Tensor | None = None, importance: Tensor | None = None,
@@ -192,13 +196,18 @@ def misdirection_loss(h: Tensor, control: Tensor | None = None, importance: Tens
         anchor = check.matching("anchor", anchor, h, "h")
     mask = check.token_mask(token_mask, h, "h")
     rows = check.rows_view(h)
-    n_valid = check.count_valid(mask, rows.shape[0], "misdirection_loss (a mean over tokens)")
+    factor = None
+    if torch.compiler.is_compiling() and mask is not None:
+        # the token count is data: kept as a tensor so the graph does not break on int(mask.sum())
+        scale, factor = 1.0 / rows.shape[1], 1.0 / mask.sum().to(torch.float32)
+    else:
+        n_valid = check.count_valid(mask, rows.shape[0], "misdirection_loss (a mean over tokens)")
+        scale = 1.0 / (n_valid * rows.shape[1])
     name = _backend.resolve(backend, h.device, h.dtype)
     kernel = _kernels(name)[0]
     anchor_rows = None if anchor is None else check.rows_view(anchor.detach())
-    scale = 1.0 / (n_valid * rows.shape[1])
     return _FusedMisdirection.apply(h, rows.detach(), control, importance, anchor_rows, mask,
-                                    scale, kernel)
+                                    scale, kernel, factor)
 
 
 class _MaskedEdit(torch.autograd.Function):

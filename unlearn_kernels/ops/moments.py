@@ -1,7 +1,7 @@
 """Statistics family: masked per-feature moments and SRMU's activation importance map.
 
 ``masked_moments(x, token_mask)`` returns :class:`Moments` ``(count, mean, M2)`` over the
-valid tokens, accumulated in fp32 with Welford/Chan updates, where
+valid tokens, accumulated in fp32 with Welford/Chan updates (merges are kept in fp64), where
 ``M2_j = Σ_t (x_tj − mean_j)²``. Two sets merge exactly (Chan et al.)::
 
     n = n_a + n_b,   δ = mean_b − mean_a,
@@ -35,11 +35,29 @@ from . import _backend, _validation as check
 
 @dataclass(frozen=True)
 class Moments:
-    """Per-feature ``count`` (int64 scalar tensor), ``mean`` and ``m2`` (fp32 ``[d]``)."""
+    """Per-feature ``count`` (int64 scalar tensor), ``mean`` and ``m2`` (``[d]``: fp32 from one
+    batch, fp64 once merged). Checked when built: a hand-made one with a wrong-length ``m2``,
+    a non-integer count or a non-floating mean is refused on every backend alike."""
 
     count: Tensor
     mean: Tensor
     m2: Tensor
+
+    def __post_init__(self):
+        for name in ("count", "mean", "m2"):
+            if not isinstance(getattr(self, name), Tensor):
+                raise TypeError(f"Moments.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        if self.count.dim() != 0 or self.count.dtype != torch.int64:
+            raise ValueError(f"Moments.count must be an int64 scalar tensor, got {self.count.dtype} "
+                             f"shape {tuple(self.count.shape)}")
+        if self.mean.dim() != 1 or self.mean.shape != self.m2.shape:
+            raise ValueError(f"Moments.mean and m2 must be [d] vectors of one length, got {tuple(self.mean.shape)} "
+                             f"and {tuple(self.m2.shape)}")
+        for name in ("mean", "m2"):
+            if getattr(self, name).dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"Moments.{name} must be float32 or float64, got {getattr(self, name).dtype}")
+        if not (self.count.device == self.mean.device == self.m2.device):
+            raise ValueError("Moments.count, mean and m2 must be on one device")
 
     @classmethod
     def empty(cls, d: int, device: torch.device | str = "cpu") -> "Moments":
@@ -51,7 +69,9 @@ class Moments:
         return self.mean.shape[0]
 
     def merge(self, other: "Moments") -> "Moments":
-        """Moments of the union of both token sets (Chan's formula, no host sync)."""
+        """Moments of the union of both token sets (Chan's formula, no host sync), kept in
+        fp64: merging many batches at a large mean/σ (1e6) would lose the variance to fp32
+        rounding of the mean."""
         if not isinstance(other, Moments):
             raise TypeError(f"other must be Moments, got {type(other).__name__}")
         if other.dim != self.dim:
@@ -60,9 +80,10 @@ class Moments:
         nb = other.count.to(torch.float64)
         n = na + nb
         safe_n = torch.clamp(n, min=1)
-        delta = (other.mean - self.mean).to(torch.float64)
-        mean = self.mean + (delta * nb / safe_n).to(torch.float32)
-        m2 = self.m2 + other.m2 + (delta * delta * na * nb / safe_n).to(torch.float32)
+        mean_a, mean_b = self.mean.to(torch.float64), other.mean.to(torch.float64)
+        delta = mean_b - mean_a
+        mean = mean_a + delta * nb / safe_n
+        m2 = self.m2.to(torch.float64) + other.m2.to(torch.float64) + delta * delta * na * nb / safe_n
         return Moments(self.count + other.count, mean, m2)
 
     def variance(self, unbiased: bool = False) -> Tensor:
@@ -82,8 +103,7 @@ class Moments:
         dist.all_gather(gathered, packed, group=group)
         total = Moments.empty(self.dim, self.mean.device)
         for p in gathered:
-            total = total.merge(Moments(p[0].round().to(torch.int64), p[1:1 + self.dim].float(),
-                                        p[1 + self.dim:].float()))
+            total = total.merge(Moments(p[0].round().to(torch.int64), p[1:1 + self.dim], p[1 + self.dim:]))
         return total
 
 
@@ -182,14 +202,15 @@ def feature_scores(stats_forget: Moments, stats_retain: Moments, eps: float = 1e
     var_f = _nonempty_variance("stats_forget", stats_forget)
     var_r = _nonempty_variance("stats_retain", stats_retain)
     name = _backend.resolve(backend, stats_forget.mean.device, torch.float32)
-    return _kernels(name)[1](stats_forget.mean.contiguous(), var_f, stats_retain.mean.contiguous(),
+    f32 = torch.float32   # merged moments are fp64; the score kernels read fp32
+    return _kernels(name)[1](stats_forget.mean.to(f32).contiguous(), var_f, stats_retain.mean.to(f32).contiguous(),
                              var_r, eps)
 
 
 def _nonempty_variance(name: str, stats: Moments) -> Tensor:
     if int(stats.count) == 0:
         raise ValueError(f"{name} holds no token: the importance map needs activations from both sets")
-    return stats.variance().contiguous()
+    return stats.variance().to(torch.float32).contiguous()
 
 
 def feature_importance(stats_forget: Moments, stats_retain: Moments, sparsity: float = 0.1, *,
