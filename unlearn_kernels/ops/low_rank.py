@@ -119,21 +119,32 @@ def _transposed_product(a: Tensor, b: Tensor) -> Tensor:
 
 class _LowRankProject(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, rows, basis, scale, kernel):
-        need_basis_grad = ctx.needs_input_grad[2]
+    def forward(x, rows, basis, scale, kernel, need_basis_grad):
         y, coeffs = kernel(rows, basis, scale, need_basis_grad)
+        return y.view(x.shape), coeffs
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, basis, scale, kernel, need_basis_grad = inputs
+        _, coeffs = output
+        ctx.mark_non_differentiable(coeffs)
         # x itself (the caller's tensor, no copy) is kept when U needs a gradient: ∂L/∂U reads it
         ctx.save_for_backward(x if need_basis_grad else None, basis, coeffs if need_basis_grad else None)
         ctx.scale, ctx.kernel = scale, kernel
-        return y.view(x.shape)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError("low_rank_project has no torch.func.vmap rule (its kernel is fused over all "
+                                  "rows); call it on the stacked batch, or loop")
+
+    @staticmethod
+    def backward(ctx, grad_y, _unused):
         x, basis, coeffs = ctx.saved_tensors
-        need_basis_grad = ctx.needs_input_grad[2]
-        if torch.is_grad_enabled():     # create_graph=True: the same formulas in plain torch ops
+        need_basis_grad = ctx.needs_input_grad[2] and coeffs is not None
+        if torch.is_grad_enabled() or (ctx.needs_input_grad[2] and coeffs is None):
+            # create_graph=True: the same formulas in plain torch ops
             return _differentiable_backward(grad_y, x, basis, ctx.scale, ctx.needs_input_grad[0],
-                                            need_basis_grad) + (None, None)
+                                            ctx.needs_input_grad[2]) + (None, None, None)
         g = check.rows_view(grad_y)
         grad_rows, grad_coeffs = ctx.kernel(g, basis, ctx.scale, need_basis_grad)
         grad_x = grad_rows.view(grad_y.shape) if ctx.needs_input_grad[0] else None
@@ -142,7 +153,7 @@ class _LowRankProject(torch.autograd.Function):
             rows = check.rows_view(x.detach())
             grad_basis = (_transposed_product(rows, grad_coeffs) + _transposed_product(g, coeffs))
             grad_basis = (-ctx.scale * grad_basis).to(basis.dtype)
-        return grad_x, None, grad_basis, None, None
+        return grad_x, None, grad_basis, None, None, None
 
 
 def _differentiable_backward(grad_y, x, basis, scale, need_x, need_basis):
@@ -232,7 +243,9 @@ def low_rank_project(x: Tensor, basis: Tensor, scale: float = 1.0, *, assume_ort
         check_orthonormal(basis)
     name = _backend.resolve(backend, x.device, x.dtype)
     kernel = _kernels(name)[0]
-    return _LowRankProject.apply(x, check.rows_view(x).detach(), basis.contiguous(), scale, kernel)
+    need_basis_grad = basis.requires_grad and torch.is_grad_enabled()
+    return _LowRankProject.apply(x, check.rows_view(x).detach(), basis.contiguous(), scale, kernel,
+                                 need_basis_grad)[0]
 
 
 def projection_hook(basis: Tensor, scale: float = 1.0, *, assume_orthonormal: bool = False,

@@ -134,30 +134,47 @@ def _differentiable_grad(h: Tensor, control, importance, anchor, token_mask, sca
     return (2 * scale * residual).to(h.dtype)
 
 
+def _no_vmap(op: str):
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(f"{op} has no torch.func.vmap rule (its kernels are fused over all rows); "
+                                  "call it on the stacked batch, or loop")
+    return staticmethod(vmap)
+
+
 class _FusedMisdirection(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, rows, control, importance, anchor, token_mask, scale, kernel, factor=None):
-        loss, grad = kernel(rows, control, importance, anchor, token_mask, scale,
-                            ctx.needs_input_grad[0])
-        if factor is not None:          # compiled with a mask: 1 / n_valid as a tensor
-            loss = loss * factor.to(loss.dtype)
-            grad = (grad * factor.to(grad.dtype)) if ctx.needs_input_grad[0] else grad
-        if ctx.needs_input_grad[0]:
-            # h itself is kept (not a copy: it is the caller's activation) for double backward
-            ctx.save_for_backward(grad.view(h.shape), h, control, importance, anchor, token_mask, factor)
-            ctx.scale = scale
-        return loss
+    """Loss and (non-differentiable, saved) gradient from one fused kernel call. The
+    ``forward``/``setup_context`` split makes it usable under ``torch.func.grad``."""
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def forward(h, rows, control, importance, anchor, token_mask, scale, kernel, factor, need_grad):
+        loss, grad = kernel(rows, control, importance, anchor, token_mask, scale, need_grad)
+        if factor is not None:          # compiled with a mask: 1 / n_valid as a tensor
+            loss = loss * factor.to(loss.dtype)
+            grad = (grad * factor.to(grad.dtype)) if need_grad else grad
+        return loss, (grad.view(h.shape) if need_grad else grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, _, control, importance, anchor, token_mask, scale, _, factor, need_grad = inputs
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        # h itself is kept (not a copy: it is the caller's activation) for double backward
+        ctx.save_for_backward(grad if need_grad else None, h, control, importance, anchor, token_mask, factor)
+        ctx.scale, ctx.need_grad = scale, need_grad
+
+    @staticmethod
+    def backward(ctx, grad_loss, _unused):
         grad, h, control, importance, anchor, token_mask, factor = ctx.saved_tensors
-        if torch.is_grad_enabled():    # create_graph=True: the gradient must carry its graph in h
+        none = (None,) * 9
+        if torch.is_grad_enabled() or not ctx.need_grad:   # create_graph=True (or no fused grad)
             scale = ctx.scale if factor is None else ctx.scale * factor
             grad = _differentiable_grad(h, control, importance, anchor, token_mask, scale)
-            return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None, None
+            return (grad * grad_loss.to(grad.dtype),) + none
         if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None
+        return (grad,) + none
+
+    vmap = _no_vmap("misdirection_loss")
 
 
 def misdirection_loss(h: Tensor, control: Tensor | None = None, importance: Tensor | None = None,
@@ -206,16 +223,21 @@ def misdirection_loss(h: Tensor, control: Tensor | None = None, importance: Tens
     name = _backend.resolve(backend, h.device, h.dtype)
     kernel = _kernels(name)[0]
     anchor_rows = None if anchor is None else check.rows_view(anchor.detach())
+    need_grad = h.requires_grad and torch.is_grad_enabled()
     return _FusedMisdirection.apply(h, rows.detach(), control, importance, anchor_rows, mask,
-                                    scale, kernel, factor)
+                                    scale, kernel, factor, need_grad)[0]
 
 
 class _MaskedEdit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, rows, importance, control, alpha, token_mask, kernel):
+    def forward(h, rows, importance, control, alpha, token_mask, kernel):
+        return kernel(rows, importance, control, alpha, token_mask).view(h.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, importance, _, alpha, token_mask, _ = inputs
         ctx.save_for_backward(importance, token_mask)
         ctx.alpha = alpha
-        return kernel(rows, importance, control, alpha, token_mask).view(h.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -225,6 +247,8 @@ class _MaskedEdit(torch.autograd.Function):
             keep = token_mask.view(grad_out.shape[:-1] + (1,))
             factor = torch.where(keep, factor, torch.ones_like(factor))
         return (grad_out * factor).to(grad_out.dtype), None, None, None, None, None, None
+
+    vmap = _no_vmap("masked_edit")
 
 
 def masked_edit(h: Tensor, importance: Tensor, control: Tensor, alpha: float = 1.0,
