@@ -108,6 +108,8 @@ def finite_scalar(name: str, value) -> float:
 def rows_view(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[n, d]`` with unit column stride, a view where the strides allow it."""
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.numel() == 0:     # an empty tensor counts as contiguous whatever its strides
+        return x2.new_empty(x2.shape)
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2
