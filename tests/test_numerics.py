@@ -47,3 +47,20 @@ def test_fp32_batches_merge_in_fp64():
 def test_hand_built_moments_are_checked(fields, message):
     with pytest.raises((ValueError, TypeError), match=message):
         Moments(*fields)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_misdirection_loss_scales_before_summing(backend):
+    """Every term of h = 1e19 is 1e38 (fp32 holds up to 3.4e38): the mean fits, the sum would not."""
+    from unlearn_kernels.ops import _backend, misdirection_loss
+
+    dtype = torch.bfloat16 if backend != "triton" else torch.float32
+    if not _backend.available(backend, torch.device("cpu"), dtype):
+        pytest.skip(f"{backend} unavailable here")
+    h = torch.full((8, 64), 1e19, dtype=dtype)
+    loss = misdirection_loss(h, torch.zeros(64), backend=backend)
+    expected = float(h[0, 0].double()) ** 2
+    assert torch.isfinite(loss) and float(loss) == pytest.approx(expected, rel=1e-5)
+    small = torch.randn(5, 7, 16)
+    assert float(misdirection_loss(small.to(dtype), torch.full((16,), 0.5), backend=backend)) == pytest.approx(
+        float(((small.to(dtype).float() - 0.5) ** 2).mean()), rel=1e-5)

@@ -4,6 +4,7 @@
 // gradcheck uses). Rows are cut into fixed chunks of kRowsPerChunk; each chunk's loss is summed in fp32 per
 // row and in double across the chunk, and the chunk partials are added in order, so the
 // result does not depend on the number of threads.
+#include <cmath>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -53,6 +54,7 @@ double misdirection_impl(const at::Tensor& h, const at::Tensor& control,
   const std::vector<acc_t> w = control_weights<acc_t>(control, importance, d);
   const std::vector<acc_t> c = vector_or_zeros<acc_t>(control, d);
   const acc_t two_scale = static_cast<acc_t>(2 * scale);
+  const acc_t root_scale = static_cast<acc_t>(std::sqrt(scale));  // terms scaled before summing
   std::vector<double> partials(num_chunks(n), 0.0);
 
   at::parallel_for(0, num_chunks(n), 1, [&](int64_t begin, int64_t end) {
@@ -73,7 +75,8 @@ double misdirection_impl(const at::Tensor& h, const at::Tensor& control,
           const acc_t dc = x - c[j];
           const acc_t da = arow ? x - static_cast<acc_t>(arow[j]) : acc_t(0);
           const acc_t wj = w[j];
-          row_sum += wj * dc * dc + (1 - wj) * da * da;
+          const acc_t sc = dc * root_scale, sa = da * root_scale;
+          row_sum += wj * sc * sc + (1 - wj) * sa * sa;
           if (grow) grow[j] = static_cast<scalar_t>(two_scale * (wj * dc + (1 - wj) * da));
         }
         chunk_sum += row_sum;
@@ -83,7 +86,7 @@ double misdirection_impl(const at::Tensor& h, const at::Tensor& control,
   });
   double total = 0.0;
   for (double p : partials) total += p;
-  return total * scale;
+  return total;
 }
 
 template <typename scalar_t>

@@ -60,6 +60,7 @@ struct MisdirectionArgs {
   float two_scale;
   void* grad;
   float* partials;  // one per block, blockIdx.y * gridDim.x + blockIdx.x
+  float root_scale;  // sqrt(scale): each term is scaled before it is summed (no overflow)
 };
 
 template <typename T, int V, bool kControl, bool kAnchor>
@@ -103,14 +104,15 @@ misdirection_kernel(const MisdirectionArgs a) {
             const float x = element(hp[u], i);
             if constexpr (kControl) {
               const float delta = x - c[i];
+              const float scaled = delta * a.root_scale;
               residual = w[i] * delta;
-              e = residual * delta;
+              e = w[i] * scaled * scaled;
             }
             if constexpr (kAnchor) {
               const float delta = x - element(ap[u], i);
-              const float wa = (1.f - w[i]) * delta;
-              residual += wa;
-              e += wa * delta;
+              const float scaled = delta * a.root_scale;
+              residual += (1.f - w[i]) * delta;
+              e += (1.f - w[i]) * scaled * scaled;
             }
           }
           acc += e;
@@ -158,7 +160,7 @@ void misdirection_impl(MisdirectionArgs a, float scale, float* loss, cudaStream_
       launch_misdirection<T, 1>(a, t, stream);
     partials = int64_t{t.grid.x} * t.grid.y;
   }
-  sum_partials_kernel<<<1, kThreads, 0, stream>>>(a.partials, partials, scale, loss);
+  sum_partials_kernel<<<1, kThreads, 0, stream>>>(a.partials, partials, 1.f, loss);  // terms pre-scaled
 }
 
 struct EditArgs {
@@ -233,7 +235,7 @@ void misdirection_fwd_bwd(DType dt, const void* h, int64_t h_stride, const float
                           const bool* mask, int64_t n, int64_t d, float scale, float* loss,
                           void* grad, float* workspace, cudaStream_t stream) {
   const MisdirectionArgs a{h,    h_stride, control,   importance, anchor, anchor_stride, mask,
-                           n,    d,        0,         2.f * scale, grad,  workspace};
+                           n,    d,        0,         2.f * scale, grad,  workspace, sqrtf(scale)};
   switch (dt) {
     case DType::F32: misdirection_impl<float>(a, scale, loss, stream); break;
     case DType::BF16: misdirection_impl<__nv_bfloat16>(a, scale, loss, stream); break;

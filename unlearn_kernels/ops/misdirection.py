@@ -27,6 +27,7 @@ derivative (0 in ``h``) comes out of autograd as well.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -45,19 +46,20 @@ def _misdirection_torch(h: Tensor, control: Optional[Tensor], importance: Option
     residual = torch.zeros_like(x)  # Σ of w·(h − c) and (1 − w)·(h − a)
     terms = torch.zeros_like(x)
     w = importance if importance is not None else torch.full_like(x[0], float(control is not None))
+    root = math.sqrt(scale)     # each term is scaled before the sum, so no partial sum overflows
     if control is not None:
         delta = x - control.to(acc)
-        terms = terms + w * delta * delta
+        terms = terms + w * (delta * root) ** 2
         residual = residual + w * delta
     if anchor is not None:
         delta = x - anchor.to(acc)
-        terms = terms + (1 - w) * delta * delta
+        terms = terms + (1 - w) * (delta * root) ** 2
         residual = residual + (1 - w) * delta
     if token_mask is not None:
         valid = token_mask[:, None]
         terms = torch.where(valid, terms, 0)
         residual = torch.where(valid, residual, 0)
-    loss = terms.sum() * scale
+    loss = terms.sum()
     grad = (2 * scale * residual).to(h.dtype) if need_grad else h.new_empty(0)
     return loss, grad
 

@@ -21,6 +21,7 @@ deterministic. Math is fp32 throughout.
 """
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +120,7 @@ def _load_tile(ptr, row_stride, rows, cols, mask):
 @triton.jit
 def _misdirection_kernel(
     h_ptr, h_stride, control_ptr, importance_ptr, anchor_ptr, anchor_stride, mask_ptr,
-    grad_ptr, partial_ptr, n, d, scale,
+    grad_ptr, partial_ptr, n, d, scale, root_scale,
     HAS_CONTROL: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, USE_ANCHOR: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -142,6 +143,7 @@ def _misdirection_kernel(
         # g = de/dh / 2 and e = the loss terms, built from the control and anchor parts.
         g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         e = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # e is scaled before it is summed (root_scale = sqrt(scale)), so no partial overflows
         if HAS_CONTROL:
             diff = h - control
             if HAS_IMPORTANCE:
@@ -149,7 +151,7 @@ def _misdirection_kernel(
             else:
                 wdiff = diff
             g += wdiff
-            e += wdiff * diff
+            e += (wdiff * root_scale) * (diff * root_scale)
         if USE_ANCHOR:
             diff = h - _load_tile(anchor_ptr, anchor_stride, rows, cols, ok)
             if HAS_IMPORTANCE:
@@ -157,14 +159,14 @@ def _misdirection_kernel(
             else:
                 wdiff = diff
             g += wdiff
-            e += wdiff * diff
+            e += (wdiff * root_scale) * (diff * root_scale)
         acc += tl.where(ok, e, 0.0)
         if NEED_GRAD:
             grad = tl.where(ok, (2.0 * scale) * g, 0.0)
             offsets = rows.to(tl.int64)[:, None] * d + cols[None, :]
             tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty),
                      mask=in_range[:, None] & col_ok[None, :])
-    tl.store(partial_ptr + pid_m * tl.num_programs(0) + pid_d, scale * tl.sum(acc))
+    tl.store(partial_ptr + pid_m * tl.num_programs(0) + pid_d, tl.sum(acc))
 
 
 @triton.jit
@@ -209,7 +211,7 @@ def misdirection_fwd_bwd(h, control, importance, anchor, token_mask, scale: floa
         importance if importance is not None else partials,
         anchor if use_anchor else h, anchor.stride(0) if use_anchor else 0,
         token_mask if token_mask is not None else partials,
-        grad if need_grad else h, partials, n, d, float(scale),
+        grad if need_grad else h, partials, n, d, float(scale), math.sqrt(scale),
         BLOCK_M=tiling.block_m, BLOCK_D=tiling.block_d, num_warps=tiling.num_warps, **flags,
     )
     _note_occupancy(tiling, compiled)
