@@ -49,3 +49,15 @@ def backend_cases():
 def assert_close(actual, expected, dtype, scale=1.0):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol)
+
+
+def device_of(backend: str) -> torch.device:
+    """Where a backend runs in these tests: cuda/triton on the GPU (triton on the CPU under the
+    interpreter when there is none), cpu/torch on the CPU."""
+    return DEVICE if backend in ("cuda", "triton") else torch.device("cpu")
+
+
+# Every backend in fp32 (the dtype Triton's interpreter handles), skipped where it cannot run.
+FP32_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _backend.available(b, device_of(b), torch.float32),
+                                                          reason=f"{b} unavailable here"))
+                 for b in ("cpu", "torch", "triton", "cuda")]

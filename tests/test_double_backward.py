@@ -7,17 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn_kernels.ops import _backend, hutchinson_pairs, low_rank_project, masked_edit, misdirection_loss
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _backend.available(b, DEVICE if b in ("cuda", "triton")
-                                                                              else torch.device("cpu"), torch.float32),
-                                                     reason=f"{b} unavailable here"))
-            for b in ("cpu", "torch", "triton", "cuda")]
-
-
-def device_of(backend):
-    return DEVICE if backend in ("cuda", "triton") else torch.device("cpu")
+from conftest import FP32_BACKENDS as BACKENDS, device_of
+from unlearn_kernels.ops import hutchinson_pairs, low_rank_project, masked_edit, misdirection_loss
 
 
 def hvp(f, x, v):

@@ -7,18 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn_kernels.ops import _backend, hessian_ema_, masked_sophia_step_
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def device_of(backend):
-    return DEVICE if backend in ("cuda", "triton") else torch.device("cpu")
-
-
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _backend.available(b, device_of(b), torch.float32),
-                                                     reason=f"{b} unavailable here"))
-            for b in ("cpu", "torch", "triton", "cuda")]
+from conftest import FP32_BACKENDS as BACKENDS, device_of
+from unlearn_kernels.ops import hessian_ema_, masked_sophia_step_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
