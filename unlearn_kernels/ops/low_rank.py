@@ -33,8 +33,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .._extension import compiled
 from . import _backend, _validation as check
+from ._registration import register
 
 MAX_RANK = 256
 # Tolerance of ‖UᵀU − I‖_max by the basis' dtype: well above what rounding an orthonormal
@@ -86,11 +86,45 @@ def _gram_fake(x, token_mask):
     return x.new_empty((x.shape[1], x.shape[1]), dtype=_acc_dtype(x))
 
 
-torch.library.register_fake("unlearn_kernels::triton_low_rank_project")(_project_fake)
-torch.library.register_fake("unlearn_kernels::triton_masked_gram")(_gram_fake)
-if compiled():
-    torch.library.register_fake("unlearn_kernels::low_rank_project")(_project_fake)
-    torch.library.register_fake("unlearn_kernels::masked_gram")(_gram_fake)
+def _project_setup(ctx, inputs, output):
+    x, basis, scale, need_coeffs = inputs
+    ctx.save_for_backward(x, basis)
+    ctx.scale, ctx.need_coeffs = scale, need_coeffs
+
+
+def _project_kernel_backward(ctx, grad_y, grad_coeffs):
+    """Outputs ``y = x − s (xU) Uᵀ`` and ``c = xU``: with ``g = ∂/∂y`` and ``k = ∂/∂c``,
+    ``∂/∂x = g − s (gU)Uᵀ + k Uᵀ`` and ``∂/∂U = −s (xᵀ(gU) + gᵀ(xU)) + xᵀ k``."""
+    x, basis = ctx.saved_tensors
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u, xs, g = basis.to(acc), x.to(acc), grad_y.to(acc)
+    gu = g @ u
+    grad_x = g - ctx.scale * gu @ u.T
+    grad_u = -ctx.scale * (xs.T @ gu + g.T @ (xs @ u))
+    if ctx.need_coeffs and grad_coeffs is not None and grad_coeffs.numel():
+        k = grad_coeffs.to(acc)
+        grad_x = grad_x + k @ u.T
+        grad_u = grad_u + xs.T @ k
+    return (grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None,
+            grad_u.to(basis.dtype) if ctx.needs_input_grad[1] else None, None, None)
+
+
+def _gram_setup(ctx, inputs, output):
+    x, token_mask = inputs
+    ctx.save_for_backward(x, token_mask)
+
+
+def _gram_kernel_backward(ctx, grad_gram):
+    """``G = Σ_valid xᵀx``: ``∂/∂x = x (K + Kᵀ)`` on valid rows, 0 on masked ones."""
+    x, token_mask = ctx.saved_tensors
+    grad = x.to(grad_gram.dtype) @ (grad_gram + grad_gram.T)
+    if token_mask is not None:
+        grad = torch.where(token_mask.view(-1, 1), grad, 0)
+    return grad.to(x.dtype), None
+
+
+register("low_rank_project", _project_fake, _project_kernel_backward, _project_setup)
+register("masked_gram", _gram_fake, _gram_kernel_backward, _gram_setup)
 
 
 def _kernels(backend: str):
@@ -295,7 +329,7 @@ def masked_gram(x: Tensor, token_mask: Tensor | None = None, *, backend: str = "
 
     Gram matrices of several batches add up; pass forget and retain Grams to
     :func:`~unlearn_kernels.ops.low_rank_basis.forget_basis`. A mask that keeps nothing
-    gives zeros. Not differentiable (statistics for building a basis).
+    gives zeros. Differentiable in x (``∂/∂x = x (K + Kᵀ)`` on valid rows), on every backend.
 
     Example:
         >>> x = torch.randn(2, 6, 4)
@@ -306,4 +340,4 @@ def masked_gram(x: Tensor, token_mask: Tensor | None = None, *, backend: str = "
     check.activations("x", x)
     mask = check.token_mask(token_mask, x, "x")
     name = _backend.resolve(backend, x.device, x.dtype)
-    return _kernels(name)[1](check.rows_view(x.detach()), mask)
+    return _kernels(name)[1](check.rows_view(x), mask)

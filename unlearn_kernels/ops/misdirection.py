@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._extension import compiled
 from . import _backend, _validation as check
+from ._registration import refuse_grads, register
 
 
 def _misdirection_torch(h: Tensor, control: Optional[Tensor], importance: Optional[Tensor],
@@ -102,11 +102,49 @@ def _masked_edit_fake(h, importance, control, alpha, token_mask):
     return h.new_empty(h.shape)
 
 
-torch.library.register_fake("unlearn_kernels::triton_misdirection_fwd_bwd")(_misdirection_fake)
-torch.library.register_fake("unlearn_kernels::triton_masked_edit")(_masked_edit_fake)
-if compiled():
-    torch.library.register_fake("unlearn_kernels::misdirection_fwd_bwd")(_misdirection_fake)
-    torch.library.register_fake("unlearn_kernels::masked_edit")(_masked_edit_fake)
+def _misdirection_setup(ctx, inputs, output):
+    h, control, importance, anchor, token_mask, scale, need_grad = inputs
+    ctx.save_for_backward(h, control, importance, anchor, token_mask, output[1] if need_grad else None)
+    ctx.scale, ctx.need_grad = scale, need_grad
+
+
+def _misdirection_kernel_backward(ctx, grad_loss, grad_grad):
+    """The kernel's outputs are ``L`` and ``∂L/∂h``: ``∂/∂h`` of ``a·L + ⟨B, ∂L/∂h⟩`` is
+    ``a·∂L/∂h + B ⊙ ∂²L/∂h²`` with the diagonal ``∂²L/∂h² = 2·scale·(w + (1 − w)[anchor])``."""
+    refuse_grads("misdirection_fwd_bwd", ctx, (0,))
+    h, control, importance, anchor, token_mask, grad = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    first = grad if grad is not None else _differentiable_grad(h, control, importance, anchor, token_mask,
+                                                               ctx.scale)
+    total = grad_loss.to(torch.float32) * first.to(torch.float32)
+    if ctx.need_grad and grad_grad is not None and grad_grad.numel():
+        w = (importance if importance is not None else
+             torch.full((h.shape[-1],), float(control is not None), device=h.device)).to(torch.float32)
+        diagonal = 2 * ctx.scale * (w + (1 - w) * float(anchor is not None))
+        if token_mask is not None:
+            diagonal = torch.where(token_mask.view(-1, 1), diagonal, 0)
+        total = total + grad_grad.to(torch.float32) * diagonal
+    return (total.to(h.dtype),) + (None,) * 6
+
+
+def _masked_edit_setup(ctx, inputs, output):
+    _, importance, _, alpha, token_mask = inputs
+    ctx.save_for_backward(importance, token_mask)
+    ctx.alpha = alpha
+
+
+def _masked_edit_kernel_backward(ctx, grad_out):
+    refuse_grads("masked_edit", ctx, (0,))
+    importance, token_mask = ctx.saved_tensors
+    factor = 1 - ctx.alpha * importance
+    if token_mask is not None:
+        factor = torch.where(token_mask.view(-1, 1), factor, torch.ones_like(factor))
+    return (grad_out * factor).to(grad_out.dtype), None, None, None, None
+
+
+register("misdirection_fwd_bwd", _misdirection_fake, _misdirection_kernel_backward, _misdirection_setup)
+register("masked_edit", _masked_edit_fake, _masked_edit_kernel_backward, _masked_edit_setup)
 
 
 def _kernels(backend: str):

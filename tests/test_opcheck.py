@@ -1,0 +1,75 @@
+"""``torch.library.opcheck`` (schema, autograd registration, fake tensor, dynamic shapes) on
+the differentiable kernels of every backend, **with** ``requires_grad`` inputs; and an input
+the kernel formula gives no gradient for raises instead of returning None."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearn_kernels._extension import compiled
+from unlearn_kernels.ops import _backend, masked_gram
+
+TRITON = _backend.available("triton", torch.device("cpu"), torch.float32) or torch.cuda.is_available()
+KINDS = [pytest.param("", marks=pytest.mark.skipif(not compiled(), reason="C++ extension not built")),
+         pytest.param("triton_", marks=pytest.mark.skipif(not TRITON, reason="triton unavailable here"))]
+
+
+def op(prefix: str, name: str):
+    return getattr(torch.ops.unlearn_kernels, prefix + name)
+
+
+def device(prefix):
+    return torch.device("cuda") if prefix == "triton_" and torch.cuda.is_available() else torch.device("cpu")
+
+
+def rows(n, d, dev, grad=True):
+    g = torch.Generator().manual_seed(n * 31 + d)
+    return torch.randn(n, d, generator=g).to(dev).requires_grad_(grad)
+
+
+@pytest.mark.parametrize("prefix", KINDS)
+def test_misdirection_kernel(prefix):
+    dev = device(prefix)
+    h, c, w = rows(7, 12, dev), torch.randn(12, device=dev), torch.rand(12, device=dev)
+    a, mask = torch.randn(7, 12, device=dev), torch.tensor([True, False] * 3 + [True], device=dev)
+    for args in [(h, c, w, a, mask, 0.02, True), (h, c, None, None, None, 0.1, True), (h, None, None, a, mask, 0.3, False)]:
+        torch.library.opcheck(op(prefix, "misdirection_fwd_bwd"), args)
+
+
+@pytest.mark.parametrize("prefix", KINDS)
+def test_masked_edit_kernel(prefix):
+    dev = device(prefix)
+    h, w, c = rows(5, 9, dev), torch.rand(9, device=dev), torch.randn(9, device=dev)
+    mask = torch.tensor([True, False, True, True, False], device=dev)
+    torch.library.opcheck(op(prefix, "masked_edit"), (h, w, c, 0.7, mask))
+    torch.library.opcheck(op(prefix, "masked_edit"), (h, w, c, 1.0, None))
+
+
+@pytest.mark.parametrize("prefix", KINDS)
+def test_low_rank_kernels(prefix):
+    dev = device(prefix)
+    u, _ = torch.linalg.qr(torch.randn(16, 3))
+    u = u.to(dev).requires_grad_()
+    x = rows(6, 16, dev)
+    torch.library.opcheck(op(prefix, "low_rank_project"), (x, u, 0.8, True))
+    torch.library.opcheck(op(prefix, "low_rank_project"), (x, u.detach(), 1.0, False))
+    mask = torch.tensor([True, True, False, True, False, True], device=dev)
+    torch.library.opcheck(op(prefix, "masked_gram"), (x, mask))
+    torch.library.opcheck(op(prefix, "masked_gram"), (x, None))
+
+
+@pytest.mark.parametrize("prefix", KINDS)
+def test_no_gradient_for_the_control_raises(prefix):
+    dev = device(prefix)
+    h, c = rows(4, 8, dev), torch.randn(8, device=dev, requires_grad=True)
+    loss, _ = op(prefix, "misdirection_fwd_bwd")(h, c, None, None, None, 0.1, True)
+    with pytest.raises(RuntimeError, match="no gradient for input"):
+        loss.backward()
+
+
+def test_masked_gram_is_differentiable_and_agrees():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, False, True, True, False, True])
+    for backend in [b for b in ("cpu", "torch") if _backend.available(b, torch.device("cpu"), torch.float64)]:
+        assert torch.autograd.gradcheck(lambda x: masked_gram(x, mask, backend=backend), (x,))
