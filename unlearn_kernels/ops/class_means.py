@@ -18,8 +18,8 @@ import operator
 import torch
 from torch import Tensor
 
-from .._extension import compiled
 from . import _backend, _validation as check
+from ._registration import register
 
 
 def _class_means_torch(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -44,9 +44,7 @@ def _class_means_fake(features, labels, num_classes):
             features.new_empty(num_classes, dtype=torch.int64))
 
 
-torch.library.register_fake("unlearn_kernels::triton_class_means")(_class_means_fake)
-if compiled():
-    torch.library.register_fake("unlearn_kernels::class_means")(_class_means_fake)
+register("class_means", _class_means_fake)
 
 
 def _kernel(backend: str):

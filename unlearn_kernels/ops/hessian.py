@@ -24,8 +24,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._extension import compiled
 from . import _backend, _validation as check
+from ._registration import register
 
 
 def _hessian_ema_torch(hess: Tensor, a: Tensor, b: Optional[Tensor], beta: float) -> None:
@@ -47,9 +47,7 @@ def _hessian_ema_fake(hess, a, b, beta):
     return None
 
 
-torch.library.register_fake("unlearn_kernels::triton_hessian_ema_")(_hessian_ema_fake)
-if compiled():
-    torch.library.register_fake("unlearn_kernels::hessian_ema_")(_hessian_ema_fake)
+register("hessian_ema_", _hessian_ema_fake)
 
 
 def _kernel(backend: str):

@@ -29,8 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._extension import compiled
 from . import _backend, _validation as check
+from ._registration import register
 
 
 @dataclass(frozen=True)
@@ -151,11 +151,8 @@ def _feature_scores_fake(mean_f, var_f, mean_r, var_r, eps):
     return torch.empty_like(mean_f)
 
 
-torch.library.register_fake("unlearn_kernels::triton_masked_moments")(_moments_fake)
-torch.library.register_fake("unlearn_kernels::triton_feature_scores")(_feature_scores_fake)
-if compiled():
-    torch.library.register_fake("unlearn_kernels::masked_moments")(_moments_fake)
-    torch.library.register_fake("unlearn_kernels::feature_scores")(_feature_scores_fake)
+register("masked_moments", _moments_fake)
+register("feature_scores", _feature_scores_fake)
 
 
 def _kernels(backend: str):

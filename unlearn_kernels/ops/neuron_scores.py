@@ -27,8 +27,8 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from .._extension import compiled
 from . import _backend, _validation as check
+from ._registration import register
 
 
 def _neuron_scores_torch(weight: Tensor, hess_forget: Tensor, hess_retain: Optional[Tensor],
@@ -56,9 +56,7 @@ def _neuron_scores_fake(weight, hess_forget, hess_retain, dim):
             weight.new_empty(n if hess_retain is not None else 0, dtype=acc))
 
 
-torch.library.register_fake("unlearn_kernels::triton_neuron_scores")(_neuron_scores_fake)
-if compiled():
-    torch.library.register_fake("unlearn_kernels::neuron_scores")(_neuron_scores_fake)
+register("neuron_scores", _neuron_scores_fake)
 
 
 def _kernel(backend: str):

@@ -40,8 +40,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._extension import compiled
 from . import _backend, _validation as check
+from ._registration import register
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -96,9 +96,7 @@ def _sophia_fake(params, grads, exp_avgs, hessians, masks, mask_dims, lr, beta1,
     return None
 
 
-torch.library.register_fake("unlearn_kernels::triton_masked_sophia_step_")(_sophia_fake)
-if compiled():
-    torch.library.register_fake("unlearn_kernels::masked_sophia_step_")(_sophia_fake)
+register("masked_sophia_step_", _sophia_fake)
 
 
 def _kernel(backend: str):
