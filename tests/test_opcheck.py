@@ -73,3 +73,31 @@ def test_masked_gram_is_differentiable_and_agrees():
     mask = torch.tensor([True, False, True, True, False, True])
     for backend in [b for b in ("cpu", "torch") if _backend.available(b, torch.device("cpu"), torch.float64)]:
         assert torch.autograd.gradcheck(lambda x: masked_gram(x, mask, backend=backend), (x,))
+
+
+@pytest.mark.parametrize("prefix", KINDS)
+def test_statistics_kernels(prefix):
+    dev = device(prefix)
+    x = rows(9, 6, dev)
+    mask = torch.tensor([True, False, True, True, True, False, True, True, False], device=dev)
+    # its first output is the int64 count, which opcheck's AOT test cannot sum with the float
+    # outputs: that test is replaced by gradcheck below
+    no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op(prefix, "masked_moments"), (x, mask), test_utils=no_aot)
+    torch.library.opcheck(op(prefix, "masked_moments"), (x, None), test_utils=no_aot)
+    from unlearn_kernels.ops.moments import _moments_torch
+
+    a, b = torch.randn(6, device=dev), torch.randn(6, device=dev)
+    grads = [torch.autograd.grad((kernel(x, mask)[1] * a).sum() + (kernel(x, mask)[2] * b).sum(), x)[0]
+             for kernel in (op(prefix, "masked_moments"), _moments_torch)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    means = [torch.randn(6, device=dev, requires_grad=True) for _ in range(2)]
+    variances = [(torch.rand(6, device=dev) + 0.1).requires_grad_() for _ in range(2)]
+    torch.library.opcheck(op(prefix, "feature_scores"), (means[0], variances[0], means[1], variances[1], 1e-6))
+    labels = torch.tensor([0, 2, 2, 1, 0, 2, 0, 1, 2], device=dev)
+    torch.library.opcheck(op(prefix, "class_means"), (x, labels, 4))
+    w = rows(5, 7, dev)
+    hf, hr = torch.rand(5, 7, device=dev, requires_grad=True), torch.rand(5, 7, device=dev, requires_grad=True)
+    for dim in (0, 1):
+        torch.library.opcheck(op(prefix, "neuron_scores"), (w, hf, hr, dim))
+    torch.library.opcheck(op(prefix, "neuron_scores"), (w, hf, None, 1))

@@ -44,7 +44,20 @@ def _class_means_fake(features, labels, num_classes):
             features.new_empty(num_classes, dtype=torch.int64))
 
 
-register("class_means", _class_means_fake)
+def _class_means_setup(ctx, inputs, output):
+    features, labels, _ = inputs
+    ctx.save_for_backward(labels, output[1])
+    ctx.dtype = features.dtype
+
+
+def _class_means_kernel_backward(ctx, grad_means, _grad_counts):
+    """``mean_c = Σ_{label = c} x / n_c``: ``∂/∂x_t = g[label_t] / n_{label_t}``."""
+    labels, counts = ctx.saved_tensors
+    grad = grad_means / counts.clamp(min=1).to(grad_means.dtype)[:, None]
+    return grad.index_select(0, labels).to(ctx.dtype), None, None
+
+
+register("class_means", _class_means_fake, _class_means_kernel_backward, _class_means_setup)
 
 
 def _kernel(backend: str):

@@ -151,8 +151,44 @@ def _feature_scores_fake(mean_f, var_f, mean_r, var_r, eps):
     return torch.empty_like(mean_f)
 
 
-register("masked_moments", _moments_fake)
-register("feature_scores", _feature_scores_fake)
+def _moments_setup(ctx, inputs, output):
+    x, token_mask = inputs
+    count, mean, _ = output
+    ctx.save_for_backward(x, token_mask, count, mean)
+
+
+def _moments_kernel_backward(ctx, _grad_count, grad_mean, grad_m2):
+    """``mean = Σ_valid x / n`` and ``M2 = Σ_valid (x − mean)²``: ``∂/∂x_t = g_mean / n +
+    2 g_M2 (x_t − mean)`` on valid rows (the ``mean`` inside ``M2`` contributes
+    ``−2 g_M2 Σ(x − mean)/n = 0``)."""
+    x, token_mask, count, mean = ctx.saved_tensors
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = count.to(acc).clamp(min=1)
+    grad = grad_mean.to(acc) / n + 2 * grad_m2.to(acc) * (x.to(acc) - mean.to(acc))
+    grad = grad.expand_as(x) if grad.shape != x.shape else grad
+    if token_mask is not None:
+        grad = torch.where(token_mask.view(-1, 1), grad, 0)
+    return grad.to(x.dtype), None
+
+
+def _feature_scores_setup(ctx, inputs, output):
+    mean_f, var_f, mean_r, var_r, eps = inputs
+    ctx.save_for_backward(mean_f, var_f, mean_r, var_r, output)
+    ctx.eps = eps
+
+
+def _feature_scores_kernel_backward(ctx, grad):
+    """``s = δ² / D`` with ``δ = μ_f − μ_r``, ``D = σ²_f + σ²_r + ε``: ``∂s/∂μ_f = 2δ/D = −∂s/∂μ_r``,
+    ``∂s/∂σ²_f = ∂s/∂σ²_r = −s / D``."""
+    mean_f, var_f, mean_r, var_r, scores = ctx.saved_tensors
+    denominator = var_f + var_r + ctx.eps
+    d_mean = grad * 2 * (mean_f - mean_r) / denominator
+    d_var = -grad * scores / denominator
+    return d_mean, d_var, -d_mean, d_var, None
+
+
+register("masked_moments", _moments_fake, _moments_kernel_backward, _moments_setup)
+register("feature_scores", _feature_scores_fake, _feature_scores_kernel_backward, _feature_scores_setup)
 
 
 def _kernels(backend: str):

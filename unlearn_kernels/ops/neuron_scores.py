@@ -56,7 +56,32 @@ def _neuron_scores_fake(weight, hess_forget, hess_retain, dim):
             weight.new_empty(n if hess_retain is not None else 0, dtype=acc))
 
 
-register("neuron_scores", _neuron_scores_fake)
+def _neuron_scores_setup(ctx, inputs, output):
+    weight, hess_forget, hess_retain, dim = inputs
+    ctx.save_for_backward(weight, hess_forget, hess_retain)
+    ctx.dim = dim
+
+
+def _neuron_scores_kernel_backward(ctx, grad_f, grad_r):
+    """``s_k = ½ Σ h ⊙ w²`` over neuron k's weights: ``∂/∂w = (g_f h_f + g_r h_r) ⊙ w`` and
+    ``∂/∂h = ½ g ⊙ w²`` (``g`` broadcast along the neuron axis)."""
+    weight, hess_forget, hess_retain = ctx.saved_tensors
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+    def along(g):
+        return g.to(acc).view((-1, 1) if ctx.dim in (0, -2) else (1, -1))
+
+    w = weight.to(acc)
+    d_weight = along(grad_f) * hess_forget.to(acc) * w
+    d_hr = None
+    if hess_retain is not None and grad_r is not None and grad_r.numel():
+        d_weight = d_weight + along(grad_r) * hess_retain.to(acc) * w
+        d_hr = (0.5 * along(grad_r) * w * w).to(hess_retain.dtype)
+    d_hf = (0.5 * along(grad_f) * w * w).to(hess_forget.dtype)
+    return d_weight.to(weight.dtype), d_hf, d_hr, None
+
+
+register("neuron_scores", _neuron_scores_fake, _neuron_scores_kernel_backward, _neuron_scores_setup)
 
 
 def _kernel(backend: str):
