@@ -58,3 +58,39 @@ def test_value_checks_still_run_in_eager():
         misdirection_loss(h, control, importance + 2, anchor, mask)
     with pytest.raises(ValueError, match="selects no token"):
         misdirection_loss(h, control, importance, anchor, torch.zeros_like(mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_rank_and_statistics_compile_without_breaks(backend):
+    from unlearn_kernels.ops import low_rank_project, masked_gram, masked_moments
+
+    torch._dynamo.reset()
+    h, _, _, _, mask = inputs(2)
+    u0, _ = torch.linalg.qr(torch.randn(16, 3))
+
+    def step(h, u, mask):
+        y = low_rank_project(h, u, backend=backend)
+        stats = masked_moments(h, mask, backend=backend)
+        return (y ** 2).sum() + masked_gram(h, mask, backend=backend).sum() + stats.m2.sum()
+
+    u1, u2 = u0.clone().requires_grad_(), u0.clone().requires_grad_()
+    eager = step(h, u1, mask)
+    graph = torch.compile(step, backend="aot_eager", fullgraph=True)(h, u2, mask)
+    torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-3)
+    eager.backward()
+    graph.backward()
+    torch.testing.assert_close(u2.grad, u1.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_class_means_keeps_its_label_check_under_compile():
+    """An out-of-range label would make the kernels write outside the output: that check reads
+    the labels and stays (one graph break) rather than being skipped."""
+    from unlearn_kernels.ops import class_means
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: class_means(x, y, 3)[0], backend="aot_eager")
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(compiled(x, torch.tensor([0, 1, 2, 0, 1, 2])),
+                               class_means(x, torch.tensor([0, 1, 2, 0, 1, 2]), 3)[0])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        compiled(x, torch.tensor([0, 1, 5, 0, 1, 2]))

@@ -86,7 +86,9 @@ class _ClassMeans(torch.autograd.Function):
 
 
 def _labels(labels, features: Tensor, num_classes: int) -> Tensor:
-    """Integer labels for ``features``'s rows, checked against ``num_classes``: flat int64."""
+    """Integer labels for ``features``'s rows, checked against ``num_classes``: flat int64.
+    The range check reads the labels and is kept under ``torch.compile`` too (a graph break):
+    an out-of-range label would make a kernel write outside its output."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:

@@ -108,15 +108,19 @@ class Moments:
 
 
 def _moments_torch(x: Tensor, token_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference kernel: two-pass mean and centred M2 in fp32 (fp64 for fp64 input)."""
+    """Reference kernel: two-pass mean and centred M2 in fp32 (fp64 for fp64 input), with the
+    mask as 0/1 weights (no data-dependent shapes, so it traces under ``torch.compile``)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rows = x.to(acc) if token_mask is None else x[token_mask].to(acc)
-    count = torch.tensor(rows.shape[0], dtype=torch.int64, device=x.device)
-    if rows.shape[0] == 0:
-        zeros = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
-        return count, zeros, zeros.clone()
-    mean = rows.mean(dim=0)
-    m2 = ((rows - mean) ** 2).sum(dim=0)
+    rows = x.to(acc)
+    if token_mask is None:
+        weights = torch.ones(rows.shape[0], 1, dtype=acc, device=x.device)
+        count = torch.tensor(rows.shape[0], dtype=torch.int64, device=x.device)
+    else:
+        weights = token_mask.to(acc).view(-1, 1)
+        count = token_mask.sum().to(torch.int64)
+    n = weights.sum().clamp(min=1)
+    mean = (rows * weights).sum(dim=0) / n
+    m2 = (((rows - mean) * weights) ** 2).sum(dim=0)
     return count, mean.float(), m2.float()
 
 
