@@ -195,7 +195,9 @@ def test_only_selected_neurons_change(rows, cols, dim, keep, seed):
     sel = selected_elements((rows, cols), mask)
     for k in (0, 2):
         assert torch.equal(state[k][0][~sel], before[k][0][~sel])
-        torch.testing.assert_close(state[k][0][sel], full[k][0][sel], rtol=1e-6, atol=1e-7)
+        # a clipped ratio min(|m| / (ρ·bs·h + ε), 1) within rounding of 1 may clip on one side
+        # and not the other: up to lr · 4e-5 apart (hypothesis found 5.8e-7 at lr 0.05)
+        torch.testing.assert_close(state[k][0][sel], full[k][0][sel], rtol=1e-6, atol=2e-6)
     assert torch.equal(state[1][0], before[1][0]) and torch.equal(state[3][0], before[3][0])
 
 
