@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.layers import FrozenCopy, layer_output
+from ..models.layers import FrozenCopy, layer_index_of, layer_output, prefix_outputs, replayed
 from ..ops import Moments, feature_importance, masked_moments, misdirection_loss
 from .base import MethodConfig, UnlearningMethod
 
@@ -54,6 +54,7 @@ class RMUConfig(MethodConfig):
     steering: float | None = None  # c; auto: 5 x mean ‖h_forget‖ at the layer (published: 6.5 Zephyr-7B, 300 Mixtral)
     alpha: float = 100.0       # retain weight (published 1200 at 7B stops all forgetting on small models)
     steps: int = 150           # optimizer steps (WMDP's max_num_batches)
+    share_prefix: bool = True  # run the layers below the lowest updated one once per batch, for the live and frozen passes
 
 
 AUTO_STEERING = 5.0   # c = 5 · mean ‖h_forget‖ when steering is auto (Adaptive RMU's β = 5 rule, once)
@@ -85,21 +86,42 @@ class RMU(UnlearningMethod):
         u = torch.rand(d, generator=generator)
         self.direction = (u / u.norm()).to(next(self.model.parameters()).device)
         self.frozen = FrozenCopy(self.model, self.params)
+        self._prefix = self.shared_prefix()
         self.control = self.control_scale(next(self.batches(forget, 7))) * self.direction
 
     def activations(self, batch):
         return layer_output(self.model, self.config.layer, batch["input_ids"], batch["attention_mask"])
 
+    def shared_prefix(self) -> int:
+        """Decoder layers ``0 … k−1`` below the lowest updated one, where the live and the frozen
+        model are the same function (0 when a weight outside the layers, e.g. the embedding, is
+        updated, or with ``share_prefix=False``)."""
+        if not self.config.share_prefix or not self.params:
+            return 0
+        indices = [layer_index_of(self.model, name) for name in self.params]
+        return 0 if any(i is None for i in indices) else min(indices)
+
+    def live_and_frozen(self, batch, frozen: bool = True):
+        """Layer-l activations of the live model (with a graph) and, if asked, of the frozen one.
+        The layers below the lowest updated one run once, without a graph, and both passes
+        branch above them (identical results to two full passes, less work and memory; with
+        dropout active both passes see the prefix's one dropout draw)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with replayed(self.model, prefix_outputs(self.model, self._prefix, ids, mask)):
+            anchor = self.frozen_activations(batch) if frozen else None
+            return self.activations(batch), anchor
+
     def frozen_activations(self, batch):
         return self.frozen.layer_output(self.config.layer, batch["input_ids"], batch["attention_mask"])
 
     def forget_loss(self, batch):
-        return misdirection_loss(self.activations(batch), self.control, token_mask=batch["attention_mask"],
+        live, _ = self.live_and_frozen(batch, frozen=False)
+        return misdirection_loss(live, self.control, token_mask=batch["attention_mask"],
                                  backend=self.config.backend)
 
     def loss(self, forget_batch, retain_batch, step):
-        anchor = self.frozen_activations(retain_batch)
-        retain = misdirection_loss(self.activations(retain_batch), anchor=anchor,
+        live, anchor = self.live_and_frozen(retain_batch)
+        retain = misdirection_loss(live, anchor=anchor,
                                    token_mask=retain_batch["attention_mask"], backend=self.config.backend)
         return {"forget": self.forget_loss(forget_batch), "retain": self.config.alpha * retain}
 
@@ -156,8 +178,8 @@ class SRMU(AdaptiveRMU):
                                              backend=self.config.backend)
 
     def forget_loss(self, batch):
-        anchor = self.frozen_activations(batch) if self.config.anchor_forget else None
-        return misdirection_loss(self.activations(batch), self.control, self.importance, anchor,
+        live, anchor = self.live_and_frozen(batch, frozen=self.config.anchor_forget)
+        return misdirection_loss(live, self.control, self.importance, anchor,
                                  token_mask=batch["attention_mask"], backend=self.config.backend)
 
     def report(self):

@@ -146,3 +146,51 @@ def _stop_at(model: nn.Module, layer: int):
         yield captured
     finally:
         handle.remove()
+
+
+def _detached(output):
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, tuple):
+        return tuple(_detached(o) for o in output)
+    return output
+
+
+@torch.no_grad()
+def prefix_outputs(model: nn.Module, upto: int, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> dict[int, object]:
+    """The outputs of decoder layers ``0 … upto−1`` for one batch, computed once without an
+    autograd graph (the forward stops after layer ``upto−1``); replay them with
+    :func:`replayed` so that several passes that share those layers branch above them."""
+    if upto <= 0:
+        return {}
+    layers = decoder_layers(model)
+    outputs: dict[int, object] = {}
+    handles = [layers[i].register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, _detached(out)))
+               for i in range(upto)]
+    try:
+        layer_output(model, upto - 1, input_ids, attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+@contextmanager
+def replayed(model: nn.Module, outputs: dict[int, object]):
+    """Within the block, decoder layer ``i`` returns ``outputs[i]`` without running (its hooks
+    still run). Exact when the layers' weights and inputs are those the outputs came from:
+    the layers below the lowest updated one, whose input is the (frozen) embedding."""
+    layers = decoder_layers(model)
+    saved = {}
+    for i, out in outputs.items():
+        saved[i] = vars(layers[i]).get("forward")
+        layers[i].forward = lambda *args, _out=out, **kwargs: _out
+    try:
+        yield
+    finally:
+        for i, previous in saved.items():
+            if previous is None:
+                del layers[i].forward
+            else:
+                layers[i].forward = previous
