@@ -22,9 +22,7 @@ import argparse
 import os
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
