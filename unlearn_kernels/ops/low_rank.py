@@ -93,20 +93,11 @@ def _project_setup(ctx, inputs, output):
 
 
 def _project_kernel_backward(ctx, grad_y, grad_coeffs):
-    """Outputs ``y = x − s (xU) Uᵀ`` and ``c = xU``: with ``g = ∂/∂y`` and ``k = ∂/∂c``,
-    ``∂/∂x = g − s (gU)Uᵀ + k Uᵀ`` and ``∂/∂U = −s (xᵀ(gU) + gᵀ(xU)) + xᵀ k``."""
+    """Outputs ``y = x − s (xU) Uᵀ`` and ``c = xU`` (see :func:`_project_grads`)."""
     x, basis = ctx.saved_tensors
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    u, xs, g = basis.to(acc), x.to(acc), grad_y.to(acc)
-    gu = g @ u
-    grad_x = g - ctx.scale * gu @ u.T
-    grad_u = -ctx.scale * (xs.T @ gu + g.T @ (xs @ u))
-    if ctx.need_coeffs and grad_coeffs is not None and grad_coeffs.numel():
-        k = grad_coeffs.to(acc)
-        grad_x = grad_x + k @ u.T
-        grad_u = grad_u + xs.T @ k
-    return (grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None,
-            grad_u.to(basis.dtype) if ctx.needs_input_grad[1] else None, None, None)
+    k = grad_coeffs if ctx.need_coeffs and grad_coeffs is not None and grad_coeffs.numel() else None
+    grad_x, grad_u = _project_grads(grad_y, x, basis, ctx.scale, ctx.needs_input_grad[0], ctx.needs_input_grad[1], k)
+    return grad_x, grad_u, None, None
 
 
 def _gram_setup(ctx, inputs, output):
@@ -177,8 +168,9 @@ class _LowRankProject(torch.autograd.Function):
         need_basis_grad = ctx.needs_input_grad[2] and coeffs is not None
         if torch.is_grad_enabled() or (ctx.needs_input_grad[2] and coeffs is None):
             # create_graph=True: the same formulas in plain torch ops
-            return _differentiable_backward(grad_y, x, basis, ctx.scale, ctx.needs_input_grad[0],
-                                            ctx.needs_input_grad[2]) + (None, None, None)
+            grad_x, grad_basis = _project_grads(grad_y, x, basis, ctx.scale, ctx.needs_input_grad[0],
+                                                ctx.needs_input_grad[2])
+            return grad_x, None, grad_basis, None, None, None
         g = check.rows_view(grad_y)
         grad_rows, grad_coeffs = ctx.kernel(g, basis, ctx.scale, need_basis_grad)
         grad_x = grad_rows.view(grad_y.shape) if ctx.needs_input_grad[0] else None
@@ -190,19 +182,25 @@ class _LowRankProject(torch.autograd.Function):
         return grad_x, None, grad_basis, None, None, None
 
 
-def _differentiable_backward(grad_y, x, basis, scale, need_x, need_basis):
-    """``(∂L/∂x, None, ∂L/∂U)`` as differentiable torch ops of ``grad_y``, ``x`` and ``U``
-    (module docstring), so that second derivatives (``∂²/∂U∂x``, ``∂²/∂U²``) are exact."""
+def _project_grads(grad_y, x, basis, scale, need_x, need_basis, grad_coeffs=None):
+    """``(∂L/∂x, ∂L/∂U)`` of ``y = x − s (xU) Uᵀ`` as differentiable torch ops of ``grad_y``
+    (``g``), ``x`` and ``U`` (module docstring), so that second derivatives (``∂²/∂U∂x``,
+    ``∂²/∂U²``) are exact; with ``grad_coeffs`` (``k``, the gradient of the kernel's second
+    output ``c = xU``) also ``+ k Uᵀ`` and ``+ xᵀ k``."""
     acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
     u = basis.to(acc)
     g = grad_y.reshape(-1, grad_y.shape[-1]).to(acc)
     gu = g @ u
-    grad_x = (g - scale * gu @ u.T).view(grad_y.shape).to(grad_y.dtype) if need_x else None
-    grad_basis = None
+    k = None if grad_coeffs is None else grad_coeffs.to(acc)
+    grad_x = grad_basis = None
+    if need_x:
+        grad_x = g - scale * gu @ u.T
+        grad_x = (grad_x if k is None else grad_x + k @ u.T).view(grad_y.shape).to(grad_y.dtype)
     if need_basis:
         rows = x.reshape(-1, x.shape[-1]).to(acc)
-        grad_basis = (-scale * (rows.T @ gu + g.T @ (rows @ u))).to(basis.dtype)
-    return grad_x, None, grad_basis
+        grad_basis = -scale * (rows.T @ gu + g.T @ (rows @ u))
+        grad_basis = (grad_basis if k is None else grad_basis + rows.T @ k).to(basis.dtype)
+    return grad_x, grad_basis
 
 
 def check_basis(basis, d: int, like: Tensor | None = None) -> int:

@@ -116,7 +116,7 @@ def _misdirection_kernel_backward(ctx, grad_loss, grad_grad):
     if not ctx.needs_input_grad[0]:
         return (None,) * 7
     first = grad if grad is not None else _differentiable_grad(h, control, importance, anchor, token_mask,
-                                                               ctx.scale)
+                                                               ctx.scale, None)
     total = grad_loss.to(torch.float32) * first.to(torch.float32)
     if ctx.need_grad and grad_grad is not None and grad_grad.numel():
         w = (importance if importance is not None else
@@ -134,13 +134,19 @@ def _masked_edit_setup(ctx, inputs, output):
     ctx.alpha = alpha
 
 
+def _edit_grad(grad_out: Tensor, importance: Tensor, token_mask: Optional[Tensor], alpha: float) -> Tensor:
+    """``∂L/∂h = g ⊙ (1 − α m)`` on valid tokens, ``g`` on masked ones (``token_mask`` flat)."""
+    factor = 1 - alpha * importance
+    if token_mask is not None:
+        keep = token_mask.view(grad_out.shape[:-1] + (1,))
+        factor = torch.where(keep, factor, torch.ones_like(factor))
+    return (grad_out * factor).to(grad_out.dtype)
+
+
 def _masked_edit_kernel_backward(ctx, grad_out):
     refuse_grads("masked_edit", ctx, (0,))
     importance, token_mask = ctx.saved_tensors
-    factor = 1 - ctx.alpha * importance
-    if token_mask is not None:
-        factor = torch.where(token_mask.view(-1, 1), factor, torch.ones_like(factor))
-    return (grad_out * factor).to(grad_out.dtype), None, None, None, None
+    return _edit_grad(grad_out, importance, token_mask, ctx.alpha), None, None, None, None
 
 
 register("misdirection_fwd_bwd", _misdirection_fake, _misdirection_kernel_backward, _misdirection_setup)
@@ -156,22 +162,15 @@ def _kernels(backend: str):
     return _backend.compiled_op("misdirection_fwd_bwd"), _backend.compiled_op("masked_edit")
 
 
-def _differentiable_grad(h: Tensor, control, importance, anchor, token_mask, scale: float) -> Tensor:
-    """``∂L/∂h`` in plain torch ops of ``h`` (used under ``create_graph=True``), so that the
-    gradient is itself differentiable: ``∂²L/∂h_tj² = 2 [w_j + (1 − w_j)·[anchor]] / (n_valid·d)``
-    on valid tokens, the Hessian-vector products double backward needs."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    x = h.to(acc)
-    w = importance.to(acc) if importance is not None else torch.full((h.shape[-1],), float(control is not None),
-                                                                    dtype=acc, device=h.device)
-    residual = torch.zeros_like(x)
-    if control is not None:
-        residual = residual + w * (x - control.to(acc))
-    if anchor is not None:
-        residual = residual + (1 - w) * (x - anchor.view(h.shape).to(acc))
-    if token_mask is not None:
-        residual = torch.where(token_mask.view(h.shape[:-1] + (1,)), residual, 0)
-    return (2 * scale * residual).to(h.dtype)
+def _differentiable_grad(h: Tensor, control, importance, anchor, token_mask, scale: float, factor) -> Tensor:
+    """``∂L/∂h`` from the reference kernel's formulas, plain torch ops of ``h`` (used under
+    ``create_graph=True``), so that the gradient is itself differentiable:
+    ``∂²L/∂h_tj² = 2 [w_j + (1 − w_j)·[anchor]] / (n_valid·d)`` on valid tokens, the
+    Hessian-vector products double backward needs. ``anchor`` is in rows, ``token_mask`` flat;
+    ``factor`` (a tensor, or None) multiplies the scale under ``torch.compile``."""
+    rows = h.reshape(-1, h.shape[-1])
+    grad = _misdirection_torch(rows, control, importance, anchor, token_mask, scale, True)[1].view(h.shape)
+    return grad if factor is None else grad * factor.to(grad.dtype)
 
 
 def _no_vmap(op: str):
@@ -207,8 +206,7 @@ class _FusedMisdirection(torch.autograd.Function):
         grad, h, control, importance, anchor, token_mask, factor = ctx.saved_tensors
         none = (None,) * 9
         if torch.is_grad_enabled() or not ctx.need_grad:   # create_graph=True (or no fused grad)
-            scale = ctx.scale if factor is None else ctx.scale * factor
-            grad = _differentiable_grad(h, control, importance, anchor, token_mask, scale)
+            grad = _differentiable_grad(h, control, importance, anchor, token_mask, ctx.scale, factor)
             return (grad * grad_loss.to(grad.dtype),) + none
         if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grad = grad * grad_loss.to(grad.dtype)
@@ -282,11 +280,7 @@ class _MaskedEdit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         importance, token_mask = ctx.saved_tensors
-        factor = 1 - ctx.alpha * importance
-        if token_mask is not None:
-            keep = token_mask.view(grad_out.shape[:-1] + (1,))
-            factor = torch.where(keep, factor, torch.ones_like(factor))
-        return (grad_out * factor).to(grad_out.dtype), None, None, None, None, None, None
+        return _edit_grad(grad_out, importance, token_mask, ctx.alpha), None, None, None, None, None, None
 
     vmap = _no_vmap("masked_edit")
 
