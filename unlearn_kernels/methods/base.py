@@ -27,7 +27,6 @@ import math
 import time
 import random
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -159,7 +158,6 @@ def collate_qa(tokenizer, rows: list[tuple[list[int], list[int]]], device) -> di
     return {k: v.to(device) for k, v in batch.items()}
 
 
-@contextmanager
 def activation_checkpointing(model: nn.Module):
     """Within the block every decoder layer's ``forward`` runs under
     ``torch.utils.checkpoint`` (non-reentrant): its activations are recomputed in backward
@@ -170,21 +168,15 @@ def activation_checkpointing(model: nn.Module):
 
     from torch.utils.checkpoint import checkpoint
 
-    from ..models.layers import decoder_layers
+    from ..models.layers import decoder_layers, overridden_forwards
 
     def wrapped(forward, *args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
-    layers = list(decoder_layers(model))
-    for layer in layers:
-        layer.forward = partial(wrapped, layer.forward)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
+    return overridden_forwards(model, {i: (lambda forward: partial(wrapped, forward))
+                                       for i in range(len(decoder_layers(model)))})
 
 
 class NonFiniteError(FloatingPointError):
@@ -391,9 +383,11 @@ class UnlearningMethod:
         """One optimisation step: ``grad_accum`` batches of loss and backward (each loss divided by
         ``grad_accum``, so the gradient is their mean), finiteness checks, update, history."""
         optimizer = self.optimizer
+        masters = self.optimized is not self.params
         optimizer.zero_grad(set_to_none=True)
-        for p in self.params.values():
-            p.grad = None
+        if masters:                       # the model's own weights collect the gradients
+            for p in self.params.values():
+                p.grad = None
         totals: dict[str, float] = {}
         for _ in range(self.config.grad_accum):
             losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
@@ -413,7 +407,6 @@ class UnlearningMethod:
                                  f"and would not change: {', '.join(idle[:6])}{' ...' if len(idle) > 6 else ''} "
                                  "(above the loss layer?); drop them from update")
             self._checked_gradients = True
-        masters = self.optimized is not self.params
         if masters:
             for name, p in self.params.items():
                 self.optimized[name].grad = None if p.grad is None else p.grad.to(torch.float32)

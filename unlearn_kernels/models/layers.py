@@ -14,6 +14,7 @@ import fnmatch
 import itertools
 import re
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -94,14 +95,16 @@ def _what_to_type(model: nn.Module) -> str:
             f"its MLP weights are {roles.patterns(every)[0]}")
 
 
+def decoder_layers_path(model: nn.Module) -> str:
+    """The module path of :func:`decoder_layers` (``model.layers``, ``transformer.h`` ...)."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
 def layer_index_of(model: nn.Module, param_name: str) -> int | None:
     """Index of the decoder layer that holds ``param_name`` (None outside the layers)."""
-    layers = decoder_layers(model)
-    for prefix, module in model.named_modules():
-        if module is layers:
-            m = re.match(re.escape(prefix) + r"\.(\d+)\.", param_name)
-            return int(m.group(1)) if m else None
-    return None
+    m = re.match(re.escape(decoder_layers_path(model)) + r"\.(\d+)\.", param_name)
+    return int(m.group(1)) if m else None
 
 
 class FrozenCopy:
@@ -177,15 +180,15 @@ def prefix_outputs(model: nn.Module, upto: int, input_ids: torch.Tensor,
 
 
 @contextmanager
-def replayed(model: nn.Module, outputs: dict[int, object]):
-    """Within the block, decoder layer ``i`` returns ``outputs[i]`` without running (its hooks
-    still run). Exact when the layers' weights and inputs are those the outputs came from:
-    the layers below the lowest updated one, whose input is the (frozen) embedding."""
+def overridden_forwards(model: nn.Module, replace: dict[int, Callable[[Callable], Callable]]):
+    """Within the block decoder layer ``i``'s ``forward`` is ``replace[i](its forward)`` (an
+    instance attribute, so ``Module.__call__`` and its hooks still run around it); the previous
+    forward, itself possibly an override of an enclosing block, comes back on exit."""
     layers = decoder_layers(model)
     saved = {}
-    for i, out in outputs.items():
+    for i, make in replace.items():
         saved[i] = vars(layers[i]).get("forward")
-        layers[i].forward = lambda *args, _out=out, **kwargs: _out
+        layers[i].forward = make(layers[i].forward)
     try:
         yield
     finally:
@@ -194,3 +197,11 @@ def replayed(model: nn.Module, outputs: dict[int, object]):
                 del layers[i].forward
             else:
                 layers[i].forward = previous
+
+
+def replayed(model: nn.Module, outputs: dict[int, object]):
+    """Within the block, decoder layer ``i`` returns ``outputs[i]`` without running (its hooks
+    still run). Exact when the layers' weights and inputs are those the outputs came from:
+    the layers below the lowest updated one, whose input is the (frozen) embedding."""
+    return overridden_forwards(model, {i: (lambda _forward, _out=out: lambda *args, **kwargs: _out)
+                                       for i, out in outputs.items()})

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import decoder_layers
+from .layers import decoder_layers, decoder_layers_path
 
 IN_ROLES = ("gate", "up", "gate_up")
 ROLES = IN_ROLES + ("down",)
@@ -175,15 +175,6 @@ def _neuron_axis(weight: torch.Tensor, layout: str, role: str) -> int:
     return 1 if down else 0
 
 
-def _relative(path: str, base: str) -> str:
-    return path[len(base) + 1:] if base and path.startswith(base + ".") else ("" if path == base else path)
-
-
-def _layer_prefix(model: nn.Module) -> str:
-    layers = decoder_layers(model)
-    return next(name for name, m in model.named_modules() if m is layers)
-
-
 def _roles_of_layer0(model, hidden: int, width: int):
     """Structural search on layer 0: ``(mlp path, {role: leaf}, {leaf: layout}, attention_out)``."""
     layer = decoder_layers(model)[0]
@@ -228,7 +219,7 @@ def _resolve(model, source: str, mlp: str, names: dict[str, str], attention_out:
              hidden: int, width: int) -> ModelRoles:
     """Every layer's projections for the given relative names; ValueError if one is missing or
     its shape does not fit its role."""
-    prefix = _layer_prefix(model)
+    prefix = decoder_layers_path(model)
     layers = decoder_layers(model)
     found = {name: p for name, p in model.named_parameters()}
     roles = ModelRoles(source, prefix, mlp, dict(names), attention_out, hidden, width, len(layers))
