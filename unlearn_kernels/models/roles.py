@@ -143,11 +143,11 @@ def mlp_width(model: nn.Module, hidden: int) -> int:
     return 4 * hidden
 
 
-def _leaves(module: nn.Module, prefix: str = ""):
+def _leaves(module: nn.Module):
     """``(owner path, leaf name, weight, layout)`` of every projection under ``module``:
     ``layout`` is ``"linear"`` ([out, in]), ``"conv1d"`` ([in, out]) or ``"experts"``
     ([E, out, in] parameters held directly by a module)."""
-    for path, sub in module.named_modules(prefix=prefix):
+    for path, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
             owner, _, leaf = path.rpartition(".")
             yield owner, leaf, sub.weight, "linear"
@@ -166,7 +166,7 @@ def _in_out(weight: torch.Tensor, layout: str) -> tuple[int, int]:
     return int(weight.shape[-1]), int(weight.shape[-2])
 
 
-def _neuron_axis(weight: torch.Tensor, layout: str, role: str) -> int:
+def _neuron_axis(layout: str, role: str) -> int:
     down = role == "down"
     if layout == "conv1d":
         return 0 if down else 1
@@ -176,7 +176,7 @@ def _neuron_axis(weight: torch.Tensor, layout: str, role: str) -> int:
 
 
 def _roles_of_layer0(model, hidden: int, width: int):
-    """Structural search on layer 0: ``(mlp path, {role: leaf}, {leaf: layout}, attention_out)``."""
+    """Structural search on layer 0: ``(mlp path, {role: leaf}, attention_out)``."""
     layer = decoder_layers(model)[0]
     groups: dict[str, list] = {}
     for owner, leaf, weight, layout in _leaves(layer):
@@ -200,7 +200,7 @@ def _roles_of_layer0(model, hidden: int, width: int):
     owner, down, ins = candidates[0]
     names = {"down": down}
     for leaf, out in ins:
-        role = "gate_up" if out == 2 * width and out != width else ("gate" if "gate" in leaf.lower() else "up")
+        role = "gate_up" if out == 2 * width else ("gate" if "gate" in leaf.lower() else "up")
         if role == "up" and "up" in names:
             role = "gate"
         names.setdefault(role, leaf)
@@ -239,7 +239,7 @@ def _resolve(model, source: str, mlp: str, names: dict[str, str], attention_out:
             full = f"{prefix}.{index}.{rel}" + ("" if layout == "experts" else ".weight")
             if full not in found:
                 raise ValueError(f"parameter {full} not found")
-            projections.append(Projection(full, role, _neuron_axis(weight, layout, role)))
+            projections.append(Projection(full, role, _neuron_axis(layout, role)))
         roles.projections[index] = projections
     return roles
 

@@ -199,9 +199,9 @@ def _check_aliasing(params, grads, exp_avgs, hessians) -> None:
             by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((k < len(written), name, t))
     for group in (g for g in by_storage.values() if len(g) > 1):   # tensors sharing one storage
         for i, (is_written, name, t) in enumerate(group):
+            if not is_written:
+                continue
             for _, other_name, other in group[i + 1:]:
-                if not is_written:
-                    continue
                 if check.same_memory(t, other):
                     raise ValueError(f"{name} and {other_name} are the same memory; {name} is updated in place: "
                                      "pass separate tensors")
