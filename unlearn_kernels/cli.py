@@ -3,6 +3,7 @@
     unlearn-kernels demo                  unlearn the embedded model with each method, print the table
     unlearn-kernels demo --track classifier   class-wise unlearning of the embedded digits CNN
     unlearn-kernels unlearn --model DIR --method SRMU --forget F --retain R --out DIR [--config run.yaml]
+    torchrun --nproc-per-node N -m unlearn_kernels.cli unlearn ... [--parallel ddp]   data-parallel run
     unlearn-kernels eval --model DIR --questions wmdp.jsonl [--questions more.jsonl] [--format mmlu] [--json out.json]
     unlearn-kernels eval --model DIR --mia-forget forget.jsonl --mia-holdout holdout.jsonl
     unlearn-kernels relearn --model DIR --train attack.txt --questions heldout.jsonl [--plot curves.png]
@@ -23,6 +24,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from . import parallel
 
 # Errors in what the user gave (files, settings, devices): one line on stderr and exit code 2;
 # --debug (or UNLEARN_KERNELS_TRACEBACK=1) shows the traceback instead.
@@ -131,6 +134,9 @@ def _unlearn(args) -> int:
         raise ValueError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
     out = check_output_path(config["out"], inputs, overwrite=args.overwrite or args.resume,
                             needed_bytes=weights_size(config["model"]))
+    mode = parallel.resolve_mode(args.parallel)
+    if mode != "none" and (args.checkpoint_every or args.resume):
+        raise ValueError("--checkpoint-every/--resume are not supported under torchrun yet: run without them")
     checkpointer = _checkpointer(out, args)
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
     retain = [t for f in _as_list(config.get("retain") or []) for t in _training_data(f, args)]
@@ -141,11 +147,28 @@ def _unlearn(args) -> int:
     from .eval import files
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    model, tokenizer = files.load_model(config["model"], device, dtype)
-    before = _accuracies(model, tokenizer, evals)
-    method = registry[config["method"]](model, tokenizer, config=method_config)
-    method.fit(forget, retain, checkpoint=checkpointer, resume=args.resume)
+    method_config, prefix = _prefix_plan(args, config["model"], registry[config["method"]], method_config,
+                                         wants_full=bool(evals or attack))
+    with parallel.process_group(mode, device) as device:
+        if prefix:
+            from .models.prefix import load_prefix
+
+            model, tokenizer = load_prefix(config["model"], prefix["layers_loaded"], _torch_dtype(dtype))
+            model = model.to(device)
+        else:
+            model, tokenizer = files.load_model(config["model"], device, dtype)
+        before = _accuracies(model, tokenizer, evals) if parallel.is_main() else {}
+        method = registry[config["method"]](parallel.wrap(model, mode), tokenizer, config=method_config)
+        method.fit(forget, retain, checkpoint=checkpointer, resume=args.resume)
+    if not parallel.is_main():
+        return 0
     report = {**method.report(), "source_model": str(config["model"])}
+    if prefix:
+        report["prefix_only"] = prefix
+        if prefix["layer_chosen_by_structure"]:   # fixed from the full depth before loading
+            report["chosen_by_structure"] = {"layer": prefix["layer"], **report.get("chosen_by_structure", {})}
+    if mode != "none":
+        report["parallel"] = {"mode": mode, "world_size": int(os.environ["WORLD_SIZE"])}
     if evals:
         report["evaluation"] = {"before": before, "after": _accuracies(method.model, tokenizer, evals),
                                 "protocol": "lm-eval 0.4.13 multiple choice, cloze format"}
@@ -154,8 +177,13 @@ def _unlearn(args) -> int:
 
         result = relearn_attack(method.model, tokenizer, attack, evals["forget"])
         report["relearning"] = {**result, "curves": {str(k): v for k, v in result["curves"].items()}}
-    out = save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
-                                 method.saved_masks())
+    if prefix:
+        from .models.prefix import save_prefix_output
+
+        out = save_prefix_output(config["model"], config["out"], method.params, tokenizer, report)
+    else:
+        out = save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
+                                     method.saved_masks())
     save_figure_atomic(_report_figure(report), Path(out) / "report.png")
     if checkpointer is not None and checkpointer.path.exists():
         import shutil
@@ -165,6 +193,46 @@ def _unlearn(args) -> int:
     for split, values in report.get("evaluation", {}).get("before", {}).items():
         print(f"{split} accuracy: {values['acc']:.3f} -> {report['evaluation']['after'][split]['acc']:.3f}")
     return 0
+
+
+def _torch_dtype(dtype: str | None):
+    return getattr(torch, dtype) if dtype else None
+
+
+def _prefix_plan(args, model_dir, method_class, method_config, wants_full: bool):
+    """(config, plan): with prefix-only loading (``models.prefix``) the loss layer is fixed from
+    the full depth here and the plan records it; plan is None for a full load. Auto (no flag):
+    on for the methods that run only layers 0…l (``runs_prefix``) when l is below the top, the
+    folder has safetensors weights and no evaluation needs the whole model."""
+    import dataclasses
+
+    from .models.prefix import checkpoint_keys, depth_of
+    from .models.roles import default_layer
+
+    asked = args.prefix_only
+    if asked is False:
+        return method_config, None
+    runs_prefix = getattr(method_class, "runs_prefix", False)
+    if asked and not runs_prefix:
+        raise ValueError(f"--prefix-only: {method_class.name} runs the whole model; only RMU, AdaptiveRMU and SRMU "
+                         "run layers 0..l alone")
+    if asked and wants_full:
+        raise ValueError("--prefix-only loads layers 0..l only; --eval-forget/--eval-retain/--relearn need the whole "
+                         "model: drop them or pass --no-prefix-only")
+    if not runs_prefix or wants_full or checkpoint_keys(model_dir) is None:
+        if asked:
+            raise ValueError(f"--prefix-only needs safetensors weights in {model_dir}")
+        return method_config, None
+    depth = depth_of(model_dir)
+    given = method_config.layer
+    layer = default_layer(depth) if given is None else given
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer {layer} does not exist: the model has {depth} decoder layers (0..{depth - 1})")
+    layer %= depth
+    if layer == depth - 1 and not asked:
+        return method_config, None
+    plan = {"layers_loaded": layer + 1, "depth": depth, "layer": layer, "layer_chosen_by_structure": given is None}
+    return dataclasses.replace(method_config, layer=layer), plan
 
 
 def _checkpointer(out: Path, args):
@@ -459,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     unlearn.add_argument("--question-field", default="question")
     unlearn.add_argument("--answer-field", default="answer")
     unlearn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method setting")
+    unlearn.add_argument("--prefix-only", action=argparse.BooleanOptionalAction, default=None,
+                         help="load embeddings and layers 0..l only, write the full checkpoint shard by shard "
+                              "(RMU, AdaptiveRMU, SRMU; default: on when l is below the top and no --eval-* is asked)")
+    unlearn.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
+                         help="under torchrun: ddp (the default there) splits each global batch over the ranks")
     unlearn.set_defaults(func=_unlearn)
     evaluate = sub.add_parser("eval", help="multiple-choice accuracy (lm-eval's protocol) and membership inference")
     _model_options(evaluate)
@@ -500,13 +573,17 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as error:   # a run that diverged: nothing was written
         if debug:
             raise
-        print(f"unlearn-kernels {args.command}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        if parallel.is_main():
+            print(f"unlearn-kernels {args.command}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        parallel.let_rank0_speak()
         return 1
     except USER_ERRORS as error:
         if debug:
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"unlearn-kernels {args.command}: error: {message}", file=sys.stderr)
+        if parallel.is_main():
+            print(f"unlearn-kernels {args.command}: error: {message}", file=sys.stderr)
+        parallel.let_rank0_speak()
         return 2
 
 

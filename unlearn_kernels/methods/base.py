@@ -36,6 +36,7 @@ from torch import nn
 from ..data.loaders import QAPair
 from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
+from . import distributed
 from .settings import make_config
 
 MODEL_KEYS = ("input_ids", "attention_mask")
@@ -213,6 +214,7 @@ class UnlearningMethod:
 
     def __init__(self, model: nn.Module, tokenizer, config: MethodConfig | None = None, **overrides):
         self.config = make_config(self.config_class, config, **overrides)
+        model = distributed.unwrap(model)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ValueError(f"{self.name}: {type(model).__name__} is an encoder-decoder; the methods unlearn "
                              "decoder-only causal LMs")
@@ -270,6 +272,7 @@ class UnlearningMethod:
             raise ValueError(f"{self.name}: lr must be > 0, batch_size, grad_accum and max_length >= 1 and "
                              f"steps >= 0, epochs >= 1 (got lr={c.lr}, epochs={c.epochs}, batch_size={c.batch_size}, grad_accum={c.grad_accum}, "
                              f"max_length={c.max_length}, steps={c.steps})")
+        distributed.check_batch_size(self.name, c.batch_size)
         if c.master_dtype not in (None, "float32"):
             raise ValueError(f"{self.name}: master_dtype must be float32 or unset, got {c.master_dtype!r}")
         if hasattr(c, "layer"):
@@ -293,6 +296,8 @@ class UnlearningMethod:
 
         Texts give ``input_ids`` and ``attention_mask``; QA pairs also a ``loss_mask`` on
         the answer tokens (see the module docstring; call the model on ``model_inputs``).
+        Under ``torch.distributed`` every rank draws the same global batch, padded as one,
+        and keeps its rows (``methods.distributed``).
         """
         kind = data_kind(items, f"{self.name}: the data")
         rng = random.Random(self.config.seed + seed_offset)
@@ -310,11 +315,11 @@ class UnlearningMethod:
                 order += rng.sample(range(len(items)), len(items))
             chosen, order = order[:self.config.batch_size], order[self.config.batch_size:]
             if encoded is not None:
-                yield collate_qa(self.tokenizer, [encoded[i] for i in chosen], device)
+                yield distributed.local_rows(collate_qa(self.tokenizer, [encoded[i] for i in chosen], device))
                 continue
             enc = self.tokenizer([items[i] for i in chosen], return_tensors="pt", padding=True,
                                  truncation=True, max_length=self.config.max_length)
-            yield {k: v.to(device) for k, v in enc.items() if k in MODEL_KEYS}
+            yield distributed.local_rows({k: v.to(device) for k, v in enc.items() if k in MODEL_KEYS})
 
     def num_steps(self, forget: list) -> int:
         per_step = self.config.batch_size * self.config.grad_accum
@@ -381,7 +386,9 @@ class UnlearningMethod:
 
     def _step(self, step: int, forget_batches, retain_batches, bar) -> None:
         """One optimisation step: ``grad_accum`` batches of loss and backward (each loss divided by
-        ``grad_accum``, so the gradient is their mean), finiteness checks, update, history."""
+        ``grad_accum``, so the gradient is their mean), finiteness checks, update, history.
+        Distributed, the loss terms are each rank's share of the global mean: their sum over the
+        ranks is checked and logged, and the gradients are summed before the update."""
         optimizer = self.optimizer
         masters = self.optimized is not self.params
         optimizer.zero_grad(set_to_none=True)
@@ -391,15 +398,17 @@ class UnlearningMethod:
         totals: dict[str, float] = {}
         for _ in range(self.config.grad_accum):
             losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
-            check_finite(self.name, step, losses)
+            values = distributed.summed_values(losses)
+            check_finite(self.name, step, {k: torch.tensor(v) for k, v in values.items()})
             total = sum(losses.values())
             if not self._checked_gradients and not total.requires_grad:
                 raise ValueError(f"{self.name}: no selected parameter gets a gradient from the loss "
                                  f"({', '.join(sorted(self.params)) or 'none selected'}): choose weights at or "
                                  "below the loss layer with update=[...]")
             (total / self.config.grad_accum).backward()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.config.grad_accum
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
+        distributed.sum_gradients(self.params.values())
         if not self._checked_gradients:
             idle = sorted(n for n, p in self.params.items() if p.grad is None)
             if idle:

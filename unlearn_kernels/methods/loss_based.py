@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import FrozenCopy
+from . import distributed
 from .base import MethodConfig, UnlearningMethod, model_inputs
 
 
@@ -40,9 +41,10 @@ def token_logprobs(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Ten
 
 
 def nll(model, batch) -> torch.Tensor:
-    """Mean NLL over the batch's loss tokens (the model sees only ``model_inputs(batch)``)."""
+    """Mean NLL over the batch's loss tokens (the model sees only ``model_inputs(batch)``);
+    distributed, this rank's share of the global batch's mean (``methods.distributed``)."""
     lp, mask = token_logprobs(model(**model_inputs(batch), use_cache=False).logits, batch)
-    return -(lp * mask).sum() / mask.sum().clamp(min=1)
+    return distributed.global_mean(-(lp * mask).sum() / mask.sum().clamp(min=1), mask.sum())
 
 
 @dataclass
@@ -96,7 +98,8 @@ class NPO(_LossMethod):
         lp, mask = token_logprobs(self.model(**inputs, use_cache=False).logits, forget_batch)
         ref, _ = token_logprobs(self.reference.forward(**inputs).logits, forget_batch)
         log_ratio = ((lp - ref) * mask).sum(-1)
-        losses = {"forget": -(2 / self.config.beta) * F.logsigmoid(-self.config.beta * log_ratio).mean()}
+        npo = -(2 / self.config.beta) * F.logsigmoid(-self.config.beta * log_ratio).mean()
+        losses = {"forget": distributed.global_mean(npo, log_ratio.shape[0])}
         if self.config.retain_weight:
             losses["retain"] = self.config.retain_weight * nll(self.model, retain_batch)
         return losses

@@ -30,6 +30,7 @@ import torch
 from ..models.layers import check_layer, decoder_layers, layer_output
 from ..ops import forget_basis, grow_basis, masked_gram, projection_hook
 from ..ops.low_rank_basis import retain_subspace
+from . import distributed
 from .base import MethodConfig, UnlearningMethod, check_finite
 from .loss_based import nll
 
@@ -80,7 +81,7 @@ class MRP(UnlearningMethod):
             h = layer_output(self.model, self.config.layer, batch["input_ids"], batch["attention_mask"])
             g = masked_gram(h, batch["attention_mask"], backend=self.config.backend)
             total = g if total is None else total + g
-        return total
+        return distributed.total(total)
 
     def _attach(self, basis: torch.Tensor) -> None:
         if self._handle is not None:
@@ -134,15 +135,17 @@ class MRP(UnlearningMethod):
                          leave=False):
             losses = {"forget": -nll(self.model, next(forget_batches)),
                       "retain": self.config.retain_weight * nll(self.model, next(retain_batches))}
-            check_finite(self.name, step, losses)
+            values = distributed.summed_values(losses)
+            check_finite(self.name, step, {k: torch.tensor(v) for k, v in values.items()})
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
+            distributed.sum_gradients([basis])
             optimizer.step()
             check_finite(self.name, step, {}, {"basis": basis})
             with torch.no_grad():
                 q, r = torch.linalg.qr(basis)
                 basis.copy_(q * torch.sign(torch.diagonal(r)))
-            self.history.append({"step": step, **{k: float(v.detach()) for k, v in losses.items()}})
+            self.history.append({"step": step, **values})
         self._attach(basis.detach().clone())
 
     def projections(self) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ import torch
 
 from ..models.layers import FrozenCopy, layer_index_of, layer_output, prefix_outputs, replayed
 from ..ops import Moments, feature_importance, masked_moments, misdirection_loss
+from . import distributed
 from .base import MethodConfig, UnlearningMethod
 
 
@@ -66,6 +67,7 @@ class RMU(UnlearningMethod):
     name = "RMU"
     config_class = RMUConfig
     reads_layer = True
+    runs_prefix = True            # runs and changes only layers 0..l (``models.prefix`` loads just those)
     default_roles = ("down",)     # the MLP output projections of the loss layer and the two below
     reference_lr = 5e-5       # WMDP's RMU rate at 7B
 
@@ -78,7 +80,8 @@ class RMU(UnlearningMethod):
     def _forget_norm(self, forget_batch) -> float:
         """Mean ‖h‖ of the forget tokens at the loss layer, on the unmodified model."""
         h = self.frozen_activations(forget_batch).float()
-        return float(h[forget_batch["attention_mask"].bool()].norm(dim=-1).mean())
+        norms = h[forget_batch["attention_mask"].bool()].norm(dim=-1)
+        return float(distributed.total(norms.double().sum()) / distributed.total(torch.tensor(norms.numel(), device=h.device)).clamp(min=1))
 
     def setup(self, forget, retain):
         d = self.model.config.hidden_size
@@ -111,18 +114,24 @@ class RMU(UnlearningMethod):
             anchor = self.frozen_activations(batch) if frozen else None
             return self.activations(batch), anchor
 
+    @staticmethod
+    def batch_mean(loss, batch):
+        """A token mean of this rank's rows as its share of the global batch's token mean
+        (``methods.distributed``; the mean itself in one process)."""
+        return distributed.global_mean(loss, batch["attention_mask"].sum())
+
     def frozen_activations(self, batch):
         return self.frozen.layer_output(self.config.layer, batch["input_ids"], batch["attention_mask"])
 
     def forget_loss(self, batch):
         live, _ = self.live_and_frozen(batch, frozen=False)
-        return misdirection_loss(live, self.control, token_mask=batch["attention_mask"],
-                                 backend=self.config.backend)
+        return self.batch_mean(misdirection_loss(live, self.control, token_mask=batch["attention_mask"],
+                                                 backend=self.config.backend), batch)
 
     def loss(self, forget_batch, retain_batch, step):
         live, anchor = self.live_and_frozen(retain_batch)
-        retain = misdirection_loss(live, anchor=anchor,
-                                   token_mask=retain_batch["attention_mask"], backend=self.config.backend)
+        retain = self.batch_mean(misdirection_loss(live, anchor=anchor, token_mask=retain_batch["attention_mask"],
+                                                   backend=self.config.backend), retain_batch)
         return {"forget": self.forget_loss(forget_batch), "retain": self.config.alpha * retain}
 
     def report(self):
@@ -169,7 +178,7 @@ class SRMU(AdaptiveRMU):
             h = self.frozen_activations(batch)
             part = masked_moments(h, batch["attention_mask"], backend=self.config.backend)
             stats = part if stats is None else stats.merge(part)
-        return stats
+        return stats.all_reduce() if distributed.active() else stats
 
     def setup(self, forget, retain):
         super().setup(forget, retain)
@@ -179,8 +188,8 @@ class SRMU(AdaptiveRMU):
 
     def forget_loss(self, batch):
         live, anchor = self.live_and_frozen(batch, frozen=self.config.anchor_forget)
-        return misdirection_loss(live, self.control, self.importance, anchor,
-                                 token_mask=batch["attention_mask"], backend=self.config.backend)
+        return self.batch_mean(misdirection_loss(live, self.control, self.importance, anchor,
+                                                 token_mask=batch["attention_mask"], backend=self.config.backend), batch)
 
     def report(self):
         return {**super().report(), "importance_mass": float(self.importance.sum())}

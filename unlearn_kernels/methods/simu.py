@@ -29,6 +29,7 @@ import torch
 from ..ops import hessian_ema_, neuron_scores, select_neurons
 from ..optim import MaskedSophia
 from ..models.roles import hidden_size
+from . import distributed
 from .loss_based import GradDiff, LossConfig, nll
 
 
@@ -131,6 +132,7 @@ class SIMU(SOGradDiff):
         batches = self.batches(texts, offset)
         for _ in range(self.config.score_batches):
             grads = torch.autograd.grad(nll(self.model, next(batches)), list(self.params.values()))
+            grads = [distributed.total(g) for g in grads]   # the global batch's gradient
             for (name, _), g in zip(self.params.items(), grads):
                 hessian_ema_(hess[name], g, beta=self.config.score_beta, backend=self.config.backend)
         return hess
@@ -146,6 +148,7 @@ class SIMU(SOGradDiff):
                     for name, p in self.params.items():
                         p.copy_(alpha * originals[name])
                 grads = torch.autograd.grad(nll(self.model, batch), list(self.params.values()))
+                grads = [distributed.total(g) for g in grads]
                 for (name, _), g in zip(self.params.items(), grads):
                     total[name] += g.float() / self.config.ig_steps
         finally:

@@ -33,36 +33,57 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict |
 
     from . import export
 
-    from .output_dir import MARKER, check_output_path, fix_permissions, make_staging, marker, swap_into_place
-    from .portable import make_tokenizer_portable
-
     _check_carried_projections(model, projections)
     if projections:
         export.check_projections(model, projections)
-    out_dir = check_output_path(out_dir, overwrite=True)     # new, or a previous output of ours
-    tmp = make_staging(out_dir)
-    try:
+    with staged_output(out_dir) as tmp:
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            make_tokenizer_portable(tmp)
+        save_tokenizer(tokenizer, tmp)
         if projections:
             export.write_projected(tmp, model, projections, report.get("method") if isinstance(report, dict) else None)
         if report is not None and (projections or _is_transformers_model(model)):
             report = {**report, "loading": export.loading_info(projected=bool(projections))}
-        report = dict(report or {})
-        if not isinstance(report.get(MARKER), dict):     # every output is marked as ours
-            report[MARKER] = marker()
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        write_report(tmp, report)
         if masks:
             save_file({k: v.detach().cpu().contiguous() for k, v in masks.items()}, str(tmp / MASKS))
+    return Path(out_dir).expanduser().resolve()
+
+
+@contextmanager
+def staged_output(out_dir: Path | str):
+    """A staging folder for ``out_dir`` (new or a previous output of ours): filled in the block,
+    then fsynced and swapped into place; removed, leaving ``out_dir`` as it was, on any error."""
+    from .output_dir import check_output_path, fix_permissions, make_staging, swap_into_place
+
+    out_dir = check_output_path(out_dir, overwrite=True)
+    tmp = make_staging(out_dir)
+    try:
+        yield tmp
         fix_permissions(tmp)
         swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer's files, made loadable by transformers 4.x too (``models.portable``)."""
+    from .portable import make_tokenizer_portable
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+        make_tokenizer_portable(folder)
+
+
+def write_report(folder: Path, report: dict | None) -> None:
+    """``report.json``, always carrying the package's marker (every output is marked as ours)."""
+    from .output_dir import MARKER, marker
+
+    report = dict(report or {})
+    if not isinstance(report.get(MARKER), dict):
+        report[MARKER] = marker()
+    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
 
 
 def _is_transformers_model(model) -> bool:

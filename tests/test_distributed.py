@@ -1,0 +1,157 @@
+"""World-size invariance: 1 and 2 CPU processes (gloo, launched by ``torchrun``) on the shipped
+model, same global batch and seed, give the same run: weights within 1e-5 relative (fp32),
+SIMU's masks exactly, MRP's basis (as a projector), SRMU's importance map and the loss
+histories within 1e-5. The CLI under ``torchrun`` writes one output, from rank 0, equal to
+the single-process one; bad parallel input fails on every rank with one line from rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unlearn_kernels.data.entangled import generate
+from unlearn_kernels.methods import registry
+from unlearn_kernels.models import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+METHODS = ["RMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                           "--master-addr", "127.0.0.1", "--master-port", str(_port()), *args],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / a.double().norm().clamp(min=1e-30))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    one, two = tmp_path_factory.mktemp("world1"), tmp_path_factory.mktemp("world2")
+    single = subprocess.run([sys.executable, str(WORKER), str(one), *METHODS], capture_output=True, text=True,
+                            env=ENV, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(2, str(WORKER), str(two), *METHODS)
+    assert double.returncode == 0, double.stderr[-3000:]
+    return one, two
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_two_ranks_equal_one(runs, name):
+    one, two = runs
+    a, b = load_file(str(one / f"{name}.safetensors")), load_file(str(two / f"{name}.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("param.") or k.startswith("basis.") for k in a)
+    for key in a:
+        if key.startswith("mask."):
+            assert torch.equal(a[key], b[key]), key
+        elif key.startswith("basis."):
+            assert relative(a[key] @ a[key].T, b[key] @ b[key].T) < 1e-5, key
+        else:
+            assert relative(a[key], b[key]) < 1e-5, (key, relative(a[key], b[key]))
+    ha, hb = (json.loads((d / f"{name}.json").read_text()) for d in (one, two))
+    assert (ha["world_size"], hb["world_size"]) == (1, 2)
+    assert len(ha["history"]) == len(hb["history"]) > 0
+    for x, y in zip(ha["history"], hb["history"]):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (k, x[k], y[k])
+
+
+def test_the_runs_did_something(runs):
+    """The weights moved from the shipped model's (so agreement is not two no-ops)."""
+    one, _ = runs
+    model, _ = tiny.load()
+    params = dict(model.named_parameters())
+    for name in ("RMU", "SIMU", "NPO"):
+        tensors = load_file(str(one / f"{name}.safetensors"))
+        moved = [k for k in tensors if k.startswith("param.") and not torch.equal(tensors[k], params[k[6:]].float())]
+        assert moved, name
+
+
+def _data(tmp_path: Path) -> list[str]:
+    bench = generate(0.25)
+    (tmp_path / "forget.txt").write_text("\n".join(bench.corpus(bench.forget_facts())) + "\n")
+    (tmp_path / "retain.txt").write_text("\n".join(bench.corpus(bench.retain_facts())) + "\n")
+    return ["--model", str(tiny.ASSET_DIR), "--forget", str(tmp_path / "forget.txt"),
+            "--retain", str(tmp_path / "retain.txt"), "--device", "cpu"]
+
+
+def test_cli_under_torchrun_writes_once_and_equals_one_process(tmp_path):
+    common = [*_data(tmp_path), "--method", "SRMU", "--set", "steps=3", "--set", "stats_batches=2",
+              "--set", "batch_size=4"]
+    single = subprocess.run([sys.executable, "-m", "unlearn_kernels.cli", "unlearn", *common,
+                             "--out", str(tmp_path / "one")], capture_output=True, text=True, env=ENV, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *common, "--out", str(tmp_path / "two"),
+                      "--parallel", "ddp")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count("saved the unlearned model") == 1
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert relative(a[key], b[key]) < 1e-5, key
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["parallel"] == {"mode": "ddp", "world_size": 2}
+    assert "parallel" not in json.loads((tmp_path / "one" / "report.json").read_text())
+
+
+def test_batch_not_divisible_fails_on_every_rank_with_one_line(tmp_path):
+    result = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *_data(tmp_path), "--method", "RMU",
+                      "--set", "batch_size=3", "--out", str(tmp_path / "out"))
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("unlearn-kernels unlearn: error")]
+    assert len(ours) == 1 and "batch_size=3 is not divisible by the world size 2" in ours[0], result.stderr[-2000:]
+    assert f'File "{ROOT / "unlearn_kernels"}' not in result.stderr   # torchrun's own summary only
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("ddp", "--parallel ddp needs several processes: launch with torchrun"),
+    ("fsdp", "--parallel fsdp needs several processes"),
+])
+def test_parallel_flag_outside_torchrun_is_refused(tmp_path, flag, message, capsys):
+    from unlearn_kernels.cli import main
+
+    assert main(["unlearn", *_data(tmp_path), "--method", "RMU", "--out", str(tmp_path / "o"),
+                 "--parallel", flag]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fsdp_is_refused_under_torchrun_and_in_the_api(tmp_path):
+    result = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *_data(tmp_path), "--method", "RMU",
+                      "--out", str(tmp_path / "out"), "--parallel", "fsdp")
+    assert result.returncode != 0
+    assert result.stderr.count("--parallel fsdp is not supported yet") == 1
+
+
+def test_fsdp2_model_is_refused_by_the_methods(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model, tokenizer = tiny.load()
+        fully_shard(model)
+        with pytest.raises(ValueError, match="sharded \\(FSDP2/DTensor\\) parameters"):
+            registry["RMU"](model, tokenizer)
+    finally:
+        dist.destroy_process_group()

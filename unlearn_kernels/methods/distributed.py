@@ -1,0 +1,126 @@
+"""Data parallelism for the methods over ``torch.distributed`` (launched by ``torchrun``).
+
+A run on ``W`` ranks equals the single-process run on the same global batches. Every rank
+draws the same global batch (same seed, same order), tokenises it as one batch (so its padding
+is the single process's) and keeps rows ``r·b/W … (r+1)·b/W − 1`` (``b`` = ``batch_size``,
+which ``W`` must divide). Then, with ``n_r`` the tokens (or rows) a loss term averages over on
+rank ``r`` and ``N = Σ_r n_r``:
+
+- each loss term is ``mean_r · n_r / N`` (:func:`global_mean`), so the terms of all ranks sum
+  to the single-process mean over the global batch;
+- gradients of the updated weights are summed across ranks (:func:`sum_gradients`), which
+  gives the single-process gradient;
+- statistics that choose what to change are sums over tokens reduced before use (:func:`total`
+  on Gram matrices, activation norms, Fisher diagonals; ``Moments.all_reduce`` for SRMU's
+  moments), so the selection is computed from the same numbers on every rank.
+
+Reduction order: each reduction is one ``all_reduce`` (sum) of fp64 copies (fp32 and bf16
+values are exact in fp64, and sums of two to eight fp64 values of one sign are order-free to
+~1e-16), then rounded once to the original dtype; the per-rank parts themselves are the
+single process's sums split at the rank boundaries. Results therefore agree with one process
+to float rounding (1e-6 relative in fp32), and discrete selections (SIMU's neuron masks,
+MRP's rank) exactly unless two candidates tie within that rounding.
+
+Dropout draws differ between a split and an unsplit batch: runs with dropout active are not
+world-size invariant (the models here are trained without dropout).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def active() -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` (the methods sum gradients themselves, so
+    they call the inner module; DDP's own hooks do nothing when its ``forward`` is not used).
+    A model sharded with FSDP2 (``fully_shard``) is refused: the frozen copies and truncated
+    forwards do not run on sharded parameters yet."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__} holds sharded (FSDP2/DTensor) parameters, which the methods do "
+                         "not support yet: pass the plain or DDP-wrapped model")
+    return model
+
+
+def check_batch_size(method: str, batch_size: int) -> None:
+    """ValueError when the world size does not divide the global batch."""
+    w = world_size()
+    if batch_size % w:
+        raise ValueError(f"{method}: batch_size={batch_size} is not divisible by the world size {w}; "
+                         f"choose a multiple of {w} (each rank takes batch_size / world_size rows)")
+
+
+def local_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's rows of a tokenised global batch."""
+    w = world_size()
+    if w == 1:
+        return batch
+    n = next(iter(batch.values())).shape[0]
+    start, stop = rank() * n // w, (rank() + 1) * n // w
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def total(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (fp64 all_reduce, rounded once to ``t``'s dtype); ``t`` itself
+    in one process. Not differentiable: for statistics and counts."""
+    if not active():
+        return t
+    wide = t.detach().to(torch.float64 if t.is_floating_point() else torch.int64).clone()
+    dist.all_reduce(wide)
+    return wide.to(t.dtype)
+
+
+def global_mean(local_mean: torch.Tensor, local_count) -> torch.Tensor:
+    """This rank's share ``mean_r · n_r / N`` of a mean over the global batch (``N = Σ n_r``);
+    the mean itself in one process. Differentiable in ``local_mean``."""
+    if not active():
+        return local_mean
+    count = torch.as_tensor(local_count, dtype=torch.float64, device=local_mean.device)
+    n = total(count)
+    return local_mean * (count / n.clamp(min=1)).to(local_mean.dtype)
+
+
+def sum_gradients(params) -> None:
+    """Sum the ``.grad`` of ``params`` over the ranks (a missing gradient counts as zero on that
+    rank; one that is missing on every rank stays None)."""
+    if not active():
+        return
+    params = list(params)
+    if not params:
+        return
+    present = total(torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=params[0].device))
+    for p, n in zip(params, present.tolist()):
+        if n == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grad = p.grad.to(torch.float64)
+        dist.all_reduce(grad)
+        p.grad.copy_(grad)
+
+
+def summed_values(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The loss terms summed over the ranks as floats (each rank holds its share of the global
+    mean, so the sum is the global value; NaN anywhere is NaN everywhere)."""
+    if not values:
+        return {}
+    packed = total(torch.stack([v.detach().double().reshape(()) for v in values.values()]))
+    return dict(zip(values, packed.tolist()))

@@ -1,0 +1,144 @@
+"""Load only what a method runs, and write the full checkpoint back shard by shard.
+
+RMU, Adaptive RMU and SRMU read the residual stream after decoder layer ``l`` and change only
+weights at or below it: layers ``l+1 …`` never run. :func:`load_prefix` builds the model with
+``k = l + 1`` decoder layers (the config's layer count set to ``k``, per-layer lists cut to
+``k``) and loads those tensors from the checkpoint's safetensors shards; the tensors of the
+layers above are never read, so the peak memory depends on ``l``, not on depth (a 70B-class
+model with ``l = 7`` holds about 8/80 of its layer weights, plus embeddings).
+
+:func:`save_prefix_output` then writes the *full* model: every shard without an updated tensor
+is copied byte for byte, and each shard holding one is rewritten with the new values (one shard
+in memory at a time), in a staging folder swapped in atomically like every output. The config,
+index and tokenizer are the source's, so plain ``transformers`` loads the folder as the
+unlearned full model, tensor for tensor what a full-model run saves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+OURS = {"report.json", "report.png", "unlearn_masks.safetensors"}   # a previous output's own files, not copied
+
+
+def checkpoint_keys(path: Path | str) -> dict[str, str] | None:
+    """``{tensor name: shard file}`` of a safetensors checkpoint folder (None when it has none)."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        return dict(json.loads((path / INDEX).read_text())["weight_map"])
+    if (path / SINGLE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / SINGLE), "pt") as f:
+            return {key: SINGLE for key in f.keys()}
+    return None
+
+
+def depth_of(path: Path | str) -> int:
+    """The decoder-layer count in a model folder's config."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(path, local_files_only=True).num_hidden_layers)
+
+
+def load_prefix(path: Path | str, layers: int, dtype=None):
+    """The causal LM of ``path`` with its first ``layers`` decoder layers only (and the
+    embeddings, final norm and head), and its tokenizer; ``model.unlearn_prefix`` records the
+    source folder and its full depth. ValueError when the folder has no safetensors weights or
+    ``layers`` is not in ``1 … depth``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .io import check_causal_lm, quiet_transformers
+
+    from . import export
+    from .io import PROJECTIONS
+
+    path = Path(path)
+    if checkpoint_keys(path) is None:
+        raise ValueError(f"{path}: prefix-only loading needs safetensors weights (model.safetensors or an index)")
+    if export.read_projected(path) is not None or (path / PROJECTIONS).is_file():
+        raise ValueError(f"{path} carries MRP projections, which prefix-only loading would drop: run without "
+                         "--prefix-only")
+    check_causal_lm(path)
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        depth = int(config.num_hidden_layers)
+        if not 1 <= layers <= depth:
+            raise ValueError(f"prefix of {layers} layers: the model has {depth} decoder layers")
+        config.num_hidden_layers = layers
+        for name in ("layer_types",):   # per-layer lists (attention kind) follow the layer count
+            if isinstance(getattr(config, name, None), list):
+                setattr(config, name, getattr(config, name)[:layers])
+        model = _quietly(AutoModelForCausalLM.from_pretrained, path, config=config, dtype=dtype,
+                         local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.unlearn_prefix = {"source": str(path), "layers": layers, "depth": depth}
+    return model.eval(), tokenizer
+
+
+def _quietly(load, *args, **kwargs):
+    """``load`` without transformers' load report, which lists the layers above the prefix as
+    unexpected keys (they are left out on purpose)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def check_updated_names(source: Path | str, updated: dict[str, torch.Tensor]) -> None:
+    """ValueError unless every updated tensor is stored in the source checkpoint under its
+    parameter name (so the rewrite puts each value where a full load reads it)."""
+    keys = checkpoint_keys(source) or {}
+    missing = sorted(name for name in updated if name not in keys)
+    if missing:
+        raise ValueError(f"{source}: the checkpoint stores no tensor named {missing[0]} (of {len(missing)} updated); "
+                         "prefix-only output cannot place it: run without --prefix-only")
+
+
+def save_prefix_output(source: Path | str, out_dir: Path | str, updated: dict[str, torch.Tensor],
+                       tokenizer=None, report: dict | None = None) -> Path:
+    """The full unlearned checkpoint in ``out_dir`` (new or a previous output of ours): the
+    source folder's files, with the shards that hold ``updated`` tensors rewritten, the
+    tokenizer saved as ``save_pretrained_atomic`` does, and ``report.json``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .export import loading_info
+    from .io import save_tokenizer, staged_output, write_report
+
+    source = Path(source)
+    check_updated_names(source, updated)
+    keys = checkpoint_keys(source)
+    by_shard: dict[str, list[str]] = {}
+    for name in updated:
+        by_shard.setdefault(keys[name], []).append(name)
+    with staged_output(out_dir) as tmp:
+        for item in source.iterdir():
+            if item.is_file() and item.name not in OURS and item.name not in by_shard:
+                shutil.copyfile(item, tmp / item.name)
+        for shard, names in by_shard.items():
+            with safe_open(str(source / shard), "pt") as f:
+                metadata = f.metadata() or {"format": "pt"}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            for name in names:
+                if updated[name].shape != tensors[name].shape:
+                    raise ValueError(f"{name}: updated shape {list(updated[name].shape)} differs from the "
+                                     f"checkpoint's {list(tensors[name].shape)}")
+                tensors[name] = updated[name].detach().to("cpu", tensors[name].dtype).contiguous()
+            save_file(tensors, str(tmp / shard), metadata=metadata)
+            del tensors
+        save_tokenizer(tokenizer, tmp)
+        write_report(tmp, {**(report or {}), "loading": loading_info(projected=False)})
+    return Path(out_dir).expanduser().resolve()
