@@ -155,3 +155,40 @@ def test_fsdp2_model_is_refused_by_the_methods(tmp_path):
             registry["RMU"](model, tokenizer)
     finally:
         dist.destroy_process_group()
+
+
+def test_torchrun_checkpoint_sigterm_resume_equals_uninterrupted(tmp_path):
+    """SIGTERM to torchrun: both ranks agree to stop after the same step, rank 0 writes the
+    checkpoint, all exit; resuming on 2 ranks ends bit for bit where the uninterrupted 2-rank run
+    does."""
+    import signal
+    import time
+
+    common = ["-m", "unlearn_kernels.cli", "unlearn", *_data(tmp_path), "--method", "GradDiff", "--set", "steps=40",
+              "--set", "batch_size=4", "--set", "update=['layers.1.mlp.*']", "--set", "lr=1e-3",
+              "--set", "progress=false"]
+    whole = torchrun(2, *common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    run = subprocess.Popen([*launch, "--master-port", str(_port()), *common, "--out", str(tmp_path / "cut"),
+                            "--checkpoint-every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=ENV)
+    state = tmp_path / "cut.checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode != 0 and not (tmp_path / "cut").exists(), err[-2000:]
+    stopped_at = json.loads(state.read_text())["step"]
+    assert 3 <= stopped_at < 39
+    done = torchrun(2, *common, "--out", str(tmp_path / "cut"), "--checkpoint-every", "1", "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "cut.checkpoint").exists()
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

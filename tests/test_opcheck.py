@@ -101,3 +101,23 @@ def test_statistics_kernels(prefix):
     for dim in (0, 1):
         torch.library.opcheck(op(prefix, "neuron_scores"), (w, hf, hr, dim))
     torch.library.opcheck(op(prefix, "neuron_scores"), (w, hf, None, 1))
+
+
+@pytest.mark.parametrize("prefix", KINDS)
+def test_mutating_kernels(prefix):
+    """The in-place ops (schema ``Tensor(a!)``) under every opcheck util, with inputs that
+    require grad: they have no derivative of their own (optimizer state updates), and their
+    fake kernels, schemas and dynamic shapes agree with the real ones."""
+    dev = device(prefix)
+    hess = torch.rand(7, 5, device=dev)
+    a, b = rows(7, 5, dev), rows(7, 5, dev)
+    torch.library.opcheck(op(prefix, "hessian_ema_"), (hess, a, b, 0.9))
+    torch.library.opcheck(op(prefix, "hessian_ema_"), (hess, a.detach(), None, 0.5))
+    shapes = [(6, 4), (5,)]
+    params = [torch.randn(s, device=dev) for s in shapes]
+    grads = [torch.randn(s, device=dev, requires_grad=True) for s in shapes]
+    exp_avgs = [torch.randn(s, device=dev) for s in shapes]
+    hessians = [torch.rand(s, device=dev) for s in shapes]
+    masks = [torch.tensor([True, False, True, True, False, True], device=dev), None]
+    args = (params, grads, exp_avgs, hessians, masks, [0, 0], 1e-2, 0.9, 0.05, 0.01, 1e-12, 1.0)
+    torch.library.opcheck(op(prefix, "masked_sophia_step_"), args)

@@ -135,8 +135,6 @@ def _unlearn(args) -> int:
     out = check_output_path(config["out"], inputs, overwrite=args.overwrite or args.resume,
                             needed_bytes=weights_size(config["model"]))
     mode = parallel.resolve_mode(args.parallel)
-    if mode != "none" and (args.checkpoint_every or args.resume):
-        raise ValueError("--checkpoint-every/--resume are not supported under torchrun yet: run without them")
     checkpointer = _checkpointer(out, args)
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
     retain = [t for f in _as_list(config.get("retain") or []) for t in _training_data(f, args)]

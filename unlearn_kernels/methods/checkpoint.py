@@ -95,10 +95,31 @@ class Checkpointer:
         self._previous = {}
 
     def due(self, step: int) -> bool:
+        """Write after this step? Under ``torch.distributed`` the ranks agree: a stop asked on
+        any rank stops all of them after the same step."""
+        from . import distributed
+
+        if distributed.active():
+            self.stop_requested = bool(distributed.total(torch.tensor([int(self.stop_requested)])) > 0)
         return self.stop_requested or (self.every > 0 and (step + 1) % self.every == 0)
 
     # --- writing and reading ---------------------------------------------------------------
     def save(self, method, step: int) -> Path:
+        """Write the state after ``step``. Under ``torch.distributed`` every rank holds the same
+        weights and optimizer state (summed gradients): rank 0 writes, and the others wait for
+        it, so the folder is complete when any rank goes on (the ranks must share the folder's
+        filesystem to resume)."""
+        from . import distributed
+
+        if distributed.rank() == 0:
+            self._write(method, step)
+        if distributed.active():
+            import torch.distributed as dist
+
+            dist.barrier()
+        return self.path
+
+    def _write(self, method, step: int) -> None:
         from safetensors.torch import save_file
 
         from ..models.output_dir import make_staging, swap_into_place
@@ -119,7 +140,6 @@ class Checkpointer:
         save_file(tensors, str(staging / TENSORS))
         (staging / STATE).write_text(json.dumps(state, default=str))
         swap_into_place(staging, self.path)
-        return self.path
 
     def load(self, method) -> int:
         """Restore a saved run into ``method`` (after its ``setup`` and optimizer); returns the
