@@ -1,5 +1,6 @@
-"""World-size invariance: 1 and 2 CPU processes (gloo, launched by ``torchrun``) on the shipped
-model, same global batch and seed, give the same run: weights within 1e-5 relative (fp32),
+"""World-size invariance: 1 and 2 CPU processes (gloo, launched by ``torchrun``, the model plain,
+DDP-wrapped or FSDP2-sharded) on the shipped model, same global batch and seed, give the same
+run: weights within 1e-5 relative (fp32),
 SIMU's masks exactly, MRP's basis (as a projector), SRMU's importance map and the loss
 histories within 1e-5. The CLI under ``torchrun`` writes one output, from rank 0, equal to
 the single-process one; bad parallel input fails on every rank with one line from rank 0."""
@@ -43,20 +44,28 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / a.double().norm().clamp(min=1e-30))
 
 
+FSDP_METHODS = ["RMU", "AdaptiveRMU", "SRMU", "GradDiff", "NPO"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    one, two = tmp_path_factory.mktemp("world1"), tmp_path_factory.mktemp("world2")
-    single = subprocess.run([sys.executable, str(WORKER), str(one), *METHODS], capture_output=True, text=True,
-                            env=ENV, timeout=600)
+    """One process; 2 ranks with DDP; 2 ranks with FSDP2 (the methods that run sharded)."""
+    one, two, sharded = (tmp_path_factory.mktemp(n) for n in ("world1", "world2", "fsdp2"))
+    single = subprocess.run([sys.executable, str(WORKER), str(one), *METHODS, "AdaptiveRMU"], capture_output=True,
+                            text=True, env=ENV, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     double = torchrun(2, str(WORKER), str(two), *METHODS)
     assert double.returncode == 0, double.stderr[-3000:]
-    return one, two
+    ENV["UK_PARALLEL"] = "fsdp"
+    try:
+        fsdp = torchrun(2, str(WORKER), str(sharded), *FSDP_METHODS)
+    finally:
+        del ENV["UK_PARALLEL"]
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    return one, two, sharded
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_two_ranks_equal_one(runs, name):
-    one, two = runs
+def _same_run(one: Path, two: Path, name: str, world: int = 2) -> None:
     a, b = load_file(str(one / f"{name}.safetensors")), load_file(str(two / f"{name}.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("param.") or k.startswith("basis.") for k in a)
     for key in a:
@@ -67,7 +76,7 @@ def test_two_ranks_equal_one(runs, name):
         else:
             assert relative(a[key], b[key]) < 1e-5, (key, relative(a[key], b[key]))
     ha, hb = (json.loads((d / f"{name}.json").read_text()) for d in (one, two))
-    assert (ha["world_size"], hb["world_size"]) == (1, 2)
+    assert (ha["world_size"], hb["world_size"]) == (1, world)
     assert len(ha["history"]) == len(hb["history"]) > 0
     for x, y in zip(ha["history"], hb["history"]):
         assert x.keys() == y.keys()
@@ -75,9 +84,24 @@ def test_two_ranks_equal_one(runs, name):
             assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (k, x[k], y[k])
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_two_ranks_equal_one(runs, name):
+    one, two, _ = runs
+    _same_run(one, two, name)
+
+
+@pytest.mark.parametrize("name", FSDP_METHODS)
+def test_fsdp2_equals_one_process_and_ddp(runs, name):
+    one, two, sharded = runs
+    _same_run(one, sharded, name)
+    if name in METHODS:
+        a, b = load_file(str(two / f"{name}.safetensors")), load_file(str(sharded / f"{name}.safetensors"))
+        assert all(relative(a[k], b[k]) < 1e-5 for k in a)
+
+
 def test_the_runs_did_something(runs):
     """The weights moved from the shipped model's (so agreement is not two no-ops)."""
-    one, _ = runs
+    one, _, _ = runs
     model, _ = tiny.load()
     params = dict(model.named_parameters())
     for name in ("RMU", "SIMU", "NPO"):
@@ -135,14 +159,25 @@ def test_parallel_flag_outside_torchrun_is_refused(tmp_path, flag, message, caps
     assert message in capsys.readouterr().err
 
 
-def test_fsdp_is_refused_under_torchrun_and_in_the_api(tmp_path):
-    result = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *_data(tmp_path), "--method", "RMU",
-                      "--out", str(tmp_path / "out"), "--parallel", "fsdp")
-    assert result.returncode != 0
-    assert result.stderr.count("--parallel fsdp is not supported yet") == 1
+def test_cli_fsdp_equals_one_process_and_refuses_what_it_cannot(tmp_path):
+    common = [*_data(tmp_path), "--set", "steps=3", "--set", "batch_size=4"]
+    single = subprocess.run([sys.executable, "-m", "unlearn_kernels.cli", "unlearn", *common, "--method", "GradDiff",
+                             "--out", str(tmp_path / "one")], capture_output=True, text=True, env=ENV, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    sharded = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *common, "--method", "GradDiff",
+                       "--out", str(tmp_path / "two"), "--parallel", "fsdp")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys() and all(relative(a[k], b[k]) < 1e-5 for k in a)
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["parallel"] == {"mode": "fsdp", "world_size": 2}
+    for extra, message in ((["--method", "SIMU"], "SIMU does not run on FSDP2-sharded parameters yet"),
+                           (["--method", "RMU", "--checkpoint-every", "2"], "--parallel fsdp: --eval-*/--relearn and")):
+        result = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *common, *extra, "--out", str(tmp_path / "x"),
+                          "--parallel", "fsdp")
+        assert result.returncode != 0 and result.stderr.count(message) == 1, result.stderr[-2000:]
 
 
-def test_fsdp2_model_is_refused_by_the_methods(tmp_path):
+def test_sharded_methods_refuse_what_they_cannot_run(tmp_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -151,8 +186,10 @@ def test_fsdp2_model_is_refused_by_the_methods(tmp_path):
     try:
         model, tokenizer = tiny.load()
         fully_shard(model)
-        with pytest.raises(ValueError, match="sharded \\(FSDP2/DTensor\\) parameters"):
-            registry["RMU"](model, tokenizer)
+        for name in ("SIMU", "SO-GradDiff", "MRP"):
+            with pytest.raises(ValueError, match=f"{name} does not run on FSDP2-sharded parameters yet"):
+                registry[name](model, tokenizer)
+        registry["RMU"](model, tokenizer)     # accepted
     finally:
         dist.destroy_process_group()
 

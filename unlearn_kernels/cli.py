@@ -135,6 +135,16 @@ def _unlearn(args) -> int:
     out = check_output_path(config["out"], inputs, overwrite=args.overwrite or args.resume,
                             needed_bytes=weights_size(config["model"]))
     mode = parallel.resolve_mode(args.parallel)
+    if mode == "fsdp" and (args.eval_forget or args.eval_retain or args.relearn or args.checkpoint_every
+                           or args.resume):
+        raise ValueError("--parallel fsdp: --eval-*/--relearn and --checkpoint-every/--resume are not supported with "
+                         "a sharded model yet; evaluate the output folder afterwards, or use --parallel ddp")
+    if mode == "fsdp":
+        from .models.prefix import checkpoint_keys
+
+        if checkpoint_keys(config["model"]) is None:
+            raise ValueError(f"--parallel fsdp writes the output by rewriting the source's safetensors shards; "
+                             f"{config['model']} has none")
     checkpointer = _checkpointer(out, args)
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
     retain = [t for f in _as_list(config.get("retain") or []) for t in _training_data(f, args)]
@@ -158,6 +168,10 @@ def _unlearn(args) -> int:
         before = _accuracies(model, tokenizer, evals) if parallel.is_main() else {}
         method = registry[config["method"]](parallel.wrap(model, mode), tokenizer, config=method_config)
         method.fit(forget, retain, checkpoint=checkpointer, resume=args.resume)
+        if mode == "fsdp":    # every rank takes part in gathering the updated weights
+            from .methods.distributed import full
+
+            updated = {name: full(p).detach().cpu() for name, p in method.params.items()}
     if not parallel.is_main():
         return 0
     report = {**method.report(), "source_model": str(config["model"])}
@@ -175,10 +189,11 @@ def _unlearn(args) -> int:
 
         result = relearn_attack(method.model, tokenizer, attack, evals["forget"])
         report["relearning"] = {**result, "curves": {str(k): v for k, v in result["curves"].items()}}
-    if prefix:
+    if prefix or mode == "fsdp":   # the source's shards, rewritten where a tensor changed
         from .models.prefix import save_prefix_output
 
-        out = save_prefix_output(config["model"], config["out"], method.params, tokenizer, report)
+        out = save_prefix_output(config["model"], config["out"], updated if mode == "fsdp" else method.params,
+                                 tokenizer, report)
     else:
         out = save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
                                      method.saved_masks())

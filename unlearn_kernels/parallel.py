@@ -7,8 +7,9 @@ which rank talks.
 ``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; each rank joins the default group
 (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU), loads the model, wraps it
 in ``DistributedDataParallel`` (which also broadcasts rank 0's weights) and runs the method on
-its rows of every global batch (``methods.distributed``). Rank 0 alone prints and writes the
-output folder. An error raises on every rank that meets it; rank 0 prints it in one line, and
+its rows of every global batch (``methods.distributed``); ``--parallel fsdp`` shards the model
+with FSDP2 instead (RMU, AdaptiveRMU, SRMU, GradAscent, GradDiff, NPO). Rank 0 alone prints and
+writes the output folder. An error raises on every rank that meets it; rank 0 prints it in one line, and
 ``torchrun`` stops the other ranks when one exits non-zero, so none is left waiting.
 """
 
@@ -46,8 +47,7 @@ def let_rank0_speak(seconds: float = 10.0) -> None:
 
 
 def resolve_mode(mode: str | None) -> str:
-    """``--parallel``: none outside ``torchrun``, ddp (the default) under it; fsdp is refused
-    until the methods run on sharded parameters."""
+    """``--parallel``: none outside ``torchrun``, ddp (the default) under it, or fsdp."""
     if mode is None:
         mode = "ddp" if launched() else "none"
     if mode not in MODES:
@@ -56,9 +56,6 @@ def resolve_mode(mode: str | None) -> str:
         raise ValueError(f"--parallel {mode} needs several processes: launch with torchrun --nproc-per-node N")
     if mode == "none" and launched():
         raise ValueError("--parallel none under torchrun would run the method once per rank: use ddp")
-    if mode == "fsdp":
-        raise ValueError("--parallel fsdp is not supported yet: the methods' frozen copies and truncated forwards "
-                         "do not run on sharded (FSDP2) parameters; use --parallel ddp")
     return mode
 
 
@@ -81,9 +78,19 @@ def process_group(mode: str, device: str):
 
 def wrap(model, mode: str):
     """The model as the methods receive it: DDP-wrapped under ``ddp`` (they call its module and
-    sum the gradients of the few updated weights themselves)."""
-    if mode != "ddp":
+    sum the gradients of the few updated weights themselves); under ``fsdp`` every decoder
+    layer and then the whole model ``fully_shard``-ed (FSDP2: each rank holds 1/W of every
+    weight, a layer gathers its weights while it runs)."""
+    if mode == "none":
         return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from .models.layers import decoder_layers
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device

@@ -190,8 +190,12 @@ def check_finite(method: str, step: int, losses: dict[str, torch.Tensor], params
         if not bool(torch.isfinite(value.detach()).all()):
             raise NonFiniteError(f"{method}: loss term {name!r} is {float(value.detach())} at step {step}; "
                                  "aborting without saving (lower lr or steering?)")
+    from torch.distributed.tensor import DTensor
+
     for name, p in (params.items() if isinstance(params, dict) else enumerate(params)):
-        if not bool(torch.isfinite(p.detach()).all()):
+        local = p.to_local() if isinstance(p, DTensor) else p     # each rank checks its shard
+        finite = torch.isfinite(local.detach()).all().to(torch.int64)
+        if int(distributed.total(finite)) != distributed.world_size():   # the same answer on every rank
             raise NonFiniteError(f"{method}: parameter {name} has non-finite values after step {step}; "
                                  "aborting without saving")
 
@@ -215,6 +219,9 @@ class UnlearningMethod:
     def __init__(self, model: nn.Module, tokenizer, config: MethodConfig | None = None, **overrides):
         self.config = make_config(self.config_class, config, **overrides)
         model = distributed.unwrap(model)
+        if not self.supports_sharded and distributed.is_sharded(model):
+            raise ValueError(f"{self.name} does not run on FSDP2-sharded parameters yet "
+                             f"({self.supports_sharded_why}): pass the plain or DDP-wrapped model")
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ValueError(f"{self.name}: {type(model).__name__} is an encoder-decoder; the methods unlearn "
                              "decoder-only causal LMs")
@@ -456,7 +463,7 @@ class UnlearningMethod:
     def _start_run(self) -> None:
         """Host copies of the selected weights (to report what really changed), the clock and
         the peak-memory counters."""
-        self._originals = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        self._originals = {n: distributed.full(p).detach().to("cpu", copy=True) for n, p in self.params.items()}
         self._started = time.perf_counter()
         device = next(self.model.parameters()).device
         if device.type == "cuda":
@@ -467,7 +474,7 @@ class UnlearningMethod:
 
         device = next(self.model.parameters()).device
         originals = getattr(self, "_originals", {})
-        self.changes = {n: float((p.detach().cpu().float() - originals[n].float()).abs().max())
+        self.changes = {n: float((distributed.full(p).detach().cpu().float() - originals[n].float()).abs().max())
                         for n, p in self.params.items() if n in originals and p.numel()}
         peak = {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if device.type == "cuda":
@@ -494,6 +501,8 @@ class UnlearningMethod:
 
     # --- hooks for subclasses ------------------------------------------------------------
     needs_retain = True
+    supports_sharded = True                # runs on an FSDP2 (fully_shard) model
+    supports_sharded_why = ""
     unused_settings: dict[str, str] = {}   # inherited fields a method ignores: setting one is refused
 
     def setup(self, forget: list, retain: list) -> None:

@@ -9,7 +9,8 @@ rank ``r`` and ``N = Σ_r n_r``:
 - each loss term is ``mean_r · n_r / N`` (:func:`global_mean`), so the terms of all ranks sum
   to the single-process mean over the global batch;
 - gradients of the updated weights are summed across ranks (:func:`sum_gradients`), which
-  gives the single-process gradient;
+  gives the single-process gradient (an FSDP2 model's own reduce-scatter averages them, and the
+  average is scaled by ``W``);
 - statistics that choose what to change are sums over tokens reduced before use (:func:`total`
   on Gram matrices, activation norms, Fisher diagonals; ``Moments.all_reduce`` for SRMU's
   moments), so the selection is computed from the same numbers on every rank.
@@ -48,16 +49,26 @@ def rank() -> int:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel`` (the methods sum gradients themselves, so
     they call the inner module; DDP's own hooks do nothing when its ``forward`` is not used).
-    A model sharded with FSDP2 (``fully_shard``) is refused: the frozen copies and truncated
-    forwards do not run on sharded parameters yet."""
-    from torch.distributed.tensor import DTensor
+    An FSDP2 model (``fully_shard``) is used as it is: its layers gather their weights in
+    forward and reduce-scatter (average) the gradients in backward."""
     from torch.nn.parallel import DistributedDataParallel
 
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise ValueError(f"{type(model).__name__} holds sharded (FSDP2/DTensor) parameters, which the methods do "
-                         "not support yet: pass the plain or DDP-wrapped model")
-    return model
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model with FSDP2-sharded (DTensor) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one (a collective: every rank must call it); the
+    tensor itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def check_batch_size(method: str, batch_size: int) -> None:
@@ -103,7 +114,15 @@ def sum_gradients(params) -> None:
     rank; one that is missing on every rank stays None)."""
     if not active():
         return
+    from torch.distributed.tensor import DTensor
+
     params = list(params)
+    if not params:
+        return
+    for p in params:     # FSDP2 reduce-scattered these already, averaging: the sum is W times that
+        if isinstance(p, DTensor) and p.grad is not None:
+            p.grad.mul_(world_size())
+    params = [p for p in params if not isinstance(p, DTensor)]
     if not params:
         return
     present = total(torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=params[0].device))

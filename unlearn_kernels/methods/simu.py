@@ -47,6 +47,8 @@ class SOGradDiff(GradDiff):
 
     name = "SO-GradDiff"
     config_class = SOGradDiffConfig
+    supports_sharded = False
+    supports_sharded_why = "the fused Sophia step and the neuron scores take whole tensors"
     reference_lr = 3e-5        # 7B-equivalent Sophia rate (1e-3 on the 128-wide embedded model; SOUL's 1e-4
                                # scaled to that width moved retain accuracy to 0.74)
 

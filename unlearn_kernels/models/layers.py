@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 
 class _Stop(Exception):
@@ -110,30 +109,66 @@ def layer_index_of(model: nn.Module, param_name: str) -> int | None:
 class FrozenCopy:
     """The model *as it was* when this object was made, while the live model trains.
 
-    Only the parameters that will be updated are copied (``torch.func.functional_call``
-    swaps them in for a frozen forward); every other weight is shared with the live model,
-    so one model plus a few layers fits where reference scripts hold two full models.
+    Only the parameters that will be updated are copied; every other weight is shared with the
+    live model, so one model plus a few layers fits where reference scripts hold two full
+    models. A frozen forward puts the copies in place of the live tensors in the modules that
+    hold them (every module, for a tied weight) from just before each such module runs until
+    just after, by forward hooks, and always puts the live ones back. Swapping at the leaf
+    module works on FSDP2 models too, whose layers gather their sharded weights on entry: a
+    sharded (DTensor) weight is copied whole.
     """
 
     def __init__(self, model: nn.Module, updated: dict[str, nn.Parameter]):
+        from torch.distributed.tensor import DTensor
+
         self.model = model
-        self.frozen = {name: p.detach().clone() for name, p in updated.items()}
+        self.frozen = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                       for name, p in updated.items()}
+        ids = {id(p): name for name, p in updated.items()}
+        self._slots = [(module, attr, ids[id(p)]) for module in model.modules()
+                       for attr, p in module._parameters.items() if p is not None and id(p) in ids]
+
+    @contextmanager
+    def _swapped(self):
+        stashed: list[tuple[nn.Module, str, object]] = []
+
+        def before(module, _args, slots):
+            for attr, name in slots:
+                stashed.append((module, attr, module._parameters[attr]))
+                module._parameters[attr] = self.frozen[name]
+
+        def after(module, _args, _output):
+            while stashed and stashed[-1][0] is module:
+                _, attr, live = stashed.pop()
+                module._parameters[attr] = live
+
+        by_module: dict[nn.Module, list[tuple[str, str]]] = {}
+        for module, attr, name in self._slots:
+            by_module.setdefault(module, []).append((attr, name))
+        handles = []
+        for module, slots in by_module.items():
+            handles.append(module.register_forward_pre_hook(lambda m, a, slots=slots: before(m, a, slots)))
+            handles.append(module.register_forward_hook(after))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, attr, live in reversed(stashed):   # a forward that raised inside a module
+                module._parameters[attr] = live
 
     @torch.no_grad()
     def forward(self, **inputs):
         """The frozen model's full forward (``use_cache=False``)."""
-        return functional_call(self.model, self.frozen, (), {**inputs, "use_cache": False}, strict=False)
+        with self._swapped():
+            return self.model(**{**inputs, "use_cache": False})
 
     @torch.no_grad()
     def layer_output(self, layer: int, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The frozen model's layer-``layer`` output; the forward stops there."""
-        with _stop_at(self.model, check_layer(self.model, layer)) as captured:
-            try:
-                self.forward(input_ids=input_ids, attention_mask=attention_mask)
-            except _Stop:
-                pass
-        return captured["h"]
+        with self._swapped():
+            return layer_output(self.model, layer, input_ids, attention_mask)
 
 
 @contextmanager
