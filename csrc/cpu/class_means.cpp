@@ -2,8 +2,10 @@
 //
 // Counts in one sequential pass over the labels (checking their range). The sums run in
 // parallel over column tiles, one per thread: a task walks every row in order and adds
-// the row's slice to its label's accumulator row ([classes][width] for the tile), then
-// divides by the counts; empty classes get zeros. Each sum is over the rows in their
+// the row's slice, times 1 / count of its label, to its label's accumulator row
+// ([classes][width] for the tile): scaling before summing keeps every partial sum within the
+// range of the values (a convex combination), so a mean that fits in fp32 is finite even
+// for rows near 3e38. Empty classes get zeros. Each sum is over the rows in their
 // original order whatever the tiling, so the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,6 +31,9 @@ void means_impl(const at::Tensor& x, const int64_t* label, const int64_t* count,
   const int64_t threads = at::get_num_threads();
   const int64_t width = std::max(kMinWidth, (d + threads - 1) / threads);
   const int64_t tiles = (d + width - 1) / width;
+  std::vector<acc_t> inv(classes);
+  for (int64_t c = 0; c < classes; ++c)
+    inv[c] = count[c] > 0 ? acc_t(1) / static_cast<acc_t>(count[c]) : acc_t(0);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(classes * width);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -37,12 +42,11 @@ void means_impl(const at::Tensor& x, const int64_t* label, const int64_t* count,
       for (int64_t i = 0; i < n; ++i) {
         const scalar_t* row = xp + i * xs + c0;
         acc_t* a = acc.data() + label[i] * width;
-        for (int64_t j = 0; j < w; ++j) a[j] += static_cast<acc_t>(row[j]);
+        const acc_t s = inv[label[i]];
+        for (int64_t j = 0; j < w; ++j) a[j] += static_cast<acc_t>(row[j]) * s;
       }
-      for (int64_t c = 0; c < classes; ++c) {
-        const acc_t inv = count[c] > 0 ? acc_t(1) / static_cast<acc_t>(count[c]) : acc_t(0);
-        for (int64_t j = 0; j < w; ++j) means[c * d + c0 + j] = acc[c * width + j] * inv;
-      }
+      for (int64_t c = 0; c < classes; ++c)
+        for (int64_t j = 0; j < w; ++j) means[c * d + c0 + j] = acc[c * width + j];
     }
   });
 }

@@ -1,14 +1,16 @@
 // CPU kernels of the statistics family (semantics in cuda_launchers.h).
 //
 // masked_moments splits the rows into kParts fixed ranges (so the result does not depend on
-// the thread count). Each range is walked in tiles of kTileRows rows: a tile's column sums
+// the thread count). Everything is accumulated in fp64 (whatever the input type) and rounded
+// to fp32 once at the end: at mean/sigma = 1e6 an fp32 tile mean would lose the variance, and
+// rows near 3e38 would overflow an fp32 sum although their mean fits. An M2 beyond fp32's
+// range comes out as +inf (never NaN). Each range is walked in tiles of kTileRows rows: a tile's column sums
 // give its mean, a second sweep over the same cache-resident tile gives its centred M2, and
 // the tile is merged into the range's running (count, mean, M2) with Chan's formula
 //   n = na + nb,  mean = mean_a + (mean_b - mean_a) nb / n,
 //   M2 = M2a + M2b + (mean_b - mean_a)^2 na nb / n.
 // The ranges are then merged in order the same way.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -44,7 +46,7 @@ struct Running {
 template <typename scalar_t>
 int64_t moments_impl(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& mean_out,
                      const at::Tensor& m2_out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = double;
   const int64_t n = x.size(0), d = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t xs = x.stride(0);

@@ -28,7 +28,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_moments(
   at::Tensor count = at::empty({}, x.options().dtype(at::kLong));
   at::Tensor workspace =
       at::empty({cuda::masked_moments_workspace_floats(n, d)}, x.options().dtype(at::kFloat));
-  cuda::masked_moments(to_dtype(x, "x"), x.data_ptr(), x.stride(0), mask_ptr(token_mask), n, d,
+  // The first valid row is the pivot the rows are shifted by (argmax of the mask: no sync).
+  at::Tensor pivot_row;
+  if (token_mask && n > 0) pivot_row = at::argmax(token_mask->to(at::kByte));
+  cuda::masked_moments(to_dtype(x, "x"), x.data_ptr(), x.stride(0), mask_ptr(token_mask),
+                       pivot_row.defined() ? pivot_row.data_ptr<int64_t>() : nullptr, n, d,
                        count.data_ptr<int64_t>(), mean.data_ptr<float>(), m2.data_ptr<float>(),
                        workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   return {count, mean, m2};
