@@ -15,7 +15,7 @@
 
 #include "class_means_cpu.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -70,4 +70,4 @@ void class_means(const at::Tensor& x, const at::Tensor& labels, int64_t classes,
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

@@ -8,7 +8,7 @@
 
 #include "hessian_cpu.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -44,4 +44,4 @@ void hessian_ema(const at::Tensor& hess, const at::Tensor& a, const at::Tensor& 
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

@@ -13,7 +13,7 @@
 
 #include "cpu_kernels.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -137,4 +137,4 @@ void masked_edit(const at::Tensor& h, const at::Tensor& importance, const at::Te
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

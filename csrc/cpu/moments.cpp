@@ -17,7 +17,7 @@
 
 #include "cpu_kernels.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -129,4 +129,4 @@ void feature_scores(const at::Tensor& mean_f, const at::Tensor& var_f,
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

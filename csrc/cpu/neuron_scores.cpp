@@ -13,7 +13,7 @@
 
 #include "neuron_scores_cpu.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -149,4 +149,4 @@ void neuron_scores(const at::Tensor& weight, const at::Tensor& hess_forget,
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

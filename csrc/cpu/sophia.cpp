@@ -14,7 +14,7 @@
 
 #include "sophia_cpu.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -97,4 +97,4 @@ void masked_sophia_step(const SophiaTensor* tensors, int64_t count, const Sophia
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_moments(
   at::Tensor mean = at::empty({d}, x.options().dtype(at::kFloat));
   at::Tensor m2 = at::empty({d}, x.options().dtype(at::kFloat));
   if (x.is_cpu()) {
-    int64_t count = cpu::masked_moments(x, token_mask ? *token_mask : at::Tensor(), mean, m2);
+    int64_t count = UK_CPU_CALL(masked_moments)(x, token_mask ? *token_mask : at::Tensor(), mean, m2);
     return {at::scalar_tensor(count, x.options().dtype(at::kLong)), mean, m2};
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA
@@ -51,7 +51,7 @@ at::Tensor feature_scores(const at::Tensor& mean_f, const at::Tensor& var_f,
   check_vector(var_r, d, mean_f, "var_r");
   at::Tensor scores = at::empty({d}, mean_f.options());
   if (mean_f.is_cpu()) {
-    cpu::feature_scores(mean_f, var_f, mean_r, var_r, eps, scores);
+    UK_CPU_CALL(feature_scores)(mean_f, var_f, mean_r, var_r, eps, scores);
     return scores;
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA
