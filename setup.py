@@ -3,7 +3,15 @@
 ``pip install -e . --no-build-isolation`` builds against the torch already installed.
 Environment: ``UNLEARN_KERNELS_CUDA=auto|0|1`` (CUDA kernels), ``TORCH_CUDA_ARCH_LIST``
 (architectures, sm_90 when unset), ``MAX_JOBS`` (parallel compile jobs),
-``UNLEARN_KERNELS_SKIP_EXT=1`` (install the pure-Python package only).
+``UNLEARN_KERNELS_SKIP_EXT=1`` (install the pure-Python package only),
+``UNLEARN_KERNELS_CPU_ISAS`` (build only these CPU kernel variants, e.g. ``avx2``; the
+baseline is always built).
+
+The CPU kernels are compiled once per instruction set (baseline, AVX2+FMA, AVX-512 on x86-64;
+never ``-march=native``) and the best one the CPU supports is picked at import time. At run
+time ``UNLEARN_KERNELS_CPU_CAPABILITY=default|avx2|avx512`` (or ATen's own
+``ATEN_CPU_CAPABILITY``) caps the choice; ``unlearn_kernels._extension.cpu_capability()`` tells
+which one is active.
 """
 
 import os

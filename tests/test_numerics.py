@@ -1,5 +1,7 @@
 """Numerics of the statistics: merging many batches keeps the variance (fp64 merges, checked
-against numpy in float64), and hand-built Moments are validated the same way on every backend."""
+against numpy in float64), hand-built Moments are validated the same way on every backend, and
+one batch keeps its accuracy at mean/σ = 1e6 and a finite mean near fp32's limit (moments and
+class means) on every backend."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn_kernels.ops import Moments, feature_importance, masked_moments
+from conftest import FP32_BACKENDS, device_of
+from unlearn_kernels.ops import Moments, class_means, feature_importance, masked_moments
 
 
 def test_merging_1000_batches_at_mean_over_sigma_1e6_keeps_the_variance():
@@ -64,3 +67,80 @@ def test_misdirection_loss_scales_before_summing(backend):
     small = torch.randn(5, 7, 16)
     assert float(misdirection_loss(small.to(dtype), torch.full((16,), 0.5), backend=backend)) == pytest.approx(
         float(((small.to(dtype).float() - 0.5) ** 2).mean()), rel=1e-5)
+
+
+# ---- one batch: accuracy at mean/σ = 1e6 and range near fp32's limit, on every backend ----
+
+
+def _reference_moments(x: np.ndarray, keep: np.ndarray):
+    rows = x[keep].astype(np.float64)
+    mean = rows.mean(0)
+    return rows.shape[0], mean, ((rows - mean) ** 2).sum(0)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-rows", "masked"])
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
+def test_one_batch_keeps_the_variance_at_mean_over_sigma_1e6(backend, masked):
+    """fp32 rows 1e6 + N(0, 1) (odd shape; with a mask that drops the first rows, so the
+    first valid row is not row 0): mean and variance equal numpy's float64 moments of the
+    same fp32 values. An fp32 sum (or Welford mean) at 1e6 loses 0.2-2 % of the variance."""
+    rng = np.random.default_rng(11)
+    x = (1e6 + rng.standard_normal((4099, 37))).astype(np.float32)
+    keep = rng.random(4099) < 0.7 if masked else np.ones(4099, dtype=bool)
+    keep[:5] = not masked
+    dev = device_of(backend)
+    mask = torch.from_numpy(keep).to(dev) if masked else None
+    stats = masked_moments(torch.from_numpy(x).to(dev), mask, backend=backend)
+    count, mean, m2 = _reference_moments(x, keep)
+    assert int(stats.count) == count
+    np.testing.assert_allclose(stats.mean.double().cpu().numpy(), mean, rtol=1e-7)
+    np.testing.assert_allclose(stats.m2.double().cpu().numpy(), m2, rtol=1e-4)
+
+
+def _near_fp32_limit():
+    """(name, rows) with a mean that fits in fp32 though the column sums do not."""
+    mixture = np.tile(np.array([[2e38], [-2e38], [2e38], [2e38]], dtype=np.float32), (17, 9))
+    return [("all-3e38", np.full((67, 9), 3e38, dtype=np.float32)),
+            ("mixture-2e38", mixture),
+            ("mixed-sizes", np.concatenate([np.full((40, 9), 3.3e38, np.float32),
+                                            np.full((23, 9), -1e30, np.float32),
+                                            np.full((5, 9), 1.5, np.float32)]))]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _near_fp32_limit()])
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
+def test_moments_near_fp32_limit_give_a_finite_mean_and_never_nan(backend, case):
+    """Rows near 3e38: the mean fits in fp32 and is returned finite (numpy float64 to 1e-6);
+    M2 is numpy's where it fits and +inf where it does not (documented), never NaN."""
+    x = dict(_near_fp32_limit())[case]
+    stats = masked_moments(torch.from_numpy(x).to(device_of(backend)), backend=backend)
+    _, mean, m2 = _reference_moments(x, np.ones(x.shape[0], dtype=bool))
+    got_mean = stats.mean.double().cpu().numpy()
+    got_m2 = stats.m2.double().cpu().numpy()
+    assert np.isfinite(got_mean).all()
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-6)
+    assert not np.isnan(got_m2).any()
+    fits = m2 <= np.finfo(np.float32).max
+    np.testing.assert_allclose(got_m2[fits], m2[fits], rtol=1e-5)
+    assert np.isposinf(got_m2[~fits]).all()
+
+
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
+def test_class_means_near_fp32_limit_are_finite(backend):
+    """Per-class means of features near 3e38 (and of mixtures whose sums overflow fp32) fit in
+    fp32 and are returned finite, equal to numpy's float64 means; an empty class stays 0."""
+    rng = np.random.default_rng(5)
+    n, d, classes = 203, 19, 5
+    labels = rng.integers(0, classes - 1, n)  # the last class stays empty
+    x = np.where(rng.random((n, d)) < 0.8, 3e38, -2e38).astype(np.float32)
+    x[labels == 1] = 3.2e38
+    dev = device_of(backend)
+    means, counts = class_means(torch.from_numpy(x).to(dev), torch.from_numpy(labels).to(dev), classes,
+                                backend=backend)
+    expected = np.zeros((classes, d))
+    for c in range(classes - 1):
+        expected[c] = x[labels == c].astype(np.float64).mean(0)
+    got = means.double().cpu().numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert counts.tolist() == np.bincount(labels, minlength=classes).tolist()

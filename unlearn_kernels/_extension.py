@@ -27,3 +27,10 @@ def compiled() -> bool:
 def compiled_with_cuda() -> bool:
     """True when the compiled module holds the CUDA kernels."""
     return _C is not None and bool(_C.with_cuda)
+
+
+def cpu_capability() -> str | None:
+    """Instruction set of the compiled CPU kernels in use: ``"default"``, ``"avx2"`` or
+    ``"avx512"`` (the best this CPU supports, unless ``UNLEARN_KERNELS_CPU_CAPABILITY`` or
+    ``ATEN_CPU_CAPABILITY`` asks for a lower one); None when ``_C`` was not built."""
+    return None if _C is None else str(_C.cpu_capability())

@@ -1,9 +1,12 @@
 // CPU kernel of the per-class feature means and counts.
 //
 // Counts in one sequential pass over the labels (checking their range). The sums run in
-// parallel over column tiles, one per thread: a task walks every row in order and adds
-// the row's slice to its label's accumulator row ([classes][width] for the tile), then
-// divides by the counts; empty classes get zeros. Each sum is over the rows in their
+// parallel over column tiles (a multiple of the vector step wide), one per thread, on at::vec
+// vectors (bf16/fp16 converted to fp32 on load): a task walks every row in order and adds
+// the row's slice, times 1 / count of its label, to its label's accumulator row
+// ([classes][width] for the tile): scaling before summing keeps every partial sum within the
+// range of the values (a convex combination), so a mean that fits in fp32 is finite even
+// for rows near 3e38. Empty classes get zeros. Each sum is over the rows in their
 // original order whatever the tiling, so the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,8 +15,9 @@
 #include <vector>
 
 #include "class_means_cpu.h"
+#include "cpu_vec.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -22,13 +26,20 @@ constexpr int64_t kMinWidth = 64;  // columns per task, at least
 template <typename scalar_t>
 void means_impl(const at::Tensor& x, const int64_t* label, const int64_t* count,
                 int64_t classes, const at::Tensor& means_out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::A;
+  using V = typename IO::V;
+  static_assert(Io<acc_t>::kStep == IO::kStep, "rows and accumulators move in steps of one size");
   const int64_t n = x.size(0), d = x.size(1), xs = x.stride(0);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   acc_t* means = means_out.data_ptr<acc_t>();
   const int64_t threads = at::get_num_threads();
-  const int64_t width = std::max(kMinWidth, (d + threads - 1) / threads);
+  const int64_t width = (std::max(kMinWidth, (d + threads - 1) / threads) + IO::kStep - 1) /
+                        IO::kStep * IO::kStep;
   const int64_t tiles = (d + width - 1) / width;
+  std::vector<acc_t> inv(classes);
+  for (int64_t c = 0; c < classes; ++c)
+    inv[c] = count[c] > 0 ? acc_t(1) / static_cast<acc_t>(count[c]) : acc_t(0);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(classes * width);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -37,12 +48,17 @@ void means_impl(const at::Tensor& x, const int64_t* label, const int64_t* count,
       for (int64_t i = 0; i < n; ++i) {
         const scalar_t* row = xp + i * xs + c0;
         acc_t* a = acc.data() + label[i] * width;
-        for (int64_t j = 0; j < w; ++j) a[j] += static_cast<acc_t>(row[j]);
+        const V s(inv[label[i]]);
+        for (int64_t j = 0; j < w; j += IO::kStep) {
+          const int64_t m = std::min<int64_t>(IO::kStep, w - j);
+          V x0, x1, a0, a1;
+          load2(row + j, m, x0, x1);
+          Io<acc_t>::load(a + j, a0, a1);  // the accumulator rows are padded to kStep
+          Io<acc_t>::store(a + j, at::vec::fmadd(x0, s, a0), at::vec::fmadd(x1, s, a1));
+        }
       }
-      for (int64_t c = 0; c < classes; ++c) {
-        const acc_t inv = count[c] > 0 ? acc_t(1) / static_cast<acc_t>(count[c]) : acc_t(0);
-        for (int64_t j = 0; j < w; ++j) means[c * d + c0 + j] = acc[c * width + j] * inv;
-      }
+      for (int64_t c = 0; c < classes; ++c)
+        for (int64_t j = 0; j < w; ++j) means[c * d + c0 + j] = acc[c * width + j];
     }
   });
 }
@@ -66,4 +82,4 @@ void class_means(const at::Tensor& x, const at::Tensor& labels, int64_t classes,
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

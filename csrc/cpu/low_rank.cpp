@@ -18,7 +18,7 @@
 
 #include "low_rank_cpu.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -79,4 +79,4 @@ at::Tensor masked_gram(const at::Tensor& x, const at::Tensor& mask) {
   return gram;
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

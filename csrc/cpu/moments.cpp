@@ -1,21 +1,24 @@
 // CPU kernels of the statistics family (semantics in cuda_launchers.h).
 //
 // masked_moments splits the rows into kParts fixed ranges (so the result does not depend on
-// the thread count). Each range is walked in tiles of kTileRows rows: a tile's column sums
+// the thread count). Everything is accumulated in fp64 (whatever the input type) and rounded
+// to fp32 once at the end: at mean/sigma = 1e6 an fp32 tile mean would lose the variance, and
+// rows near 3e38 would overflow an fp32 sum although their mean fits. An M2 beyond fp32's
+// range comes out as +inf (never NaN). Each range is walked in tiles of kTileRows rows: a tile's column sums
 // give its mean, a second sweep over the same cache-resident tile gives its centred M2, and
 // the tile is merged into the range's running (count, mean, M2) with Chan's formula
 //   n = na + nb,  mean = mean_a + (mean_b - mean_a) nb / n,
 //   M2 = M2a + M2b + (mean_b - mean_a)^2 na nb / n.
 // The ranges are then merged in order the same way.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "cpu_vec.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -41,10 +44,48 @@ struct Running {
   }
 };
 
+// Rows as F (float, or double for fp64 input): fp32/fp64 rows are read in place, bf16/fp16
+// rows are converted into `buf` first (at::vec). The fp64 sums below are plain loops over
+// contiguous F rows that the compiler vectorises for the ISA of this variant.
+template <typename scalar_t>
+using row_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t>
+const row_t<scalar_t>* row_as_float(const scalar_t* row, int64_t d, row_t<scalar_t>* buf) {
+  if constexpr (std::is_same_v<scalar_t, row_t<scalar_t>>) {
+    return row;
+  } else {
+    using IO = Io<scalar_t>;
+    using V = typename IO::V;
+    for (int64_t j = 0; j < d; j += IO::kStep) {
+      const int64_t m = std::min<int64_t>(IO::kStep, d - j);
+      V a, b;
+      load2(row + j, m, a, b);
+      store2(buf + j, m, a, b);
+    }
+    return buf;
+  }
+}
+
+template <typename F>
+void add_row(double* __restrict sum, const F* __restrict row, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<double>(row[j]);
+}
+
+template <typename F>
+void add_centred_squares(double* __restrict m2, const F* __restrict row,
+                         const double* __restrict mean, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
+    const double c = static_cast<double>(row[j]) - mean[j];
+    m2[j] += c * c;
+  }
+}
+
 template <typename scalar_t>
 int64_t moments_impl(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& mean_out,
                      const at::Tensor& m2_out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using F = row_t<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, F>;
   const int64_t n = x.size(0), d = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t xs = x.stride(0);
@@ -54,9 +95,9 @@ int64_t moments_impl(const at::Tensor& x, const at::Tensor& mask, const at::Tens
   std::vector<Running> results(parts, Running(0));
 
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(d);
     std::vector<double> tile_mean(d), tile_m2(d);
-    std::vector<int64_t> rows;
+    std::vector<F> buf(kConvert ? kTileRows * d : 0);
+    std::vector<const F*> rows;
     rows.reserve(kTileRows);
     for (int64_t p = begin; p < end; ++p) {
       Running run(d);
@@ -64,24 +105,15 @@ int64_t moments_impl(const at::Tensor& x, const at::Tensor& mask, const at::Tens
       for (int64_t t0 = p * part_rows; t0 < stop; t0 += kTileRows) {
         rows.clear();
         for (int64_t i = t0; i < std::min(stop, t0 + kTileRows); ++i)
-          if (!mp || mp[i]) rows.push_back(i);
+          if (!mp || mp[i])
+            rows.push_back(row_as_float(xp + i * xs, d, buf.data() + rows.size() * d));
         if (rows.empty()) continue;
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        for (int64_t i : rows) {
-          const scalar_t* row = xp + i * xs;
-          for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<acc_t>(row[j]);
-        }
-        const acc_t inv = acc_t(1) / static_cast<acc_t>(rows.size());
-        for (int64_t j = 0; j < d; ++j) sum[j] *= inv;  // now the tile mean
+        std::fill(tile_mean.begin(), tile_mean.end(), 0.0);
+        for (const F* row : rows) add_row(tile_mean.data(), row, d);
+        const double inv = 1.0 / static_cast<double>(rows.size());
+        for (int64_t j = 0; j < d; ++j) tile_mean[j] *= inv;
         std::fill(tile_m2.begin(), tile_m2.end(), 0.0);
-        for (int64_t i : rows) {
-          const scalar_t* row = xp + i * xs;
-          for (int64_t j = 0; j < d; ++j) {
-            const acc_t c = static_cast<acc_t>(row[j]) - sum[j];
-            tile_m2[j] += c * c;
-          }
-        }
-        for (int64_t j = 0; j < d; ++j) tile_mean[j] = sum[j];
+        for (const F* row : rows) add_centred_squares(tile_m2.data(), row, tile_mean.data(), d);
         run.merge(static_cast<int64_t>(rows.size()), tile_mean.data(), tile_m2.data());
       }
       results[p] = std::move(run);
@@ -127,4 +159,4 @@ void feature_scores(const at::Tensor& mean_f, const at::Tensor& var_f,
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

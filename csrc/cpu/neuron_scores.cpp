@@ -1,19 +1,20 @@
 // CPU kernel of the Optimal-Brain-Damage neuron scores, forget and retain in one pass:
 //   dim 0: s_i = 1/2 sum_j h_ij w_ij^2      dim 1: s_j = 1/2 sum_i h_ij w_ij^2
 //
-// dim 0: rows in parallel; a row is summed in kLanes interleaved accumulators (so the loop
-// vectorizes without reassociation) combined in a fixed tree. dim 1: the matrix is cut into
+// dim 0: rows in parallel; a row is summed in the lanes of two at::vec vectors (kLanes
+// interleaved scalar accumulators for fp64) combined in a fixed order. dim 1: the matrix is cut into
 // fixed row parts x column tiles (a function of the shape only); a task adds its rows into
-// its part's partial columns, which vectorizes along the row; the parts are then added in
+// its part's partial columns, vectorised along the row (at::vec); the parts are then added in
 // order. Both orders are fixed, so the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "cpu_vec.h"
 #include "neuron_scores_cpu.h"
 
-namespace uk::cpu {
+namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
@@ -30,32 +31,75 @@ struct Sums {
   double forget, retain;
 };
 
-// sum_j h_j w_j^2 over one row for hf and (if hr) hr.
+// sum_j h_j w_j^2 over one row for hf and (if hr) hr: at::vec lanes for fp32 arithmetic
+// (bf16/fp16 converted on load; two vectors of lanes combined in a fixed order at the end),
+// kLanes interleaved scalar accumulators for fp64.
 template <typename W, typename H>
 Sums row_sums(const W* w, const H* hf, const H* hr, int64_t n) {
   using acc_t = acc_of<W, H>;
-  acc_t f[kLanes] = {}, r[kLanes] = {};
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static_assert(Io<W>::kStep == Io<H>::kStep, "weights and Hessians move in steps of one size");
+    using V = Vectorized<float>;
+    V f0(0.f), f1(0.f), r0(0.f), r1(0.f);
+    for (int64_t j = 0; j < n; j += Io<W>::kStep) {
+      const int64_t k = std::min<int64_t>(Io<W>::kStep, n - j);
+      V w0, w1, h0, h1;
+      load2(w + j, k, w0, w1);
+      load2(hf + j, k, h0, h1);
+      const V q0 = w0 * w0, q1 = w1 * w1;
+      f0 = at::vec::fmadd(h0, q0, f0);
+      f1 = at::vec::fmadd(h1, q1, f1);
+      if (hr) {
+        load2(hr + j, k, h0, h1);
+        r0 = at::vec::fmadd(h0, q0, r0);
+        r1 = at::vec::fmadd(h1, q1, r1);
+      }
+    }
+    return {static_cast<double>(sum_lanes(f0 + f1)), static_cast<double>(sum_lanes(r0 + r1))};
+  } else {
+    acc_t f[kLanes] = {}, r[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int k = 0; k < kLanes; ++k) {
+        const acc_t x = static_cast<acc_t>(w[j + k]);
+        const acc_t x2 = x * x;
+        f[k] += static_cast<acc_t>(hf[j + k]) * x2;
+        if (hr) r[k] += static_cast<acc_t>(hr[j + k]) * x2;
+      }
+    }
+    for (; j < n; ++j) {
+      const acc_t x = static_cast<acc_t>(w[j]);
+      f[0] += static_cast<acc_t>(hf[j]) * x * x;
+      if (hr) r[0] += static_cast<acc_t>(hr[j]) * x * x;
+    }
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int k = 0; k < width; ++k) {
+        f[k] += f[k + width];
+        r[k] += r[k + width];
+      }
+    }
+    return {static_cast<double>(f[0]), static_cast<double>(r[0])};
+  }
+}
+
+// acc[j] += h[j] * w[j]^2 for j in [0, n) (fp32 lanes; scalar for fp64).
+template <typename W, typename H, typename acc_t>
+void add_scores(acc_t* __restrict acc, const W* __restrict w, const H* __restrict h, int64_t n) {
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const acc_t x = static_cast<acc_t>(w[j + k]);
-      const acc_t x2 = x * x;
-      f[k] += static_cast<acc_t>(hf[j + k]) * x2;
-      if (hr) r[k] += static_cast<acc_t>(hr[j + k]) * x2;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using V = Vectorized<float>;
+    for (; j + Io<W>::kStep <= n; j += Io<W>::kStep) {
+      V w0, w1, h0, h1, a0, a1;
+      Io<W>::load(w + j, w0, w1);
+      Io<H>::load(h + j, h0, h1);
+      Io<float>::load(acc + j, a0, a1);
+      Io<float>::store(acc + j, at::vec::fmadd(h0, w0 * w0, a0), at::vec::fmadd(h1, w1 * w1, a1));
     }
   }
   for (; j < n; ++j) {
     const acc_t x = static_cast<acc_t>(w[j]);
-    f[0] += static_cast<acc_t>(hf[j]) * x * x;
-    if (hr) r[0] += static_cast<acc_t>(hr[j]) * x * x;
+    acc[j] += static_cast<acc_t>(h[j]) * (x * x);
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int k = 0; k < width; ++k) {
-      f[k] += f[k + width];
-      r[k] += r[k + width];
-    }
-  }
-  return {static_cast<double>(f[0]), static_cast<double>(r[0])};
 }
 
 template <typename W, typename H, typename S>
@@ -98,16 +142,8 @@ void cols_impl(const at::Tensor& weight, const at::Tensor& hf, const at::Tensor&
         const W* w = wp + i * weight.stride(0);
         const H* hfi = fp + i * hf.stride(0);
         const H* hri = rp ? rp + i * hr.stride(0) : nullptr;
-        for (int64_t j = c0; j < c1; ++j) {
-          const acc_t x = static_cast<acc_t>(w[j]);
-          f[j] += static_cast<acc_t>(hfi[j]) * (x * x);
-        }
-        if (r) {
-          for (int64_t j = c0; j < c1; ++j) {
-            const acc_t x = static_cast<acc_t>(w[j]);
-            r[j] += static_cast<acc_t>(hri[j]) * (x * x);
-          }
-        }
+        add_scores(f + c0, w + c0, hfi + c0, c1 - c0);
+        if (r) add_scores(r + c0, w + c0, hri + c0, c1 - c0);
       }
     }
   });
@@ -149,4 +185,4 @@ void neuron_scores(const at::Tensor& weight, const at::Tensor& hess_forget,
   });
 }
 
-}  // namespace uk::cpu
+}  // namespace uk::cpu::CPU_CAPABILITY

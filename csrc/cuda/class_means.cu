@@ -12,8 +12,10 @@
 //   3. scatter: perm[start[c] + hist[k][c] + rank_i] = i, a stable counting sort.
 //   4. segment sums (the one pass over x): block (segment, column tile) sums its segment's
 //      rows of its columns (tx lanes x V columns, ty thread rows, kUnroll rows in flight,
-//      fixed-tree combination in shared memory) and writes the mean directly when the class
-//      has one segment, else the segment's partial row.
+//      fixed-tree combination in shared memory), each row scaled by 1 / counts[c] before it
+//      is added (so no partial sum leaves the range of the values: features near 3e38 give a
+//      finite mean), and writes the mean directly when the class has one segment, else the
+//      segment's partial row.
 //   5. merge: for classes with several segments, their partials are added in order; empty
 //      classes get zeros.
 // Bytes moved: n d sizeof(x) once, plus O(n) label/permutation traffic and the partials
@@ -251,6 +253,7 @@ __global__ void __launch_bounds__(kThreads) segment_sums_kernel(const SegArgs a)
   if (s >= a.seg_first[a.classes]) return;
   const int64_t c = segment_class(a.seg_first, a.classes, s);
   const int64_t count = a.counts[c];
+  const float inv = 1.f / static_cast<float>(count);  // a segment's class is never empty
   const int64_t local = s - a.seg_first[c];
   const int64_t p0 = a.start[c] + local * a.seg_rows;
   const int64_t p1 = a.start[c] + min(count, (local + 1) * a.seg_rows);
@@ -274,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) segment_sums_kernel(const SegArgs a)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] += element(v[u], k);
+      for (int k = 0; k < V; ++k) acc[k] += element(v[u], k) * inv;
     }
   }
 
@@ -293,16 +296,14 @@ __global__ void __launch_bounds__(kThreads) segment_sums_kernel(const SegArgs a)
   if (threadIdx.y != 0 || !active) return;
   const bool single = a.seg_first[c + 1] - a.seg_first[c] == 1;
   float* out = single ? a.means + c * a.d + col : a.partials + s * a.d + col;
-  const float divisor = single ? static_cast<float>(count) : 1.f;
 #pragma unroll
-  for (int k = 0; k < V; ++k) out[k] = acc[k] / divisor;
+  for (int k = 0; k < V; ++k) out[k] = acc[k];
 }
 
 // ---- 5. merge -------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kMergeThreads)
-merge_kernel(const float* partials, const int* seg_first, const int64_t* counts, int64_t d,
-             float* means) {
+merge_kernel(const float* partials, const int* seg_first, int64_t d, float* means) {
   const int64_t c = blockIdx.x;
   const int64_t j = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
   if (j >= d) return;
@@ -310,7 +311,7 @@ merge_kernel(const float* partials, const int* seg_first, const int64_t* counts,
   if (s1 - s0 == 1) return;  // written by segment_sums_kernel
   float sum = 0.f;
   for (int64_t s = s0; s < s1; ++s) sum += partials[s * d + j];
-  means[c * d + j] = s1 == s0 ? 0.f : sum / static_cast<float>(counts[c]);
+  means[c * d + j] = sum;  // 0 for an empty class
 }
 
 template <typename T>
@@ -369,7 +370,7 @@ void class_means(DType dt, const void* x, int64_t x_stride, const int64_t* label
     case DType::F16: segment_sums<__half>(a, p.max_segs, stream); break;
   }
   const dim3 grid(static_cast<unsigned>(classes), static_cast<unsigned>(ceil_div(d, kMergeThreads)));
-  merge_kernel<<<grid, kMergeThreads, 0, stream>>>(w.partials, w.seg_first, counts, d, means);
+  merge_kernel<<<grid, kMergeThreads, 0, stream>>>(w.partials, w.seg_first, d, means);
 }
 
 }  // namespace uk::cuda

@@ -14,6 +14,15 @@
 // Grid = (column tiles, row chunks), about kBlocksPerSM blocks per SM. Workspace, for
 // `chunks` = grid.y row chunks: [chunks][d] means, [chunks][d] M2s, [chunks] int32 counts.
 // Pass 2: one thread per column merges the chunks in order (Chan): deterministic.
+//
+// Range and precision: every row is shifted by a pivot p (the first valid row, `pivot_row`)
+// and scaled by kShiftScale = 1/8 (exact) before the Welford updates, c = x/8 - p/8, and the
+// outputs are mean = (p/8 + mean_c) * 8, M2 = M2_c * 64. The shift makes the centred terms
+// exact differences at mean/sigma = 1e6; the scale keeps |c| and every difference of two
+// means of c inside fp32's range, and Welford/Chan never form a sum larger than the values,
+// so the mean of rows near 3e38 stays finite. An M2 beyond fp32's range is +inf: each product
+// that may overflow is formed with its possibly-zero weight first, so it never meets a 0.
+// Workspace after the M2s: [d] scaled pivots p/8, then the counts.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -33,11 +42,13 @@ namespace {
 using namespace rows;
 
 constexpr int kMergeThreads = 128;  // pass 2 and feature_scores
+constexpr float kShiftScale = 0.125f;
 
 struct MomentsArgs {
   const void* x;
   int64_t x_stride;
   const bool* mask;
+  const int64_t* pivot_row;  // device scalar; nullptr: row 0
   int64_t n, d, rows;  // rows per block
   float* partials;     // the workspace, laid out as in the header comment
 };
@@ -56,7 +67,13 @@ moments_partial_kernel(const MomentsArgs a) {
   const int64_t step = blockDim.y;
 
   int count = 0;
-  float mean[V], m2[V];
+  float mean[V], m2[V], pivot[V];
+  {
+    const int64_t pr = a.pivot_row != nullptr ? *a.pivot_row : 0;
+    const Pack<T, V> pp = load<T, V>(x + pr * a.x_stride + col, active && a.n > 0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) pivot[i] = element(pp, i) * kShiftScale;
+  }
 #pragma unroll
   for (int i = 0; i < V; ++i) mean[i] = m2[i] = 0.f;
   for (int64_t r = r0 + threadIdx.y; r < r1; r += step * kUnroll) {
@@ -73,7 +90,7 @@ moments_partial_kernel(const MomentsArgs a) {
       const float inv = __frcp_rn(static_cast<float>(count));
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const float v = element(xp[u], i);
+        const float v = element(xp[u], i) * kShiftScale - pivot[i];
         const float delta = v - mean[i];
         mean[i] += delta * inv;
         m2[i] += delta * (v - mean[i]);
@@ -93,14 +110,24 @@ moments_partial_kernel(const MomentsArgs a) {
     if (threadIdx.y < s) {
       const unsigned other = tid + s * blockDim.x;
       const int nb = s_count[other];
-      if (nb > 0) {
+      if (nb > 0 && count == 0) {  // adopt the other summary (no 0 * inf below)
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          mean[i] = s_mean[i][other];
+          m2[i] = s_m2[i][other];
+          s_mean[i][tid] = mean[i];
+          s_m2[i][tid] = m2[i];
+        }
+        count = nb;
+        s_count[tid] = count;
+      } else if (nb > 0) {
         const float f = static_cast<float>(nb) / static_cast<float>(count + nb);
         const float g = static_cast<float>(count) * f;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const float delta = s_mean[i][other] - mean[i];
           mean[i] += delta * f;
-          m2[i] += s_m2[i][other] + delta * delta * g;
+          m2[i] += s_m2[i][other] + (delta * g) * delta;
           s_mean[i][tid] = mean[i];
           s_m2[i][tid] = m2[i];
         }
@@ -117,10 +144,11 @@ moments_partial_kernel(const MomentsArgs a) {
       for (int i = 0; i < V; ++i) {
         a.partials[chunk * a.d + col + i] = mean[i];
         a.partials[(chunks + chunk) * a.d + col + i] = m2[i];
+        if (chunk == 0) a.partials[2 * chunks * a.d + col + i] = pivot[i];
       }
     }
     if (blockIdx.x == 0 && threadIdx.x == 0)
-      reinterpret_cast<int*>(a.partials + 2 * chunks * a.d)[chunk] = count;
+      reinterpret_cast<int*>(a.partials + (2 * chunks + 1) * a.d)[chunk] = count;
   }
 }
 
@@ -131,7 +159,7 @@ moments_merge_kernel(const float* partials, int64_t chunks, int64_t d, int64_t* 
   const int64_t j = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (j >= d && j != 0) return;
   const bool column = j < d;
-  const int* counts = reinterpret_cast<const int*>(partials + 2 * chunks * d);
+  const int* counts = reinterpret_cast<const int*>(partials + (2 * chunks + 1) * d);
   int64_t total = 0;
   float m = 0.f, s = 0.f;
 #pragma unroll 4
@@ -143,13 +171,14 @@ moments_merge_kernel(const float* partials, int64_t chunks, int64_t d, int64_t* 
     const float f = nb > 0 ? static_cast<float>(nb) / static_cast<float>(total + nb) : 0.f;
     const float delta = mb - m;
     m += delta * f;
-    s += sb + delta * delta * static_cast<float>(total) * f;
+    s += sb + (delta * (static_cast<float>(total) * f)) * delta;  // 0 when total == 0
     total += nb;
   }
   if (j == 0) *count = total;
   if (column) {
-    mean[j] = m;
-    m2[j] = s;
+    const float inv = 1.f / kShiftScale;
+    mean[j] = total > 0 ? (partials[2 * chunks * d + j] + m) * inv : 0.f;
+    m2[j] = s * (inv * inv);
   }
 }
 
@@ -183,13 +212,13 @@ feature_scores_kernel(const float* mean_f, const float* var_f, const float* mean
 }  // namespace
 
 int64_t masked_moments_workspace_floats(int64_t n, int64_t d) {
-  return row_chunks(n, d) * (2 * d + 1);
+  return row_chunks(n, d) * (2 * d + 1) + d;
 }
 
-void masked_moments(DType dt, const void* x, int64_t x_stride, const bool* mask, int64_t n,
-                    int64_t d, int64_t* count, float* mean, float* m2, float* workspace,
-                    cudaStream_t stream) {
-  const MomentsArgs a{x, x_stride, mask, n, d, 0, workspace};
+void masked_moments(DType dt, const void* x, int64_t x_stride, const bool* mask,
+                    const int64_t* pivot_row, int64_t n, int64_t d, int64_t* count, float* mean,
+                    float* m2, float* workspace, cudaStream_t stream) {
+  const MomentsArgs a{x, x_stride, mask, pivot_row, n, d, 0, workspace};
   switch (dt) {
     case DType::F32: masked_moments_impl<float>(a, count, mean, m2, stream); break;
     case DType::BF16: masked_moments_impl<__nv_bfloat16>(a, count, mean, m2, stream); break;

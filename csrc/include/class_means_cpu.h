@@ -4,11 +4,12 @@
 // others fp32.
 #pragma once
 
+#include "cpu_isa.h"
+
 #include <ATen/ATen.h>
 
-namespace uk::cpu {
-
+UK_CPU_KERNELS(
 void class_means(const at::Tensor& x, const at::Tensor& labels, int64_t classes,
                  const at::Tensor& means, const at::Tensor& counts);
+)  // UK_CPU_KERNELS
 
-}  // namespace uk::cpu

@@ -3,10 +3,11 @@
 // a contiguous bool [n] mask (or undefined). Semantics as in cuda_launchers.h.
 #pragma once
 
+#include "cpu_isa.h"
+
 #include <ATen/ATen.h>
 
-namespace uk::cpu {
-
+UK_CPU_KERNELS(
 // CPU also takes fp64 activations (for gradcheck), computing in fp64 then.
 // Returns the loss; writes grad (contiguous [n, d], h's dtype) when it is defined.
 double misdirection_fwd_bwd(const at::Tensor& h, const at::Tensor& control,
@@ -23,5 +24,5 @@ void feature_scores(const at::Tensor& mean_f, const at::Tensor& var_f,
 
 void masked_edit(const at::Tensor& h, const at::Tensor& importance, const at::Tensor& control,
                  double alpha, const at::Tensor& mask, const at::Tensor& out);
+)  // UK_CPU_KERNELS
 
-}  // namespace uk::cpu

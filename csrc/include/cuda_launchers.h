@@ -35,10 +35,13 @@ void misdirection_fwd_bwd(DType dt, const void* h, int64_t h_stride, const float
 
 // Per-feature count, mean and M2 = sum (x - mean)^2 over valid rows (Chan's parallel
 // combination of per-block Welford partials). With no valid row: count 0, mean 0, m2 0.
+// `pivot_row` (device int64 scalar, nullptr: row 0) is a valid row when there is one; the rows
+// are summarised shifted by it (and scaled by 1/8), so a mean/sigma of 1e6 keeps the variance
+// and rows near 3e38 a finite mean; an M2 beyond fp32's range is +inf, never NaN.
 int64_t masked_moments_workspace_floats(int64_t n, int64_t d);
-void masked_moments(DType dt, const void* x, int64_t x_stride, const bool* mask, int64_t n,
-                    int64_t d, int64_t* count, float* mean, float* m2, float* workspace,
-                    cudaStream_t stream);
+void masked_moments(DType dt, const void* x, int64_t x_stride, const bool* mask,
+                    const int64_t* pivot_row, int64_t n, int64_t d, int64_t* count, float* mean,
+                    float* m2, float* workspace, cudaStream_t stream);
 
 // scores_j = (mean_f_j - mean_r_j)^2 / (var_f_j + var_r_j + eps), all fp32 [d].
 void feature_scores(const float* mean_f, const float* var_f, const float* mean_r,

@@ -3,10 +3,11 @@
 // undefined or a's dtype. fp64 tensors compute in fp64, all others in fp32.
 #pragma once
 
+#include "cpu_isa.h"
+
 #include <ATen/ATen.h>
 
-namespace uk::cpu {
-
+UK_CPU_KERNELS(
 void hessian_ema(const at::Tensor& hess, const at::Tensor& a, const at::Tensor& b, double beta);
+)  // UK_CPU_KERNELS
 
-}  // namespace uk::cpu

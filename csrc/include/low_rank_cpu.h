@@ -3,10 +3,11 @@
 // for fp64 x) or x's dtype, token masks are contiguous bool [n] (or undefined).
 #pragma once
 
+#include "cpu_isa.h"
+
 #include <ATen/ATen.h>
 
-namespace uk::cpu {
-
+UK_CPU_KERNELS(
 // y = x - scale (x U) U^T into y (contiguous [n, d], x's dtype); when coeffs is defined it
 // receives x U (contiguous [n, r], fp32 or fp64 for fp64 x).
 void low_rank_project(const at::Tensor& x, const at::Tensor& basis, double scale,
@@ -14,5 +15,5 @@ void low_rank_project(const at::Tensor& x, const at::Tensor& basis, double scale
 
 // X^T X over the rows the mask keeps, as a new [d, d] fp32 (fp64 for fp64 x) tensor.
 at::Tensor masked_gram(const at::Tensor& x, const at::Tensor& mask);
+)  // UK_CPU_KERNELS
 
-}  // namespace uk::cpu

@@ -4,12 +4,13 @@
 // hess_retain and s_retain undefined together. fp64 weights compute in fp64 into fp64 scores.
 #pragma once
 
+#include "cpu_isa.h"
+
 #include <ATen/ATen.h>
 
-namespace uk::cpu {
-
+UK_CPU_KERNELS(
 void neuron_scores(const at::Tensor& weight, const at::Tensor& hess_forget,
                    const at::Tensor& hess_retain, int64_t dim, const at::Tensor& s_forget,
                    const at::Tensor& s_retain);
+)  // UK_CPU_KERNELS
 
-}  // namespace uk::cpu

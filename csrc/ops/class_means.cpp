@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> class_means(const at::Tensor& features,
       at::empty({num_classes, d}, features.options().dtype(accumulate_type(features)));
   at::Tensor counts = at::empty({num_classes}, features.options().dtype(at::kLong));
   if (features.is_cpu()) {
-    cpu::class_means(features, labels, num_classes, means, counts);
+    UK_CPU_CALL(class_means)(features, labels, num_classes, means, counts);
     return {means, counts};
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA

@@ -37,7 +37,7 @@ void hessian_ema_(at::Tensor& hess, const at::Tensor& a, const c10::optional<at:
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "beta must lie in [0, 1], got ", beta);
   if (hess.is_cpu()) {
     TORCH_CHECK(a.is_cpu(), "a must be a CPU tensor");
-    cpu::hessian_ema(hess, a, b ? *b : at::Tensor(), beta);
+    UK_CPU_CALL(hessian_ema)(hess, a, b ? *b : at::Tensor(), beta);
     return;
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA

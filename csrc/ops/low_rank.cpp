@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> low_rank_project(const at::Tensor& x, const a
   const at::Tensor coeffs = need_coeffs ? at::empty({n, r}, x.options().dtype(acc))
                                         : at::empty({0}, x.options().dtype(acc));
   if (x.is_cpu()) {
-    cpu::low_rank_project(x, basis, scale, y, need_coeffs ? coeffs : at::Tensor());
+    UK_CPU_CALL(low_rank_project)(x, basis, scale, y, need_coeffs ? coeffs : at::Tensor());
     return {y, coeffs};
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> low_rank_project(const at::Tensor& x, const a
 at::Tensor masked_gram(const at::Tensor& x, const c10::optional<at::Tensor>& token_mask) {
   check_rows(x, "x");
   if (token_mask) check_mask(*token_mask, x.size(0), x);
-  if (x.is_cpu()) return cpu::masked_gram(x, token_mask ? *token_mask : at::Tensor());
+  if (x.is_cpu()) return UK_CPU_CALL(masked_gram)(x, token_mask ? *token_mask : at::Tensor());
 #ifdef UNLEARN_KERNELS_WITH_CUDA
   TORCH_CHECK(x.is_cuda(), "x must be a CPU or CUDA tensor");
   c10::cuda::CUDAGuard guard(x.device());

@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> misdirection_fwd_bwd(
   at::Tensor loss = at::empty({}, h.options().dtype(accumulate_type(h)));
   at::Tensor grad = need_grad ? at::empty({n, d}, h.options()) : at::empty({0}, h.options());
   if (h.is_cpu()) {
-    double value = cpu::misdirection_fwd_bwd(h, value_or_undefined(control),
+    double value = UK_CPU_CALL(misdirection_fwd_bwd)(h, value_or_undefined(control),
                                              value_or_undefined(importance),
                                              value_or_undefined(anchor),
                                              value_or_undefined(token_mask), scale,
@@ -75,7 +75,7 @@ at::Tensor masked_edit(const at::Tensor& h, const at::Tensor& importance,
   if (token_mask) check_mask(*token_mask, n, h);
   at::Tensor out = at::empty({n, d}, h.options());
   if (h.is_cpu()) {
-    cpu::masked_edit(h, importance, control, alpha, value_or_undefined(token_mask), out);
+    UK_CPU_CALL(masked_edit)(h, importance, control, alpha, value_or_undefined(token_mask), out);
     return out;
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA

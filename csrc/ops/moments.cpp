@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_moments(
   at::Tensor mean = at::empty({d}, x.options().dtype(at::kFloat));
   at::Tensor m2 = at::empty({d}, x.options().dtype(at::kFloat));
   if (x.is_cpu()) {
-    int64_t count = cpu::masked_moments(x, token_mask ? *token_mask : at::Tensor(), mean, m2);
+    int64_t count = UK_CPU_CALL(masked_moments)(x, token_mask ? *token_mask : at::Tensor(), mean, m2);
     return {at::scalar_tensor(count, x.options().dtype(at::kLong)), mean, m2};
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA
@@ -28,7 +28,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_moments(
   at::Tensor count = at::empty({}, x.options().dtype(at::kLong));
   at::Tensor workspace =
       at::empty({cuda::masked_moments_workspace_floats(n, d)}, x.options().dtype(at::kFloat));
-  cuda::masked_moments(to_dtype(x, "x"), x.data_ptr(), x.stride(0), mask_ptr(token_mask), n, d,
+  // The first valid row is the pivot the rows are shifted by (argmax of the mask: no sync).
+  at::Tensor pivot_row;
+  if (token_mask && n > 0) pivot_row = at::argmax(token_mask->to(at::kByte));
+  cuda::masked_moments(to_dtype(x, "x"), x.data_ptr(), x.stride(0), mask_ptr(token_mask),
+                       pivot_row.defined() ? pivot_row.data_ptr<int64_t>() : nullptr, n, d,
                        count.data_ptr<int64_t>(), mean.data_ptr<float>(), m2.data_ptr<float>(),
                        workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   return {count, mean, m2};
@@ -47,7 +51,7 @@ at::Tensor feature_scores(const at::Tensor& mean_f, const at::Tensor& var_f,
   check_vector(var_r, d, mean_f, "var_r");
   at::Tensor scores = at::empty({d}, mean_f.options());
   if (mean_f.is_cpu()) {
-    cpu::feature_scores(mean_f, var_f, mean_r, var_r, eps, scores);
+    UK_CPU_CALL(feature_scores)(mean_f, var_f, mean_r, var_r, eps, scores);
     return scores;
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA

@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> neuron_scores(const at::Tensor& weight,
     return {s_forget, s_retain};
   }
   if (weight.is_cpu()) {
-    cpu::neuron_scores(weight, hess_forget, hess_retain ? *hess_retain : at::Tensor(), dim,
+    UK_CPU_CALL(neuron_scores)(weight, hess_forget, hess_retain ? *hess_retain : at::Tensor(), dim,
                        s_forget, hess_retain ? s_retain : at::Tensor());
     return {s_forget, s_retain};
   }

@@ -93,7 +93,7 @@ void masked_sophia_step_(at::TensorList params, at::TensorList grads, at::Tensor
   const SophiaHyper hyper = make_sophia_hyper(lr, beta1, rho, weight_decay, eps, bs);
   const auto count = static_cast<int64_t>(tensors.size());
   if (params[0].is_cpu()) {
-    cpu::masked_sophia_step(tensors.data(), count, hyper);
+    UK_CPU_CALL(masked_sophia_step)(tensors.data(), count, hyper);
     return;
   }
 #ifdef UNLEARN_KERNELS_WITH_CUDA

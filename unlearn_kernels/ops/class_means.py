@@ -5,7 +5,9 @@ For features ``x`` (``[..., d]``) and integer labels ``y`` in ``[0, C)``::
     counts_c = #{t : y_t = c}
     means_c  = Σ_{t : y_t = c} x_t / counts_c          (the zero vector when counts_c = 0)
 
-An empty class gets count 0 and a zero mean (never NaN): check ``counts == 0`` before using
+Every backend scales each row by ``1 / counts_c`` before adding it (``means_c = Σ x_t / counts_c``
+summed term by term), so no partial sum leaves the range of the values: a mean that fits in
+fp32 is finite even for features near 3e38. An empty class gets count 0 and a zero mean (never NaN): check ``counts == 0`` before using
 its mean, e.g. for a cosine nearest-class-mean head. Every backend is deterministic: rows are
 summed in a fixed order (a stable sort by label, then per-class segments added in order), no
 float atomics. Differentiable in ``x``: ``∂L/∂x_t = (∂L/∂means)_{y_t} / counts_{y_t}``.
@@ -23,12 +25,14 @@ from ._registration import register
 
 
 def _class_means_torch(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Reference kernel on ``[n, d]`` rows: sums by ``index_add_``, divided by the counts."""
+    """Reference kernel on ``[n, d]`` rows: each row scaled by ``1 / counts`` of its label, then
+    summed by ``index_add_`` (the scaling first keeps every partial sum within the values' range)."""
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     counts = torch.bincount(labels, minlength=num_classes)
-    sums = torch.zeros((num_classes, features.shape[1]), dtype=acc, device=features.device)
-    sums.index_add_(0, labels, features.to(acc))
-    return sums / counts.clamp(min=1).to(acc)[:, None], counts
+    inv = 1.0 / counts.clamp(min=1).to(acc)
+    means = torch.zeros((num_classes, features.shape[1]), dtype=acc, device=features.device)
+    means.index_add_(0, labels, features.to(acc) * inv.index_select(0, labels)[:, None])
+    return means, counts
 
 
 @torch.library.custom_op("unlearn_kernels::triton_class_means", mutates_args=())

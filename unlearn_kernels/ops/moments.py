@@ -1,8 +1,12 @@
 """Statistics family: masked per-feature moments and SRMU's activation importance map.
 
 ``masked_moments(x, token_mask)`` returns :class:`Moments` ``(count, mean, M2)`` over the
-valid tokens, accumulated in fp32 with Welford/Chan updates (merges are kept in fp64), where
-``M2_j = Σ_t (x_tj − mean_j)²``. Two sets merge exactly (Chan et al.)::
+valid tokens, where ``M2_j = Σ_t (x_tj − mean_j)²`` (fp32 results; merges are kept in fp64).
+One batch keeps its accuracy at mean/σ = 1e6 and for rows near fp32's limit: the compiled CPU
+kernel accumulates in fp64; the torch, Triton and CUDA kernels work in fp32 on rows shifted by
+a pivot (the first valid row) and scaled by 1/8, ``c = x/8 − p/8``, with Welford/Chan updates
+(or convex-combination sums) that never form a sum larger than the values. A mean that fits
+in fp32 is returned finite; an M2 that does not fit is +inf, never NaN. Two sets merge exactly (Chan et al.)::
 
     n = n_a + n_b,   δ = mean_b − mean_a,
     mean = mean_a + δ · n_b / n,   M2 = M2_a + M2_b + δ² · n_a n_b / n
@@ -107,9 +111,23 @@ class Moments:
         return total
 
 
+# Power-of-two scale of the shifted rows in the fp32 kernels (torch, triton, cuda): exact, and
+# it keeps |(x - pivot) / 8| and every difference of two such values inside fp32's range.
+_SHIFT_SCALE = 0.125
+
+
 def _moments_torch(x: Tensor, token_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Reference kernel: two-pass mean and centred M2 in fp32 (fp64 for fp64 input), with the
-    mask as 0/1 weights (no data-dependent shapes, so it traces under ``torch.compile``)."""
+    mask as 0/1 weights (no data-dependent shapes, so it traces under ``torch.compile``).
+
+    The rows are shifted by a pivot ``p`` (the first valid row) and scaled by ``s = 1/8``,
+    ``c = s x − s p``, and the mean of ``c`` is summed as ``Σ c · (w / n)`` (a convex
+    combination, so no partial sum leaves the range of the values)::
+
+        mean = (s p + mean_c) / s,      M2 = Σ_valid (c − mean_c)² / s²
+
+    so the mean of rows near 3e38 stays finite, and at mean/σ = 1e6 the centred terms are
+    exact differences. An M2 beyond fp32's range comes out as +inf (never NaN)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows = x.to(acc)
     if token_mask is None:
@@ -118,9 +136,21 @@ def _moments_torch(x: Tensor, token_mask: Optional[Tensor]) -> tuple[Tensor, Ten
     else:
         weights = token_mask.to(acc).view(-1, 1)
         count = token_mask.sum().to(torch.int64)
-    n = weights.sum().clamp(min=1)
-    mean = (rows * weights).sum(dim=0) / n
-    m2 = (((rows - mean) * weights) ** 2).sum(dim=0)
+    if rows.shape[0] == 0:
+        zeros = rows.new_zeros(rows.shape[1], dtype=torch.float32)
+        return count, zeros, zeros.clone()
+    if token_mask is None:
+        first = torch.zeros(1, dtype=torch.int64, device=x.device)
+    else:  # the first valid row (row 0 when there is none; the mean is zeroed then)
+        first = torch.argmax(token_mask.to(torch.uint8)).view(1)
+    s = _SHIFT_SCALE
+    pivot = rows.index_select(0, first) * s
+    c = rows * s - pivot
+    valid = weights.sum()
+    frac = weights / valid.clamp(min=1)
+    mean_c = (c * frac).sum(dim=0)
+    m2 = (((c - mean_c) * weights) ** 2).sum(dim=0) / (s * s)
+    mean = torch.where(valid > 0, (pivot[0] + mean_c) / s, 0.0)  # no valid row: zeros
     return count, mean.float(), m2.float()
 
 

@@ -29,7 +29,7 @@ may mix dtypes. Non-contiguous tensors are updated through a contiguous copy.
 Backends: ``"cuda"`` one fused launch over the whole list (a table of tensors in the kernel
 parameters, 16-byte vectors, unselected rows never loaded), ``"triton"`` one launch per
 dtype group, ``"cpu"`` one ``at::parallel_for`` over chunks of all the tensors, ``"torch"``
-the formula above in fp32 per tensor. Sophia is memory bound: per updated element it reads
+the formula above in fp32 as ``torch._foreach_*`` ops over the list. Sophia is memory bound: per updated element it reads
 ``p, g, m, h`` and writes ``p, m`` (24 bytes in fp32).
 """
 
@@ -65,16 +65,41 @@ def _sophia_torch(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                   hessians: list[Tensor], masks: list[Optional[Tensor]], mask_dims: list[int],
                   lr: float, beta1: float, rho: float, weight_decay: float, eps: float,
                   bs: float) -> None:
-    """Reference kernel: the step in fp32 for whole tensors, written back where selected."""
-    for p, g, m, h, mask, dim in zip(params, grads, exp_avgs, hessians, masks, mask_dims):
-        p32, m32 = p.float(), m.float()
-        new_m = beta1 * m32 + (1 - beta1) * g.float()
-        ratio = (new_m.abs() / (rho * bs * h.float() + eps)).clamp(max=1)
-        new_p = p32 * (1 - lr * weight_decay) - lr * new_m.sign() * ratio
+    """Reference kernel: the step in fp32, as ``torch._foreach_*`` ops over the whole list,
+    written back where selected. Unmasked fp32 ``p``/``m`` are updated in place; the others
+    through fp32 copies, then ``torch.where`` by the mask and a copy back. Every element sees
+    the same fp32 operations in the same order as the per-tensor formula::
+
+        m' = β₁·m + (1 − β₁)·g,   r = min(|m'| / (ρ·bs·h + ε), 1),   p' = p·(1 − lr·wd) − (lr·sign(m'))·r
+    """
+    if not params:
+        return
+    f32 = torch.float32
+    direct = [mask is None and p.dtype == f32 and m.dtype == f32
+              for p, m, mask in zip(params, exp_avgs, masks)]
+    p32 = [p if d else p.to(f32, copy=True) for p, d in zip(params, direct)]
+    m32 = [m if d else m.to(f32, copy=True) for m, d in zip(exp_avgs, direct)]
+    g32 = [g.float() for g in grads]
+    h32 = [h.float() for h in hessians]
+    torch._foreach_mul_(m32, beta1)
+    torch._foreach_add_(m32, torch._foreach_mul(g32, 1 - beta1))
+    ratio = torch._foreach_abs(m32)
+    denominator = torch._foreach_mul(h32, rho * bs)
+    torch._foreach_add_(denominator, eps)
+    torch._foreach_div_(ratio, denominator)
+    torch._foreach_clamp_max_(ratio, 1.0)
+    step = torch._foreach_sign(m32)
+    torch._foreach_mul_(step, lr)
+    torch._foreach_mul_(step, ratio)
+    torch._foreach_mul_(p32, 1 - lr * weight_decay)
+    torch._foreach_sub_(p32, step)
+    for p, m, new_p, new_m, mask, dim, d in zip(params, exp_avgs, p32, m32, masks, mask_dims, direct):
+        if d:
+            continue
         if mask is not None:
             selected = mask.view(-1, *[1] * (p.dim() - 1)) if dim == 0 else mask
-            new_p = torch.where(selected, new_p, p32)
-            new_m = torch.where(selected, new_m, m32)
+            new_p = torch.where(selected, new_p, p)
+            new_m = torch.where(selected, new_m, m)
         p.copy_(new_p)
         m.copy_(new_m)
 
