@@ -267,14 +267,21 @@ def plan(config, gpus: int, method: str | None = None, batch: int = 4, seq: int 
         use_prefix = (can_prefix and name != "MRP") if prefix_only is None else bool(prefix_only) and can_prefix
         m = _method_shape(name, shape, counts, use_prefix)
         U = m["updated_params"]
-        saved, transient = _activations(name, shape, m, e, tokens, seq, checkpointing, use_prefix)
-        state_bytes = 4 if (name in SOPHIA or masters) else e
+        notes = []
+        ckpt, fp32 = checkpointing, masters
+        if name == "MRP" and (checkpointing or masters):      # MRP refuses both settings
+            notes.append("MRP refuses checkpointing and master_dtype: planned without them")
+            ckpt, fp32 = False, False
+        if name == "MRP" and use_prefix:
+            notes.append("prefix-only MRP: statistics only (train_steps=0); basis training runs the whole model")
+        saved, transient = _activations(name, shape, m, e, tokens, seq, ckpt, use_prefix)
+        state_bytes = 4 if (name in SOPHIA or fp32) else e
         unit = max(counts["layer"], counts["embedding"], counts["head"] if m["head_loaded"] else 0)
         memory = {
             "weights": m["loaded_params"] * e / gpus,
             "frozen_copy": U * e / gpus if m["frozen_copy"] else 0.0,
-            "grads": U * (e + (4 if masters else 0)) / gpus,
-            "masters": U * 4 / gpus if masters else 0.0,
+            "grads": U * (e + (4 if fp32 else 0)) / gpus,
+            "masters": U * 4 / gpus if fp32 else 0.0,
             "optimizer": 2 * U * state_bytes / gpus,
             "gather_buffers": 2 * unit * e if gpus > 1 else 0.0,
             "activations": saved,
@@ -284,7 +291,7 @@ def plan(config, gpus: int, method: str | None = None, batch: int = 4, seq: int 
             memory["optimizer"] = 3 * 4 * shape.hidden * MRP_RANK     # U, Adam's two moments (fp32, replicated)
             memory["grads"] = 4 * shape.hidden * MRP_RANK
         memory["total"] = sum(memory.values())
-        rows[name] = {**m, "prefix_only": use_prefix, "memory": memory,
+        rows[name] = {**m, "prefix_only": use_prefix, "memory": memory, "notes": notes,
                       "communication": _communication(name, shape, counts, m, e, gpus, use_prefix),
                       "ranks": _ranks(name, m, gpus, use_prefix)}
     return {"shape": shape.__dict__, "parameters": counts, "gpus": gpus, "batch_per_rank": batch, "seq": seq,
@@ -329,12 +336,13 @@ def markdown(result: dict) -> str:
     for name, r in result["methods"].items():
         mem, com = r["memory"], r["communication"]
         layers = f"{r['loaded_layers']}{' (prefix)' if r['prefix_only'] else ''}"
-        lines.append(f"| {name} | {layers} | {r['updated_params'] / 1e6:.0f} M | {_gib(mem['weights'])} | "
+        lines.append(f"| {name}{' *' if r['notes'] else ''} | {layers} | {r['updated_params'] / 1e6:.0f} M | {_gib(mem['weights'])} | "
                      f"{_gib(mem['frozen_copy'])} | {_gib(mem['grads'] + mem['masters'])} | {_gib(mem['optimizer'])} | "
                      f"{_gib(mem['gather_buffers'])} | {_gib(mem['activations'])} | {_gib(mem['transient'])} | "
                      f"**{_gib(mem['total'])}** | {_gib(com['all_gather'])} | "
                      f"{_gib(com['reduce_scatter'] + com['all_reduce'])} |")
-    return "\n".join(lines)
+    notes = [f"* {name}: {'; '.join(r['notes'])}" for name, r in result["methods"].items() if r["notes"]]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def add_arguments(parser) -> None:
