@@ -97,8 +97,9 @@ def texts(vocab_size: int, batch: int, seq: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(vocab) for _ in range(seq)) for _ in range(batch)]
 
 
-def build_model(out: Path, depth: int, shape: dict, shard: str) -> None:
-    """A random Llama of ``depth`` layers saved (fp32, shards of ``shard``) with its tokenizer."""
+def build_model(out: Path, depth: int, shape: dict, shard: str, device: str = "cpu") -> None:
+    """A random Llama of ``depth`` layers saved (shards of ``shard``) with its tokenizer: fp32 when
+    built on the CPU, bf16 when built on a GPU (the 7B shape: initialised there, in seconds)."""
     import torch
     import transformers as tf
 
@@ -107,7 +108,9 @@ def build_model(out: Path, depth: int, shape: dict, shard: str) -> None:
     torch.manual_seed(SEED)
     config = tf.LlamaConfig(num_hidden_layers=depth, max_position_embeddings=4096, tie_word_embeddings=False,
                             pad_token_id=0, bos_token_id=2, eos_token_id=3, **shape)
-    tf.LlamaForCausalLM(config).save_pretrained(out, max_shard_size=shard)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(config)
+    (model if device == "cpu" else model.to(torch.bfloat16)).save_pretrained(out, max_shard_size=shard)
     tiny.build_tokenizer(words(shape["vocab_size"])).save_pretrained(out)
 
 
@@ -520,7 +523,7 @@ def main(argv=None) -> int:
         return 0
     if args.build:
         spec = json.loads(args.build)
-        build_model(Path(spec["out"]), spec["depth"], spec["shape"], spec["shard"])
+        build_model(Path(spec["out"]), spec["depth"], spec["shape"], spec["shard"], spec["device"])
         return 0
     kind = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     preset = {**PRESETS[kind], **{k: v for k, v in vars(args).items() if k in PRESETS[kind] and v is not None}}
@@ -536,7 +539,8 @@ def main(argv=None) -> int:
             path = work / f"llama-{depth}x{shape['hidden_size']}"
             if not (path / "config.json").is_file():    # in a process of its own: the parent stays small
                 subprocess.run([sys.executable, __file__, "--build", json.dumps(
-                    {"out": str(path), "depth": depth, "shape": shape, "shard": "50MB" if kind == "quick" else "200MB"})],
+                    {"out": str(path), "depth": depth, "shape": shape, "device": "cpu" if kind != "cuda" else args.device,
+                     "shard": {"quick": "50MB", "cpu": "200MB", "cuda": "2GB"}[kind]})],
                     check=True, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for method in args.methods:
                 for dtype in preset["dtypes"]:
