@@ -523,7 +523,7 @@ def main(argv=None) -> int:
         return 0
     if args.build:
         spec = json.loads(args.build)
-        build_model(Path(spec["out"]), spec["depth"], spec["shape"], spec["shard"], spec["device"])
+        build_model(Path(spec["out"]), spec["depth"], spec["shape"], spec["shard"], spec.get("device", "cpu"))
         return 0
     kind = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     preset = {**PRESETS[kind], **{k: v for k, v in vars(args).items() if k in PRESETS[kind] and v is not None}}
@@ -554,6 +554,9 @@ def main(argv=None) -> int:
                                 "lr": default_lr(method, shape["hidden_size"])}
                         record = run_child(spec, args.timeout)
                         records.append(record)
+                        if args.json:     # after every child: a crash later loses nothing
+                            Path(args.json).write_text(json.dumps({"shape": shape, **preset, "records": records},
+                                                                  indent=1))
                         done = record.get("error") or f"{record['median_step_s']:.3f} s/step"
                         print(f"# {method} {depth} {dtype} {impl}: {done}", file=sys.stderr)
     import torch
@@ -563,8 +566,6 @@ def main(argv=None) -> int:
           f"threads {threads}\n")
     print(table(records))
     print("\n" + goals(records))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"shape": shape, **preset, "records": records}, indent=1))
     return 1 if any(r.get("error") for r in records) else 0
 
 
