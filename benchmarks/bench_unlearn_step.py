@@ -33,9 +33,9 @@ What runs (``l`` = ``--layer``, default 7 at every depth: WMDP's ``layer_id``, R
   batch set equal to the reference's), the whole model loaded by ``models.io.load_local``.
 - ``ours-prefix`` (RMU, SRMU) — only the embeddings and layers ``0 … l`` in memory:
   ``load_local(path, dtype=..., prefix_layers=l + 1)`` when that keyword exists, else *emulated*
-  (a model built with ``num_hidden_layers = l + 1`` whose tensors alone are read from the
-  shards with ``safetensors.safe_open``; transformers' ``from_pretrained`` with that config reads
-  every shard, which hides the saving); the record's ``loading`` says which ran.
+  (a model of ``num_hidden_layers = l + 1`` built on the meta device, its tensors alone read
+  from the shards with ``safetensors.safe_open`` and assigned, the rotary buffers rebuilt); the
+  record's ``loading`` says which ran.
 
 Measured per child: the time of every optimisation step (tokenisation, forwards, backward,
 optimizer; ``cuda.synchronize`` on GPUs), the median after ``--warmup`` steps; the peak memory:
@@ -148,8 +148,8 @@ def load_prefix(path: str, dtype, layers: int):
     config.num_hidden_layers = layers
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:layers]
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)    # only the prefix is ever allocated
+    with torch.device("meta"):                # nothing allocated until the prefix's tensors arrive
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     wanted = set(model.state_dict())
     index = Path(path) / "model.safetensors.index.json"
     shards = json.loads(index.read_text())["weight_map"] if index.is_file() else {k: "model.safetensors" for k in wanted}
@@ -158,7 +158,12 @@ def load_prefix(path: str, dtype, layers: int):
         with safe_open(str(Path(path) / shard), framework="pt") as f:
             for key in sorted(k for k in wanted if shards[k] == shard):
                 state[key] = f.get_tensor(key).to(dtype)          # reads this tensor only
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    rotary = model.model.rotary_emb                               # its buffers are not in the checkpoint
+    model.model.rotary_emb = type(rotary)(config=model.config)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"prefix emulation left {leftover[:3]} on the meta device")
     del state
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
