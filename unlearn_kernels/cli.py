@@ -7,6 +7,7 @@
     unlearn-kernels eval --model DIR --questions wmdp.jsonl [--questions more.jsonl] [--format mmlu] [--json out.json]
     unlearn-kernels eval --model DIR --mia-forget forget.jsonl --mia-holdout holdout.jsonl
     unlearn-kernels relearn --model DIR --train attack.txt --questions heldout.jsonl [--plot curves.png]
+    unlearn-kernels plan --config llama-70b.json --gpus 8   memory and communication per GPU of each method
     unlearn-kernels bench [--device cuda]  throughput table of the fused ops
     unlearn-kernels selfcheck             every kernel backend against the reference
     unlearn-kernels info                  which backends run here
@@ -37,6 +38,10 @@ def _info(_args) -> int:
 
     print(f"unlearn_kernels {uk.__version__}, torch {torch.__version__}")
     print(f"compiled C++: {uk.compiled()}, compiled CUDA: {uk.compiled_with_cuda()}")
+    if uk.compiled():
+        from ._extension import cpu_capability
+
+        print(f"CPU kernels: {cpu_capability()} (UNLEARN_KERNELS_CPU_CAPABILITY=default|avx2|avx512 to cap)")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         usable = [name for name, ok in uk.backends(device).items() if ok]
         print(f"backends on {device}: {', '.join(usable)}")
@@ -546,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     unlearn.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
                          help="under torchrun: ddp (the default there) splits each global batch over the ranks")
     unlearn.set_defaults(func=_unlearn)
+    from . import plan
+
+    planner = sub.add_parser("plan", help="memory per GPU and communication of each method for a model config")
+    plan.add_arguments(planner)
+    planner.set_defaults(func=plan.run)
     evaluate = sub.add_parser("eval", help="multiple-choice accuracy (lm-eval's protocol) and membership inference")
     _model_options(evaluate)
     evaluate.add_argument("--questions", action="extend", nargs="+", default=[],

@@ -1,0 +1,386 @@
+"""Memory and communication plan of an unlearning run on N GPUs with FSDP2, from a config.json.
+
+Shapes (Llama / Mistral / Qwen2 / Qwen3 configs): ``d`` hidden, ``w`` intermediate, ``L`` layers,
+``H`` / ``K`` attention / key-value heads, ``hd = head_dim or d/H``, ``q = H·hd``, ``kv = K·hd``,
+``V`` vocabulary, ``e`` bytes per element of the run's dtype, ``N`` GPUs, ``T = batch · seq`` tokens
+per rank and pass (each rank takes ``batch`` texts: the global batch is ``batch · N``).
+
+**Parameters** (exact; ``tests/test_plan.py`` checks them against transformers models)::
+
+    layer = d·q + 2·d·kv + q·d  [+ q + 2kv (Qwen2 / attention_bias) + d (attention_bias)]
+          + 3·d·w               [+ 2w + d (mlp_bias)]
+          + 2d                  [+ 2hd (Qwen3's q/k norms)]
+    total = V·d + L·layer + d + (0 if tie_word_embeddings else V·d)
+
+**What each method runs** (``l = min(L−1, max(2, round(7L/32)))``, ``models.roles.default_layer``;
+the band ``k = l−2 … l``): RMU, AdaptiveRMU, SRMU update the band's down projections
+(``3·d·w``), keep a frozen copy of them and run layers ``0 … l`` only (layers ``0 … k−1`` once per
+batch without a graph, then the live and the frozen pass branch); MRP trains a basis ``U``
+(``d × 32``, fp32, replicated: a hook, not a sharded weight) through the whole model;
+SIMU, SO-GradDiff, GradDiff and NPO update the band's gate/up/down (``9·d·w``) with an NLL at the
+head (two graphs: forget and retain; NPO adds a no-grad reference pass and a frozen copy).
+With prefix-only loading (RMU, AdaptiveRMU, SRMU; MRP with ``train_steps=0``, its statistics
+only) a rank holds the embedding and layers ``0 … l``: ``V·d + (l+1)·layer``.
+
+**Memory per GPU** (bytes; FSDP2 ``fully_shard`` per decoder layer, on the embedding and on the
+head, each parameter sharded on dim 0 over the N ranks; N = 1 is plain single-GPU)::
+
+    weights    = P_loaded · e / N
+    frozen     = U · e / N                 (methods with a frozen copy)
+    grads      = U · e / N                 (+ U · 4 / N with fp32 masters)
+    masters    = U · 4 / N                 (fp32 masters of a bf16/fp16 run)
+    optimizer  = 2 · U · s / N             (AdamW: s = e, or 4 with masters; Sophia: s = 4)
+    gather     = 2 · max unit · e          (the unit running and the one prefetched; 0 when N = 1)
+    activations: saved tensors of the live graphs, per token (measured on HF Llama, see below):
+      graph layer   G = 2(4d + 4) + (2q + 2kv)·e + 4H + 3w·e   (+ d·e if gate/up updated, + w·e if down)
+      first band layer (input without grad): w·e (down only), d·e + 4w·e (gate/up/down)
+      NLL head: final norm 4d + 4, log-softmax 4V + 9
+      RMU-family loss: 5·d·e (the fused op keeps h and its precomputed ∂h in both passes + the retain anchor)
+      checkpointing: each graph layer keeps its input d·e; one layer is recomputed at a time (+ G)
+    transient  = the shared-prefix outputs k·d·e·T (RMU family), the logits V·e·T (+ 4V·T for the
+                 fp32 copy of a bf16 run) of the NLL methods, one layer's workspace (2w + q + 2kv + 2d)·e·T
+
+(fp32 residual copies ``4d``: HF's RMSNorm upcasts before it squares; ``4H`` the fp32 log-sum-exp
+of scaled-dot-product attention; the norms' and attention's terms are those of a Llama layer, a
+Qwen3 layer's q/k norms add ``2(q + kv)·e``, not modelled.) Not counted: the CUDA context,
+allocator fragmentation, NCCL buffers.
+
+**Communication per step and rank** (ring collectives: a rank receives, and sends, ``(N−1)/N`` of
+each buffer)::
+
+    all-gather   = (N−1)/N · e · Σ_passes Σ_units-run P_unit   (forward) + the graph units again (backward)
+    reduce-scatter = (N−1)/N · e · Σ_band-layers U_layer      (once per optimizer step)
+
+(MRP all-reduces its basis gradient, ``2(N−1)/N · 4·d·r``.) Everything is for one micro-batch
+(``grad_accum = 1``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .models.roles import default_layer
+
+METHODS = ("RMU", "AdaptiveRMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO", "SO-GradDiff")
+REPRESENTATION = ("RMU", "AdaptiveRMU", "SRMU")
+SOPHIA = ("SIMU", "SO-GradDiff")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MRP_RANK = 32
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a decoder-only model, read from a Hugging Face ``config.json``."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    dtype: str
+    attention_bias: bool = False   # q/k/v/o biases (Llama's attention_bias)
+    qkv_bias: bool = False         # q/k/v biases only (Qwen2)
+    mlp_bias: bool = False
+    qk_norm: bool = False          # Qwen3's per-head q/k RMSNorms
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Shape":
+        """ValueError (one line) on a config that lacks a size or has a non-positive one."""
+        if not isinstance(config, dict):
+            raise ValueError("the config must be a JSON object")
+        need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in need if k not in config]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)} (a Llama/Mistral/Qwen-style config is needed)")
+        values = {k: config[k] for k in need}
+        values["num_key_value_heads"] = config.get("num_key_value_heads") or config["num_attention_heads"]
+        bad = [k for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"config.json: {', '.join(bad)} must be positive integers")
+        heads = values["num_attention_heads"]
+        head_dim = config.get("head_dim") or values["hidden_size"] // heads
+        model_type = str(config.get("model_type", "llama"))
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").removeprefix("torch.")
+        return cls(model_type, values["hidden_size"], values["intermediate_size"], values["num_hidden_layers"],
+                   heads, values["num_key_value_heads"], int(head_dim), values["vocab_size"],
+                   bool(config.get("tie_word_embeddings", False)), dtype,
+                   attention_bias=bool(config.get("attention_bias", False)), qkv_bias=model_type == "qwen2",
+                   mlp_bias=bool(config.get("mlp_bias", False)), qk_norm=model_type == "qwen3")
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def parameter_counts(shape: Shape) -> dict[str, int]:
+    """Parameters by part (module docstring): embedding, one decoder layer, final norm, head, total."""
+    d, w, q, kv = shape.hidden, shape.intermediate, shape.q, shape.kv
+    attention = d * q + 2 * d * kv + q * d
+    if shape.attention_bias or shape.qkv_bias:
+        attention += q + 2 * kv
+    if shape.attention_bias:
+        attention += d
+    mlp = 3 * d * w + (2 * w + d if shape.mlp_bias else 0)
+    norms = 2 * d + (2 * shape.head_dim if shape.qk_norm else 0)
+    layer = attention + mlp + norms
+    embed, head = shape.vocab * d, 0 if shape.tied else shape.vocab * d
+    return {"embedding": embed, "layer": layer, "attention": attention, "mlp": mlp, "norms": norms,
+            "final_norm": d, "head": head, "down": d * w + (d if shape.mlp_bias else 0),
+            "gate_up": 2 * (d * w + (w if shape.mlp_bias else 0)),
+            "total": embed + shape.layers * layer + d + head}
+
+
+def _graph_layer(shape: Shape, e: int, updated: str | None) -> float:
+    """Saved bytes per token of a decoder layer whose input needs a gradient (module docstring)."""
+    d, w = shape.hidden, shape.intermediate
+    saved = 2 * (4 * d + 4) + (2 * shape.q + 2 * shape.kv) * e + 4 * shape.heads + 3 * w * e
+    if updated == "down":
+        saved += w * e
+    elif updated == "mlp":
+        saved += (d + w) * e
+    return saved
+
+
+def _first_band_layer(shape: Shape, e: int, updated: str) -> float:
+    d, w = shape.hidden, shape.intermediate
+    return w * e if updated == "down" else (d + 4 * w) * e
+
+
+def _method_shape(name: str, shape: Shape, counts: dict, prefix_only: bool) -> dict:
+    """What ``name`` updates, copies, runs and loads (module docstring)."""
+    L = shape.layers
+    l = default_layer(L)
+    k = max(0, l - 2)
+    band = list(range(k, l + 1))
+    if name in REPRESENTATION:
+        updated, per_layer = "down", counts["down"]
+    elif name == "MRP":
+        updated, per_layer = None, 0
+    else:
+        updated, per_layer = "mlp", counts["down"] + counts["gate_up"]
+    loaded_layers = l + 1 if prefix_only else L
+    loaded = counts["embedding"] + loaded_layers * counts["layer"] + (0 if prefix_only else
+                                                                      counts["final_norm"] + counts["head"])
+    return {"layer": l, "band": band, "shared_prefix": k if name in REPRESENTATION else 0, "updated_kind": updated,
+            "updated_params": per_layer * len(band), "updated_per_layer": per_layer,
+            "frozen_copy": name in REPRESENTATION or name == "NPO", "loaded_layers": loaded_layers,
+            "loaded_params": loaded, "head_loaded": not prefix_only and not shape.tied}
+
+
+def _activations(name: str, shape: Shape, m: dict, e: int, tokens: int, seq: int, checkpointing: bool,
+                 prefix_only: bool) -> tuple[float, float]:
+    """(saved bytes of the live graphs at backward, transient bytes on top) for one rank."""
+    d, w, V = shape.hidden, shape.intermediate, shape.vocab
+    l, k, L = m["layer"], m["band"][0], shape.layers
+    workspace = (2 * w + shape.q + 2 * shape.kv + 2 * d) * e * tokens
+    rope = 2 * seq * shape.head_dim * e
+    head = (4 * d + 4) + (4 * V + 9)
+    if name == "MRP" and prefix_only:          # statistics only: two Gram matrices, no graph
+        return 0.0, workspace + 2 * 4 * d * d
+    if name in REPRESENTATION:
+        kind, first, graph_layers = "down", k, list(range(k + 1, l + 1))
+        top, passes = 0.0, 2
+        transient = k * d * e * tokens                           # the shared prefix's layer outputs
+    elif name == "MRP":
+        kind, first, graph_layers = None, None, list(range(l + 1, L))
+        top, passes = head + d * e + 4 * MRP_RANK, 2
+        transient = V * e * tokens + (4 * V * tokens if e != 4 else 0)
+    else:
+        kind, first, graph_layers = "mlp", k, list(range(k + 1, L))
+        top, passes = head, 2
+        transient = V * e * tokens + (4 * V * tokens if e != 4 else 0)
+        if name == "NPO":                          # the reference pass's logits and log-probs
+            transient += V * e * tokens + 4 * V * tokens
+    band = set(m["band"])
+    if checkpointing:
+        per_token = d * e * (len(graph_layers) + (first is not None)) + top
+        recompute = max([_graph_layer(shape, e, kind if i in band else None) for i in graph_layers] or [0.0])
+        transient += recompute * tokens
+    else:
+        per_token = top + (_first_band_layer(shape, e, kind) if first is not None else 0.0)
+        per_token += sum(_graph_layer(shape, e, kind if i in band else None) for i in graph_layers)
+    saved = passes * (per_token * tokens + (rope if graph_layers else 0))
+    if name in REPRESENTATION:   # the fused loss keeps h and its precomputed ∂h per pass, + the retain anchor
+        saved += 5 * d * e * tokens
+    return saved, transient + workspace
+
+
+def _communication(name: str, shape: Shape, counts: dict, m: dict, e: int, gpus: int, prefix_only: bool) -> dict:
+    """All-gather and reduce-scatter bytes per rank and step (module docstring)."""
+    share = (gpus - 1) / gpus
+    L, l, k = shape.layers, m["layer"], m["band"][0]
+    layer, embed, head = counts["layer"], counts["embedding"], counts["head"]
+    if name in REPRESENTATION:
+        prefix_passes = 2 if k else 0
+        forward = (prefix_passes + 3) * embed + prefix_passes * k * layer + 3 * len(m["band"]) * layer
+        backward = 2 * len(m["band"]) * layer
+    elif name == "MRP" and prefix_only:
+        forward, backward = 2 * (embed + (l + 1) * layer), 0
+    else:
+        passes = 3 if name == "NPO" else 2
+        forward = passes * (embed + L * layer + head)
+        above = L - (l + 1) if name == "MRP" else L - k
+        backward = 2 * (above * layer + head)
+    gather = share * e * (forward + backward)
+    reduce = share * e * m["updated_params"]
+    extra = 2 * share * 4 * shape.hidden * MRP_RANK if name == "MRP" and not prefix_only else 0.0
+    return {"all_gather": gather, "reduce_scatter": reduce, "all_reduce": extra, "total": gather + reduce + extra}
+
+
+def plan(config, gpus: int, method: str | None = None, batch: int = 4, seq: int = 512, dtype: str | None = None,
+         prefix_only: bool | None = None, checkpointing: bool = False, master_fp32: bool = False) -> dict:
+    """The plan of every method (or ``method``) for ``config`` (a dict or a config.json path) on
+    ``gpus`` GPUs: parameters, which ranks hold what, memory per GPU and communication per step
+    (module docstring). ``prefix_only`` None: each method's default (the prefix where the method
+    can use it and the loss layer is below the top); ``batch`` is per rank."""
+    if isinstance(config, (str, Path)):
+        config = read_config(config)
+    shape = Shape.from_config(config)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus must be an integer >= 1, got {gpus!r}")
+    if batch < 1 or seq < 1:
+        raise ValueError(f"batch and seq must be >= 1, got batch={batch}, seq={seq}")
+    dtype = dtype or shape.dtype
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    names = METHODS if method is None else (method,)
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    e, tokens = DTYPE_BYTES[dtype], batch * seq
+    counts = parameter_counts(shape)
+    masters = master_fp32 and e != 4
+    rows = {}
+    for name in names:
+        can_prefix = name in REPRESENTATION + ("MRP",) and default_layer(shape.layers) < shape.layers - 1
+        use_prefix = (can_prefix and name != "MRP") if prefix_only is None else bool(prefix_only) and can_prefix
+        m = _method_shape(name, shape, counts, use_prefix)
+        U = m["updated_params"]
+        notes = []
+        ckpt, fp32 = checkpointing, masters
+        if name == "MRP" and (checkpointing or masters):      # MRP refuses both settings
+            notes.append("MRP refuses checkpointing and master_dtype: planned without them")
+            ckpt, fp32 = False, False
+        if name == "MRP" and use_prefix:
+            notes.append("prefix-only MRP: statistics only (train_steps=0); basis training runs the whole model")
+        saved, transient = _activations(name, shape, m, e, tokens, seq, ckpt, use_prefix)
+        state_bytes = 4 if (name in SOPHIA or fp32) else e
+        unit = max(counts["layer"], counts["embedding"], counts["head"] if m["head_loaded"] else 0)
+        memory = {
+            "weights": m["loaded_params"] * e / gpus,
+            "frozen_copy": U * e / gpus if m["frozen_copy"] else 0.0,
+            "grads": U * (e + (4 if fp32 else 0)) / gpus,
+            "masters": U * 4 / gpus if fp32 else 0.0,
+            "optimizer": 2 * U * state_bytes / gpus,
+            "gather_buffers": 2 * unit * e if gpus > 1 else 0.0,
+            "activations": saved,
+            "transient": transient + (m["updated_per_layer"] * e if gpus > 1 else 0.0),
+        }
+        if name == "MRP" and not use_prefix:
+            memory["optimizer"] = 3 * 4 * shape.hidden * MRP_RANK     # U, Adam's two moments (fp32, replicated)
+            memory["grads"] = 4 * shape.hidden * MRP_RANK
+        memory["total"] = sum(memory.values())
+        rows[name] = {**m, "prefix_only": use_prefix, "memory": memory, "notes": notes,
+                      "communication": _communication(name, shape, counts, m, e, gpus, use_prefix),
+                      "ranks": _ranks(name, m, gpus, use_prefix)}
+    return {"shape": shape.__dict__, "parameters": counts, "gpus": gpus, "batch_per_rank": batch, "seq": seq,
+            "dtype": dtype, "checkpointing": checkpointing, "master_fp32": masters, "methods": rows}
+
+
+def _ranks(name: str, m: dict, gpus: int, prefix_only: bool) -> str:
+    """Which ranks hold what, in one line."""
+    what = f"embedding + layers 0..{m['loaded_layers'] - 1}" + ("" if prefix_only else " + norm + head")
+    state = "basis U, its Adam state (replicated)" if name == "MRP" else \
+        f"1/{gpus} of the {'Sophia' if name in SOPHIA else 'AdamW'} state of layers {m['band'][0]}..{m['band'][-1]}"
+    frozen = f", 1/{gpus} of the frozen copy" if m["frozen_copy"] else ""
+    return f"every rank: 1/{gpus} of {what}, {state}{frozen}; rank 0 also writes the output"
+
+
+def read_config(path) -> dict:
+    """The JSON object in ``path``; FileNotFoundError / ValueError (one line) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def markdown(result: dict) -> str:
+    """The plan as markdown: the model, then one row per method (GiB per GPU, GiB per rank and step)."""
+    s, p = result["shape"], result["parameters"]
+    lines = [f"model: {s['model_type']}, {p['total'] / 1e9:.3f} B parameters ({p['total']:,}); {s['layers']} layers, "
+             f"hidden {s['hidden']}, intermediate {s['intermediate']}, heads {s['heads']}/{s['kv_heads']}, "
+             f"vocab {s['vocab']}; {result['gpus']} GPUs, {result['dtype']}, {result['batch_per_rank']} x "
+             f"{result['seq']} tokens per rank, checkpointing {'on' if result['checkpointing'] else 'off'}, "
+             f"fp32 masters {'on' if result['master_fp32'] else 'off'}", "",
+             "| method | loaded layers | updated params | weights | frozen | grads+masters | optimizer | gather | "
+             "activations | transient | **total GiB/GPU** | all-gather GiB | reduce-scatter GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["methods"].items():
+        mem, com = r["memory"], r["communication"]
+        layers = f"{r['loaded_layers']}{' (prefix)' if r['prefix_only'] else ''}"
+        lines.append(f"| {name}{' *' if r['notes'] else ''} | {layers} | {r['updated_params'] / 1e6:.0f} M | {_gib(mem['weights'])} | "
+                     f"{_gib(mem['frozen_copy'])} | {_gib(mem['grads'] + mem['masters'])} | {_gib(mem['optimizer'])} | "
+                     f"{_gib(mem['gather_buffers'])} | {_gib(mem['activations'])} | {_gib(mem['transient'])} | "
+                     f"**{_gib(mem['total'])}** | {_gib(com['all_gather'])} | "
+                     f"{_gib(com['reduce_scatter'] + com['all_reduce'])} |")
+    notes = [f"* {name}: {'; '.join(r['notes'])}" for name, r in result["methods"].items() if r["notes"]]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def add_arguments(parser) -> None:
+    """The ``unlearn-kernels plan`` options."""
+    parser.add_argument("--config", required=True, help="a Hugging Face config.json (Llama/Mistral/Qwen-style)")
+    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (FSDP2 ranks)")
+    parser.add_argument("--method", choices=METHODS, help="one method (default: all)")
+    parser.add_argument("--batch", type=int, default=4, help="texts per rank and pass (default 4)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per text (default 512)")
+    parser.add_argument("--dtype", choices=list(DTYPE_BYTES), help="run dtype (default: the config's, else bfloat16)")
+    parser.add_argument("--prefix-only", choices=["auto", "on", "off"], default="auto",
+                        help="load only embeddings + layers 0..l where the method allows (auto: its default)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of decoder layers")
+    parser.add_argument("--master-fp32", action="store_true", help="fp32 master copies of the updated weights")
+    parser.add_argument("--json", help="also write the plan as JSON here")
+
+
+def run(args) -> int:
+    """Print the plan (and write it as JSON with ``--json``); OSError/ValueError on bad input,
+    which ``unlearn-kernels`` prints as one line with exit status 2."""
+    from .models.io import write_json_atomic
+
+    prefix = {"auto": None, "on": True, "off": False}[args.prefix_only]
+    result = plan(read_config(args.config), args.gpus, method=args.method, batch=args.batch, seq=args.seq,
+                  dtype=args.dtype, prefix_only=prefix, checkpointing=args.checkpointing,
+                  master_fp32=args.master_fp32)
+    print(markdown(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m unlearn_kernels.plan --config ... --gpus N``: ``unlearn-kernels plan``."""
+    from .cli import main as cli_main
+
+    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
