@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from unlearn_kernels.data.entangled import generate
-from unlearn_kernels.methods import registry
 from unlearn_kernels.models import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,14 +43,15 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / a.double().norm().clamp(min=1e-30))
 
 
-FSDP_METHODS = ["RMU", "AdaptiveRMU", "SRMU", "GradDiff", "NPO"]
+FSDP_METHODS = ["RMU", "AdaptiveRMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO", "SO-GradDiff"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process; 2 ranks with DDP; 2 ranks with FSDP2 (the methods that run sharded)."""
+    """One process; 2 ranks with DDP; 2 ranks with FSDP2."""
     one, two, sharded = (tmp_path_factory.mktemp(n) for n in ("world1", "world2", "fsdp2"))
-    single = subprocess.run([sys.executable, str(WORKER), str(one), *METHODS, "AdaptiveRMU"], capture_output=True,
+    single = subprocess.run([sys.executable, str(WORKER), str(one), *METHODS, "AdaptiveRMU", "SO-GradDiff"],
+                            capture_output=True,
                             text=True, env=ENV, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     double = torchrun(2, str(WORKER), str(two), *METHODS)
@@ -159,39 +159,42 @@ def test_parallel_flag_outside_torchrun_is_refused(tmp_path, flag, message, caps
     assert message in capsys.readouterr().err
 
 
-def test_cli_fsdp_equals_one_process_and_refuses_what_it_cannot(tmp_path):
-    common = [*_data(tmp_path), "--set", "steps=3", "--set", "batch_size=4"]
-    single = subprocess.run([sys.executable, "-m", "unlearn_kernels.cli", "unlearn", *common, "--method", "GradDiff",
+@pytest.mark.parametrize("method, files", [("SIMU", ["model.safetensors", "unlearn_masks.safetensors"]),
+                                           ("MRP", ["model.safetensors", "unlearn_projections.safetensors"])])
+def test_cli_fsdp_equals_one_process(tmp_path, method, files):
+    """The sharded run's folder (the source's shards rewritten, SIMU's masks, MRP's projected
+    model) equals the one-process folder."""
+    common = [*_data(tmp_path), "--method", method, "--set", "batch_size=4"]
+    common += ["--set", "steps=3", "--set", "score_batches=2"] if method == "SIMU" else \
+              ["--set", "stats_batches=2", "--set", "train_steps=2"]
+    single = subprocess.run([sys.executable, "-m", "unlearn_kernels.cli", "unlearn", *common,
                              "--out", str(tmp_path / "one")], capture_output=True, text=True, env=ENV, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
-    sharded = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *common, "--method", "GradDiff",
-                       "--out", str(tmp_path / "two"), "--parallel", "fsdp")
+    sharded = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *common, "--out", str(tmp_path / "two"),
+                       "--parallel", "fsdp")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
-    assert a.keys() == b.keys() and all(relative(a[k], b[k]) < 1e-5 for k in a)
-    assert json.loads((tmp_path / "two" / "report.json").read_text())["parallel"] == {"mode": "fsdp", "world_size": 2}
-    for extra, message in ((["--method", "SIMU"], "SIMU does not run on FSDP2-sharded parameters yet"),
-                           (["--method", "RMU", "--checkpoint-every", "2"], "--parallel fsdp: --eval-*/--relearn and")):
-        result = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *common, *extra, "--out", str(tmp_path / "x"),
-                          "--parallel", "fsdp")
-        assert result.returncode != 0 and result.stderr.count(message) == 1, result.stderr[-2000:]
+    for name in files:
+        a, b = (load_file(str(tmp_path / d / name)) for d in ("one", "two"))
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k].dtype == torch.bool:
+                assert torch.equal(a[k], b[k]), (name, k)
+            elif name.startswith("unlearn_projections"):
+                assert relative(a[k] @ a[k].T, b[k] @ b[k].T) < 1e-5, (name, k)
+            else:
+                assert relative(a[k], b[k]) < 1e-5, (name, k)
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two")]
+    assert reports[1]["parallel"] == {"mode": "fsdp", "world_size": 2}
+    assert reports[0]["loading"] == reports[1]["loading"]
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("one", "two")]
+    assert configs[0].get("model_type") == configs[1].get("model_type")
 
 
-def test_sharded_methods_refuse_what_they_cannot_run(tmp_path):
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        model, tokenizer = tiny.load()
-        fully_shard(model)
-        for name in ("SIMU", "SO-GradDiff", "MRP"):
-            with pytest.raises(ValueError, match=f"{name} does not run on FSDP2-sharded parameters yet"):
-                registry[name](model, tokenizer)
-        registry["RMU"](model, tokenizer)     # accepted
-    finally:
-        dist.destroy_process_group()
+def test_cli_fsdp_refuses_what_it_cannot(tmp_path):
+    result = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *_data(tmp_path), "--method", "RMU",
+                      "--checkpoint-every", "2", "--out", str(tmp_path / "x"), "--parallel", "fsdp")
+    assert result.returncode != 0
+    assert result.stderr.count("--parallel fsdp: --eval-*/--relearn and --checkpoint-every") == 1, result.stderr[-2000:]
 
 
 def test_torchrun_checkpoint_sigterm_resume_equals_uninterrupted(tmp_path):

@@ -147,9 +147,15 @@ def _unlearn(args) -> int:
     if mode == "fsdp":
         from .models.prefix import checkpoint_keys
 
+        from .models import export
+        from .models.io import PROJECTIONS
+
         if checkpoint_keys(config["model"]) is None:
             raise ValueError(f"--parallel fsdp writes the output by rewriting the source's safetensors shards; "
                              f"{config['model']} has none")
+        if export.read_projected(config["model"]) is not None or (Path(config["model"]) / PROJECTIONS).is_file():
+            raise ValueError(f"--parallel fsdp: {config['model']} carries MRP projections, which the shard rewrite "
+                             "would not carry over; use --parallel ddp")
     checkpointer = _checkpointer(out, args)
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
     retain = [t for f in _as_list(config.get("retain") or []) for t in _training_data(f, args)]
@@ -198,7 +204,8 @@ def _unlearn(args) -> int:
         from .models.prefix import save_prefix_output
 
         out = save_prefix_output(config["model"], config["out"], updated if mode == "fsdp" else method.params,
-                                 tokenizer, report)
+                                 tokenizer, report, model=method.model, projections=method.projections(),
+                                 masks=method.saved_masks())
     else:
         out = save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
                                      method.saved_masks())

@@ -85,9 +85,10 @@ class MaskedSophia(torch.optim.Optimizer):
     def _moments(self, p: Tensor) -> dict:
         state = self.state[p]
         if "exp_avg" not in state:
+            shape = _local(p).shape          # a sharded parameter keeps the state of its shard
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["hessian"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["hessian"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         return state
 
     @torch.no_grad()
@@ -112,8 +113,8 @@ class MaskedSophia(torch.optim.Optimizer):
                     raise ValueError(f"Hessian estimates must have the parameter's shape {tuple(p.shape)}, "
                                      f"got {tuple(a.shape)} and {tuple(b.shape)}")
                 hess.append(self._moments(p)["hessian"])
-                left.append(a.float())
-                right.append(b.float())
+                left.append(_local(a).float())
+                right.append(_local(b).float())
             if hess:
                 torch._foreach_mul_(hess, beta2)
                 torch._foreach_addcmul_(hess, left, right, value=1 - beta2)
@@ -134,9 +135,10 @@ class MaskedSophia(torch.optim.Optimizer):
                     by_device.setdefault(p.device, []).append(p)
             for params in by_device.values():
                 states = [self._moments(p) for p in params]
-                masks = [(s["neuron_mask"], s["mask_dim"]) if "neuron_mask" in s else None for s in states]
+                masks = [_local_mask(p, s["neuron_mask"], s["mask_dim"]) if "neuron_mask" in s else None
+                         for p, s in zip(params, states)]
                 masked_sophia_step_(
-                    params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [_local(p) for p in params], [_local(p.grad) for p in params], [s["exp_avg"] for s in states],
                     [s["hessian"] for s in states], masks, lr=group["lr"], betas=group["betas"],
                     rho=group["rho"], weight_decay=group["weight_decay"], eps=group["eps"],
                     bs=group["bs"], backend=self.backend)
@@ -156,3 +158,29 @@ class MaskedSophia(torch.optim.Optimizer):
         for key, p in zip(ids, params):
             for name, value in exact.get(key, {}).items():
                 self.state[p][name] = value.clone() if name == "step" else value.to(p.device, copy=True)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 (DTensor) tensor, which the fused step updates in place;
+    the tensor itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_mask(p: Tensor, mask: Tensor, dim: int):
+    """``(mask, dim)`` for this rank's shard of ``p``: an FSDP2 parameter sharded on dim 0
+    (``Shard(0)``, ``torch.chunk``'s split) keeps its rows ``r·c … (r+1)·c − 1``, so a row mask is
+    cut the same way; a column mask applies to every row as it is."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return mask, dim
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"MaskedSophia: a sharded parameter must be split on dim 0 (Shard(0)), got {p.placements}")
+    if dim != 0:
+        return mask, dim
+    rows = p.shape[0]
+    chunk = -(-rows // p.device_mesh.size())
+    start = min(p.device_mesh.get_local_rank() * chunk, rows)
+    return mask[start:start + _local(p).shape[0]], dim

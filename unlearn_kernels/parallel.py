@@ -8,7 +8,7 @@ which rank talks.
 (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU), loads the model, wraps it
 in ``DistributedDataParallel`` (which also broadcasts rank 0's weights) and runs the method on
 its rows of every global batch (``methods.distributed``); ``--parallel fsdp`` shards the model
-with FSDP2 instead (RMU, AdaptiveRMU, SRMU, GradAscent, GradDiff, NPO). Rank 0 alone prints and
+with FSDP2 instead. Rank 0 alone prints and
 writes the output folder. An error raises on every rank that meets it; rank 0 prints it in one line, and
 ``torchrun`` stops the other ranks when one exits non-zero, so none is left waiting.
 """

@@ -219,9 +219,6 @@ class UnlearningMethod:
     def __init__(self, model: nn.Module, tokenizer, config: MethodConfig | None = None, **overrides):
         self.config = make_config(self.config_class, config, **overrides)
         model = distributed.unwrap(model)
-        if not self.supports_sharded and distributed.is_sharded(model):
-            raise ValueError(f"{self.name} does not run on FSDP2-sharded parameters yet "
-                             f"({self.supports_sharded_why}): pass the plain or DDP-wrapped model")
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ValueError(f"{self.name}: {type(model).__name__} is an encoder-decoder; the methods unlearn "
                              "decoder-only causal LMs")
@@ -501,8 +498,6 @@ class UnlearningMethod:
 
     # --- hooks for subclasses ------------------------------------------------------------
     needs_retain = True
-    supports_sharded = True                # runs on an FSDP2 (fully_shard) model
-    supports_sharded_why = ""
     unused_settings: dict[str, str] = {}   # inherited fields a method ignores: setting one is refused
 
     def setup(self, forget: list, retain: list) -> None:

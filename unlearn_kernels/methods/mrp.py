@@ -55,8 +55,6 @@ class MRP(UnlearningMethod):
 
     name = "MRP"
     config_class = MRPConfig
-    supports_sharded = False
-    supports_sharded_why = "its output is the whole model with a projection, which is saved unsharded"
     unused_settings = {"steps": "the basis comes from statistics; train_steps trains it",
                        "update": "MRP changes no weight, only adds a projection",
                        "grad_accum": "the basis training takes one batch per step",

@@ -47,8 +47,6 @@ class SOGradDiff(GradDiff):
 
     name = "SO-GradDiff"
     config_class = SOGradDiffConfig
-    supports_sharded = False
-    supports_sharded_why = "the fused Sophia step and the neuron scores take whole tensors"
     reference_lr = 3e-5        # 7B-equivalent Sophia rate (1e-3 on the 128-wide embedded model; SOUL's 1e-4
                                # scaled to that width moved retain accuracy to 0.74)
 
@@ -93,6 +91,9 @@ class SIMU(SOGradDiff):
         self.params = {name: p for name, p in self.params.items() if p.dim() >= 2}
         if not self.params:
             raise ValueError(f"SIMU: {self.config.update} selects no 2-D weight to score neurons of")
+        if distributed.is_sharded(self.model) and any(p.dim() == 3 for p in self.params.values()):
+            raise ValueError("SIMU does not run on FSDP2-sharded MoE experts [E, ., .] yet: pass the plain or "
+                             "DDP-wrapped model")
         self._neuron_dims = self._find_neuron_dims()
 
     def check_config(self):
@@ -129,19 +130,33 @@ class SIMU(SOGradDiff):
             dims[name] = axis
         return dims
 
+    def _global_grads(self, loss) -> list[torch.Tensor]:
+        """The gradient of the global batch's loss for each selected weight, whole (each rank's
+        loss is its share: the shares' gradients are summed; an FSDP2 model's are gathered by
+        a backward, whose reduce-scatter averages them, then scaled by the world size)."""
+        params = list(self.params.values())
+        if not distributed.is_sharded(self.model):
+            return [distributed.total(g) for g in torch.autograd.grad(loss, params)]
+        for p in params:
+            p.grad = None
+        loss.backward()
+        grads = [distributed.full(p.grad) * distributed.world_size() for p in params]
+        for p in params:
+            p.grad = None
+        return grads
+
     def _hessians(self, texts: list[str], offset: int) -> dict[str, torch.Tensor]:
-        hess = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()}
+        hess = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in self.params.items()}
         batches = self.batches(texts, offset)
         for _ in range(self.config.score_batches):
-            grads = torch.autograd.grad(nll(self.model, next(batches)), list(self.params.values()))
-            grads = [distributed.total(g) for g in grads]   # the global batch's gradient
+            grads = self._global_grads(nll(self.model, next(batches)))
             for (name, _), g in zip(self.params.items(), grads):
                 hessian_ema_(hess[name], g, beta=self.config.score_beta, backend=self.config.backend)
         return hess
 
     def _integrated_gradients(self, texts: list[str], offset: int) -> dict[str, torch.Tensor]:
         batch = next(self.batches(texts, offset))
-        total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()}
+        total = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in self.params.items()}
         originals = {name: p.detach().clone() for name, p in self.params.items()}
         try:
             for k in range(1, self.config.ig_steps + 1):
@@ -149,15 +164,14 @@ class SIMU(SOGradDiff):
                 with torch.no_grad():
                     for name, p in self.params.items():
                         p.copy_(alpha * originals[name])
-                grads = torch.autograd.grad(nll(self.model, batch), list(self.params.values()))
-                grads = [distributed.total(g) for g in grads]
+                grads = self._global_grads(nll(self.model, batch))
                 for (name, _), g in zip(self.params.items(), grads):
                     total[name] += g.float() / self.config.ig_steps
         finally:
             with torch.no_grad():
                 for name, p in self.params.items():
                     p.copy_(originals[name])
-        return {name: (originals[name].float() * total[name]).abs() for name in self.params}
+        return {name: (distributed.full(originals[name]).float() * total[name]).abs() for name in self.params}
 
     def _scores(self, name: str, weight, hess_f, hess_r):
         """(s_f, s_r) per neuron; an MoE weight ``[E, ·, ·]`` is scored per expert ``[E, w]``."""
@@ -171,7 +185,8 @@ class SIMU(SOGradDiff):
     def setup(self, forget, retain):
         if self.config.scorer == "obd":
             h_f, h_r = self._hessians(forget, 21), self._hessians(retain, 22)
-            scores = {name: self._scores(name, p.detach(), h_f[name], h_r[name]) for name, p in self.params.items()}
+            scores = {name: self._scores(name, distributed.full(p.detach()), h_f[name], h_r[name])
+                      for name, p in self.params.items()}
         else:
             a_f, a_r = self._integrated_gradients(forget, 21), self._integrated_gradients(retain, 22)
             scores = {}

@@ -108,17 +108,23 @@ def check_updated_names(source: Path | str, updated: dict[str, torch.Tensor]) ->
 
 
 def save_prefix_output(source: Path | str, out_dir: Path | str, updated: dict[str, torch.Tensor],
-                       tokenizer=None, report: dict | None = None) -> Path:
+                       tokenizer=None, report: dict | None = None, *, model=None,
+                       projections: dict | None = None, masks: dict | None = None) -> Path:
     """The full unlearned checkpoint in ``out_dir`` (new or a previous output of ours): the
     source folder's files, with the shards that hold ``updated`` tensors rewritten, the
-    tokenizer saved as ``save_pretrained_atomic`` does, and ``report.json``."""
+    tokenizer saved as ``save_pretrained_atomic`` does, and ``report.json``; with
+    ``projections`` (MRP, ``model`` given) the folder becomes a projected model as
+    ``save_pretrained_atomic`` makes it, and ``masks`` (SIMU) are saved beside the weights."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from . import export
     from .export import loading_info
-    from .io import save_tokenizer, staged_output, write_report
+    from .io import MASKS, save_tokenizer, staged_output, write_report
 
     source = Path(source)
+    if projections:
+        export.check_projections(model, projections)
     check_updated_names(source, updated)
     keys = checkpoint_keys(source)
     by_shard: dict[str, list[str]] = {}
@@ -140,5 +146,9 @@ def save_prefix_output(source: Path | str, out_dir: Path | str, updated: dict[st
             save_file(tensors, str(tmp / shard), metadata=metadata)
             del tensors
         save_tokenizer(tokenizer, tmp)
-        write_report(tmp, {**(report or {}), "loading": loading_info(projected=False)})
+        if projections:
+            export.write_projected(tmp, model, projections, (report or {}).get("method"))
+        if masks:
+            save_file({k: v.detach().cpu().contiguous() for k, v in masks.items()}, str(tmp / MASKS))
+        write_report(tmp, {**(report or {}), "loading": loading_info(projected=bool(projections))})
     return Path(out_dir).expanduser().resolve()
