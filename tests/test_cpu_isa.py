@@ -29,6 +29,9 @@ def _supported() -> list[str]:
 # Runs in the child: every CPU op against backend="torch", on odd sizes that leave vector tails.
 CHILD = r'''
 import sys
+
+import torch
+
 import unlearn_kernels._extension as ext
 from unlearn_kernels import ops
 
