@@ -232,3 +232,18 @@ def test_torchrun_checkpoint_sigterm_resume_equals_uninterrupted(tmp_path):
     assert not (tmp_path / "cut.checkpoint").exists()
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_shard_fails_on_every_rank_with_one_line(tmp_path):
+    from test_prefix_only import _sharded_model
+    from unlearn_kernels.models.prefix import checkpoint_keys
+
+    src = _sharded_model(tmp_path / "src")
+    shard = sorted(set(checkpoint_keys(src).values()))[0]
+    (src / shard).unlink()
+    data = _data(tmp_path)
+    data[data.index("--model") + 1] = str(src)
+    result = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *data, "--method", "RMU", "--out", str(tmp_path / "o"))
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("unlearn-kernels unlearn: error")]
+    assert len(ours) == 1 and f"the folder lacks, first {shard}" in ours[0], result.stderr[-2000:]

@@ -151,3 +151,17 @@ def test_prefix_peak_memory_does_not_grow_with_depth(tmp_path):
     prefix = [_peak(tmp_path, src, f"prefix{i}", "--prefix-only") for i, src in enumerate((shallow, deep))]
     assert full[1] > 1.1 * full[0], full          # the measurement can see the added layers
     assert prefix[1] <= 1.1 * prefix[0], prefix
+
+
+@pytest.mark.parametrize("flag", ["--prefix-only", "--no-prefix-only"])
+def test_a_missing_shard_is_one_line_before_any_work(tmp_path, capsys, flag):
+    src = _sharded_model(tmp_path / "src")
+    shard = sorted(set(checkpoint_keys(src).values()))[-1]
+    (src / shard).unlink()
+    capsys.readouterr()
+    assert main(["unlearn", "--model", str(src), "--method", "RMU", *_data(tmp_path), "--out", str(tmp_path / "o"),
+                 flag]) == 2
+    err = capsys.readouterr().err
+    assert f"lists 1 shard(s) the folder lacks, first {shard}" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+

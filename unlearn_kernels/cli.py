@@ -166,6 +166,9 @@ def _unlearn(args) -> int:
     from .eval import files
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    from .models.prefix import check_shards
+
+    check_shards(config["model"])
     method_config, prefix = _prefix_plan(args, config["model"], registry[config["method"]], method_config,
                                          wants_full=bool(evals or attack))
     with parallel.process_group(mode, device) as device:

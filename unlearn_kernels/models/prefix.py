@@ -40,6 +40,16 @@ def checkpoint_keys(path: Path | str) -> dict[str, str] | None:
     return None
 
 
+def check_shards(path: Path | str) -> None:
+    """FileNotFoundError naming the first shard a checkpoint index lists that the folder lacks
+    (before any work, instead of part-way through loading)."""
+    keys = checkpoint_keys(path) or {}
+    missing = sorted({shard for shard in keys.values() if not (Path(path) / shard).is_file()})
+    if missing:
+        raise FileNotFoundError(f"{path}: the checkpoint index lists {len(missing)} shard(s) the folder lacks, "
+                                f"first {missing[0]}")
+
+
 def depth_of(path: Path | str) -> int:
     """The decoder-layer count in a model folder's config."""
     from transformers import AutoConfig
