@@ -61,3 +61,20 @@ def device_of(backend: str) -> torch.device:
 FP32_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _backend.available(b, device_of(b), torch.float32),
                                                           reason=f"{b} unavailable here"))
                  for b in ("cpu", "torch", "triton", "cuda")]
+
+
+def wait_for_checkpoint_step(run, state, step: int, timeout: float = 300.0) -> None:
+    """Poll the checkpoint ``state`` (state.json) of the running process ``run`` until it records
+    ``step`` or later, ``run`` exits, or ``timeout`` seconds pass."""
+    import json
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and run.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= step:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from unlearn_kernels.data.entangled import generate
 from unlearn_kernels.models import tiny
+from conftest import wait_for_checkpoint_step
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -118,15 +119,22 @@ def _data(tmp_path: Path) -> list[str]:
             "--retain", str(tmp_path / "retain.txt"), "--device", "cpu"]
 
 
+def one_and_two_ranks(tmp_path: Path, args: list[str], mode: str) -> subprocess.CompletedProcess:
+    """``unlearn ARGS`` in one process into ``one/`` and on 2 ranks with ``--parallel MODE`` into
+    ``two/``; both must succeed; returns the torchrun result."""
+    single = subprocess.run([sys.executable, "-m", "unlearn_kernels.cli", "unlearn", *args,
+                             "--out", str(tmp_path / "one")], capture_output=True, text=True, env=ENV, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *args, "--out", str(tmp_path / "two"),
+                      "--parallel", mode)
+    assert double.returncode == 0, double.stderr[-3000:]
+    return double
+
+
 def test_cli_under_torchrun_writes_once_and_equals_one_process(tmp_path):
     common = [*_data(tmp_path), "--method", "SRMU", "--set", "steps=3", "--set", "stats_batches=2",
               "--set", "batch_size=4"]
-    single = subprocess.run([sys.executable, "-m", "unlearn_kernels.cli", "unlearn", *common,
-                             "--out", str(tmp_path / "one")], capture_output=True, text=True, env=ENV, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *common, "--out", str(tmp_path / "two"),
-                      "--parallel", "ddp")
-    assert double.returncode == 0, double.stderr[-3000:]
+    double = one_and_two_ranks(tmp_path, common, "ddp")
     assert double.stdout.count("saved the unlearned model") == 1
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert a.keys() == b.keys()
@@ -167,12 +175,7 @@ def test_cli_fsdp_equals_one_process(tmp_path, method, files):
     common = [*_data(tmp_path), "--method", method, "--set", "batch_size=4"]
     common += ["--set", "steps=3", "--set", "score_batches=2"] if method == "SIMU" else \
               ["--set", "stats_batches=2", "--set", "train_steps=2"]
-    single = subprocess.run([sys.executable, "-m", "unlearn_kernels.cli", "unlearn", *common,
-                             "--out", str(tmp_path / "one")], capture_output=True, text=True, env=ENV, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
-    sharded = torchrun(2, "-m", "unlearn_kernels.cli", "unlearn", *common, "--out", str(tmp_path / "two"),
-                       "--parallel", "fsdp")
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    one_and_two_ranks(tmp_path, common, "fsdp")
     for name in files:
         a, b = (load_file(str(tmp_path / d / name)) for d in ("one", "two"))
         assert a.keys() == b.keys()
@@ -202,8 +205,6 @@ def test_torchrun_checkpoint_sigterm_resume_equals_uninterrupted(tmp_path):
     checkpoint, all exit; resuming on 2 ranks ends bit for bit where the uninterrupted 2-rank run
     does."""
     import signal
-    import time
-
     common = ["-m", "unlearn_kernels.cli", "unlearn", *_data(tmp_path), "--method", "GradDiff", "--set", "steps=40",
               "--set", "batch_size=4", "--set", "update=['layers.1.mlp.*']", "--set", "lr=1e-3",
               "--set", "progress=false"]
@@ -214,14 +215,7 @@ def test_torchrun_checkpoint_sigterm_resume_equals_uninterrupted(tmp_path):
                             "--checkpoint-every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=ENV)
     state = tmp_path / "cut.checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and run.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
+    wait_for_checkpoint_step(run, state, 3, timeout=300)
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=300)
     assert run.returncode != 0 and not (tmp_path / "cut").exists(), err[-2000:]

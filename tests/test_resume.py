@@ -10,6 +10,7 @@ from unlearn_kernels.data import entangled
 from unlearn_kernels.methods import registry
 from unlearn_kernels.methods.checkpoint import Checkpointer, RunInterrupted
 from unlearn_kernels.models import tiny
+from conftest import wait_for_checkpoint_step
 
 SETTINGS = {
     "RMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], steering=10.0, lr=1e-3),
@@ -75,8 +76,6 @@ def test_cli_killed_with_sigterm_then_resumed_equals_uninterrupted(tmp_path):
     import json
     import subprocess
     import sys
-    import time
-
     from safetensors.torch import load_file
 
     forget, retain = data()
@@ -92,14 +91,7 @@ def test_cli_killed_with_sigterm_then_resumed_equals_uninterrupted(tmp_path):
     assert subprocess.run(command(tmp_path / "whole"), capture_output=True).returncode == 0
     run = subprocess.Popen(command(tmp_path / "cut", "--checkpoint-every", "1"), stderr=subprocess.PIPE)
     state = tmp_path / "cut.checkpoint" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and run.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
+    wait_for_checkpoint_step(run, state, 3, timeout=120)
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130, err.decode()
