@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +27,12 @@ METHODS = ["RMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --standalone: torchrun binds a free port for its rendezvous itself (no pick-then-bind race)
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 
 
 def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-                           "--master-addr", "127.0.0.1", "--master-port", str(_port()), *args],
+    return subprocess.run([*LAUNCH, str(n), *args],
                           capture_output=True, text=True, env=ENV, timeout=600)
 
 
@@ -203,15 +199,15 @@ def test_cli_fsdp_refuses_what_it_cannot(tmp_path):
 def test_torchrun_checkpoint_sigterm_resume_equals_uninterrupted(tmp_path):
     """SIGTERM to torchrun: both ranks agree to stop after the same step, rank 0 writes the
     checkpoint, all exit; resuming on 2 ranks ends bit for bit where the uninterrupted 2-rank run
-    does."""
+    does. (200 steps: torchrun forwards the signal only at its next monitor tick, and a shorter
+    run can finish before that.)"""
     import signal
-    common = ["-m", "unlearn_kernels.cli", "unlearn", *_data(tmp_path), "--method", "GradDiff", "--set", "steps=40",
+    common = ["-m", "unlearn_kernels.cli", "unlearn", *_data(tmp_path), "--method", "GradDiff", "--set", "steps=200",
               "--set", "batch_size=4", "--set", "update=['layers.1.mlp.*']", "--set", "lr=1e-3",
               "--set", "progress=false"]
     whole = torchrun(2, *common, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-2000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
-    run = subprocess.Popen([*launch, "--master-port", str(_port()), *common, "--out", str(tmp_path / "cut"),
+    run = subprocess.Popen([*LAUNCH, "2", *common, "--out", str(tmp_path / "cut"),
                             "--checkpoint-every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=ENV)
     state = tmp_path / "cut.checkpoint" / "state.json"
@@ -220,7 +216,7 @@ def test_torchrun_checkpoint_sigterm_resume_equals_uninterrupted(tmp_path):
     _, err = run.communicate(timeout=300)
     assert run.returncode != 0 and not (tmp_path / "cut").exists(), err[-2000:]
     stopped_at = json.loads(state.read_text())["step"]
-    assert 3 <= stopped_at < 39
+    assert 3 <= stopped_at < 199
     done = torchrun(2, *common, "--out", str(tmp_path / "cut"), "--checkpoint-every", "1", "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "cut.checkpoint").exists()
