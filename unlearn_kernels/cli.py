@@ -145,17 +145,11 @@ def _unlearn(args) -> int:
         raise ValueError("--parallel fsdp: --eval-*/--relearn and --checkpoint-every/--resume are not supported with "
                          "a sharded model yet; evaluate the output folder afterwards, or use --parallel ddp")
     if mode == "fsdp":
-        from .models.prefix import checkpoint_keys
+        from .models.prefix import unfit_source
 
-        from .models import export
-        from .models.io import PROJECTIONS
-
-        if checkpoint_keys(config["model"]) is None:
-            raise ValueError(f"--parallel fsdp writes the output by rewriting the source's safetensors shards; "
-                             f"{config['model']} has none")
-        if export.read_projected(config["model"]) is not None or (Path(config["model"]) / PROJECTIONS).is_file():
-            raise ValueError(f"--parallel fsdp: {config['model']} carries MRP projections, which the shard rewrite "
-                             "would not carry over; use --parallel ddp")
+        problem = unfit_source(config["model"])
+        if problem:   # the sharded run's output is the source's shards, rewritten
+            raise ValueError(f"--parallel fsdp: {problem}; use --parallel ddp")
     checkpointer = _checkpointer(out, args)
     forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
     retain = [t for f in _as_list(config.get("retain") or []) for t in _training_data(f, args)]
@@ -231,10 +225,11 @@ def _prefix_plan(args, model_dir, method_class, method_config, wants_full: bool)
     """(config, plan): with prefix-only loading (``models.prefix``) the loss layer is fixed from
     the full depth here and the plan records it; plan is None for a full load. Auto (no flag):
     on for the methods that run only layers 0…l (``runs_prefix``) when l is below the top, the
-    folder has safetensors weights and no evaluation needs the whole model."""
+    folder can be rewritten shard by shard (``models.prefix.unfit_source``) and no evaluation
+    needs the whole model."""
     import dataclasses
 
-    from .models.prefix import checkpoint_keys, depth_of
+    from .models.prefix import depth_of, unfit_source
     from .models.roles import default_layer
 
     asked = args.prefix_only
@@ -247,9 +242,10 @@ def _prefix_plan(args, model_dir, method_class, method_config, wants_full: bool)
     if asked and wants_full:
         raise ValueError("--prefix-only loads layers 0..l only; --eval-forget/--eval-retain/--relearn need the whole "
                          "model: drop them or pass --no-prefix-only")
-    if not runs_prefix or wants_full or checkpoint_keys(model_dir) is None:
-        if asked:
-            raise ValueError(f"--prefix-only needs safetensors weights in {model_dir}")
+    problem = unfit_source(model_dir)
+    if asked and problem:
+        raise ValueError(f"--prefix-only: {problem}")
+    if not runs_prefix or wants_full or problem:
         return method_config, None
     depth = depth_of(model_dir)
     given = method_config.layer

@@ -192,10 +192,15 @@ def check_finite(method: str, step: int, losses: dict[str, torch.Tensor], params
                                  "aborting without saving (lower lr or steering?)")
     from torch.distributed.tensor import DTensor
 
-    for name, p in (params.items() if isinstance(params, dict) else enumerate(params)):
-        local = p.to_local() if isinstance(p, DTensor) else p     # each rank checks its shard
-        finite = torch.isfinite(local.detach()).all().to(torch.int64)
-        if int(distributed.total(finite)) != distributed.world_size():   # the same answer on every rank
+    named = list(params.items() if isinstance(params, dict) else enumerate(params))
+    if not named:
+        return
+    # each rank checks its shard; one reduction gives every rank the same answer
+    finite = torch.stack([torch.isfinite((p.to_local() if isinstance(p, DTensor) else p).detach()).all()
+                          for _, p in named]).to(torch.int64)
+    finite = distributed.total(finite)
+    for (name, _), ranks in zip(named, finite.tolist()):
+        if ranks != distributed.world_size():
             raise NonFiniteError(f"{method}: parameter {name} has non-finite values after step {step}; "
                                  "aborting without saving")
 

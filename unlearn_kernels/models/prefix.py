@@ -50,6 +50,21 @@ def check_shards(path: Path | str) -> None:
                                 f"first {missing[0]}")
 
 
+def unfit_source(path: Path | str) -> str | None:
+    """Why the folder cannot be loaded in part and written back shard by shard (None when it
+    can): it has no safetensors weights, or it carries MRP projections, which a partial load and
+    a shard rewrite would drop."""
+    from . import export
+    from .io import PROJECTIONS
+
+    path = Path(path)
+    if checkpoint_keys(path) is None:
+        return f"{path} has no safetensors weights (model.safetensors or an index)"
+    if export.read_projected(path) is not None or (path / PROJECTIONS).is_file():
+        return f"{path} carries MRP projections, which the shard rewrite would drop"
+    return None
+
+
 def depth_of(path: Path | str) -> int:
     """The decoder-layer count in a model folder's config."""
     from transformers import AutoConfig
@@ -66,15 +81,10 @@ def load_prefix(path: Path | str, layers: int, dtype=None):
 
     from .io import check_causal_lm, quiet_transformers
 
-    from . import export
-    from .io import PROJECTIONS
-
     path = Path(path)
-    if checkpoint_keys(path) is None:
-        raise ValueError(f"{path}: prefix-only loading needs safetensors weights (model.safetensors or an index)")
-    if export.read_projected(path) is not None or (path / PROJECTIONS).is_file():
-        raise ValueError(f"{path} carries MRP projections, which prefix-only loading would drop: run without "
-                         "--prefix-only")
+    problem = unfit_source(path)
+    if problem:
+        raise ValueError(f"prefix-only loading: {problem}; run without --prefix-only")
     check_causal_lm(path)
     with quiet_transformers():
         config = AutoConfig.from_pretrained(path, local_files_only=True)
