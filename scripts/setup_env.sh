@@ -8,6 +8,7 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
+export PIP_NO_CACHE_DIR=1  # no second copy of the multi-GB torch wheel on disk
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -r requirements.txt
 # transformers 4.57 beside the venv (not on its path): the tests load our saved tokenizers with it.
