@@ -140,10 +140,10 @@ def _unlearn(args) -> int:
     out = check_output_path(config["out"], inputs, overwrite=args.overwrite or args.resume,
                             needed_bytes=weights_size(config["model"]))
     mode = parallel.resolve_mode(args.parallel)
-    if mode == "fsdp" and (args.eval_forget or args.eval_retain or args.relearn or args.checkpoint_every
-                           or args.resume):
-        raise ValueError("--parallel fsdp: --eval-*/--relearn and --checkpoint-every/--resume are not supported with "
-                         "a sharded model yet; evaluate the output folder afterwards, or use --parallel ddp")
+    if mode == "fsdp" and args.relearn:
+        raise ValueError("--parallel fsdp: --relearn fine-tunes a copy of the whole model, which a sharded run does "
+                         "not hold; attack the output folder afterwards (unlearn-kernels eval --relearn), or use "
+                         "--parallel ddp")
     if mode == "fsdp":
         from .models.prefix import unfit_source
 
@@ -173,9 +173,11 @@ def _unlearn(args) -> int:
             model = model.to(device)
         else:
             model, tokenizer = files.load_model(config["model"], device, dtype)
-        before = _accuracies(model, tokenizer, evals) if parallel.is_main() else {}
+        evaluates = parallel.is_main() or mode == "fsdp"   # a sharded forward needs every rank
+        before = _accuracies(model, tokenizer, evals) if evaluates else {}
         method = registry[config["method"]](parallel.wrap(model, mode), tokenizer, config=method_config)
         method.fit(forget, retain, checkpoint=checkpointer, resume=args.resume)
+        after = _accuracies(method.model, tokenizer, evals) if evaluates else {}
         if mode == "fsdp":    # every rank takes part in gathering the updated weights
             from .methods.distributed import full
 
@@ -190,7 +192,7 @@ def _unlearn(args) -> int:
     if mode != "none":
         report["parallel"] = {"mode": mode, "world_size": int(os.environ["WORLD_SIZE"])}
     if evals:
-        report["evaluation"] = {"before": before, "after": _accuracies(method.model, tokenizer, evals),
+        report["evaluation"] = {"before": before, "after": after,
                                 "protocol": "lm-eval 0.4.13 multiple choice, cloze format"}
     if attack is not None:
         from .eval.relearn import relearn_attack

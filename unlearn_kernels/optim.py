@@ -157,7 +157,7 @@ class MaskedSophia(torch.optim.Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for key, p in zip(ids, params):
             for name, value in exact.get(key, {}).items():
-                self.state[p][name] = value.clone() if name == "step" else value.to(p.device, copy=True)
+                self.state[p][name] = value.clone() if name == "step" else _local(value).to(p.device, copy=True)
 
 
 def _local(t: Tensor) -> Tensor:

@@ -16,6 +16,12 @@ first run (frozen copies, control vector, importance map, neuron masks); the bat
 replayed by drawing ``k + 1`` batches of each stream without running them. A checkpoint is
 written through a staging folder and an atomic swap (``models.output_dir``), so a kill
 during the write leaves the previous checkpoint intact.
+
+Under ``torch.distributed`` a checkpoint is *gathered*: with DDP every rank holds the same
+state and rank 0 writes it; with FSDP2 every rank takes part in gathering the sharded weights
+and optimizer state (``DTensor.full_tensor``), rank 0 writes them, and a resume scatters them
+back to each rank's shards (``distribute_tensor``). The folder is therefore the same for any
+world size and parallel mode, and a run may resume under another one.
 """
 
 from __future__ import annotations
@@ -43,16 +49,11 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
-    tensors, plain = {}, {}
-    for index, entry in state_dict["state"].items():
-        plain[str(index)] = {}
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain[str(index)][key] = value
-    return tensors, {"state": plain, "param_groups": state_dict["param_groups"]}
+def _optimizer_structure(state_dict: dict) -> dict:
+    """The optimizer state dict without its tensors (those go to the safetensors file)."""
+    plain = {str(index): {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
+             for index, entry in state_dict["state"].items()}
+    return {"state": plain, "param_groups": state_dict["param_groups"]}
 
 
 def _unflatten_optimizer(tensors: dict, structure: dict) -> dict:
@@ -64,6 +65,31 @@ def _unflatten_optimizer(tensors: dict, structure: dict) -> dict:
     groups = [{**g, "betas": tuple(g["betas"])} if isinstance(g.get("betas"), list) else g
               for g in structure["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def _optimizer_params(optimizer) -> list:
+    """The parameters in the order of the optimizer state dict's indices."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _gathered_tensors(method) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole and on the CPU (gathering FSDP2 shards: a collective)."""
+    from .distributed import gather_like
+
+    by_index = _optimizer_params(method.optimizer)
+    tensors = {f"param.{n}": gather_like(p.detach(), p).cpu().contiguous() for n, p in method.params.items()}
+    if method.optimized is not method.params:      # fp32 masters (master_dtype)
+        tensors.update({f"master.{n}": gather_like(p.detach(), p).cpu().contiguous()
+                        for n, p in method.optimized.items()})
+    for index, entry in method.optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = gather_like(value.detach(), by_index[index]).cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    device = next(method.model.parameters()).device
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return tensors
 
 
 class Checkpointer:
@@ -105,34 +131,28 @@ class Checkpointer:
 
     # --- writing and reading ---------------------------------------------------------------
     def save(self, method, step: int) -> Path:
-        """Write the state after ``step``. Under ``torch.distributed`` every rank holds the same
-        weights and optimizer state (summed gradients): rank 0 writes, and the others wait for
-        it, so the folder is complete when any rank goes on (the ranks must share the folder's
-        filesystem to resume)."""
+        """Write the state after ``step``. Under ``torch.distributed`` rank 0 writes (after every
+        rank has helped gather an FSDP2 model's shards) and the others wait for it, so the folder
+        is complete when any rank goes on (the ranks must share the folder's filesystem to resume)."""
         from . import distributed
 
+        sharded = distributed.is_sharded(method.model)
+        if sharded or distributed.rank() == 0:
+            tensors = _gathered_tensors(method)
         if distributed.rank() == 0:
-            self._write(method, step)
+            self._write(method, step, tensors)
         if distributed.active():
             import torch.distributed as dist
 
             dist.barrier()
         return self.path
 
-    def _write(self, method, step: int) -> None:
+    def _write(self, method, step: int, tensors: dict) -> None:
         from safetensors.torch import save_file
 
         from ..models.output_dir import make_staging, swap_into_place
 
-        opt_tensors, opt_plain = _flatten_optimizer(method.optimizer.state_dict())
-        tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in method.params.items()}
-        if method.optimized is not method.params:      # fp32 masters (master_dtype)
-            tensors.update({f"master.{n}": p.detach().cpu().contiguous() for n, p in method.optimized.items()})
-        tensors.update(opt_tensors)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        device = next(method.model.parameters()).device
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        opt_plain = _optimizer_structure(method.optimizer.state_dict())
         state = {"format": FORMAT, "method": method.name, "step": step, "optimizer": opt_plain,
                  "extra_state": method.extra_state(), "history": method.history,
                  "config_sha256": config_fingerprint(method.config), "data": method.data}
@@ -155,13 +175,18 @@ class Checkpointer:
             raise ValueError(f"--resume: {self.path} was written with other settings; rerun with the same ones")
         if state["data"] != method.data:
             raise ValueError(f"--resume: {self.path} was written for other forget/retain data")
+        from .distributed import shard_like
+
         tensors = load_file(str(self.path / TENSORS))
         with torch.no_grad():
             for name, p in method.params.items():
-                p.copy_(tensors[f"param.{name}"])
+                p.copy_(shard_like(tensors[f"param.{name}"], p))
             if method.optimized is not method.params:
                 for name, p in method.optimized.items():
-                    p.copy_(tensors[f"master.{name}"])
+                    p.copy_(shard_like(tensors[f"master.{name}"], p))
+        by_index = _optimizer_params(method.optimizer)
+        tensors.update({k: shard_like(v, by_index[int(k.split(".")[1])]) for k, v in tensors.items()
+                        if k.startswith("optim.")})
         method.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
         method.load_extra_state(state["extra_state"])
         method.history = state["history"]

@@ -71,6 +71,33 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def gather_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of ``value``, a parameter's or optimizer-state tensor of ``param``: a
+    DTensor's full tensor; a plain tensor holding this rank's shard of a sharded ``param``
+    (MaskedSophia keeps its state so) gathered along ``param``'s placement; anything else (a
+    step counter, an unsharded tensor) itself. A collective when ``param`` is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    if isinstance(param, DTensor) and value.dim() and value.shape == param.to_local().shape:
+        return DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape,
+                                  stride=param.stride()).full_tensor()
+    return value
+
+
+def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The inverse for a checkpoint: a floating tensor of ``param``'s global shape becomes a
+    DTensor laid out as ``param`` (scattered from rank 0; every rank must call it); anything else
+    (counters, masks) is returned as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if (isinstance(param, DTensor) and whole.is_floating_point() and whole.dim()
+            and tuple(whole.shape) == tuple(param.shape)):
+        return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+    return whole
+
+
 def check_batch_size(method: str, batch_size: int) -> None:
     """ValueError when the world size does not divide the global batch."""
     w = world_size()
