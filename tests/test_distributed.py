@@ -168,7 +168,11 @@ def test_parallel_flag_outside_torchrun_is_refused(tmp_path, flag, message, caps
 def test_cli_fsdp_equals_one_process(tmp_path, method, files):
     """The sharded run's folder (the source's shards rewritten, SIMU's masks, MRP's projected
     model) equals the one-process folder."""
-    common = [*_data(tmp_path), "--method", method, "--set", "batch_size=4"]
+    bench = generate(0.25)
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(q.to_json()) + "\n"
+                                                 for q in bench.questions(bench.forget_facts())[:24]))
+    common = [*_data(tmp_path), "--method", method, "--set", "batch_size=4", "--eval-forget",
+              str(tmp_path / "eval.jsonl")]
     common += ["--set", "steps=3", "--set", "score_batches=2"] if method == "SIMU" else \
               ["--set", "stats_batches=2", "--set", "train_steps=2"]
     one_and_two_ranks(tmp_path, common, "fsdp")
@@ -185,6 +189,9 @@ def test_cli_fsdp_equals_one_process(tmp_path, method, files):
     reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two")]
     assert reports[1]["parallel"] == {"mode": "fsdp", "world_size": 2}
     assert reports[0]["loading"] == reports[1]["loading"]
+    for when in ("before", "after"):     # the sharded forward ran on every rank, rank 0 reported it
+        x, y = (r["evaluation"][when]["forget"] for r in reports)
+        assert abs(x["acc"] - y["acc"]) < 1e-9 and abs(x["acc_norm"] - y["acc_norm"]) < 1e-9, (when, x, y)
     configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("one", "two")]
     assert configs[0].get("model_type") == configs[1].get("model_type")
 
