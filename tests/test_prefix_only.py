@@ -112,6 +112,31 @@ def test_load_prefix_reads_only_the_first_layers(tmp_path):
         load_prefix(src, 7)
 
 
+@pytest.mark.parametrize("dtype, tied", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_the_direct_reader_equals_transformers_loader(tmp_path, dtype, tied):
+    """The prefix read tensor by tensor from the shards (no converting loader) is the model
+    transformers' own ``from_pretrained`` builds: every parameter and buffer (rotary tables
+    included), the dtype, and a tied head that stays tied."""
+    import unlearn_kernels.models.prefix as prefix
+
+    src = _sharded_model(tmp_path / "src")
+    if tied:
+        cfg = json.loads((src / "config.json").read_text())
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**cfg, "tie_word_embeddings": True}))
+        model.save_pretrained(tmp_path / "tied", max_shard_size="60KB")
+        src = tmp_path / "tied"
+    config = tf.AutoConfig.from_pretrained(src)
+    config.num_hidden_layers = 3
+    ours = prefix._read_prefix(src, config, dtype)
+    assert ours is not None
+    theirs = tf.AutoModelForCausalLM.from_pretrained(src, config=config, dtype=dtype)
+    a, b = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == dtype for k in a)
+    a, b = dict(ours.named_buffers()), dict(theirs.named_buffers())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+
+
 def test_a_name_the_checkpoint_lacks_is_refused(tmp_path):
     src = _sharded_model(tmp_path / "src")
     with pytest.raises(ValueError, match="stores no tensor named model.layers.9"):

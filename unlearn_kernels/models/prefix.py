@@ -95,13 +95,74 @@ def load_prefix(path: Path | str, layers: int, dtype=None):
         for name in ("layer_types",):   # per-layer lists (attention kind) follow the layer count
             if isinstance(getattr(config, name, None), list):
                 setattr(config, name, getattr(config, name)[:layers])
-        model = _quietly(AutoModelForCausalLM.from_pretrained, path, config=config, dtype=dtype,
-                         local_files_only=True)
+        # transformers maps a checkpoint it does not convert (pages read lazily, an embedding's
+        # unused rows never); a conversion it does through temporary copies, so we convert
+        # tensor by tensor instead, unless the names need its renaming (fused MoE experts, ...)
+        converts = dtype is not None and dtype != _stored_dtype(path)
+        model = _read_prefix(path, config, dtype) if converts else None
+        if model is None:
+            model = _quietly(AutoModelForCausalLM.from_pretrained, path, config=config, dtype=dtype,
+                             local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.unlearn_prefix = {"source": str(path), "layers": layers, "depth": depth}
     return model.eval(), tokenizer
+
+
+def _read_prefix(path: Path, config, dtype):
+    """The prefix model built empty in ``dtype`` and filled tensor by tensor from the shards
+    (each read, converted and copied in place, so the peak is the prefix plus one tensor, not the
+    fp32 copies transformers' converting loader keeps); None when the checkpoint does not store
+    every parameter and buffer under the model's own name."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    try:                        # transformers 5 (4.x kept it in modeling_utils)
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+
+    keys = checkpoint_keys(path) or {}
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _stored_dtype(path))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    targets, stored_as = {}, {}     # a tied tensor appears under each name: read it once
+    for name, tensor in model.state_dict().items():
+        storage = (tensor.data_ptr(), tuple(tensor.shape))
+        if name in keys and storage not in stored_as:
+            stored_as[storage] = name
+            targets[name] = tensor
+    if any((t.data_ptr(), tuple(t.shape)) not in stored_as for t in model.state_dict().values()):
+        return None
+    by_shard: dict[str, list[str]] = {}
+    for name in targets:
+        by_shard.setdefault(keys[name], []).append(name)
+    with torch.no_grad():
+        for shard, names in sorted(by_shard.items()):
+            with safe_open(str(path / shard), "pt") as f:
+                for name in names:
+                    stored = f.get_tensor(name)
+                    if tuple(stored.shape) != tuple(targets[name].shape):
+                        raise ValueError(f"{path}: {name} is stored with shape {tuple(stored.shape)}, the config "
+                                         f"gives {tuple(targets[name].shape)}")
+                    targets[name].copy_(stored)
+                    del stored
+    return model
+
+
+def _stored_dtype(path: Path):
+    """The dtype of the first floating tensor of the checkpoint (read from its header)."""
+    from safetensors import safe_open
+
+    names = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for name, shard in sorted((checkpoint_keys(path) or {}).items()):
+        with safe_open(str(Path(path) / shard), "pt") as f:
+            stored = f.get_slice(name).get_dtype()
+        if stored in names:
+            return names[stored]
+    return torch.float32
 
 
 def _quietly(load, *args, **kwargs):
