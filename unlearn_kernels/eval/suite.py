@@ -21,9 +21,9 @@ Measured on every model (lm-eval's cloze protocol, :mod:`.multiple_choice`):
 - ``forget_log_truth_ratios``: the per-question statistic of forget quality (:mod:`.scores`).
 
 With ``oracle`` (the retrained model, or its own earlier result of this function on the same
-split and settings, so that it is evaluated once per split), the oracle's values come next to
-them as ``oracle_<key>``, with ``forget_quality`` (the KS p-value of :mod:`.oracle`) and
-``forget_quality_ks`` (its statistic D). With ``base`` as well (the original model before
+split and settings, so that it is evaluated once per split), the oracle's values come next
+to them as ``oracle_<key>``, with ``forget_quality`` (the KS p-value of :mod:`.oracle`) and
+``forget_quality_ks`` (its statistic D); :func:`compare` does this for results already measured. With ``base`` as well (the original model before
 unlearning, or its result), ``recovery[lr]`` and ``recovery_max`` of :mod:`.oracle`;
 ``recovery_note`` says why recovery is None when it is. ``settings`` records what the numbers
 depend on, and results passed in are refused when their settings differ.
@@ -142,28 +142,21 @@ def _given(reference, name: str, settings: dict, needed: tuple[str, ...]) -> dic
     return reference
 
 
-def evaluate(model, tokenizer, split: Split, layer: int, relearn_steps: int = 30, seed: int = 0, *,
-             lrs=DEFAULT_LRS, oracle=None, base=None, min_gap: float = MIN_GAP) -> dict:
-    """:func:`measure` of ``model`` and, side by side, the oracle's numbers, forget quality and
-    recovery (see the module docstring); ``oracle`` and ``base`` are models (sharing
-    ``tokenizer``) or earlier results of this function; ``base`` may be ``model`` itself."""
-    own = measure(model, tokenizer, split, layer, relearn_steps, seed, lrs)
+_ORACLE_NEEDS = ORACLE_KEYS + ("forget_log_truth_ratios",)
+
+
+def compare(own: dict, oracle: dict | None = None, base: dict | None = None, min_gap: float = MIN_GAP) -> dict:
+    """``own`` (a :func:`measure` result) with the oracle's numbers, forget quality and recovery
+    of the module docstring added; ``oracle`` and ``base`` are results of the same settings."""
     settings = own["settings"]
     out = {**own, **{f"oracle_{k}": None for k in ORACLE_KEYS}, "forget_quality": None, "forget_quality_ks": None,
            "base_heldout_acc": None, "recovery": None, "recovery_max": None, "recovery_note": None}
-    if isinstance(oracle, torch.nn.Module):
-        oracle = measure(oracle, tokenizer, split, layer, relearn_steps, seed, lrs)
-    if base is model:
-        base = own
-    elif isinstance(base, torch.nn.Module):
-        base = {"heldout_acc": scores.score(base, tokenizer, scores.prepare(tokenizer, split.heldout_questions))
-                ["acc"].mean().item(), "settings": settings}
     if base is not None:
         out["base_heldout_acc"] = _given(base, "base", settings, ("heldout_acc",))["heldout_acc"]
     if oracle is None:
         out["recovery_note"] = "no oracle given"
         return out
-    oracle = _given(oracle, "oracle", settings, ORACLE_KEYS + ("forget_log_truth_ratios",))
+    oracle = _given(oracle, "oracle", settings, _ORACLE_NEEDS)
     out.update({f"oracle_{k}": oracle[k] for k in ORACLE_KEYS})
     quality = forget_quality(own["forget_log_truth_ratios"], oracle["forget_log_truth_ratios"])
     out["forget_quality"], out["forget_quality_ks"] = quality["p_value"], quality["ks_statistic"]
@@ -175,3 +168,24 @@ def evaluate(model, tokenizer, split: Split, layer: int, relearn_steps: int = 30
     if out["recovery"] is not None:
         out["recovery_max"] = max(out["recovery"].values())
     return out
+
+
+def evaluate(model, tokenizer, split: Split, layer: int, relearn_steps: int = 30, seed: int = 0, *,
+             lrs=DEFAULT_LRS, oracle=None, base=None, min_gap: float = MIN_GAP) -> dict:
+    """:func:`measure` of ``model`` and, side by side, the oracle's numbers, forget quality and
+    recovery (:func:`compare`); ``oracle`` and ``base`` are models (sharing ``tokenizer``) or
+    earlier results of this function, checked before any work; ``base`` may be ``model`` itself."""
+    lrs = tuple(float(lr) for lr in lrs)
+    settings = _settings(split, layer, relearn_steps, seed, lrs)
+    for name, given, needed in (("oracle", oracle, _ORACLE_NEEDS), ("base", base, ("heldout_acc",))):
+        if given is not None and not isinstance(given, torch.nn.Module):
+            _given(given, name, settings, needed)
+    own = measure(model, tokenizer, split, layer, relearn_steps, seed, lrs)
+    if isinstance(oracle, torch.nn.Module):
+        oracle = measure(oracle, tokenizer, split, layer, relearn_steps, seed, lrs)
+    if base is model:
+        base = own
+    elif isinstance(base, torch.nn.Module):
+        heldout = scores.score(base, tokenizer, scores.prepare(tokenizer, split.heldout_questions))
+        base = {"heldout_acc": float(heldout["acc"].mean()), "settings": settings}
+    return compare(own, oracle, base, min_gap)
