@@ -145,3 +145,9 @@ def test_recovery_guards_its_denominator_and_inputs():
         oracle.recovery_by_lr({1e-3: 0.9}, {1e-4: 0.3}, 1.0, 0.25)
     with pytest.raises(ValueError, match="empty"):
         oracle.recovery_by_lr({}, {}, 1.0, 0.25)
+
+
+def test_prepare_refuses_an_empty_question_list(bpe_model):
+    _, tokenizer, _ = bpe_model
+    with pytest.raises(ValueError, match="questions is empty"):
+        scores.prepare(tokenizer, [])
