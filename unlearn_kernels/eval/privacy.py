@@ -77,9 +77,10 @@ def _check_batch_size(batch_size: int) -> None:
 
 @torch.no_grad()
 def token_logprob_stats(model, tokenizer, texts: list[str], batch_size: int = 16,
-                        max_length: int | None = None) -> list[dict]:
+                        max_length: int | None = None, progress: bool | None = None) -> list[dict]:
     """Per text, over its n scored tokens: ``logprobs`` ℓ_t, ``mu`` μ_t and ``sigma`` σ_t
-    (float64 arrays of length n). ``max_length`` truncates the token sequences (BOS included).
+    (float64 arrays of length n). ``max_length`` truncates the token sequences (BOS included);
+    ``progress`` None shows a bar from four batches on.
     A batch holds a few fp32 ``[batch_size, length, vocab]`` tensors: lower ``batch_size`` for
     long texts under a large vocabulary."""
     _check_texts(texts, "texts")
@@ -102,7 +103,8 @@ def token_logprob_stats(model, tokenizer, texts: list[str], batch_size: int = 16
     model.eval()
     out: list[dict] = []
     try:
-        for start in tqdm(starts, desc="membership scores", disable=len(starts) < 4, leave=False):
+        for start in tqdm(starts, desc="membership scores", leave=False,
+                          disable=len(starts) < 4 if progress is None else not progress):
             chunk = sequences[start:start + batch_size]
             width = max(map(len, chunk))
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -135,10 +137,11 @@ def _lowest_mean(values: np.ndarray, k: float) -> float:
 
 
 def membership_scores(model, tokenizer, texts, *, k: float = 0.4, batch_size: int = 16,
-                      max_length: int | None = None) -> dict[str, np.ndarray]:
+                      max_length: int | None = None, progress: bool | None = None) -> dict[str, np.ndarray]:
     """The four scores of the module docstring, one value per text, higher = more member-like."""
     _check_k(k)
-    stats = token_logprob_stats(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    stats = token_logprob_stats(model, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+                                progress=progress)
     scores: dict[str, list[float]] = {name: [] for name in SCORES}
     for text, s in zip(texts, stats):
         lp = s["logprobs"]
