@@ -49,6 +49,7 @@ from .loss_based import nll
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+TAMPER_LOSSES = ("entropy", "nll")
 
 
 @dataclass
@@ -128,6 +129,11 @@ class TAR(UnlearningMethod):
         if c.adversary_steps < 0 or not 0 < low <= high:
             raise ValueError(f"{self.name}: adversary_steps must be >= 0 and adversary_lrs a range 0 < low <= high "
                              f"(got adversary_steps={c.adversary_steps}, adversary_lrs={c.adversary_lrs})")
+        if c.tamper_loss not in TAMPER_LOSSES:
+            raise ValueError(f"{self.name}: tamper_loss must be one of {', '.join(TAMPER_LOSSES)}, got {c.tamper_loss!r}")
+        if not 0 <= c.tamper_points <= c.adversary_steps:
+            raise ValueError(f"{self.name}: tamper_points must be in 0..adversary_steps={c.adversary_steps} "
+                             f"(got {c.tamper_points})")
         if c.tamper_weight < 0 or c.retain_weight < 0:
             raise ValueError(f"{self.name}: tamper_weight and retain_weight must be >= 0 "
                              f"(got {c.tamper_weight}, {c.retain_weight})")
@@ -143,6 +149,19 @@ class TAR(UnlearningMethod):
     def setup(self, forget, retain):
         self._attack_batches = self.batches(forget, 3)
         self._rng = random.Random(self.config.seed + 5)
+        self._attacks = 0
+
+    def extra_state(self) -> dict:
+        return {"attacks": self._attacks}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Replay the draws of the attacks already run (rates and batches), so a resumed run
+        continues the same sequence."""
+        for _ in range(int(state["attacks"])):
+            self.attack_rate()
+            for _ in range(self.config.adversary_steps):
+                next(self._attack_batches)
+        self._attacks = int(state["attacks"])
 
     def attack_rate(self) -> float:
         low, high = self.config.adversary_lrs
@@ -152,6 +171,7 @@ class TAR(UnlearningMethod):
         """The first-order meta-gradient ``(1/K) Σ_k ∇_S T(f; θ_k)`` of the selected weights and
         the mean post-attack tamper loss, from one simulated attack (see module)."""
         K, lr = self.config.adversary_steps, self.attack_rate()
+        self._attacks += 1
         first = K - (self.config.tamper_points or K) + 1
         weights = {n: p.detach() for n, p in self.adversary.items()}
         state: dict = {}
