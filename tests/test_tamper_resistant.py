@@ -79,7 +79,7 @@ def test_one_outer_step_gradient_by_hand(base, texts, kind):
     model, tokenizer = fresh(base)
     K, rate, w_t, gamma = 2, 2e-3, 0.7, 1.3
     method = TAR(model, tokenizer, adversary_steps=K, adversary_lrs=(rate, rate), tamper_loss=kind,
-                 tamper_weight=w_t, retain_weight=gamma, **SMALL)
+                 tamper_points=0, tamper_weight=w_t, retain_weight=gamma, **SMALL)
     forget, retain = texts
     f, r = next(method.batches(forget)), next(method.batches(retain, 1))
     attack = method.batches(forget, 3)
@@ -139,7 +139,7 @@ def test_tamper_points_read_only_the_last_attack_steps(base, texts):
     (dict(adversary_steps=-1), "adversary_steps must be >= 0"),
     (dict(adversary_lrs=(1e-3, 1e-4)), "0 < low <= high"),
     (dict(adversary_lrs=(0.0, 1e-3)), "0 < low <= high"),
-    (dict(tamper_loss="kl"), "tamper_loss must be one of entropy, nll"),
+    (dict(tamper_loss="kl"), "tamper_loss must be one of nll, entropy"),
     (dict(adversary_steps=2, tamper_points=3), "tamper_points must be in 0..adversary_steps=2"),
     (dict(tamper_weight=-1.0), "tamper_weight and retain_weight must be >= 0"),
     (dict(adversary_update=["layers.9.mlp.*"]), "no parameter matches"),
@@ -148,6 +148,13 @@ def test_bad_settings_are_refused(base, settings, message):
     model, tokenizer = base
     with pytest.raises(ValueError, match=message):
         TAR(model, tokenizer, **{**SMALL, **settings})
+
+
+def test_auto_attack_rate_is_three_times_the_unlearning_rate(base):
+    model, tokenizer = base
+    method = TAR(model, tokenizer, lr=2e-4, progress=False)
+    assert method.config.adversary_lrs == (6e-4, 6e-4) and method.chosen["adversary_lrs"] == (6e-4, 6e-4)
+    assert TAR(model, tokenizer, lr=2e-4, adversary_lrs="1e-4,1e-3").config.adversary_lrs == (1e-4, 1e-3)
 
 
 def test_fit_changes_only_the_selected_weights(base, texts):

@@ -1,39 +1,54 @@
-"""TAR: tamper-resistant unlearning by adversarial fine-tuning inside the unlearning loop.
+"""TAR: tamper-resistant unlearning, with a simulated fine-tuning attack inside the unlearning loop.
 
-TAR (Tamirisa et al., 2024) trains against the attack it must survive. Each outer step
-simulates a relearning attack on a copy of the weights and moves the real weights so that,
-*after* the attack, the forget text is still not predicted.
+TAR (Tamirisa et al., 2024) trains against the attack it must survive: each outer step
+fine-tunes a copy of the weights on forget text for a few steps, as a relearning attack would,
+and moves the real weights so that the forget text stays unpredicted *after* that attack.
 
-With ``θ`` the weights, ``A`` the weights the simulated attacker fine-tunes (``adversary_update``,
-by default every weight, as a relearning attack does), ``S`` the weights unlearning updates
-(``update``), a forget batch ``f``, a retain batch ``r`` and attack batches ``a_1 … a_K`` drawn
-from the forget set:
+With ``θ`` the weights, ``A`` those the simulated attacker fine-tunes (``adversary_update``; by
+default every weight, as a relearning attack does), ``S`` those unlearning updates (``update``),
+a forget batch ``f``, a retain batch ``r`` and attack batches ``a_1 … a_K`` drawn from the
+forget set (their own shuffled stream):
 
-- the attack: ``θ_0 = θ``; ``θ_k = Adam(θ_{k−1}, ∇_A NLL(a_k; θ_{k−1}), lr = η)`` for
-  ``k = 1 … K``, a fresh Adam (β = 0.9, 0.999, ε = 1e-8) at a rate ``η`` drawn log-uniformly in
-  ``adversary_lrs`` at every outer step (RTT sweeps the attacker's rate);
-- the tamper loss ``T(f; θ) = −H(f; θ)``, minus the mean entropy of the next-token
-  distribution over the loss tokens of ``f`` (TAR's entropy objective: bounded, unlike
-  ascending the NLL, and it leaves no answer to relearn because every answer is as likely);
-- the objective::
+- the attack: ``θ_0 = θ``, ``θ_k = Adam(θ_{k−1}, ∇_A NLL(a_k; θ_{k−1}), η)`` for ``k = 1 … K``
+  (a fresh Adam, β = 0.9, 0.999, ε = 1e-8, no weight decay; ``η`` drawn log-uniformly in
+  ``adversary_lrs`` at every outer step, since RTT sweeps the attacker's rate);
+- the post-attack tamper loss ``T(f; θ_k)``: ``nll`` (the default) is ``−NLL(f; θ_k)``, gradient
+  ascent on what the attacked copy predicts; ``entropy`` is ``−H(f; θ_k)``, minus the mean
+  next-token entropy (TAR's choice for its weaponisation domain);
+- the objective, with ``P`` the last ``tamper_points`` attack steps (all K when 0)::
 
-      L(θ) = T(f; θ) + w_t · (1/K) Σ_{k=1..K} T(f; θ_k) + γ · NLL(r; θ)
+      L(θ) = −H(f; θ) + w_t · (1/|P|) Σ_{k∈P} T(f; θ_k) + γ · NLL(r; θ)
 
-  (``tamper_weight`` = w_t, ``retain_weight`` = γ).
+  (``tamper_weight`` = w_t, ``retain_weight`` = γ). The direct term maximises the entropy of
+  the unattacked model on forget text, which brings forget accuracy to chance without pushing
+  the true answer below the others (ascending the NLL there does: forget accuracy 0.14 at
+  chance 0.25 for a long GradDiff run).
 
-The attack's trajectory is not differentiated through: the gradient of the middle term is the
-first-order meta-gradient ``(1/K) Σ_k ∇_S T(f; θ)|_{θ = θ_k}`` (first-order MAML, as TAR's
-implementation uses). It is handed to the shared training loop as a surrogate term whose value
-is the post-attack tamper loss and whose gradient is that sum. ``adversary_steps = 0`` turns the
-method into plain entropy-maximisation unlearning with a retain NLL (the baseline TAR improves on).
+The attack's trajectory is not differentiated through: the middle term's gradient is the
+first-order meta-gradient ``(1/|P|) Σ_{k∈P} ∇_S T(f; θ)|_{θ=θ_k}`` (first-order MAML, as TAR's
+implementation uses). It reaches the shared training loop as a surrogate term whose value is
+the post-attack tamper loss and whose gradient is that mean, so gradient accumulation, fp32
+master copies and checkpoints work as for every method. ``adversary_steps = 0`` leaves
+entropy maximisation with a retain NLL, the non-robust baseline.
 
-One outer step costs ``2K + 2`` forward/backward passes of the model (K attack steps, K post-attack
-tamper losses, the direct tamper loss and the retain loss). The simulated attack runs in one
-process: under ``torch.distributed`` the method refuses to start.
+One outer step costs ``K + |P| + 2`` forward/backward passes (K attack steps, the |P|
+post-attack reads, the direct and the retain loss). The simulated attack runs in one process:
+under ``torch.distributed`` the method refuses to start.
+
+Measured on the embedded 4-layer model at 25 % overlap (forget accuracy, retain accuracy, and
+the held-out forget accuracy the RTT attack of ``eval.relearn`` reaches — AdamW, batch 8, 30
+steps, best checkpoint of every 10 steps — at lr 1e-5 / 1e-4 / 1e-3; base 1.00 / 1.00 / 1.00 /
+1.00 / 1.00; chance 0.25). With ``update=["layers.*"]``, lr 1e-3, batch 16, 80 steps, K = 4 at
+η = 3e-3, |P| = 1, ``nll``, w_t = 1, γ = 1 (about 16–24 s on one core), seeds 0 / 1 / 2:
+forget 0.23 / 0.20 / 0.31, retain 0.97 / 0.97 / 0.99, relearned at 1e-3 0.34 / 0.41 / 0.38
+(at the two lower rates <= 0.38): a recovery ``(relearned − 0.25) / (1 − 0.25)`` of 12–21 %.
+The same run without the attack (η = 1e-7) relearns to RESULT_CONTROL, GradDiff (all layers,
+80 steps) to 0.78, the demo's RMU to 0.91, and a 100-step attack on seed 0 still reaches 0.50.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -49,17 +64,18 @@ from .loss_based import nll
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-TAMPER_LOSSES = ("entropy", "nll")
+TAMPER_LOSSES = ("nll", "entropy")
+ATTACK_LR_RATIO = 3.0   # auto adversary_lrs: the attack fine-tunes at 3 x the unlearning rate
 
 
 @dataclass
 class TARConfig(MethodConfig):
-    steps: int = 100           # outer (unlearning) steps
+    steps: int = 80            # outer (unlearning) steps
     adversary_steps: int = 4   # K: fine-tuning steps of the simulated attack per outer step (0: no attack)
-    adversary_lrs: tuple[float, float] = (1e-4, 1e-3)  # the attack's Adam rate, log-uniform in [low, high]
+    adversary_lrs: tuple[float, float] | None = None  # the attack's Adam rate, log-uniform in [low, high]; auto: 3 x lr
     adversary_update: list[str] | None = None  # weights the simulated attack fine-tunes; auto: every weight
-    tamper_points: int = 0       # the tamper loss is taken after each of the last this many attack steps (0: all K)
-    tamper_loss: str = "entropy"  # post-attack loss: entropy (T = −H) or nll (T = −NLL, ascent)
+    tamper_points: int = 1       # the tamper loss is read after each of the last this many attack steps (0: all K)
+    tamper_loss: str = "nll"     # post-attack loss: nll (T = −NLL, ascent) or entropy (T = −H)
     tamper_weight: float = 1.0   # w_t: weight of the post-attack tamper loss
     retain_weight: float = 1.0   # γ: weight of the retain NLL
 
@@ -121,6 +137,14 @@ class TAR(UnlearningMethod):
     name = "TAR"
     config_class = TARConfig
     reference_lr = 1e-5       # the loss-based methods' 7B rate (AdamW)
+
+    def resolve_defaults(self) -> dict:
+        chosen = super().resolve_defaults()
+        if self.config.adversary_lrs is None:
+            rate = float(f"{ATTACK_LR_RATIO * self.config.lr:.3g}")
+            chosen["adversary_lrs"] = (rate, rate)
+            self.config = dataclasses.replace(self.config, adversary_lrs=(rate, rate))
+        return chosen
 
     def check_config(self) -> None:
         super().check_config()
