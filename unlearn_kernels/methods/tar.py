@@ -37,13 +37,19 @@ under ``torch.distributed`` the method refuses to start.
 
 Measured on the embedded 4-layer model at 25 % overlap (forget accuracy, retain accuracy, and
 the held-out forget accuracy the RTT attack of ``eval.relearn`` reaches — AdamW, batch 8, 30
-steps, best checkpoint of every 10 steps — at lr 1e-5 / 1e-4 / 1e-3; base 1.00 / 1.00 / 1.00 /
-1.00 / 1.00; chance 0.25). With ``update=["layers.*"]``, lr 1e-3, batch 16, 80 steps, K = 4 at
-η = 3e-3, |P| = 1, ``nll``, w_t = 1, γ = 1 (about 16–24 s on one core), seeds 0 / 1 / 2:
-forget 0.23 / 0.20 / 0.31, retain 0.97 / 0.97 / 0.99, relearned at 1e-3 0.34 / 0.41 / 0.38
-(at the two lower rates <= 0.38): a recovery ``(relearned − 0.25) / (1 − 0.25)`` of 12–21 %.
-The same run without the attack (η = 1e-7) relearns to RESULT_CONTROL, GradDiff (all layers,
-80 steps) to 0.78, the demo's RMU to 0.91, and a 100-step attack on seed 0 still reaches 0.50.
+steps, best of the checkpoints every 10 steps — taken as the maximum over lr 1e-5, 1e-4, 1e-3;
+the base model scores 1.00 on all three, chance is 0.25; 32 held-out questions, so 3 points of
+resolution). With ``update=["layers.*"]``, lr 1e-3, batch 16, 80 steps, K = 4 at η = 3e-3,
+|P| = 1, ``nll``, w_t = γ = 1 (16–24 s on one shared core), seeds 0 / 1 / 2: forget 0.23 / 0.20 /
+0.31, retain 0.97 / 0.97 / 0.99, relearned 0.34 / 0.41 / 0.38, a recovery
+``(relearned − 0.25) / (1 − 0.25)`` of 13 / 21 / 17 %. Controls at the same budget: without the
+attack (η = 1e-7, the post-attack term is NLL ascent at θ) forget 0.19 / 0.12 / 0.25 and
+relearned 0.25 / 0.22 / 0.34; GradDiff (all layers, lr 1e-3, γ = 1, 80 steps, seeds 0 / 1)
+forget 0.20 / 0.16, relearned 0.38 / 0.31. So on this model NLL ascent strong enough already
+resists the 30-step attack; what the simulated attack adds is a forget accuracy near chance
+instead of below it (mean 0.25 vs 0.19 and 0.18). ``entropy`` as the post-attack loss relearned
+to 0.50–0.94, and the demo's 40-step GradDiff and RMU to 0.88 and 0.91. A 100-step attack on
+seed 0 reaches 0.50: the resistance is to the budgeted attack, not to unlimited relearning.
 """
 
 from __future__ import annotations
@@ -102,15 +108,6 @@ def tamper_loss(model, batch, weights: dict[str, torch.Tensor] | None = None, ki
         return -entropy(out.logits, batch)
     lp, mask = token_logprobs(out.logits, batch)
     return (lp * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _lm_loss(model, batch, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The attacker's causal-LM loss (mean NLL over the loss tokens) under ``weights``."""
-    from .loss_based import token_logprobs
-
-    logits = functional_call(model, weights, (), {**model_inputs(batch), "use_cache": False}).logits
-    lp, mask = token_logprobs(logits, batch)
-    return -(lp * mask).sum() / mask.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -189,11 +186,13 @@ class TAR(UnlearningMethod):
 
     def attack_rate(self) -> float:
         low, high = self.config.adversary_lrs
+        if low == high:
+            return low
         return math.exp(self._rng.uniform(math.log(low), math.log(high)))
 
     def post_attack_gradients(self, forget_batch) -> tuple[dict[str, torch.Tensor], float]:
-        """The first-order meta-gradient ``(1/K) Σ_k ∇_S T(f; θ_k)`` of the selected weights and
-        the mean post-attack tamper loss, from one simulated attack (see module)."""
+        """The first-order meta-gradient ``(1/|P|) Σ_{k∈P} ∇_S T(f; θ_k)`` of the selected weights
+        and the mean post-attack tamper loss, from one simulated attack (see module)."""
         K, lr = self.config.adversary_steps, self.attack_rate()
         self._attacks += 1
         first = K - (self.config.tamper_points or K) + 1
@@ -205,13 +204,13 @@ class TAR(UnlearningMethod):
             leaves = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
             batch = next(self._attack_batches)
             names = list(leaves)
-            grads = torch.autograd.grad(_lm_loss(self.model, batch, leaves), [leaves[n] for n in names],
+            grads = torch.autograd.grad(-tamper_loss(self.model, batch, leaves, "nll"), [leaves[n] for n in names],
                                         allow_unused=True)
             grads = {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, grads)}
             weights = adam_update(weights, grads, state, lr, k)
             if k < first:
                 continue
-            attacked = {n: w.requires_grad_(True) for n, w in ((n, w.clone()) for n, w in weights.items())}
+            attacked = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
             targets = [attacked[n] if n in attacked else p for n, p in self.params.items()]
             loss = tamper_loss(self.model, forget_batch, attacked, self.config.tamper_loss)
             for (n, _), g in zip(self.params.items(), torch.autograd.grad(loss, targets, allow_unused=True)):
@@ -222,7 +221,7 @@ class TAR(UnlearningMethod):
 
     def loss(self, forget_batch, retain_batch, step):
         c = self.config
-        losses = {"forget": tamper_loss(self.model, forget_batch)}
+        losses = {"forget": tamper_loss(self.model, forget_batch, kind="entropy")}
         if c.adversary_steps and c.tamper_weight:
             grads, value = self.post_attack_gradients(forget_batch)
             surrogate = sum((p * grads[n].to(p.dtype)).sum() for n, p in self.params.items())
