@@ -6,10 +6,11 @@ from .loss_based import NPO, GradAscent, GradDiff, LossConfig, NPOConfig
 from .mrp import MRP, MRPConfig
 from .simu import SIMU, SIMUConfig, SOGradDiff, SOGradDiffConfig
 from .rmu import RMU, SRMU, AdaptiveRMU, AdaptiveRMUConfig, RMUConfig, SRMUConfig
+from .tar import TAR, TARConfig
 
 registry: dict[str, type[UnlearningMethod]] = {
-    cls.name: cls for cls in (RMU, AdaptiveRMU, SRMU, MRP, SIMU, SOGradDiff, GradAscent, GradDiff, NPO)
+    cls.name: cls for cls in (RMU, AdaptiveRMU, SRMU, MRP, SIMU, SOGradDiff, GradAscent, GradDiff, NPO, TAR)
 }
 
 __all__ = ["AdaptiveRMU", "AdaptiveRMUConfig", "GradAscent", "GradDiff", "LossConfig", "MRP", "MRPConfig", "MethodConfig", "NPO",
-           "NPOConfig", "RMU", "RMUConfig", "SIMU", "SIMUConfig", "SOGradDiff", "SOGradDiffConfig", "SRMU", "SRMUConfig", "UnlearningMethod", "registry"]
+           "NPOConfig", "RMU", "RMUConfig", "SIMU", "SIMUConfig", "SOGradDiff", "SOGradDiffConfig", "SRMU", "SRMUConfig", "TAR", "TARConfig", "UnlearningMethod", "registry"]
