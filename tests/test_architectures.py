@@ -64,7 +64,7 @@ def data():
 
 
 FAMILY_NAMES = list(_configs(64))
-METHODS = sorted(registry)   # all nine
+METHODS = sorted(registry)   # all ten
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
