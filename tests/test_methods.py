@@ -1,5 +1,6 @@
 """LLM unlearning methods on the embedded model: what changes, saving, bad configs, the data."""
 
+import dataclasses
 import json
 
 import pytest
@@ -163,31 +164,64 @@ def test_simu_updates_only_selected_neurons(base, split, scorer, tmp_path):
         registry["SIMU"](model, tokenizer, fraction=0.0, update=["layers.1.mlp.up_proj"])
 
 
-def test_demo_writes_table_results_and_plot(tmp_path):
+def test_demo_writes_table_results_curves_and_oracle(tmp_path, monkeypatch):
+    """The default split with the shipped oracle: base, oracle and a two-point GradDiff curve,
+    each with recovery and forget quality; the table, results.json and the plot are written."""
     from unlearn_kernels import demo
 
+    monkeypatch.setitem(demo.SWEEPS, "GradDiff", ("steps", (2, 8), (2, 4, 8)))
     lines = []
-    rows = demo.run(tmp_path, overlaps=(0.25,), methods=["GradDiff"], relearn_steps=1, progress=False,
-                    out=lines.append)
-    assert [r["method"] for r in rows] == ["base", "GradDiff"]
-    assert rows[0]["forget_acc"] >= 0.9 and rows[0]["shared_retain_acc"] >= 0.9
-    assert rows[1]["forget_acc"] < rows[0]["forget_acc"]
-    assert "| 25% | GradDiff |" in lines[0]
-    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["method"] == "GradDiff"
+    rows = demo.run(tmp_path, methods=["GradDiff"], relearn_steps=1, progress=False, out=lines.append)
+    assert [(r["method"], r["value"]) for r in rows] == [("base", None), ("oracle", None), ("GradDiff", 2),
+                                                          ("GradDiff", 8)]
+    base, oracle, short, longer = rows
+    assert base["overlap"] == demo.DEFAULT_OVERLAP and base["forget_acc"] >= 0.9
+    assert oracle["forget_acc"] < base["forget_acc"] - 0.3 and oracle["recovery_max"] == 0.0
+    assert longer["forget_acc"] < base["forget_acc"]
+    for r in (short, longer):
+        assert set(r["recovery"]) == {1e-5, 1e-4, 1e-3} and 0 <= r["forget_quality"] <= 1
+    assert "| 30% | GradDiff | steps=8 |" in lines[0] and "| 30% | oracle |" in lines[0]
+    saved = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in saved] == ["base", "oracle", "GradDiff", "GradDiff"]
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="unknown demo methods"):
         demo.run(tmp_path, methods=["Nope"])
 
 
-def test_verdict_reports_the_bar_honestly():
+def test_demo_sweeps_every_method_on_its_knob():
+    from unlearn_kernels import demo
+    from unlearn_kernels.methods import registry
+
+    assert set(demo.SWEEPS) == set(demo.DEMO_SETTINGS) and set(demo.DEMO_SETTINGS) <= set(registry)
+    for name, (knob, quick, full) in demo.SWEEPS.items():
+        fields = {f.name for f in dataclasses.fields(registry[name].config_class)}
+        assert knob in fields, (name, knob)
+        assert set(quick) <= set(full) and len(full) >= 3, name
+    assert demo.runs(["RMU", "TAR"], full=False) == [("RMU", "steering", v) for v in demo.SWEEPS["RMU"][1]] + \
+        [("TAR", "steps", v) for v in demo.SWEEPS["TAR"][1]]
+
+
+def _row(method, forget, retain, value=None, recovery=None, overlap=0.3):
+    return {"overlap": overlap, "method": method, "knob": None if value is None else "steps", "value": value,
+            "forget_acc": forget, "retain_acc": retain, "recovery": recovery,
+            "recovery_max": None if recovery is None else max(recovery.values())}
+
+
+def test_verdict_reports_the_goal_and_srmu_vs_rmu_honestly():
     from unlearn_kernels.demo import verdict
 
-    base = {"overlap": 0.25, "method": "base", "forget_acc": 1.0, "retain_acc": 1.0}
-    good = {"overlap": 0.25, "method": "SRMU", "forget_acc": 0.3, "retain_acc": 0.95}
-    rmu = {"overlap": 0.25, "method": "RMU", "forget_acc": 0.5, "retain_acc": 0.9}
-    assert "SRMU meets the bar" in verdict([base, good, rmu]) and "SRMU beats RMU" in verdict([base, good, rmu])
-    bad = dict(good, forget_acc=0.6, retain_acc=0.85)
-    assert "MISSES" in verdict([base, bad, rmu]) and "is beaten by" in verdict([base, bad, rmu])
+    ref = [_row("base", 1.0, 1.0), _row("oracle", 0.25, 0.99)]
+    good = _row("TAR", 0.27, 0.96, 80, {1e-5: 0.0, 1e-4: 0.05, 1e-3: 0.18})
+    leaky = _row("TAR", 0.27, 0.96, 40, {1e-5: 0.0, 1e-4: 0.05, 1e-3: 0.31})
+    curves = [_row("SRMU", 0.3, 0.95, 1), _row("SRMU", 0.5, 0.99, 2), _row("RMU", 0.3, 0.85, 1), _row("RMU", 0.5, 0.95, 2)]
+    text = verdict(ref + [good, leaky] + curves)
+    assert "TAR steps=80 at 30% overlap meets the goal" in text
+    assert "TAR steps=40 at 30% overlap MISSES recovery <= 20 % at every rate" in text
+    assert "retain differs by at most +0.100 (at forget 0.300)" in text
+    apart = verdict(ref + [_row("SRMU", 0.3, 0.9, 1), _row("RMU", 0.6, 0.9, 1)])
+    assert "do not overlap" in apart
+    far = verdict(ref + [_row("TAR", 0.45, 0.99, 80, {1e-5: 0.0})])
+    assert "MISSES forget within 5 points of the oracle" in far
 
 
 def test_cli_unlearn_with_yaml_then_eval(tmp_path, capsys):

@@ -194,15 +194,17 @@ def test_a_missing_shard_is_one_line_before_any_work(tmp_path, capsys, flag):
 
 def test_a_projected_source_loads_whole_in_auto_and_is_refused_when_asked(tmp_path, capsys):
     """An MRP output carries projections a partial load and a shard rewrite would drop: auto
-    loads it whole, with its projection attached (whose loss the saver then refuses, as for any
-    full run), --prefix-only says why it cannot."""
+    loads it whole, with its projection attached, which no other run's output can keep: refused
+    before any training; --prefix-only says why it cannot."""
     data = _data(tmp_path)
     assert main(["unlearn", "--model", str(tiny.ASSET_DIR), "--method", "MRP", *data, "--set", "stats_batches=2",
                  "--set", "train_steps=0", "--out", str(tmp_path / "mrp")]) == 0
     args = ["unlearn", "--model", str(tmp_path / "mrp"), "--method", "RMU", *data, "--set", "steps=2"]
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "auto")]) == 2
-    assert "the model carries a projection after layer 2 (loaded with it)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "carries MRP projections (after layer 2) that an output of RMU cannot keep" in err
+    assert "RMU:" not in err and "step" not in err     # no progress line: nothing ran
     assert not (tmp_path / "auto").exists()
     assert main([*args, "--out", str(tmp_path / "asked"), "--prefix-only"]) == 2
     err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The ``unlearn-kernels`` command.
 
     unlearn-kernels demo                  unlearn the embedded model with each method, print the table
+    unlearn-kernels demo --full           the whole sweep: every overlap, longer trade-off curves
     unlearn-kernels demo --track classifier   class-wise unlearning of the embedded digits CNN
     unlearn-kernels unlearn --model DIR --method SRMU --forget F --retain R --out DIR [--config run.yaml]
     torchrun --nproc-per-node N -m unlearn_kernels.cli unlearn ... [--parallel ddp]   data-parallel run
@@ -72,6 +73,8 @@ def _bench(args) -> int:
 def _demo(args) -> int:
     from . import selfcheck
 
+    if args.full and args.track == "classifier":
+        raise ValueError("--full sweeps the LLM demo; the classifier demo has no sweep")
     # The embedded models are far too small to gain from intra-op threads, and spinning
     # OpenMP threads slow down badly when anything else shares the cores.
     torch.set_num_threads(args.threads)
@@ -87,7 +90,8 @@ def _demo(args) -> int:
         from . import demo
 
         print("\nUnlearning the embedded model (entangled-knowledge benchmark, chance = 0.25):")
-        demo.run(args.out, methods=args.methods, relearn_steps=args.relearn_steps, progress=not args.quiet)
+        demo.run(args.out, methods=args.methods, relearn_steps=args.relearn_steps, full=args.full,
+                 progress=not args.quiet)
     return 0 if ok else 1
 
 
@@ -173,6 +177,11 @@ def _unlearn(args) -> int:
             model = model.to(device)
         else:
             model, tokenizer = files.load_model(config["model"], device, dtype)
+        carried = sorted(getattr(model, "unlearn_projections", None) or {})
+        if carried:     # the saver would refuse the output after the whole run (models.io)
+            raise ValueError(f"{config['model']} carries MRP projections (after layer {', '.join(map(str, carried))}) "
+                             f"that an output of {config['method']} cannot keep: unlearn the model they were "
+                             "computed for instead (source_model in its report.json)")
         evaluates = parallel.is_main() or mode == "fsdp"   # a sharded forward needs every rank
         before = _accuracies(model, tokenizer, evals) if evaluates else {}
         method = registry[config["method"]](parallel.wrap(model, mode), tokenizer, config=method_config)
@@ -520,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo_out", help="directory for results.json and tradeoff.png")
     demo.add_argument("--methods", nargs="+", default=None, help="subset of the demo methods")
     demo.add_argument("--relearn-steps", type=int, default=30)
+    demo.add_argument("--full", action="store_true",
+                      help="the whole sweep: every overlap (0-30 %%) and more values of each method's knob (~30 min)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     demo.set_defaults(func=_demo)

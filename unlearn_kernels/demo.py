@@ -1,10 +1,18 @@
-"""The demo: unlearn the embedded default model with each method at 0 % and 25 % overlap.
+"""The demo: unlearn the embedded model with each method, swept over its strength knob, and
+measure every run against the retrained oracle.
 
-For every split it evaluates the base model and each method (forget accuracy, retain
-accuracy, accuracy on the retain facts of the forget entities, held-out accuracy after a
-relearning attack, linear-probe accuracy at layer 2, wall time), prints one table and a
-check of the quality bar, and writes ``results.json`` and ``tradeoff.png`` (forget vs
-retain accuracy, and the relearning curves) into the output directory.
+For each split (the default: 30 % overlap, the split the shipped oracle was retrained for;
+``full=True``: 0, 10, 20 and 30 %) it evaluates the base model, the oracle (where it is valid)
+and each method at each value of its main strength knob (``SWEEPS``) with
+:func:`~unlearn_kernels.eval.suite.evaluate`: forget / retain accuracy, accuracy on the retain
+facts of the forget entities, the held-out forget accuracy after the RTT relearning attack at
+three learning rates, *recovery* — the share of the removed knowledge that comes back,
+``(relearned − oracle relearned) / (base − oracle)`` at each rate, the worst one reported —
+forget quality (the KS p-value between the method's and the oracle's per-question truth
+ratios), probe accuracy and MIA AUC, with the oracle's values beside them. It prints one table
+and the verdicts (the tamper-resistance goal, SRMU vs RMU at equal forget accuracy), and writes
+``results.json`` and ``tradeoff.png``: per split, the forget–retain and forget–recovery curves
+of every method through its sweep, with the base model and the oracle as reference points.
 """
 
 from __future__ import annotations
@@ -14,21 +22,17 @@ import time
 from pathlib import Path
 
 from .data import entangled
-from .eval.suite import Split, evaluate
+from .eval.suite import Split, compare, evaluate, measure
 from .methods import registry
 from .models import tiny
 from .models.io import save_figure_atomic, write_json_atomic
 
 LAYER = 2
-# Settings for the 4-layer, 128-wide default model (the published 7B defaults live in the
-# config classes), tuned on what this demo measures at 0 % and 25 % overlap: representation
-# losses at layer 2, updating the MLPs of layers 0-2; RMU with a larger target (c = 300);
-# SRMU without the forget-token anchor (on this model it keeps too much of the answer), a
-# larger adaptive target (beta 20) balanced by alpha 30, and a sharper, wider mask (40 % of
-# the features, temperature 0.1); MRP keeping more of the retain subspace (95 % energy) with
-# a faster basis training; SIMU and GradDiff with the retain loss doubled (and SIMU's
-# scoring/learning rate adjusted) so that retain accuracy stays above 0.9.
+DEFAULT_OVERLAP = 0.3
+FULL_OVERLAPS = (0.0, 0.1, 0.2, 0.3)
 _MLPS = ["layers.{0,1,2}.mlp.*"]
+# Base settings per method for the shipped model (the published 7B defaults live in the config
+# classes); the swept knob overrides its entry.
 DEMO_SETTINGS = {
     "RMU": dict(layer=LAYER, update=_MLPS, steering=300.0, alpha=10.0, lr=5e-3, batch_size=16, steps=200),
     "SRMU": dict(layer=LAYER, update=_MLPS, beta=20.0, alpha=30.0, lr=5e-3, batch_size=16, steps=200,
@@ -37,30 +41,58 @@ DEMO_SETTINGS = {
     "SIMU": dict(update=["layers.*.mlp.{gate_proj,up_proj,down_proj}"], lr=1e-3, batch_size=16, steps=120,
                  fraction=0.2, score_batches=4, retain_weight=2.0),
     "GradDiff": dict(update=["layers.*"], lr=7e-4, batch_size=16, steps=40, retain_weight=2.0),
+    "NPO": dict(update=["layers.*"], lr=7e-4, batch_size=16, steps=40, retain_weight=2.0),
+    "TAR": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=80, adversary_steps=4,
+                adversary_lrs=(3e-3, 3e-3)),
+}
+# The main strength knob of each method: (setting, values of the default demo, values of --full).
+SWEEPS = {
+    "RMU": ("steering", (100.0, 300.0), (30.0, 100.0, 300.0, 1000.0)),
+    "SRMU": ("beta", (10.0, 20.0), (5.0, 10.0, 20.0, 40.0)),
+    "MRP": ("lr", (3e-2,), (1e-2, 3e-2, 1e-1)),
+    "SIMU": ("lr", (1e-3,), (3e-4, 1e-3, 3e-3)),
+    "GradDiff": ("steps", (40,), (20, 40, 80)),
+    "NPO": ("steps", (40,), (20, 40, 80)),
+    "TAR": ("steps", (40, 80), (40, 80, 120)),
 }
 
 
-def run(out_dir: Path | str = "demo_out", overlaps=(0.0, 0.25), methods=None, relearn_steps: int = 30,
-        model_path: Path | str = tiny.ASSET_DIR, progress: bool = True, out=print) -> list[dict]:
+def runs(methods, full: bool) -> list[tuple[str, str, object]]:
+    """``[(method, knob, value)]`` of a demo, in order."""
+    return [(name, SWEEPS[name][0], value) for name in methods for value in SWEEPS[name][2 if full else 1]]
+
+
+def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_steps: int = 30, full: bool = False,
+        model_path: Path | str = tiny.ASSET_DIR, oracle_path: Path | str | None = tiny.ORACLE_DIR,
+        progress: bool = True, out=print) -> list[dict]:
+    """Every run of the module docstring; returns the table rows (also in ``results.json``)."""
     methods = list(DEMO_SETTINGS) if methods is None else list(methods)
     unknown = [m for m in methods if m not in DEMO_SETTINGS]
     if unknown:
         raise ValueError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
+    overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
     out_dir = Path(out_dir)
     base, tokenizer = tiny.load(model_path)
+    oracle_model = tiny.load(oracle_path)[0] if oracle_path is not None else None
     rows = []
     for overlap in overlaps:
         split = Split.from_benchmark(entangled.generate(overlap))
-        rows.append({"overlap": overlap, "method": "base", "time_s": 0.0,
-                     **evaluate(base, tokenizer, split, LAYER, relearn_steps)})
-        for name in methods:
+        # the oracle never saw the forget facts of the default split only
+        oracle = (measure(oracle_model, tokenizer, split, LAYER, relearn_steps)
+                  if oracle_model is not None and overlap == DEFAULT_OVERLAP else None)
+        base_result = evaluate(base, tokenizer, split, LAYER, relearn_steps, oracle=oracle, base=base)
+        rows.append({"overlap": overlap, "method": "base", "knob": None, "value": None, "time_s": 0.0, **base_result})
+        if oracle is not None:
+            rows.append({"overlap": overlap, "method": "oracle", "knob": None, "value": None, "time_s": 0.0,
+                         **compare(oracle, oracle, base_result)})
+        for name, knob, value in runs(methods, full):
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            method = registry[name](model, tokenizer, progress=progress, **DEMO_SETTINGS[name])
+            method = registry[name](model, tokenizer, progress=progress, **{**DEMO_SETTINGS[name], knob: value})
             method.fit(split.forget_texts, split.retain_texts)
             elapsed = time.perf_counter() - start
-            rows.append({"overlap": overlap, "method": name, "time_s": elapsed,
-                         **evaluate(model, tokenizer, split, LAYER, relearn_steps)})
+            rows.append({"overlap": overlap, "method": name, "knob": knob, "value": value, "time_s": elapsed,
+                         **evaluate(model, tokenizer, split, LAYER, relearn_steps, oracle=oracle, base=base_result)})
     out(table(rows))
     out(verdict(rows))
     write_json_atomic(out_dir / "results.json", {"rows": rows, "chance": 0.25})
@@ -69,63 +101,109 @@ def run(out_dir: Path | str = "demo_out", overlaps=(0.0, 0.25), methods=None, re
     return rows
 
 
+def _num(value, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown table; "shared retain" is the accuracy on retain facts about forget entities."""
-    lines = ["| overlap | method | forget acc | retain acc | shared retain acc | relearn acc | probe acc | time s |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown table; "shared retain" is the accuracy on retain facts about the forget entities,
+    "relearned" the held-out forget accuracy after the attacker's best rate, "recovery" the worst
+    rate's share of the removed knowledge that came back, "FQ p" the forget-quality p-value."""
+    lines = ["| overlap | method | setting | forget acc | retain acc | shared retain | relearned | recovery | FQ p | "
+             "probe acc | MIA AUC | time s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        shared = "n/a" if r["shared_retain_acc"] is None else f"{r['shared_retain_acc']:.3f}"
-        lines.append(f"| {r['overlap']:.0%} | {r['method']} | {r['forget_acc']:.3f} | {r['retain_acc']:.3f} | "
-                     f"{shared} | {r['relearn_acc']:.3f} | {r['probe_acc']:.3f} | {r['time_s']:.1f} |")
+        setting = "" if r["knob"] is None else f"{r['knob']}={r['value']:g}"
+        lines.append(f"| {r['overlap']:.0%} | {r['method']} | {setting} | {r['forget_acc']:.3f} | {r['retain_acc']:.3f} | "
+                     f"{_num(r['shared_retain_acc'])} | {r['relearn_acc']:.3f} | {_num(r.get('recovery_max'), '.0%')} | "
+                     f"{_num(r.get('forget_quality'), '.2g')} | {r['probe_acc']:.3f} | {_num(r.get('mia_auc'))} | "
+                     f"{r['time_s']:.1f} |")
     return "\n".join(lines)
 
 
-def verdict(rows: list[dict], chance: float = 0.25) -> str:
-    """The quality bar at the largest overlap: SRMU's forget accuracy within 10 points of
-    chance with retain accuracy >= 90 % of the base model's, and how it compares with RMU."""
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """The piecewise-linear curve through ``points`` (sorted by x) at ``x``; None outside it."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def verdict(rows: list[dict], chance: float = 0.25, robust: str = "TAR") -> str:
+    """At the largest overlap: whether the tamper-resistant method meets the goal (recovery <=
+    20 % at every attack rate, forget within 5 points of the oracle, retain >= 95 % of the base
+    model) at any of its settings, and SRMU's retain accuracy against RMU's at equal forget
+    accuracy (linear interpolation along each curve, where the forget ranges overlap)."""
     overlap = max(r["overlap"] for r in rows)
-    at = {r["method"]: r for r in rows if r["overlap"] == overlap}
-    if "SRMU" not in at or "base" not in at:
-        return ""
-    srmu, base = at["SRMU"], at["base"]
-    forgets = srmu["forget_acc"] <= chance + 0.10
-    keeps = srmu["retain_acc"] >= 0.9 * base["retain_acc"]
-    lines = [f"\nAt {overlap:.0%} overlap SRMU {'meets' if forgets and keeps else 'MISSES'} the bar: forget "
-             f"{srmu['forget_acc']:.3f} (chance {chance:.2f}, limit {chance + 0.10:.2f}), retain "
-             f"{srmu['retain_acc']:.3f} (limit {0.9 * base['retain_acc']:.3f})."]
-    if "RMU" in at:
-        rmu = at["RMU"]
-        better = (srmu["forget_acc"] <= rmu["forget_acc"] and srmu["retain_acc"] >= rmu["retain_acc"]
-                  and (srmu["forget_acc"], -srmu["retain_acc"]) != (rmu["forget_acc"], -rmu["retain_acc"]))
-        worse = srmu["forget_acc"] > rmu["forget_acc"] and srmu["retain_acc"] <= rmu["retain_acc"]
-        word = "beats" if better else "is beaten by" if worse else "ties or trades off against"
-        lines.append(f"SRMU {word} RMU (RMU: forget {rmu['forget_acc']:.3f}, retain {rmu['retain_acc']:.3f}).")
-    return "\n".join(lines)
+    at = [r for r in rows if r["overlap"] == overlap]
+    base = next((r for r in at if r["method"] == "base"), None)
+    oracle = next((r for r in at if r["method"] == "oracle"), None)
+    lines = []
+    if base is not None and oracle is not None:
+        for r in (r for r in at if r["method"] == robust):
+            rec = r.get("recovery")
+            checks = {"recovery <= 20 % at every rate": rec is not None and max(rec.values()) <= 0.20,
+                      "forget within 5 points of the oracle": abs(r["forget_acc"] - oracle["forget_acc"]) <= 0.05,
+                      "retain >= 95 % of base": r["retain_acc"] >= 0.95 * base["retain_acc"]}
+            missed = [k for k, ok in checks.items() if not ok]
+            lines.append(f"{robust} {r['knob']}={r['value']:g} at {overlap:.0%} overlap "
+                         f"{'meets the goal' if not missed else 'MISSES ' + '; '.join(missed)}: recovery "
+                         f"{_num(r.get('recovery_max'), '.0%')} (worst rate), forget {r['forget_acc']:.3f} "
+                         f"(oracle {oracle['forget_acc']:.3f}), retain {r['retain_acc']:.3f} "
+                         f"(limit {0.95 * base['retain_acc']:.3f}).")
+    curves = {m: [(r["forget_acc"], r["retain_acc"]) for r in at if r["method"] == m] for m in ("SRMU", "RMU")}
+    if curves["SRMU"] and curves["RMU"]:
+        xs = sorted({x for x, _ in curves["SRMU"] + curves["RMU"]})
+        gaps = [(x, s - r) for x in xs if (s := _interpolate(curves["SRMU"], x)) is not None
+                and (r := _interpolate(curves["RMU"], x)) is not None]
+        if gaps:
+            x, gap = max(gaps, key=lambda g: abs(g[1]))
+            lines.append(f"SRMU vs RMU at equal forget accuracy ({overlap:.0%} overlap): retain differs by at most "
+                         f"{gap:+.3f} (at forget {x:.3f}); positive means SRMU keeps more.")
+        else:
+            lines.append(f"SRMU vs RMU ({overlap:.0%} overlap): their forget accuracies do not overlap "
+                         f"(SRMU {sorted(x for x, _ in curves['SRMU'])}, RMU {sorted(x for x, _ in curves['RMU'])}); "
+                         "run --full for longer curves.")
+    return ("\n" + "\n".join(lines)) if lines else ""
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Forget vs retain accuracy per overlap, and the relearning curves (atomic write)."""
+    """Per split: forget vs retain accuracy and forget accuracy vs recovery (or relearned
+    accuracy where there is no oracle), one curve per method through its sweep (atomic write)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     overlaps = sorted({r["overlap"] for r in rows})
-    fig, axes = plt.subplots(2, len(overlaps), figsize=(5 * len(overlaps), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(overlaps), figsize=(5.5 * len(overlaps), 9), squeeze=False)
     for col, overlap in enumerate(overlaps):
-        ax, curves = axes[0, col], axes[1, col]
-        for i, r in enumerate(r for r in rows if r["overlap"] == overlap):
-            color, marker = f"C{i}", "osD^vP*X"[i % 8]
-            ax.scatter(r["forget_acc"], r["retain_acc"], s=70, color=color, marker=marker, label=r["method"],
-                       alpha=0.8)
-            steps, accs = zip(*r["relearn_curve"])
-            curves.plot(steps, accs, marker=marker, color=color, label=r["method"])
-        ax.axvline(0.25, ls="--", c="grey", lw=1)
-        ax.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel="forget accuracy (lower is better)",
-               ylabel="retain accuracy", title=f"{overlap:.0%} overlap")
-        ax.legend(fontsize=8, loc="lower right")
-        curves.axhline(0.25, ls="--", c="grey", lw=1)
-        curves.set(ylim=(0, 1.05), xlabel="relearning steps", ylabel="held-out forget accuracy")
-        curves.legend(fontsize=8)
+        at = [r for r in rows if r["overlap"] == overlap]
+        with_oracle = any(r["method"] == "oracle" for r in at)
+        top, bottom = axes[0, col], axes[1, col]
+        methods = list(dict.fromkeys(r["method"] for r in at))
+        for i, name in enumerate(methods):
+            points = sorted((r for r in at if r["method"] == name), key=lambda r: r["forget_acc"])
+            marker = "*" if name in ("base", "oracle") else "osD^vPX"[i % 7]
+            style = dict(color="black" if name == "base" else "gold" if name == "oracle" else f"C{i}", marker=marker,
+                         ms=12 if marker == "*" else 6, label=name, ls="-" if len(points) > 1 else "none")
+            forget = [r["forget_acc"] for r in points]
+            top.plot(forget, [r["retain_acc"] for r in points], **style)
+            second = [r["recovery_max"] if with_oracle else r["relearn_acc"] for r in points]
+            if all(v is not None for v in second):
+                bottom.plot(forget, second, **style)
+        top.axvline(0.25, ls="--", c="grey", lw=1)
+        top.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel="forget accuracy (lower is better)", ylabel="retain accuracy",
+                title=f"{overlap:.0%} overlap: forget vs retain")
+        bottom.axvline(0.25, ls="--", c="grey", lw=1)
+        if with_oracle:
+            bottom.axhline(0.2, ls=":", c="red", lw=1)
+        bottom.set(xlim=(0, 1.05), xlabel="forget accuracy (lower is better)",
+                   ylabel="recovery, worst attack rate (lower is better)" if with_oracle
+                   else "relearned held-out forget accuracy",
+                   title=f"{overlap:.0%} overlap: forget vs " + ("recovery" if with_oracle else "relearning"))
+        for ax in (top, bottom):
+            ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=100)
