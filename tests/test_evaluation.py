@@ -32,7 +32,7 @@ def bench_questions(n=None):
 
 
 def multi_token_questions():
-    """Choices of one to four words (several tokens with the word-level tokenizer)."""
+    """Choices of one to four words (several tokens each)."""
     words = ["kelbane", "in hiding", "the secret lab", "is known for the", "otter"]
     return [MCQuestion(f"what is the toxin of {name} ?", words[i % 5:] + words[:i % 5], i % 5)
             for i, name in enumerate(entangled.generate(0.25).names()[:10])]
@@ -124,7 +124,7 @@ def test_ties_go_to_the_lowest_index(shipped):
 def test_the_shipped_model_knows_its_facts_in_the_cloze_format(shipped):
     model, tokenizer = shipped
     r = evaluate_multiple_choice(model, tokenizer, bench_questions(), format="cloze")
-    assert r["acc"] >= 0.95 and r["n"] == 208
+    assert r["acc"] >= 0.95 and r["n"] == 30 * 6 + 52 * 6   # forget + retain entities x 6 attributes
 
 
 def test_low_precision_runs_and_agrees(shipped):

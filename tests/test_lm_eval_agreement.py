@@ -1,8 +1,9 @@
 """Our evaluator against lm-evaluation-harness 0.4.13 itself, on the same model and questions.
 
-Three model folders: the shipped model (word-level tokenizer, no BOS) and a small Llama with a
-byte-level BPE tokenizer trained here with ``tokenizers``, once without and once with a BOS
-token added by its post-processor. For each, both prompt formats: ``cloze`` through a task
+Three model folders: the shipped model (byte-level BPE tokenizer, no BOS), a small random
+Llama with a byte-level BPE tokenizer trained here with ``tokenizers`` whose post-processor
+adds a BOS token, and one with a word-level tokenizer over the benchmark's closed vocabulary.
+For each, both prompt formats: ``cloze`` through a task
 YAML written here, ``mmlu`` through lm-eval's *own* ``wmdp`` template (its
 ``_default_template_yaml``, included by absolute path), so the prompt is the harness's, not
 our copy of it. acc and acc_norm must be equal and every log-likelihood within 1e-4.
@@ -41,29 +42,33 @@ def questions():
     return forget + retain + long
 
 
-def bpe_model_dir(folder: Path, with_bos: bool) -> Path:
-    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the benchmark text."""
+def random_model_dir(folder: Path, kind: str) -> Path:
+    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the benchmark text
+    whose post-processor adds BOS (``"bpe-bos"``), or a word-level one (``"word-level"``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     bench = entangled.generate(0.25)
-    tokenizer = tiny.build_bpe_tokenizer(bench.corpus() + [q.question for q in bench.questions(bench.facts)],
-                                         with_bos=with_bos)
+    if kind == "bpe-bos":
+        tokenizer = tiny.build_bpe_tokenizer(bench.corpus() + [q.question for q in bench.questions(bench.facts)],
+                                             with_bos=True)
+    else:
+        tokenizer = tiny.build_tokenizer(entangled.vocabulary())
     torch.manual_seed(1)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
-    out = folder / ("bpe-bos" if with_bos else "bpe")
+    out = folder / kind
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
-@pytest.fixture(scope="module", params=["word-level", "bpe", "bpe-bos"])
+@pytest.fixture(scope="module", params=["shipped-bpe", "bpe-bos", "word-level"])
 def model_dir(request, tmp_path_factory):
-    if request.param == "word-level":
+    if request.param == "shipped-bpe":
         return tiny.ASSET_DIR
-    return bpe_model_dir(tmp_path_factory.mktemp("models"), request.param == "bpe-bos")
+    return random_model_dir(tmp_path_factory.mktemp("models"), request.param)
 
 
 def lm_eval_run(model_dir: Path, folder: Path, rows: list) -> dict:

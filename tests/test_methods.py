@@ -108,7 +108,7 @@ def test_bad_configs_fail_before_work(base, split):
 def test_benchmark_is_deterministic_and_entangled():
     a, b = entangled.generate(0.25, seed=3), entangled.generate(0.25, seed=3)
     assert a.facts == b.facts and a.forget_entities == b.forget_entities
-    assert sum(f.entangled for f in a.forget_facts()) == 4 * 4  # 4 shared entities x 4 attributes
+    assert sum(f.entangled for f in a.forget_facts()) == 8 * 6  # round(0.25 x 30) shared entities x 6 attributes
     assert not any(f.entangled for f in entangled.generate(0.0).forget_facts())
     retain_entities = {f.entity for f in a.retain_facts()}
     assert {f.entity for f in a.forget_facts() if f.entangled} <= retain_entities
