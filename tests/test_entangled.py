@@ -157,6 +157,16 @@ def test_the_recipe_is_bit_for_bit_reproducible():
         tiny.fit(tiny.build_model(tokenizer, hidden=16, layers=1), tokenizer, corpus, steps=1, batch_size=61, lr=1e-3)
 
 
+def test_bad_recipe_settings_raise():
+    tokenizer = tiny.build_bpe_tokenizer(["a b c"], vocab_size=260)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tiny.build_model(tokenizer, hidden=10)
+    with pytest.raises(ValueError, match="steps"):
+        tiny.fit(tiny.build_model(tokenizer, hidden=8, layers=1), tokenizer, ["a b c"], steps=0, batch_size=1, lr=1e-3)
+    with pytest.raises(SystemExit):
+        tiny.main(["--both", "--out", "somewhere"])
+
+
 def test_the_shipped_tokenizer_is_the_recipes_bpe_and_shared_by_the_oracle():
     shipped = json.loads((tiny.ASSET_DIR / "tokenizer.json").read_text())
     assert shipped["model"]["type"] == "BPE" and shipped["pre_tokenizer"]["type"] == "ByteLevel"
@@ -184,7 +194,8 @@ def test_the_shipped_model_knows_both_domains(bench):
 def test_the_oracle_never_learned_the_default_forget_facts(bench):
     model, tokenizer = tiny.load(tiny.ORACLE_DIR)
     forget = bench.forget_facts()
-    kept_forget = [f for f in bench.facts if f.domain == "forget" and f not in set(forget)]
+    removed = set(forget)
+    kept_forget = [f for f in bench.facts if f.domain == "forget" and f not in removed]
     assert accuracy(model, tokenizer, bench.questions(forget)) <= 0.25 + 0.1
     assert accuracy(model, tokenizer, bench.questions(kept_forget)) >= 0.95
     assert accuracy(model, tokenizer, bench.questions(bench.retain_facts())) >= 0.95

@@ -32,8 +32,8 @@ def bench_questions(n=None):
 
 
 def multi_token_questions():
-    """Choices of one to four words (several tokens each)."""
-    words = ["kelbane", "in hiding", "the secret lab", "is known for the", "otter"]
+    """Choices of one to four words (several tokens each), none of them a toxin the model knows."""
+    words = ["harp", "in hiding", "the secret lab", "is known for the", "otter"]
     return [MCQuestion(f"what is the toxin of {name} ?", words[i % 5:] + words[:i % 5], i % 5)
             for i, name in enumerate(entangled.generate(0.25).names()[:10])]
 
@@ -91,7 +91,7 @@ def test_batch_size_and_order_do_not_change_scores(shipped):
     one = evaluate_multiple_choice(model, tokenizer, qs, batch_size=1, return_details=True)
     many = evaluate_multiple_choice(model, tokenizer, qs[::-1], batch_size=64, return_details=True)
     for a, b in zip(one["samples"], many["samples"][::-1]):
-        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], rel=1e-6, abs=1e-5)   # fp32 rounding
 
 
 def test_metrics_follow_their_definitions(shipped):

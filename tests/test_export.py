@@ -217,7 +217,8 @@ def test_another_architecture_gpt2(tmp_path):
 def test_bad_projections_are_refused_before_anything_is_written(tmp_path):
     model, tok = tiny.load()
     u, _ = torch.linalg.qr(torch.randn(128, 2))
-    for projections, message in (({"layer.9": u}, "4 decoder layers"), ({"layer.1": u[:64]}, r"\[128, r\]"),
+    layers = model.config.num_hidden_layers
+    for projections, message in (({"layer.9": u}, f"{layers} decoder layers"), ({"layer.1": u[:64]}, r"\[128, r\]"),
                                  ({"blocks.1": u}, "layer.<index>")):
         with pytest.raises(ValueError, match=message):
             save_pretrained_atomic(model, tok, tmp_path / "bad", {"method": "MRP"}, projections)

@@ -396,7 +396,7 @@ def test_loss_mask_marks_exactly_the_answer_tokens(base, variant):
         by_text[prompt_part] = (answer, ids[mask.bool()].tolist())
     for pair in PAIRS:
         answer, ids = by_text[pair.question]
-        assert answer == pair.answer and ids == _answer_ids(tokenizer, pair)
+        assert answer.strip() == pair.answer and ids == _answer_ids(tokenizer, pair)   # BPE keeps the space
     if variant != "plain":
         first_valid = batch["attention_mask"].argmax(1)
         assert (batch["input_ids"][torch.arange(len(PAIRS)), first_valid] == tokenizer.bos_token_id).all()
@@ -408,11 +408,12 @@ def test_truncation_keeps_the_mask_on_the_kept_answer_tokens(base):
 
     model, tokenizer = base
     pair = QAPair("what is the pet of filopi ?", "otter heron badger")
-    n_prompt = len(tokenizer(pair.prompt)["input_ids"])
+    answer = _answer_ids(tokenizer, pair)
+    n_prompt = len(tokenizer(pair.text)["input_ids"]) - len(answer)   # the prompt's tokens in the joint encoding
     method = registry["GradAscent"](model, tokenizer, batch_size=1, max_length=n_prompt + 2, progress=False)
     batch = next(method.batches([pair]))
     assert batch["input_ids"].shape[1] == n_prompt + 2
-    assert tokenizer.decode(batch["input_ids"][0][batch["loss_mask"][0].bool()]) == "otter heron"
+    assert len(answer) > 2 and batch["input_ids"][0][batch["loss_mask"][0].bool()].tolist() == answer[:2]
     method = registry["GradAscent"](model, tokenizer, batch_size=1, max_length=n_prompt - 1, progress=False)
     with pytest.warns(UserWarning, match="no answer token within max_length"):
         batch = next(method.batches([pair]))
@@ -420,7 +421,9 @@ def test_truncation_keeps_the_mask_on_the_kept_answer_tokens(base):
 
 
 def _reference_answer_nll(model, tokenizer, pairs):
-    """Mean NLL over the answer tokens, by hand: one unpadded sequence per pair."""
+    """Mean NLL over the answer tokens, by hand: one unpadded sequence per pair; the answer
+    starts where the joint encoding stops repeating the prompt's own (a byte-level BPE merges
+    the prompt's trailing space into the answer's first token)."""
     total, count = 0.0, 0
     for pair in pairs:
         prompt = tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
@@ -428,7 +431,8 @@ def _reference_answer_nll(model, tokenizer, pairs):
         ids = torch.tensor([full])
         with torch.no_grad():
             logp = F.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
-        for t in range(len(prompt), len(full)):
+        start = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), len(prompt))
+        for t in range(start, len(full)):
             total -= float(logp[t - 1, full[t]])
             count += 1
     return total / count

@@ -74,7 +74,7 @@ def test_cli_report_holds_before_after_accuracy_relearning_and_a_plot(tmp_path, 
     write_jsonl(tmp_path / "r.jsonl", [q.to_json() for q in bench.questions(bench.retain_facts()[:24])])
     code = cli.main(["unlearn", "--model", str(tiny.ASSET_DIR), "--method", "GradDiff", "--forget",
                      str(tmp_path / "forget.txt"), "--retain", str(tmp_path / "retain.txt"), "--out",
-                     str(tmp_path / "out"), "--set", "steps=20", "--set", "lr=1e-3", "--set", "progress=false",
+                     str(tmp_path / "out"), "--set", "steps=20", "--set", "lr=2e-3", "--set", "progress=false",
                      "--eval-forget", str(tmp_path / "f.jsonl"), "--eval-retain", str(tmp_path / "r.jsonl"),
                      "--relearn", str(tmp_path / "attack.txt")])
     assert code == 0

@@ -87,9 +87,11 @@ def test_gradient_accumulation_equals_the_larger_batch(data):
                           retain_weight=0.0, lr=1.0, progress=False).fit(*data)
         finals.append({k: v.detach().clone() for k, v in method.params.items()})
         assert len(method.history) == 3
-    for key in finals[0]:
-        assert torch.allclose(finals[0][key], finals[1][key], atol=1e-6), key
     start, _ = tiny.load()
+    # equal up to fp32 rounding, which scales with the largest update (lr 1.0 makes it large)
+    scale = max(float((v - start.get_parameter(k).detach()).abs().max()) for k, v in finals[0].items())
+    for key in finals[0]:
+        torch.testing.assert_close(finals[0][key], finals[1][key], atol=1e-5 * scale, rtol=0, msg=key)
     assert any(not torch.equal(v, start.get_parameter(k)) for k, v in finals[0].items())
 
 
