@@ -169,18 +169,18 @@ def test_demo_writes_table_results_curves_and_oracle(tmp_path, monkeypatch):
     each with recovery and forget quality; the table, results.json and the plot are written."""
     from unlearn_kernels import demo
 
-    monkeypatch.setitem(demo.SWEEPS, "GradDiff", ("steps", (2, 8), (2, 4, 8)))
+    monkeypatch.setitem(demo.SWEEPS, "GradDiff", ("steps", (3, 30), (3, 10, 30)))
     lines = []
     rows = demo.run(tmp_path, methods=["GradDiff"], relearn_steps=1, progress=False, out=lines.append)
-    assert [(r["method"], r["value"]) for r in rows] == [("base", None), ("oracle", None), ("GradDiff", 2),
-                                                          ("GradDiff", 8)]
+    assert [(r["method"], r["value"]) for r in rows] == [("base", None), ("oracle", None), ("GradDiff", 3),
+                                                          ("GradDiff", 30)]
     base, oracle, short, longer = rows
     assert base["overlap"] == demo.DEFAULT_OVERLAP and base["forget_acc"] >= 0.9
     assert oracle["forget_acc"] < base["forget_acc"] - 0.3 and oracle["recovery_max"] == 0.0
     assert longer["forget_acc"] < base["forget_acc"]
     for r in (short, longer):
         assert set(r["recovery"]) == {1e-5, 1e-4, 1e-3} and 0 <= r["forget_quality"] <= 1
-    assert "| 30% | GradDiff | steps=8 |" in lines[0] and "| 30% | oracle |" in lines[0]
+    assert "| 30% | GradDiff | steps=30 |" in lines[0] and "| 30% | oracle |" in lines[0]
     saved = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in saved] == ["base", "oracle", "GradDiff", "GradDiff"]
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000

@@ -27,33 +27,35 @@ from .methods import registry
 from .models import tiny
 from .models.io import save_figure_atomic, write_json_atomic
 
-LAYER = 2
+LAYER = 3          # representation losses read here (of 6 decoder layers), updating layers 1-3
+PROBE_LAYER = 4    # linear probes: the base model decodes 53 % of the forget answers here, the oracle 16 %
 DEFAULT_OVERLAP = 0.3
 FULL_OVERLAPS = (0.0, 0.1, 0.2, 0.3)
-_MLPS = ["layers.{0,1,2}.mlp.*"]
-# Base settings per method for the shipped model (the published 7B defaults live in the config
-# classes); the swept knob overrides its entry.
+_MLPS = ["layers.{1,2,3}.mlp.*"]
+# Base settings per method for the shipped 6-layer model, tuned on the default split (30 %
+# overlap) for forget accuracy near the oracle's at the highest retain accuracy found (the
+# published 7B defaults live in the config classes); the swept knob overrides its entry.
 DEMO_SETTINGS = {
     "RMU": dict(layer=LAYER, update=_MLPS, steering=300.0, alpha=10.0, lr=5e-3, batch_size=16, steps=200),
-    "SRMU": dict(layer=LAYER, update=_MLPS, beta=20.0, alpha=30.0, lr=5e-3, batch_size=16, steps=200,
+    "SRMU": dict(layer=LAYER, update=_MLPS, beta=10.0, alpha=100.0, lr=5e-3, batch_size=16, steps=200,
                  sparsity=0.4, temperature=0.1, anchor_forget=False),
-    "MRP": dict(layer=1, rank=32, retain_energy=0.95, batch_size=16, train_steps=80, lr=3e-2),
+    "MRP": dict(layer=2, rank=32, retain_energy=0.95, batch_size=16, train_steps=80, lr=3e-2),
     "SIMU": dict(update=["layers.*.mlp.{gate_proj,up_proj,down_proj}"], lr=1e-3, batch_size=16, steps=120,
-                 fraction=0.2, score_batches=4, retain_weight=2.0),
-    "GradDiff": dict(update=["layers.*"], lr=7e-4, batch_size=16, steps=40, retain_weight=2.0),
-    "NPO": dict(update=["layers.*"], lr=7e-4, batch_size=16, steps=40, retain_weight=2.0),
-    "TAR": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=80, adversary_steps=4,
-                adversary_lrs=(3e-3, 3e-3)),
+                 fraction=0.2, score_batches=4, retain_weight=5.0),
+    "GradDiff": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=60, retain_weight=5.0),
+    "NPO": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=60, retain_weight=8.0),
+    "TAR": dict(update=["layers.*"], lr=7e-4, batch_size=16, steps=100, adversary_steps=4,
+                adversary_lrs=(3e-3, 3e-3), retain_weight=3.0),
 }
 # The main strength knob of each method: (setting, values of the default demo, values of --full).
 SWEEPS = {
     "RMU": ("steering", (100.0, 300.0), (30.0, 100.0, 300.0, 1000.0)),
     "SRMU": ("beta", (10.0, 20.0), (5.0, 10.0, 20.0, 40.0)),
-    "MRP": ("lr", (3e-2,), (1e-2, 3e-2, 1e-1)),
+    "MRP": ("rank", (32,), (8, 16, 32, 64)),
     "SIMU": ("lr", (1e-3,), (3e-4, 1e-3, 3e-3)),
-    "GradDiff": ("steps", (40,), (20, 40, 80)),
-    "NPO": ("steps", (40,), (20, 40, 80)),
-    "TAR": ("steps", (40, 80), (40, 80, 120)),
+    "GradDiff": ("steps", (60,), (30, 60, 120)),
+    "NPO": ("steps", (60,), (30, 60, 120)),
+    "TAR": ("steps", (60, 100), (60, 100, 140)),
 }
 
 
@@ -78,9 +80,9 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
     for overlap in overlaps:
         split = Split.from_benchmark(entangled.generate(overlap))
         # the oracle never saw the forget facts of the default split only
-        oracle = (measure(oracle_model, tokenizer, split, LAYER, relearn_steps)
+        oracle = (measure(oracle_model, tokenizer, split, PROBE_LAYER, relearn_steps)
                   if oracle_model is not None and overlap == DEFAULT_OVERLAP else None)
-        base_result = evaluate(base, tokenizer, split, LAYER, relearn_steps, oracle=oracle, base=base)
+        base_result = evaluate(base, tokenizer, split, PROBE_LAYER, relearn_steps, oracle=oracle, base=base)
         rows.append({"overlap": overlap, "method": "base", "knob": None, "value": None, "time_s": 0.0, **base_result})
         if oracle is not None:
             rows.append({"overlap": overlap, "method": "oracle", "knob": None, "value": None, "time_s": 0.0,
@@ -92,7 +94,8 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
             method.fit(split.forget_texts, split.retain_texts)
             elapsed = time.perf_counter() - start
             rows.append({"overlap": overlap, "method": name, "knob": knob, "value": value, "time_s": elapsed,
-                         **evaluate(model, tokenizer, split, LAYER, relearn_steps, oracle=oracle, base=base_result)})
+                         **evaluate(model, tokenizer, split, PROBE_LAYER, relearn_steps, oracle=oracle,
+                                     base=base_result)})
     out(table(rows))
     out(verdict(rows))
     write_json_atomic(out_dir / "results.json", {"rows": rows, "chance": 0.25})
@@ -130,6 +133,11 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return points[0][1] if len(points) == 1 and points[0][0] == x else None
 
 
+def _span(points: list[tuple[float, float]]) -> str:
+    xs = sorted(x for x, _ in points)
+    return f"{xs[0]:.3f}" if len(xs) == 1 else f"{xs[0]:.3f}-{xs[-1]:.3f}"
+
+
 def verdict(rows: list[dict], chance: float = 0.25, robust: str = "TAR") -> str:
     """At the largest overlap: whether the tamper-resistant method meets the goal (recovery <=
     20 % at every attack rate, forget within 5 points of the oracle, retain >= 95 % of the base
@@ -163,7 +171,7 @@ def verdict(rows: list[dict], chance: float = 0.25, robust: str = "TAR") -> str:
                          f"{gap:+.3f} (at forget {x:.3f}); positive means SRMU keeps more.")
         else:
             lines.append(f"SRMU vs RMU ({overlap:.0%} overlap): their forget accuracies do not overlap "
-                         f"(SRMU {sorted(x for x, _ in curves['SRMU'])}, RMU {sorted(x for x, _ in curves['RMU'])}); "
+                         f"(SRMU {_span(curves['SRMU'])}, RMU {_span(curves['RMU'])}); "
                          "run --full for longer curves.")
     return ("\n" + "\n".join(lines)) if lines else ""
 
@@ -194,7 +202,9 @@ def plot(rows: list[dict], path: Path) -> None:
             if all(v is not None for v in second):
                 bottom.plot(forget, second, **style)
         top.axvline(0.25, ls="--", c="grey", lw=1)
-        top.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel="forget accuracy (lower is better)", ylabel="retain accuracy",
+        low = min(r["retain_acc"] for r in at)
+        top.set(xlim=(0, 1.05), ylim=(max(0.0, low - 0.05), 1.02), xlabel="forget accuracy (lower is better)",
+                ylabel="retain accuracy",
                 title=f"{overlap:.0%} overlap: forget vs retain")
         bottom.axvline(0.25, ls="--", c="grey", lw=1)
         if with_oracle:
