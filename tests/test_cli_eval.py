@@ -179,3 +179,31 @@ def test_grad_ascent_needs_no_retain_set(capsys, tmp_path, files):
     code, _, err = run(capsys, "unlearn", "--model", MODEL, "--method", "GradDiff", "--forget",
                        str(files / "attack.txt"), "--out", str(tmp_path / "out2"))
     assert code == 2 and "retain" in err
+
+
+def test_eval_against_the_oracle(capsys, tmp_path, files):
+    """``--oracle``: the oracle's accuracy beside the model's and the forget quality, equal to
+    the KS test of the two models' truth ratios computed directly; the oracle against itself
+    is indistinguishable (p = 1)."""
+    from scipy.stats import ks_2samp
+
+    from unlearn_kernels.eval import scores
+
+    bench = entangled.generate()
+    questions = bench.questions(bench.forget_facts())
+    write_jsonl(tmp_path / "forget.jsonl", [q.to_json() for q in questions])
+    oracle = str(tiny.ORACLE_DIR)
+    code, out, _ = run(capsys, "eval", "--model", MODEL, "--oracle", oracle, "--questions",
+                       str(tmp_path / "forget.jsonl"), "--json", "-")
+    r = json.loads(out)["oracle"]["forget"]
+    assert code == 0 and r["acc"] == 1.0 and r["oracle_acc"] < 0.35 and r["n"] == len(questions)
+    model, tokenizer = tiny.load()
+    prepared = scores.prepare(tokenizer, questions)
+    ratios = [scores.score(m, tokenizer, prepared)["log_truth_ratio"] for m in (model, tiny.load(oracle)[0])]
+    assert r["forget_quality"] == pytest.approx(ks_2samp(*ratios).pvalue, rel=1e-9) and r["forget_quality"] < 1e-6
+    code, out, _ = run(capsys, "eval", "--model", oracle, "--oracle", oracle, "--questions",
+                       str(tmp_path / "forget.jsonl"))
+    assert code == 0 and "forget quality (KS p of the truth ratios against the oracle's) 1" in out
+    code, _, err = run(capsys, "eval", "--model", MODEL, "--oracle", oracle, "--mia-forget", str(files / "attack.txt"),
+                       "--mia-holdout", str(files / "holdout.txt"))
+    assert code == 2 and "--oracle compares answers to --questions" in err and err.count("\n") == 1

@@ -430,6 +430,12 @@ def _eval(args) -> int:
         payload["privacy"] = privacy_report(model, tokenizer, read_texts(args.mia_forget, args.text_field),
                                             read_texts(args.mia_holdout, args.text_field),
                                             reference_model=reference, batch_size=args.batch_size)
+    if args.oracle:
+        if not question_sets:
+            raise ValueError("--oracle compares answers to --questions: give the forget questions")
+        if model is None:
+            model, tokenizer = files.load_model(args.model, args.device, args.dtype)
+        payload["oracle"] = _against_oracle(model, tokenizer, args, question_sets)
     if args.log_samples:
         write_jsonl_atomic(args.log_samples, samples)
     if quiet:
@@ -439,12 +445,36 @@ def _eval(args) -> int:
         print(files.table(results))
     if "privacy" in payload:
         print(files.privacy_table(payload["privacy"]))
+    for name, r in payload.get("oracle", {}).items():
+        print(f"{name}: acc {r['acc']:.3f} vs oracle {r['oracle_acc']:.3f}; forget quality (KS p of the truth "
+              f"ratios against the oracle's) {r['forget_quality']:.3g}")
     if args.json:
         write_json_atomic(args.json, payload)
         print(f"wrote {args.json}")
     if args.log_samples:
         print(f"wrote {len(samples)} samples to {args.log_samples}")
     return 0
+
+
+def _against_oracle(model, tokenizer, args, question_sets: dict) -> dict:
+    """Per question file: the model's and the oracle's accuracy and the forget quality
+    (``eval.oracle.forget_quality`` of their per-question log truth ratios)."""
+    from .eval import files, scores
+    from .eval.oracle import forget_quality
+
+    oracle, oracle_tokenizer = files.load_model(args.oracle, args.device, args.dtype)
+    if oracle_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--oracle {args.oracle}: its tokenizer differs from the model's; the oracle must be the "
+                         "same recipe retrained without the forget data")
+    out = {}
+    for name, questions in question_sets.items():
+        prepared = scores.prepare(tokenizer, questions, args.format, args.subject)
+        own, theirs = (scores.score(m, tokenizer, prepared, args.batch_size) for m in (model, oracle))
+        quality = forget_quality(own["log_truth_ratio"], theirs["log_truth_ratio"])
+        out[name] = {"acc": float(own["acc"].mean()), "oracle_acc": float(theirs["acc"].mean()),
+                     "forget_quality": quality["p_value"], "forget_quality_ks": quality["ks_statistic"],
+                     "n": quality["n"], "oracle": str(args.oracle)}
+    return out
 
 
 def _relearn(args) -> int:
@@ -589,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--mia-forget", help="texts the model was trained on (membership AUC, PrivLeak)")
     evaluate.add_argument("--mia-holdout", help="texts it never saw, same distribution")
     evaluate.add_argument("--mia-reference", help="reference model directory (the retrained one) for PrivLeak")
+    evaluate.add_argument("--oracle", help="the model retrained without the forget data: its accuracy beside the "
+                                           "model's and the forget quality (KS p-value of their truth ratios)")
     evaluate.set_defaults(func=_eval)
     relearn = sub.add_parser("relearn", help="relearning attack (RTT): fine-tune on some facts, score held-out ones")
     _model_options(relearn)

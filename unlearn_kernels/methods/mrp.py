@@ -8,9 +8,13 @@ After decoder layer ``l`` the residual stream is projected off a forget subspace
 (``masked_gram``): the retain subspace ``V`` (top eigenvectors of ``G_r`` holding
 ``retain_energy`` of its trace) is removed first, and ``U`` holds the top-``rank``
 eigenvectors of ``G_f`` inside its complement, so ``Uᵀ V = 0`` and retain activations are
-(almost) untouched. No weight changes, which is what makes the edit robust to relearning:
-fine-tuning the weights does not bring back a direction that is projected away after the
-layer.
+(almost) untouched. No weight changes. The projection was expected to make the edit robust
+to relearning (fine-tuning cannot bring back a direction that is projected away after the
+layer), but measured it is not: on the embedded benchmark at 30 % overlap (the demo, rank 32
+at layer 2) the relearning attack brings 52 % of the removed knowledge back (held-out forget
+accuracy 0.63 at the attacker's best rate; the retrained oracle 0.24, the base model 1.00),
+with the projection active — fine-tuning re-encodes the facts outside ``U``. See
+``methods.tar`` for a method trained against the attack.
 
 Optionally (``train_steps > 0``) ``U`` is trained with the GradDiff objective
 ``−NLL(forget) + γ·NLL(retain)`` through the projection, re-orthonormalised (QR) after each
