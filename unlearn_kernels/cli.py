@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--methods", nargs="+", default=None, help="subset of the demo methods")
     demo.add_argument("--relearn-steps", type=int, default=30)
     demo.add_argument("--full", action="store_true",
-                      help="the whole sweep: every overlap (0-30 %%) and more values of each method's knob (~30 min)")
+                      help="the whole sweep: every overlap (0-30 %%) and more values of each method's knob "
+                           "(about 45 min on 2 cores)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     demo.set_defaults(func=_demo)
