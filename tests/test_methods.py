@@ -203,7 +203,7 @@ def test_demo_sweeps_every_method_on_its_knob():
 
 def _row(method, forget, retain, value=None, recovery=None, overlap=0.3):
     return {"overlap": overlap, "method": method, "knob": None if value is None else "steps", "value": value,
-            "forget_acc": forget, "retain_acc": retain, "recovery": recovery,
+            "forget_acc": forget, "retain_acc": retain, "shared_retain_acc": None, "recovery": recovery,
             "recovery_max": None if recovery is None else max(recovery.values())}
 
 
@@ -217,9 +217,11 @@ def test_verdict_reports_the_goal_and_srmu_vs_rmu_honestly():
     text = verdict(ref + [good, leaky] + curves)
     assert "TAR steps=80 at 30% overlap meets the goal" in text
     assert "TAR steps=40 at 30% overlap MISSES recovery <= 20 % at every rate" in text
-    assert "retain differs by at most +0.100 (at forget 0.300)" in text
-    apart = verdict(ref + [_row("SRMU", 0.3, 0.9, 1), _row("RMU", 0.6, 0.9, 1)])
-    assert "do not overlap" in apart
+    assert "SRMU vs RMU (30% overlap), best accuracy at equal or lower forget accuracy, SRMU minus RMU: " \
+           "retain +0.040 to +0.100." in text
+    # a knob that moves retain but not forget: the frontier compares the best of each side
+    flat = verdict(ref + [_row("SRMU", 0.3, 0.7, 1), _row("SRMU", 0.3, 0.9, 2), _row("RMU", 0.25, 0.95, 1)])
+    assert "SRMU minus RMU: retain -0.050 to -0.050." in flat
     far = verdict(ref + [_row("TAR", 0.45, 0.99, 80, {1e-5: 0.0})])
     assert "MISSES forget within 5 points of the oracle" in far
 

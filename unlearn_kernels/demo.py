@@ -124,25 +124,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """The piecewise-linear curve through ``points`` (sorted by x) at ``x``; None outside it."""
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[0][1] if len(points) == 1 and points[0][0] == x else None
-
-
-def _span(points: list[tuple[float, float]]) -> str:
-    xs = sorted(x for x, _ in points)
-    return f"{xs[0]:.3f}" if len(xs) == 1 else f"{xs[0]:.3f}-{xs[-1]:.3f}"
+def frontier(points: list[tuple[float, float]], x: float) -> float | None:
+    """The best retain accuracy among ``(forget, retain)`` points whose forget accuracy is at
+    most ``x`` (None when there is none): a method's forget–retain trade-off as a monotone curve,
+    however its knob moves the two."""
+    kept = [retain for forget, retain in points if forget <= x + 1e-12]
+    return max(kept) if kept else None
 
 
 def verdict(rows: list[dict], chance: float = 0.25, robust: str = "TAR") -> str:
-    """At the largest overlap: whether the tamper-resistant method meets the goal (recovery <=
-    20 % at every attack rate, forget within 5 points of the oracle, retain >= 95 % of the base
-    model) at any of its settings, and SRMU's retain accuracy against RMU's at equal forget
-    accuracy (linear interpolation along each curve, where the forget ranges overlap)."""
+    """At the largest overlap, whether each setting of the tamper-resistant method meets the goal
+    (recovery <= 20 % at every attack rate, forget within 5 points of the oracle, retain >= 95 %
+    of the base model); at every overlap, SRMU against RMU at equal forget accuracy
+    (:func:`_srmu_vs_rmu`)."""
     overlap = max(r["overlap"] for r in rows)
     at = [r for r in rows if r["overlap"] == overlap]
     base = next((r for r in at if r["method"] == "base"), None)
@@ -160,20 +154,27 @@ def verdict(rows: list[dict], chance: float = 0.25, robust: str = "TAR") -> str:
                          f"{_num(r.get('recovery_max'), '.0%')} (worst rate), forget {r['forget_acc']:.3f} "
                          f"(oracle {oracle['forget_acc']:.3f}), retain {r['retain_acc']:.3f} "
                          f"(limit {0.95 * base['retain_acc']:.3f}).")
-    curves = {m: [(r["forget_acc"], r["retain_acc"]) for r in at if r["method"] == m] for m in ("SRMU", "RMU")}
-    if curves["SRMU"] and curves["RMU"]:
-        xs = sorted({x for x, _ in curves["SRMU"] + curves["RMU"]})
-        gaps = [(x, s - r) for x in xs if (s := _interpolate(curves["SRMU"], x)) is not None
-                and (r := _interpolate(curves["RMU"], x)) is not None]
-        if gaps:
-            x, gap = max(gaps, key=lambda g: abs(g[1]))
-            lines.append(f"SRMU vs RMU at equal forget accuracy ({overlap:.0%} overlap): retain differs by at most "
-                         f"{gap:+.3f} (at forget {x:.3f}); positive means SRMU keeps more.")
-        else:
-            lines.append(f"SRMU vs RMU ({overlap:.0%} overlap): their forget accuracies do not overlap "
-                         f"(SRMU {_span(curves['SRMU'])}, RMU {_span(curves['RMU'])}); "
-                         "run --full for longer curves.")
+    for level in sorted({r["overlap"] for r in rows}):
+        lines += _srmu_vs_rmu([r for r in rows if r["overlap"] == level], level)
     return ("\n" + "\n".join(lines)) if lines else ""
+
+
+def _srmu_vs_rmu(at: list[dict], overlap: float) -> list[str]:
+    """SRMU's frontier minus RMU's (:func:`frontier`) at every forget accuracy either reaches and
+    both can match, for retain and for the retain facts of the forget entities."""
+    if not any(r["method"] == "SRMU" for r in at) or not any(r["method"] == "RMU" for r in at):
+        return []
+    parts = []
+    for key, label in (("retain_acc", "retain"), ("shared_retain_acc", "shared-entity retain")):
+        curves = {m: [(r["forget_acc"], r[key]) for r in at if r["method"] == m and r[key] is not None]
+                  for m in ("SRMU", "RMU")}
+        xs = sorted({x for x, _ in curves["SRMU"] + curves["RMU"]})
+        gaps = [s - r for x in xs if (s := frontier(curves["SRMU"], x)) is not None
+                and (r := frontier(curves["RMU"], x)) is not None]
+        if gaps:
+            parts.append(f"{label} {min(gaps):+.3f} to {max(gaps):+.3f}")
+    return [f"SRMU vs RMU ({overlap:.0%} overlap), best accuracy at equal or lower forget accuracy, SRMU minus "
+            f"RMU: {'; '.join(parts)}."]
 
 
 def plot(rows: list[dict], path: Path) -> None:
