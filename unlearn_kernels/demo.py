@@ -179,42 +179,45 @@ def _srmu_vs_rmu(at: list[dict], overlap: float) -> list[str]:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Per split: forget vs retain accuracy and forget accuracy vs recovery (or relearned
-    accuracy where there is no oracle), one curve per method through its sweep (atomic write)."""
+    accuracy where there is no oracle), one curve per method through its sweep, the oracle as a
+    star and the base model (forget 1.0, off to the right) as a dotted line (atomic write)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     overlaps = sorted({r["overlap"] for r in rows})
+    names = [n for n in dict.fromkeys(r["method"] for r in rows) if n not in ("base", "oracle")]
+    colors = {**{n: f"C{i}" for i, n in enumerate(names)}, "oracle": "gold"}
+    markers = {**{n: "osD^vPXh"[i % 8] for i, n in enumerate(names)}, "oracle": "*"}
     fig, axes = plt.subplots(2, len(overlaps), figsize=(5.5 * len(overlaps), 9), squeeze=False)
     for col, overlap in enumerate(overlaps):
         at = [r for r in rows if r["overlap"] == overlap]
+        base = next((r for r in at if r["method"] == "base"), None)
         with_oracle = any(r["method"] == "oracle" for r in at)
+        second_key = "recovery_max" if with_oracle else "relearn_acc"
         top, bottom = axes[0, col], axes[1, col]
-        methods = list(dict.fromkeys(r["method"] for r in at))
-        for i, name in enumerate(methods):
-            points = sorted((r for r in at if r["method"] == name), key=lambda r: r["forget_acc"])
-            marker = "*" if name in ("base", "oracle") else "osD^vPX"[i % 7]
-            style = dict(color="black" if name == "base" else "gold" if name == "oracle" else f"C{i}", marker=marker,
-                         ms=12 if marker == "*" else 6, label=name, ls="-" if len(points) > 1 else "none")
+        for name in [n for n in ("oracle", *names) if any(r["method"] == n for r in at)]:
+            points = sorted((r for r in at if r["method"] == name), key=lambda r: r["value"] or 0)  # knob order
+            style = dict(color=colors[name], marker=markers[name], ms=13 if name == "oracle" else 6, label=name,
+                         ls="-" if len(points) > 1 else "none")
             forget = [r["forget_acc"] for r in points]
             top.plot(forget, [r["retain_acc"] for r in points], **style)
-            second = [r["recovery_max"] if with_oracle else r["relearn_acc"] for r in points]
-            if all(v is not None for v in second):
-                bottom.plot(forget, second, **style)
-        top.axvline(0.25, ls="--", c="grey", lw=1)
-        low = min(r["retain_acc"] for r in at)
-        top.set(xlim=(0, 1.05), ylim=(max(0.0, low - 0.05), 1.02), xlabel="forget accuracy (lower is better)",
-                ylabel="retain accuracy",
-                title=f"{overlap:.0%} overlap: forget vs retain")
-        bottom.axvline(0.25, ls="--", c="grey", lw=1)
+            if all(r[second_key] is not None for r in points):
+                bottom.plot(forget, [r[second_key] for r in points], **style)
+        shown = [r["forget_acc"] for r in at if r["method"] != "base"] or [0.25]
+        for ax, key in ((top, "retain_acc"), (bottom, second_key)):
+            if base is not None and base[key] is not None:
+                ax.axhline(base[key], ls=":", c="black", lw=1.2, label=f"base (forget {base['forget_acc']:.2f})")
+            ax.axvline(0.25, ls="--", c="grey", lw=1)
+            ax.set_xlim(max(0.0, min(*shown, 0.25) - 0.03), max(shown) + 0.05)
+            ax.set_xlabel("forget accuracy (lower is better; chance 0.25 dashed)")
+            ax.legend(fontsize=8)
+        top.set(ylabel="retain accuracy", title=f"{overlap:.0%} overlap: forget vs retain")
         if with_oracle:
             bottom.axhline(0.2, ls=":", c="red", lw=1)
-        bottom.set(xlim=(0, 1.05), xlabel="forget accuracy (lower is better)",
-                   ylabel="recovery, worst attack rate (lower is better)" if with_oracle
+        bottom.set(ylabel="recovery, worst attack rate (lower is better; goal 0.2 red)" if with_oracle
                    else "relearned held-out forget accuracy",
                    title=f"{overlap:.0%} overlap: forget vs " + ("recovery" if with_oracle else "relearning"))
-        for ax in (top, bottom):
-            ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=100)
