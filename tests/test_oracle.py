@@ -72,7 +72,7 @@ def bpe_model():
     """A random 2-layer Llama over a byte-level BPE vocabulary: choices of several tokens."""
     bench = entangled.generate(0.25)
     tokenizer = tiny.build_bpe_tokenizer(bench.corpus(), vocab_size=300, with_bos=True)
-    model = tiny.build_model(len(tokenizer), hidden=32, layers=2, seed=3).eval()
+    model = tiny.build_model(tokenizer, hidden=32, layers=2, seed=3).eval()
     return model, tokenizer, bench.questions(bench.forget_facts())[:12]
 
 
