@@ -44,7 +44,7 @@ DEMO_SETTINGS = {
                  fraction=0.2, score_batches=4, retain_weight=5.0),
     "GradDiff": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=60, retain_weight=5.0),
     "NPO": dict(update=["layers.*"], lr=1e-3, batch_size=16, steps=60, retain_weight=8.0),
-    "TAR": dict(update=["layers.*"], lr=7e-4, batch_size=16, steps=100, adversary_steps=4,
+    "TAR": dict(update=["layers.*"], lr=7e-4, batch_size=16, steps=120, adversary_steps=4,
                 adversary_lrs=(3e-3, 3e-3), retain_weight=3.0),
 }
 # The main strength knob of each method: (setting, values of the default demo, values of --full).
@@ -55,7 +55,7 @@ SWEEPS = {
     "SIMU": ("lr", (1e-3,), (3e-4, 1e-3, 3e-3)),
     "GradDiff": ("steps", (60,), (30, 60, 120)),
     "NPO": ("steps", (60,), (30, 60, 120)),
-    "TAR": ("steps", (60, 100), (60, 100, 140)),
+    "TAR": ("steps", (60, 120), (60, 100, 120, 140)),
 }
 
 
