@@ -352,6 +352,13 @@ def _check(questions: Sequence) -> None:
                              f"got {q.answer!r}")
 
 
+def predictions(request: Request, loglikelihoods: Sequence[float]) -> tuple[int, int]:
+    """``(pred, pred_norm)``: the choice of highest ``ℓ_i`` and of highest ``ℓ_i / len(c_i)``
+    (lowest index on ties, as lm-eval)."""
+    norm = [v / len(c) for v, c in zip(loglikelihoods, request.normalisers)]
+    return int(np.argmax(loglikelihoods)), int(np.argmax(norm))
+
+
 def evaluate_multiple_choice(model, tokenizer, questions: Sequence, *, format: str = "cloze",
                              subject: str | None = None, batch_size: int = 16, limit: int | None = None,
                              progress: bool | None = None, return_details: bool = False,
@@ -375,8 +382,7 @@ def evaluate_multiple_choice(model, tokenizer, questions: Sequence, *, format: s
     lls = score_requests(model, tokenizer, requests, batch_size, progress, share_context)
     acc, acc_norm, samples = [], [], []
     for q, r, ll in zip(questions, requests, lls):
-        norm = [v / len(c) for v, c in zip(ll, r.normalisers)]
-        pred, pred_norm = int(np.argmax(ll)), int(np.argmax(norm))
+        pred, pred_norm = predictions(r, ll)
         acc.append(float(pred == q.answer))
         acc_norm.append(float(pred_norm == q.answer))
         if return_details:

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .multiple_choice import Request, _check as check_questions, build_requests, score_requests
+from .multiple_choice import Request, _check as check_questions, build_requests, predictions, score_requests
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,7 @@ def score(model, tokenizer, prepared: Prepared, batch_size: int = 16) -> dict:
     order) and ``"loglikelihoods"`` (lists), from one pass of the evaluator."""
     lls = score_requests(model, tokenizer, prepared.requests, batch_size, progress=False)
     answers = np.asarray(prepared.answers)
-    pred = np.array([int(np.argmax(ll)) for ll in lls])
-    pred_norm = np.array([int(np.argmax([v / len(c) for v, c in zip(ll, r.normalisers)]))
-                          for ll, r in zip(lls, prepared.requests)])
+    pred, pred_norm = np.array([predictions(r, ll) for r, ll in zip(prepared.requests, lls)]).T
     counts = [[len(c) for c in r.continuation_ids] for r in prepared.requests]
     return {"acc": (pred == answers).astype(np.float64), "acc_norm": (pred_norm == answers).astype(np.float64),
             "log_truth_ratio": log_truth_ratios(lls, counts, prepared.answers), "loglikelihoods": lls}

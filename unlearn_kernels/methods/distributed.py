@@ -79,7 +79,7 @@ def gather_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, DTensor):
-        return value.full_tensor()
+        return full(value)
     if isinstance(param, DTensor) and value.dim() and value.shape == param.to_local().shape:
         return DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape,
                                   stride=param.stride()).full_tensor()

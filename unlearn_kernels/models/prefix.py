@@ -110,7 +110,7 @@ def load_prefix(path: Path | str, layers: int, dtype=None):
     return model.eval(), tokenizer
 
 
-def _read_prefix(path: Path, config, dtype):
+def _read_prefix(path: Path, config, dtype: torch.dtype):
     """The prefix model built empty in ``dtype`` and filled tensor by tensor from the shards
     (each read, converted and copied in place, so the peak is the prefix plus one tensor, not the
     fp32 copies transformers' converting loader keeps); None when the checkpoint does not store
@@ -125,16 +125,17 @@ def _read_prefix(path: Path, config, dtype):
 
     keys = checkpoint_keys(path) or {}
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _stored_dtype(path))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    targets, stored_as = {}, {}     # a tied tensor appears under each name: read it once
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    targets, read = {}, set()       # a tied tensor appears under each name: read it once
+    for name, tensor in state.items():
         storage = (tensor.data_ptr(), tuple(tensor.shape))
-        if name in keys and storage not in stored_as:
-            stored_as[storage] = name
+        if name in keys and storage not in read:
+            read.add(storage)
             targets[name] = tensor
-    if any((t.data_ptr(), tuple(t.shape)) not in stored_as for t in model.state_dict().values()):
+    if any((t.data_ptr(), tuple(t.shape)) not in read for t in state.values()):
         return None
     by_shard: dict[str, list[str]] = {}
     for name in targets:
