@@ -207,3 +207,6 @@ def test_eval_against_the_oracle(capsys, tmp_path, files):
     code, _, err = run(capsys, "eval", "--model", MODEL, "--oracle", oracle, "--mia-forget", str(files / "attack.txt"),
                        "--mia-holdout", str(files / "holdout.txt"))
     assert code == 2 and "--oracle compares answers to --questions" in err and err.count("\n") == 1
+    code, out, err = run(capsys, "eval", "--model", MODEL, "--oracle", str(tmp_path / "nope"), "--questions",
+                         str(tmp_path / "forget.jsonl"))
+    assert code == 2 and "nope is not a model directory" in err and err.count("\n") == 1 and "|" not in out

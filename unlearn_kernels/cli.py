@@ -387,6 +387,9 @@ def _eval(args) -> int:
         raise ValueError("--mia-forget and --mia-holdout go together: members and never-trained-on texts")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch-size and --limit must be positive integers")
+    for other in (args.oracle, args.mia_reference):   # before any evaluation of the model itself
+        if other:
+            check_causal_lm(Path(other))
     names = files.task_names(args.questions or [])
     question_sets = {n: read_multiple_choice(p, limit=args.limit) for n, p in zip(names, args.questions or [])}
     if args.format == "mmlu":
