@@ -218,10 +218,8 @@ def _unlearn(args) -> int:
         out = save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
                                      method.saved_masks())
     save_figure_atomic(_report_figure(report), Path(out) / "report.png")
-    if checkpointer is not None and checkpointer.path.exists():
-        import shutil
-
-        shutil.rmtree(checkpointer.path)      # ours, and the run it served is saved
+    if checkpointer is not None:
+        checkpointer.remove()      # ours, and the run it served is saved
     print(f"saved the unlearned model, report.json and report.png to {config['out']}")
     for split, values in report.get("evaluation", {}).get("before", {}).items():
         print(f"{split} accuracy: {values['acc']:.3f} -> {report['evaluation']['after'][split]['acc']:.3f}")
@@ -273,15 +271,15 @@ def _prefix_plan(args, model_dir, method_class, method_config, wants_full: bool)
 def _checkpointer(out: Path, args):
     """``{out}.checkpoint`` for ``--checkpoint-every``/``--resume`` (refusing a folder that is
     not one of our checkpoints, or starting over one without ``--overwrite``)."""
-    from .methods.checkpoint import STATE, Checkpointer
+    from .methods.checkpoint import Checkpointer, NotACheckpointError, is_checkpoint
 
     if not args.checkpoint_every and not args.resume:
         return None
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     path = out.with_name(out.name + ".checkpoint")
-    if path.exists() and not (path / STATE).is_file():
-        raise ValueError(f"{path} exists and is not an unlearn_kernels checkpoint: refusing to touch it")
+    if (path.exists() or path.is_symlink()) and not is_checkpoint(path):   # --overwrite or not
+        raise NotACheckpointError(path)
     if path.exists() and not args.resume and not args.overwrite:
         raise ValueError(f"a checkpoint exists at {path}: pass --resume to continue it or --overwrite to start over")
     if args.resume and not path.exists():
@@ -379,7 +377,7 @@ def _eval(args) -> int:
     from .data.loaders import read_multiple_choice, read_texts
     from .eval import files
     from .eval.multiple_choice import evaluate_multiple_choice
-    from .models.io import check_causal_lm, write_json_atomic, write_jsonl_atomic
+    from .models.io import write_json_atomic, write_jsonl_atomic
 
     if not args.questions and not args.mia_forget:
         raise ValueError("eval needs --questions FILE (or --mia-forget/--mia-holdout)")
@@ -387,9 +385,10 @@ def _eval(args) -> int:
         raise ValueError("--mia-forget and --mia-holdout go together: members and never-trained-on texts")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch-size and --limit must be positive integers")
-    for other in (args.oracle, args.mia_reference):   # before any evaluation of the model itself
-        if other:
-            check_causal_lm(Path(other))
+    others = {}     # loaded (and so checked) before any evaluation of the model itself
+    for other in (args.oracle, args.mia_reference):
+        if other and other not in others:
+            others[other] = files.load_model(other, args.device, args.dtype, args.trust_remote_code)
     names = files.task_names(args.questions or [])
     question_sets = {n: read_multiple_choice(p, limit=args.limit) for n, p in zip(names, args.questions or [])}
     if args.format == "mmlu":
@@ -400,17 +399,14 @@ def _eval(args) -> int:
                                      f"this one has {len(q.choices)}")
     quiet = args.json == "-"
     results = {}
+    model, tokenizer = files.load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     if question_sets and args.engine == "lm-eval":
         from .eval import harness
 
         harness.require_lm_eval()
-        check_causal_lm(Path(args.model))
-        results = harness.run(args.model, question_sets, format=args.format, subject=args.subject,
-                              device=args.device, dtype=args.dtype or "auto", batch_size=args.batch_size,
-                              log_samples=bool(args.log_samples))
-        model = tokenizer = None
+        results = harness.run(model, question_sets, tokenizer=tokenizer, format=args.format, subject=args.subject,
+                              batch_size=args.batch_size, log_samples=bool(args.log_samples))
     else:
-        model, tokenizer = files.load_model(args.model, args.device, args.dtype)
         for (name, questions), path in zip(question_sets.items(), args.questions):
             try:
                 results[name] = evaluate_multiple_choice(model, tokenizer, questions, format=args.format,
@@ -427,18 +423,14 @@ def _eval(args) -> int:
     if args.mia_forget:
         from .eval.privacy import privacy_report
 
-        if model is None:
-            model, tokenizer = files.load_model(args.model, args.device, args.dtype)
-        reference = files.load_model(args.mia_reference, args.device, args.dtype)[0] if args.mia_reference else None
+        reference = others[args.mia_reference][0] if args.mia_reference else None
         payload["privacy"] = privacy_report(model, tokenizer, read_texts(args.mia_forget, args.text_field),
                                             read_texts(args.mia_holdout, args.text_field),
                                             reference_model=reference, batch_size=args.batch_size)
     if args.oracle:
         if not question_sets:
             raise ValueError("--oracle compares answers to --questions: give the forget questions")
-        if model is None:
-            model, tokenizer = files.load_model(args.model, args.device, args.dtype)
-        payload["oracle"] = _against_oracle(model, tokenizer, args, question_sets)
+        payload["oracle"] = _against_oracle(model, tokenizer, *others[args.oracle], args, question_sets)
     if args.log_samples:
         write_jsonl_atomic(args.log_samples, samples)
     if quiet:
@@ -459,13 +451,12 @@ def _eval(args) -> int:
     return 0
 
 
-def _against_oracle(model, tokenizer, args, question_sets: dict) -> dict:
+def _against_oracle(model, tokenizer, oracle, oracle_tokenizer, args, question_sets: dict) -> dict:
     """Per question file: the model's and the oracle's accuracy and the forget quality
     (``eval.oracle.forget_quality`` of their per-question log truth ratios)."""
-    from .eval import files, scores
+    from .eval import scores
     from .eval.oracle import forget_quality
 
-    oracle, oracle_tokenizer = files.load_model(args.oracle, args.device, args.dtype)
     if oracle_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"--oracle {args.oracle}: its tokenizer differs from the model's; the oracle must be the "
                          "same recipe retrained without the forget data")
@@ -490,7 +481,7 @@ def _relearn(args) -> int:
 
     texts = read_texts(args.train, args.text_field)
     questions = read_multiple_choice(args.questions, limit=args.limit)
-    model, tokenizer = files.load_model(args.model, args.device, args.dtype)
+    model, tokenizer = files.load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     result = relearn_attack(model, tokenizer, texts, questions, lrs=args.lrs, steps=args.steps, every=args.every,
                             batch_size=args.batch_size, seed=args.seed, format=args.format)
     payload = {**result, "curves": {str(lr): c for lr, c in result["curves"].items()},
@@ -539,6 +530,8 @@ def _model_options(parser) -> None:
     parser.add_argument("--format", default="cloze", choices=["cloze", "mmlu"],
                         help="cloze: 'Question: q\\nAnswer:' + ' choice'; mmlu: lettered choices (lm-eval's wmdp/mmlu)")
     parser.add_argument("--text-field", default="text", help="column holding the text in data files")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the model folder's own code files (config.json auto_map) run; never done without")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
 """Loaders for user data: text corpora, WMDP-style multiple-choice questions, TOFU-style QA pairs.
 
-Tables are read with the ``datasets`` library, offline (local files only, never the Hub):
+Tables are read offline (local files only, never the Hub):
 
-- ``.jsonl`` / ``.ndjson`` / ``.json`` — JSON lines, or one JSON array of objects
-  (``load_dataset("json")``; when Arrow cannot type a column, e.g. mixed types, the rows
-  are read with the ``json`` module instead, so every value keeps its JSON type);
+- ``.jsonl`` / ``.ndjson`` / ``.json`` — JSON lines, or one JSON array of objects, read with
+  Python's ``json`` module (every value keeps its JSON type; a value nested too deeply is a
+  DataError). Never with Arrow's JSON reader, which a deeply nested line crashes with a
+  segmentation fault — a data file must never take the process down;
+- the other formats with the ``datasets`` library:
 - ``.csv`` — a header row, every cell read as text (``load_dataset("csv")``, no NA guessing);
 - ``.parquet`` (``load_dataset("parquet")``);
 - a ``Dataset.save_to_disk`` folder (``load_from_disk``); for a ``DatasetDict`` the single
@@ -41,6 +43,7 @@ import json
 import math
 import numbers
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -189,6 +192,11 @@ def _load(path: Path, kind: str, compressed: bool):
     any failure."""
     if kind != "disk" and path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    if kind == "json":   # never Arrow's JSON reader: deeply nested values crash the process in it
+        rows = _json_rows(path, compressed)
+        if not rows:
+            raise DataError(f"{path}: the file is empty (no rows)")
+        return rows
     extra: dict = {}
     if kind == "csv":
         extra = _csv_options(path, compressed)
@@ -208,12 +216,7 @@ def _load(path: Path, kind: str, compressed: bool):
             raise
         except Exception as error:  # datasets, pyarrow, pandas, codecs: never leak them
             failure = error
-    if kind == "json" and (failure is not None or any("Json(" in repr(f) for f in loaded.features.values())):
-        # Arrow could not type a column (mixed types): datasets then fails, or stores it as
-        # a ``Json`` feature that turns the string "1" into the number 1. Read the rows with
-        # the json module instead, so every value keeps its JSON type.
-        loaded = _json_rows(path, compressed)   # DataError on a syntax error; else the rows
-    elif failure is not None:
+    if failure is not None:
         raise _diagnose(path, kind, compressed, failure) from None
     elif kind == "disk" and isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
@@ -254,8 +257,15 @@ def _csv_options(path: Path, compressed: bool) -> dict:
 
 def _json_rows(path: Path, compressed: bool) -> list[dict]:
     """The objects of a JSON-lines file or JSON array, by the ``json`` module (DataError
-    naming the line of the first syntax error or non-object)."""
-    text = _read_text_file(path, compressed)   # raises for empty and non-UTF-8 files
+    naming the line of the first syntax error, non-object or value nested too deeply)."""
+    try:
+        return _parse_json_rows(path, _read_text_file(path, compressed))   # empty, non-UTF-8: DataError
+    except RecursionError:
+        raise DataError(f"{path}: a value is nested too deeply to read (more than "
+                        f"{sys.getrecursionlimit()} levels)") from None
+
+
+def _parse_json_rows(path: Path, text: str) -> list[dict]:
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -24,15 +24,22 @@ def task_names(paths: list[str]) -> list[str]:
     return names
 
 
-def load_model(path: str, device: str, dtype: str | None):
-    """``load_local`` on ``device`` in ``dtype`` (None: the checkpoint's)."""
+def load_model(path: str, device: str, dtype: str | None, trust_remote_code: bool = False):
+    """``load_local`` on ``device`` in ``dtype`` (None: the checkpoint's); with
+    ``trust_remote_code`` (``--trust-remote-code``) the folder's own modeling code may run, and
+    a line on stderr says so."""
+    import sys
+
     import torch
 
     from ..models.io import load_local
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
-    model, tokenizer = load_local(path, getattr(torch, dtype) if dtype else None)
+    if trust_remote_code:
+        print(f"--trust-remote-code: the code files of {path} (config.json auto_map) may run in this process",
+              file=sys.stderr)
+    model, tokenizer = load_local(path, getattr(torch, dtype) if dtype else None, trust_remote_code)
     return model.to(device), tokenizer
 
 

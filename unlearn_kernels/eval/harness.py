@@ -8,13 +8,18 @@ prompts of :mod:`.prompts`:
 - ``mmlu``: lm-eval's own ``wmdp``/``mmlu`` template generalised to any number of choices
   (``A.`` … ``Z.``), with the ``description`` of the subject.
 
-The model is lm-eval's ``HFLM`` (``pretrained=DIR``), zero-shot, no chat template; the result
-has the schema of :func:`unlearn_kernels.eval.multiple_choice.evaluate_multiple_choice`.
+The model is lm-eval's ``HFLM`` wrapped around the model :func:`unlearn_kernels.models.io.load_local`
+loaded from the folder (checked: no weight initialised at random, every weight finite; a
+projected MRP folder gets its projections without running the folder's modeling file), zero-shot,
+no chat template; no code from the folder runs unless the caller loaded the model with
+``trust_remote_code=True`` itself. The result has the schema of
+:func:`unlearn_kernels.eval.multiple_choice.evaluate_multiple_choice`.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -35,17 +40,6 @@ def require_lm_eval():
     except ImportError:
         raise RuntimeError("--engine lm-eval needs lm-evaluation-harness: pip install lm-eval==0.4.13") from None
     return lm_eval, HFLM, TaskManager
-
-
-def _is_projected(folder) -> bool:
-    """A projected-model folder of ours: its modeling code is the package's own, loaded with
-    ``trust_remote_code=True`` (the harness would otherwise refuse it)."""
-    from ..models.export import MODEL_TYPE
-
-    try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def task_config(name: str, data_file: Path | str, format: str = "cloze", subject: str | None = None) -> dict:
@@ -82,12 +76,23 @@ def run(model, tasks: dict[str, list], *, format: str = "cloze", subject: str | 
         device: str = "cpu", dtype: str = "float32", batch_size: int = 16, log_samples: bool = False,
         tokenizer=None) -> dict:
     """``{name: result}`` from ``lm_eval.simple_evaluate`` for every ``{name: questions}``;
-    ``model`` is a model folder or an ``HFLM``. With ``log_samples`` each result has
-    ``"samples"``: per question, in file order, lm-eval's log-likelihoods."""
+    ``model`` is a model folder (loaded by ``load_local`` on ``device`` in ``dtype``, ``"auto"``:
+    the checkpoint's), a loaded causal LM with its ``tokenizer``, or an ``HFLM``. With
+    ``log_samples`` each result has ``"samples"``: per question, in file order, lm-eval's
+    log-likelihoods. ValueError when lm-eval gives a non-finite log-likelihood."""
     lm_eval, HFLM, TaskManager = require_lm_eval()
+    if isinstance(model, (str, Path)):
+        from .files import load_model
+
+        model, tokenizer = load_model(str(model), device, None if dtype == "auto" else dtype)
     if not isinstance(model, HFLM):
-        model = HFLM(pretrained=str(model), tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-                     trust_remote_code=_is_projected(model))
+        lm_logger = logging.getLogger("lm_eval")
+        level = lm_logger.level
+        lm_logger.setLevel(logging.ERROR)   # its warning that a loaded model ignores device/dtype arguments
+        try:
+            model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        finally:
+            lm_logger.setLevel(level)
     with tempfile.TemporaryDirectory(prefix="unlearn-kernels-lm-eval-") as folder:
         names = {}
         for name, questions in tasks.items():
@@ -95,9 +100,13 @@ def run(model, tasks: dict[str, list], *, format: str = "cloze", subject: str | 
             write_task(Path(folder), task, questions, format, subject)
             names[task] = name
         output = lm_eval.simple_evaluate(model=model, tasks=list(names), task_manager=TaskManager(include_path=folder),
-                                         log_samples=log_samples, verbosity="ERROR")
+                                         log_samples=True, verbosity="ERROR")
     results = {}
     for task, name in names.items():
+        for sample in output["samples"][task]:
+            if not all(math.isfinite(float(r[0][0])) for r in sample["resps"]):
+                raise ValueError(f"{name}: lm-eval gives a non-finite log-likelihood for question "
+                                 f"{sample['doc_id'] + 1}: the model's weights or config are broken")
         r = output["results"][task]
         results[name] = {"acc": r["acc,none"], "acc_stderr": r["acc_stderr,none"], "acc_norm": r["acc_norm,none"],
                          "acc_norm_stderr": r["acc_norm_stderr,none"], "n": len(tasks[name]), "format": format}

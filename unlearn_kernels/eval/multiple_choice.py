@@ -301,12 +301,17 @@ def _batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+class NonFiniteScoreError(ValueError):
+    """The model gave NaN or ±Inf for a continuation: no accuracy can be read from it."""
+
+
 @torch.no_grad()
 def score_requests(model, tokenizer, requests: list[Request], batch_size: int = 16,
                    progress: bool | None = None, share_context: bool = True,
                    stats: dict | None = None) -> list[list[float]]:
     """``ℓ_i`` for every continuation of every request, in request order; ``stats``, when given,
-    receives how many batches ran and how many of them shared their context."""
+    receives how many batches ran and how many of them shared their context.
+    :class:`NonFiniteScoreError` when any ``ℓ_i`` is NaN or infinite."""
     from tqdm import tqdm
 
     if batch_size < 1:
@@ -322,6 +327,9 @@ def score_requests(model, tokenizer, requests: list[Request], batch_size: int = 
         for batch in tqdm(batches, desc="scoring choices", leave=False,
                           disable=(None if len(batches) >= 50 else True) if progress is None else not progress):
             for r, s in zip(batch, scorer.score(batch)):
+                if not all(math.isfinite(v) for v in s):
+                    raise NonFiniteScoreError(f"question {r.index + 1}: the model gives a non-finite log-likelihood "
+                                              f"({s}): its weights or config are broken")
                 results[r.index] = s
     finally:
         model.train(was_training)

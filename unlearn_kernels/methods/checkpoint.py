@@ -7,8 +7,10 @@ A checkpoint folder holds, after step ``k``:
   optimizer state (``optim.<index>.<key>``) and the torch RNG state (``rng.cpu``, and
   ``rng.cuda`` on a GPU);
 - ``state.json``: the step, the optimizer's non-tensor state and param groups, the method's
-  own counters (``extra_state``), the loss history, and the fingerprints of the config and
-  the data, which a resume must match.
+  own counters (``extra_state``), the loss history, the fingerprints of the config and
+  the data, which a resume must match, and the package's marker (``"unlearn_kernels"``, as in
+  an output's ``report.json``): only a folder carrying it is taken for a checkpoint of ours,
+  resumed, replaced or removed (:func:`is_checkpoint`); anything else at the path is refused.
 
 No pickle is written or read. Everything else a run needs is a deterministic function of
 the original model, the config and the data, and is rebuilt by ``setup`` exactly as in the
@@ -37,6 +39,28 @@ import torch
 STATE = "state.json"
 TENSORS = "tensors.safetensors"
 FORMAT = 1
+
+
+def is_checkpoint(path: Path | str) -> bool:
+    """True for a folder whose ``state.json`` is an object carrying the package's marker."""
+    from ..models.output_dir import MARKER
+
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get(MARKER), dict)
+
+
+class NotACheckpointError(ValueError):
+    """A path that holds something other than a checkpoint of ours."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} exists and is not an unlearn_kernels checkpoint (no state.json with the "
+                         "'unlearn_kernels' marker): refusing to touch it")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -150,16 +174,25 @@ class Checkpointer:
     def _write(self, method, step: int, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        from ..models.output_dir import make_staging, swap_into_place
+        from ..models.output_dir import MARKER, make_staging, marker, swap_into_place
 
+        if (self.path.exists() or self.path.is_symlink()) and not is_checkpoint(self.path):
+            raise NotACheckpointError(self.path)       # the swap below would remove it
         opt_plain = _optimizer_structure(method.optimizer.state_dict())
-        state = {"format": FORMAT, "method": method.name, "step": step, "optimizer": opt_plain,
+        state = {MARKER: marker(), "format": FORMAT, "method": method.name, "step": step, "optimizer": opt_plain,
                  "extra_state": method.extra_state(), "history": method.history,
                  "config_sha256": config_fingerprint(method.config), "data": method.data}
         staging = make_staging(self.path)
         save_file(tensors, str(staging / TENSORS))
         (staging / STATE).write_text(json.dumps(state, default=str))
         swap_into_place(staging, self.path)
+
+    def remove(self) -> None:
+        """Delete the checkpoint once the run it served is saved (only a checkpoint of ours)."""
+        import shutil
+
+        if is_checkpoint(self.path):
+            shutil.rmtree(self.path)
 
     def load(self, method) -> int:
         """Restore a saved run into ``method`` (after its ``setup`` and optimizer); returns the
@@ -168,6 +201,8 @@ class Checkpointer:
 
         if not (self.path / STATE).is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.path}")
+        if not is_checkpoint(self.path):
+            raise NotACheckpointError(self.path)
         state = json.loads((self.path / STATE).read_text())
         if state.get("format") != FORMAT or state.get("method") != method.name:
             raise ValueError(f"--resume: {self.path} is not a {method.name} checkpoint of this version")

@@ -154,12 +154,14 @@ def save_figure_atomic(fig, path: Path | str, dpi: int = 100) -> Path:
     return path
 
 
-def check_causal_lm(path: Path) -> None:
-    """ValueError unless ``path`` holds a decoder-only causal LM that transformers knows."""
+def check_causal_lm(path: Path, trust_remote_code: bool = False) -> None:
+    """ValueError unless ``path`` holds a decoder-only causal LM that transformers knows, whose
+    files name no file outside the folder (``models.folder_paths``)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from . import export
+    from .folder_paths import check_model_folder
 
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
@@ -167,11 +169,16 @@ def check_causal_lm(path: Path) -> None:
         raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}/config.json is not valid JSON ({error})") from None
-    if isinstance(raw, dict) and raw.get("model_type") == export.MODEL_TYPE:   # ours: check its base
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}/config.json holds a {type(raw).__name__}, not a JSON object")
+    check_model_folder(path)   # every file the folder names stays inside it
+    if raw.get("model_type") == export.MODEL_TYPE:   # ours: check its base
         base = export.base_config_dict(raw).get("model_type")
         if base not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ValueError(f"{path} is a projected model over {base!r}, which transformers does not know")
         return
+    if trust_remote_code and "AutoModelForCausalLM" in (raw.get("auto_map") or {}):
+        return      # the user consented to the folder's own causal LM code
     try:
         # never run (or ask to run) a folder's own code just to check what it is
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -185,26 +192,30 @@ def check_causal_lm(path: Path) -> None:
 
 @contextmanager
 def quiet_transformers():
-    """No "Loading weights" / "Writing model shards" progress bars from transformers."""
+    """No "Loading weights" / "Writing model shards" progress bars from transformers, and no
+    loading report (our own checks, ``models.integrity``, turn its findings into errors)."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(level)
         if was:
             hf_logging.enable_progress_bar()
 
 
-def load_local(path: Path | str, dtype=None):
+def load_local(path: Path | str, dtype=None, trust_remote_code: bool = False):
     """A causal LM and its tokenizer from a local folder (no network, no progress bars); see
     :func:`_load_local`."""
     with quiet_transformers():
-        return _load_local(path, dtype)
+        return _load_local(path, dtype, trust_remote_code)
 
 
-def _load_local(path: Path | str, dtype=None):
+def _load_local(path: Path | str, dtype=None, trust_remote_code: bool = False):
     """A causal LM and its tokenizer from a local directory (no network), in eval mode.
 
     Saved MRP projections are re-attached as forward hooks (and kept, ``{layer: U}``, on
@@ -212,39 +223,50 @@ def _load_local(path: Path | str, dtype=None):
     ``model.unlearn_masks``. A projected-model folder (``models.export``) is loaded without
     running its modeling code: the base architecture is built from the base config recorded
     in ``config.json`` and the weights are the folder's. Tokenizers without a padding token
-    get their end-of-text token as padding."""
+    get their end-of-text token as padding. No code from the folder runs unless
+    ``trust_remote_code`` (the user's explicit consent). A folder whose weights do not make the model its
+    config describes (missing, unexpected or mismatched keys, non-finite values) is refused
+    (``models.integrity``)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from ..ops import projection_hook
     from . import export
+    from .folder_paths import check_model_folder
+    from .integrity import check_finite, check_loading_info
     from .layers import decoder_layers
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    check_model_folder(path)
     projected = export.read_projected(path)
     if projected is None:
-        check_causal_lm(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        check_causal_lm(path, trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True,
+                                                           trust_remote_code=trust_remote_code)
         scales = {}
         bases = ({int(k.split(".")[1]): u for k, u in load_file(str(path / PROJECTIONS)).items()}
                  if (path / PROJECTIONS).is_file() else {})   # folders written before models.export
-        layers = decoder_layers(model)
+        layers = decoder_layers(model) if bases else None
     else:
         config = projected.base_config()
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"{path}: the base model is a {config.model_type!r} model, not a decoder-only causal LM")
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
         bases = projected.bases()
         scales = {int(k): float(v.get("scale", 1.0)) for k, v in projected.unlearning["projections"].items()}
         layers = model.get_submodule(projected.unlearning["layers_module"])
         if layers is not decoder_layers(model):
             raise ValueError(f"{path}: config.json's layers_module {projected.unlearning['layers_module']!r} "
                              "is not the model's decoder-layer list")
+    check_loading_info(path, info)    # no weight initialised at random, none dropped
+    check_finite(model, path)
     # a projected folder's config.json needs trust_remote_code: hand the tokenizer the base config
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code,
                                               **({} if projected is None else {"config": model.config}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

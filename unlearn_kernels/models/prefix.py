@@ -28,9 +28,13 @@ OURS = {"report.json", "report.png", "unlearn_masks.safetensors"}   # a previous
 
 
 def checkpoint_keys(path: Path | str) -> dict[str, str] | None:
-    """``{tensor name: shard file}`` of a safetensors checkpoint folder (None when it has none)."""
+    """``{tensor name: shard file}`` of a safetensors checkpoint folder (None when it has none);
+    UnsafePathError when the index names a shard outside the folder (``models.folder_paths``)."""
+    from .folder_paths import check_model_folder
+
     path = Path(path)
     if (path / INDEX).is_file():
+        check_model_folder(path)
         return dict(json.loads((path / INDEX).read_text())["weight_map"])
     if (path / SINGLE).is_file():
         from safetensors import safe_open
@@ -52,14 +56,18 @@ def check_shards(path: Path | str) -> None:
 
 def unfit_source(path: Path | str) -> str | None:
     """Why the folder cannot be loaded in part and written back shard by shard (None when it
-    can): it has no safetensors weights, or it carries MRP projections, which a partial load and
-    a shard rewrite would drop."""
+    can): it has no safetensors weights, keeps shards in subfolders, or carries MRP projections,
+    which a partial load and a shard rewrite would drop."""
     from . import export
     from .io import PROJECTIONS
 
     path = Path(path)
-    if checkpoint_keys(path) is None:
+    keys = checkpoint_keys(path)
+    if keys is None:
         return f"{path} has no safetensors weights (model.safetensors or an index)"
+    nested = sorted({shard for shard in keys.values() if "/" in shard})
+    if nested:   # the rewrite copies the folder's own files, not its subfolders
+        return f"{path} keeps shards in subfolders ({nested[0]}), which the shard rewrite does not copy"
     if export.read_projected(path) is not None or (path / PROJECTIONS).is_file():
         return f"{path} carries MRP projections, which the shard rewrite would drop"
     return None
@@ -76,9 +84,12 @@ def load_prefix(path: Path | str, layers: int, dtype=None):
     """The causal LM of ``path`` with its first ``layers`` decoder layers only (and the
     embeddings, final norm and head), and its tokenizer; ``model.unlearn_prefix`` records the
     source folder and its full depth. ValueError when the folder has no safetensors weights or
-    ``layers`` is not in ``1 … depth``."""
+    ``layers`` is not in ``1 … depth``; BrokenModelError when its weights do not make the model
+    its config describes, the layers above the prefix included (``models.integrity``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .export import layers_module_name
+    from .integrity import check_depth_stored, check_finite, check_loading_info, check_stored_finite
     from .io import check_causal_lm, quiet_transformers
 
     path = Path(path)
@@ -101,8 +112,13 @@ def load_prefix(path: Path | str, layers: int, dtype=None):
         converts = dtype is not None and dtype != _stored_dtype(path)
         model = _read_prefix(path, config, dtype) if converts else None
         if model is None:
-            model = _quietly(AutoModelForCausalLM.from_pretrained, path, config=config, dtype=dtype,
-                             local_files_only=True)
+            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
+                                                               output_loading_info=True)
+            check_loading_info(path, info, ignore_unexpected=True)    # the layers above are left out on purpose
+        stored = checkpoint_keys(path) or {}
+        check_depth_stored(path, layers_module_name(model), depth, stored)
+        check_finite(model, path)
+        check_stored_finite(path, stored, skip=model.state_dict())    # the tensors the output copies unread
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -166,19 +182,6 @@ def _stored_dtype(path: Path):
     return torch.float32
 
 
-def _quietly(load, *args, **kwargs):
-    """``load`` without transformers' load report, which lists the layers above the prefix as
-    unexpected keys (they are left out on purpose)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return load(*args, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def check_updated_names(source: Path | str, updated: dict[str, torch.Tensor]) -> None:
     """ValueError unless every updated tensor is stored in the source checkpoint under its
     parameter name (so the rewrite puts each value where a full load reads it)."""
@@ -204,10 +207,12 @@ def save_prefix_output(source: Path | str, out_dir: Path | str, updated: dict[st
     from .export import loading_info
     from .io import MASKS, save_tokenizer, staged_output, write_report
 
+    from .folder_paths import inside
+
     source = Path(source)
     if projections:
         export.check_projections(model, projections)
-    check_updated_names(source, updated)
+    check_updated_names(source, updated)   # reads the index: every shard name stays in the folder
     keys = checkpoint_keys(source)
     by_shard: dict[str, list[str]] = {}
     for name in updated:
@@ -217,7 +222,8 @@ def save_prefix_output(source: Path | str, out_dir: Path | str, updated: dict[st
             if item.is_file() and item.name not in OURS and item.name not in by_shard:
                 shutil.copyfile(item, tmp / item.name)
         for shard, names in by_shard.items():
-            with safe_open(str(source / shard), "pt") as f:
+            target = inside(tmp, shard, source=str(source / INDEX), entry="a shard")   # never outside --out
+            with safe_open(str(inside(source, shard, source=str(source / INDEX), entry="a shard")), "pt") as f:
                 metadata = f.metadata() or {"format": "pt"}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
             for name in names:
@@ -225,7 +231,7 @@ def save_prefix_output(source: Path | str, out_dir: Path | str, updated: dict[st
                     raise ValueError(f"{name}: updated shape {list(updated[name].shape)} differs from the "
                                      f"checkpoint's {list(tensors[name].shape)}")
                 tensors[name] = updated[name].detach().to("cpu", tensors[name].dtype).contiguous()
-            save_file(tensors, str(tmp / shard), metadata=metadata)
+            save_file(tensors, str(target), metadata=metadata)
             del tensors
         save_tokenizer(tokenizer, tmp)
         if projections:
