@@ -11,7 +11,7 @@ from unlearn_kernels.ops.low_rank_basis import forget_basis, grow_basis, retain_
 
 from unlearn_kernels.ops import _backend
 
-from conftest import assert_close, backend_cases
+from conftest import FP32_BACKENDS, assert_close, backend_cases, device_of
 
 
 def orthonormal(d, r, seed=0, dtype=torch.float32, device="cpu"):
@@ -407,3 +407,17 @@ def test_bad_backend_and_gram_mask_named():
         masked_gram(x, torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="only 0 and 1"):
         masked_gram(x, torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
+def test_a_trainable_basis_under_no_grad(backend):
+    """Regression: scoring a model whose projection basis is being trained (MRP's basis training
+    measured by a target-driven run) ran the kernels' out= calls on a basis requiring grad."""
+    dev = device_of(backend)
+    basis = torch.nn.Parameter(torch.linalg.qr(torch.randn(37, 3, dtype=torch.float64))[0].float().to(dev))
+    x = torch.randn(5, 37, device=dev)
+    with torch.no_grad():
+        y = low_rank_project(x, basis, backend=backend)
+    assert not y.requires_grad
+    expected = x - (x @ basis.detach()) @ basis.detach().T
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)

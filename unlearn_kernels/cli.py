@@ -4,6 +4,7 @@
     unlearn-kernels demo --full           the whole sweep: every overlap, longer trade-off curves
     unlearn-kernels demo --track classifier   class-wise unlearning of the embedded digits CNN
     unlearn-kernels unlearn --model DIR --method SRMU --forget F --retain R --out DIR [--config run.yaml]
+    unlearn-kernels unlearn ... --val-forget VF.jsonl --val-retain VR.jsonl   target-driven (exit 3: not reached)
     torchrun --nproc-per-node N -m unlearn_kernels.cli unlearn ... [--parallel ddp]   data-parallel run
     unlearn-kernels eval --model DIR --questions wmdp.jsonl [--questions more.jsonl] [--format mmlu] [--json out.json]
     unlearn-kernels eval --model DIR --mia-forget forget.jsonl --mia-holdout holdout.jsonl
@@ -128,206 +129,29 @@ def _load_run_config(args) -> dict:
 
 
 def _unlearn(args) -> int:
-    from .data.loaders import read_multiple_choice, read_texts
-    from .methods import registry
-    from .models.io import save_figure_atomic, save_pretrained_atomic
-    from .models.output_dir import check_output_path, weights_size
+    """``pipeline.run`` on the flags and YAML; exit 3 when a target-driven run missed its target."""
+    from .pipeline import RunConfig, run
 
     config = _load_run_config(args)
-    if config["method"] not in registry:
-        raise ValueError(f"unknown method {config['method']!r}; choose from {sorted(registry)}")
-    inputs = [config["model"], *_as_list(config["forget"]), *_as_list(config.get("retain") or [])]
-    inputs += [args.config] if args.config else []
-    inputs += [p for p in (args.eval_forget, args.eval_retain, args.relearn) if p]
-    if args.relearn and not args.eval_forget:
-        raise ValueError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
-    out = check_output_path(config["out"], inputs, overwrite=args.overwrite or args.resume,
-                            needed_bytes=weights_size(config["model"]))
-    mode = parallel.resolve_mode(args.parallel)
-    if mode == "fsdp" and args.relearn:
-        raise ValueError("--parallel fsdp: --relearn fine-tunes a copy of the whole model, which a sharded run does "
-                         "not hold; attack the output folder afterwards (unlearn-kernels eval --relearn), or use "
-                         "--parallel ddp")
-    if mode == "fsdp":
-        from .models.prefix import unfit_source
-
-        problem = unfit_source(config["model"])
-        if problem:   # the sharded run's output is the source's shards, rewritten
-            raise ValueError(f"--parallel fsdp: {problem}; use --parallel ddp")
-    checkpointer = _checkpointer(out, args)
-    forget = [t for f in _as_list(config["forget"]) for t in _training_data(f, args)]
-    retain = [t for f in _as_list(config.get("retain") or []) for t in _training_data(f, args)]
-    method_config = _method_config(registry[config["method"]], config["settings"])
-    evals = {name: read_multiple_choice(path) for name, path in (("forget", args.eval_forget),
-                                                                  ("retain", args.eval_retain)) if path}
-    attack = read_texts(args.relearn, args.text_field) if args.relearn else None
-    from .eval import files
-
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    from .models.prefix import check_shards
-
-    check_shards(config["model"])
-    method_config, prefix = _prefix_plan(args, config["model"], registry[config["method"]], method_config,
-                                         wants_full=bool(evals or attack))
-    with parallel.process_group(mode, device) as device:
-        if prefix:
-            from .models.prefix import load_prefix
-
-            model, tokenizer = load_prefix(config["model"], prefix["layers_loaded"], _torch_dtype(dtype))
-            model = model.to(device)
-        else:
-            model, tokenizer = files.load_model(config["model"], device, dtype)
-        carried = sorted(getattr(model, "unlearn_projections", None) or {})
-        if carried:     # the saver would refuse the output after the whole run (models.io)
-            raise ValueError(f"{config['model']} carries MRP projections (after layer {', '.join(map(str, carried))}) "
-                             f"that an output of {config['method']} cannot keep: unlearn the model they were "
-                             "computed for instead (source_model in its report.json)")
-        evaluates = parallel.is_main() or mode == "fsdp"   # a sharded forward needs every rank
-        before = _accuracies(model, tokenizer, evals) if evaluates else {}
-        method = registry[config["method"]](parallel.wrap(model, mode), tokenizer, config=method_config)
-        method.fit(forget, retain, checkpoint=checkpointer, resume=args.resume)
-        after = _accuracies(method.model, tokenizer, evals) if evaluates else {}
-        if mode == "fsdp":    # every rank takes part in gathering the updated weights
-            from .methods.distributed import full
-
-            updated = {name: full(p).detach().cpu() for name, p in method.params.items()}
-    if not parallel.is_main():
+    result = run(RunConfig(
+        model=config["model"], method=config["method"], forget=config["forget"], retain=config.get("retain") or [],
+        out=config["out"], settings=config["settings"], device=args.device, dtype=args.dtype,
+        eval_forget=args.eval_forget, eval_retain=args.eval_retain, relearn=args.relearn,
+        val_forget=args.val_forget, val_retain=args.val_retain, val_entangled=args.val_entangled,
+        target=args.target, keep=args.keep, val_every=args.val_every, budget=args.budget,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
+        text_field=args.text_field, qa=args.qa, question_field=args.question_field, answer_field=args.answer_field,
+        prefix_only=args.prefix_only, parallel=args.parallel, config_file=args.config))
+    if result.out is None:      # a rank other than 0
         return 0
-    report = {**method.report(), "source_model": str(config["model"])}
-    if prefix:
-        report["prefix_only"] = prefix
-        if prefix["layer_chosen_by_structure"]:   # fixed from the full depth before loading
-            report["chosen_by_structure"] = {"layer": prefix["layer"], **report.get("chosen_by_structure", {})}
-    if mode != "none":
-        report["parallel"] = {"mode": mode, "world_size": int(os.environ["WORLD_SIZE"])}
-    if evals:
-        report["evaluation"] = {"before": before, "after": after,
-                                "protocol": "lm-eval 0.4.13 multiple choice, cloze format"}
-    if attack is not None:
-        from .eval.relearn import relearn_attack
-
-        result = relearn_attack(method.model, tokenizer, attack, evals["forget"])
-        report["relearning"] = {**result, "curves": {str(k): v for k, v in result["curves"].items()}}
-    if prefix or mode == "fsdp":   # the source's shards, rewritten where a tensor changed
-        from .models.prefix import save_prefix_output
-
-        out = save_prefix_output(config["model"], config["out"], updated if mode == "fsdp" else method.params,
-                                 tokenizer, report, model=method.model, projections=method.projections(),
-                                 masks=method.saved_masks())
-    else:
-        out = save_pretrained_atomic(method.model, tokenizer, config["out"], report, method.projections(),
-                                     method.saved_masks())
-    save_figure_atomic(_report_figure(report), Path(out) / "report.png")
-    if checkpointer is not None:
-        checkpointer.remove()      # ours, and the run it served is saved
     print(f"saved the unlearned model, report.json and report.png to {config['out']}")
-    for split, values in report.get("evaluation", {}).get("before", {}).items():
-        print(f"{split} accuracy: {values['acc']:.3f} -> {report['evaluation']['after'][split]['acc']:.3f}")
-    return 0
-
-
-def _torch_dtype(dtype: str | None):
-    return getattr(torch, dtype) if dtype else None
-
-
-def _prefix_plan(args, model_dir, method_class, method_config, wants_full: bool):
-    """(config, plan): with prefix-only loading (``models.prefix``) the loss layer is fixed from
-    the full depth here and the plan records it; plan is None for a full load. Auto (no flag):
-    on for the methods that run only layers 0…l (``runs_prefix``) when l is below the top, the
-    folder can be rewritten shard by shard (``models.prefix.unfit_source``) and no evaluation
-    needs the whole model."""
-    import dataclasses
-
-    from .models.prefix import depth_of, unfit_source
-    from .models.roles import default_layer
-
-    asked = args.prefix_only
-    if asked is False:
-        return method_config, None
-    runs_prefix = getattr(method_class, "runs_prefix", False)
-    if asked and not runs_prefix:
-        raise ValueError(f"--prefix-only: {method_class.name} runs the whole model; only RMU, AdaptiveRMU and SRMU "
-                         "run layers 0..l alone")
-    if asked and wants_full:
-        raise ValueError("--prefix-only loads layers 0..l only; --eval-forget/--eval-retain/--relearn need the whole "
-                         "model: drop them or pass --no-prefix-only")
-    problem = unfit_source(model_dir)
-    if asked and problem:
-        raise ValueError(f"--prefix-only: {problem}")
-    if not runs_prefix or wants_full or problem:
-        return method_config, None
-    depth = depth_of(model_dir)
-    given = method_config.layer
-    layer = default_layer(depth) if given is None else given
-    if not -depth <= layer < depth:
-        raise ValueError(f"layer {layer} does not exist: the model has {depth} decoder layers (0..{depth - 1})")
-    layer %= depth
-    if layer == depth - 1 and not asked:
-        return method_config, None
-    plan = {"layers_loaded": layer + 1, "depth": depth, "layer": layer, "layer_chosen_by_structure": given is None}
-    return dataclasses.replace(method_config, layer=layer), plan
-
-
-def _checkpointer(out: Path, args):
-    """``{out}.checkpoint`` for ``--checkpoint-every``/``--resume`` (refusing a folder that is
-    not one of our checkpoints, or starting over one without ``--overwrite``)."""
-    from .methods.checkpoint import Checkpointer, NotACheckpointError, is_checkpoint
-
-    if not args.checkpoint_every and not args.resume:
-        return None
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    path = out.with_name(out.name + ".checkpoint")
-    if (path.exists() or path.is_symlink()) and not is_checkpoint(path):   # --overwrite or not
-        raise NotACheckpointError(path)
-    if path.exists() and not args.resume and not args.overwrite:
-        raise ValueError(f"a checkpoint exists at {path}: pass --resume to continue it or --overwrite to start over")
-    if args.resume and not path.exists():
-        raise ValueError(f"--resume: no checkpoint at {path}")
-    return Checkpointer(path, args.checkpoint_every)
-
-
-def _accuracies(model, tokenizer, evals: dict) -> dict:
-    from .eval.multiple_choice import evaluate_multiple_choice
-
-    return {name: evaluate_multiple_choice(model, tokenizer, qs, progress=False) for name, qs in evals.items()}
-
-
-def _report_figure(report: dict):
-    """Loss curves, and before/after accuracy bars when there was an evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    evaluation = report.get("evaluation")
-    fig, axes = plt.subplots(1, 2 if evaluation else 1, figsize=(11 if evaluation else 6, 4), squeeze=False)
-    ax = axes[0, 0]
-    history = report.get("history") or []
-    for term in sorted({k for h in history for k in h if k != "step"}):
-        ax.plot([h["step"] for h in history if term in h], [h[term] for h in history if term in h], label=term)
-    ax.set(xlabel="step", ylabel="loss", title=f"{report['method']}: loss terms")
-    if history:
-        ax.legend()
-    if evaluation:
-        bars = axes[0, 1]
-        names = list(evaluation["before"])
-        x = range(len(names))
-        bars.bar([i - 0.2 for i in x], [evaluation["before"][n]["acc"] for n in names], 0.4, label="before")
-        bars.bar([i + 0.2 for i in x], [evaluation["after"][n]["acc"] for n in names], 0.4, label="after")
-        bars.set(xticks=list(x), xticklabels=names, ylim=(0, 1.05), ylabel="accuracy", title="multiple choice")
-        bars.legend()
-    fig.tight_layout()
-    return fig
-
-
-def _device_and_dtype(device: str, dtype: str) -> tuple[str, str | None]:
-    """``auto``: CUDA when present; bf16 on GPUs that support it, else the checkpoint's dtype."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else None
-    return device, dtype
+    evaluation = result.report.get("evaluation", {})
+    for split, values in evaluation.get("before", {}).items():
+        print(f"{split} accuracy: {values['acc']:.3f} -> {evaluation['after'][split]['acc']:.3f}")
+    if result.reached is None:
+        return 0
+    print(result.message, file=sys.stdout if result.reached else sys.stderr)
+    return 0 if result.reached else 3
 
 
 def _methods(args) -> int:
@@ -345,30 +169,6 @@ def _methods(args) -> int:
         raise ValueError(f"unknown method {args.name!r}; choose from {', '.join(registry)}")
     print(describe(registry[args.name]))
     return 0
-
-
-def _method_config(method_class, settings: dict):
-    """The method's config with ``settings`` applied, typed and checked before the model is loaded."""
-    from .methods.base import check_finite_config
-    from .methods.settings import make_config
-
-    config = make_config(method_class.config_class, **settings)
-    check_finite_config(config)
-    return config
-
-
-def _training_data(path, args) -> list:
-    """Texts (``--text-field``), or question/answer pairs with ``--qa`` (the loss-based methods
-    then put their loss on the answer tokens only)."""
-    from .data.loaders import read_qa_pairs, read_texts
-
-    if args.qa:
-        return read_qa_pairs(path, args.question_field, args.answer_field)
-    return read_texts(path, args.text_field)
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
 
 
 def _eval(args) -> int:
@@ -580,6 +380,21 @@ def main(argv: list[str] | None = None) -> int:
     unlearn.add_argument("--eval-forget", help="questions file: accuracy before/after goes into the report")
     unlearn.add_argument("--eval-retain", help="questions file: accuracy before/after goes into the report")
     unlearn.add_argument("--relearn", help="attack texts: relearning attack on --eval-forget after unlearning")
+    target = unlearn.add_argument_group(
+        "target-driven runs", "with validation questions the run measures as it goes, stops at the target, saves the "
+                              "best point of its trajectory and exits 3 when the target was not reached")
+    target.add_argument("--val-forget", help="validation questions on the forget facts (kept apart from --eval-*)")
+    target.add_argument("--val-retain", help="validation questions the model must keep answering")
+    target.add_argument("--val-entangled", help="validation questions on facts entangled with the forget facts "
+                                                "(same entities), to keep too")
+    target.add_argument("--target", type=float, help="forget accuracy that means done (default: chance + 0.05)")
+    target.add_argument("--keep", type=float, default=0.95,
+                        help="retain and entangled accuracy must stay >= KEEP x their starting value (default 0.95)")
+    target.add_argument("--val-every", type=int, metavar="N",
+                        help="evaluate every N steps (default: adaptive, at most 15%% of the run's time)")
+    target.add_argument("--budget", type=float, default=4.0,
+                        help="at most BUDGET x the method's own steps (or epochs) unless --set gives them "
+                             "(default 4; the run stops at the target)")
     unlearn.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                          help="write a resumable checkpoint to OUT.checkpoint every N steps (and on Ctrl-C)")
     unlearn.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")

@@ -335,14 +335,17 @@ class UnlearningMethod:
         return self.config.steps or -(-self.config.epochs * len(forget) // per_step)
 
     # --- the loop --------------------------------------------------------------------------
-    def fit(self, forget: list, retain: list, *, checkpoint=None, resume: bool = False) -> "UnlearningMethod":
+    def fit(self, forget: list, retain: list, *, checkpoint=None, resume: bool = False,
+            monitor=None) -> "UnlearningMethod":
         """Unlearn ``forget`` (strings or QA pairs) while keeping ``retain``.
 
         ``checkpoint`` (a :class:`~unlearn_kernels.methods.checkpoint.Checkpointer`) writes
         resumable checkpoints every ``checkpoint.every`` steps and on SIGINT/SIGTERM (then
         raises ``RunInterrupted``); ``resume=True`` continues from its last checkpoint, on the
         same original model, config and data, and ends bit for bit where an uninterrupted run
-        would."""
+        would. ``monitor`` (a :class:`~unlearn_kernels.target.TargetController`) measures the
+        run as it goes, may stop it early, and sets the model to its best point at the end;
+        its ``summary`` goes into the report (``"target"``)."""
         from contextlib import nullcontext
 
         from tqdm import tqdm
@@ -351,6 +354,9 @@ class UnlearningMethod:
 
         if not forget:
             raise ValueError(f"{self.name}: the forget set is empty")
+        if monitor is not None and (resume or distributed.active()):
+            raise ValueError(f"{self.name}: target-driven runs (validation questions) cannot resume a checkpoint or "
+                             "run under torch.distributed yet; drop --resume/--parallel or the --val-* files")
         if not retain and self.needs_retain:
             raise ValueError(f"{self.name}: the retain set is empty")
         self._record_data(forget, retain)
@@ -378,18 +384,27 @@ class UnlearningMethod:
                 if retain_batches is not None:
                     next(retain_batches)
         checkpointed = activation_checkpointing(self.model) if self.config.checkpointing else nullcontext()
+        self.target = None
+        if monitor is not None:
+            monitor.start(self)
+        last = start - 1
         with checkpoint if checkpoint is not None else nullcontext(), checkpointed:
             bar = tqdm(range(start, steps), desc=self.name, disable=not self.config.progress, leave=False)
             for step in bar:
                 self._step(step, forget_batches, retain_batches, bar)
+                last = step
                 if checkpoint is not None and checkpoint.due(step):
                     checkpoint.save(self, step)
                     if checkpoint.stop_requested:
                         raise RunInterrupted(f"{self.name}: stopped after step {step}; checkpoint in "
                                              f"{checkpoint.path} (resume to continue)")
+                if monitor is not None and monitor.after_step(self, step):
+                    break
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if monitor is not None:
+            self.target = monitor.finish(self, last)
         self._finish_run()
         return self
 
@@ -493,6 +508,21 @@ class UnlearningMethod:
         self.data = {"forget": {"n": len(forget), "kind": kinds["forget"], "sha256": fingerprint(forget)},
                      "retain": {"n": len(retain), "kind": kinds["retain"], "sha256": fingerprint(retain)}}
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Host copies of what the run changes (the selected weights), for a target-driven run to
+        return to its best point (:meth:`restore`)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor] | None) -> None:
+        """Set what the run changes back to ``snapshot``; None: to the model the run started from."""
+        source = snapshot if snapshot is not None else (getattr(self, "_originals", None) or {})
+        optimized = getattr(self, "optimized", self.params)
+        with torch.no_grad():
+            for targets in ((self.params,) if optimized is self.params else (self.params, optimized)):
+                for name, p in targets.items():    # fp32 masters too, or the next step would undo it
+                    if name in source:
+                        p.copy_(source[name].to(p.device, p.dtype))
+
     def projections(self) -> dict[str, torch.Tensor]:
         """Tensors that must be saved beside the weights (MRP's bases); none by default."""
         return {}
@@ -503,6 +533,7 @@ class UnlearningMethod:
 
     # --- hooks for subclasses ------------------------------------------------------------
     needs_retain = True
+    length_setting: str | None = None      # the setting a target-driven budget multiplies; None: steps, else epochs
     unused_settings: dict[str, str] = {}   # inherited fields a method ignores: setting one is refused
 
     def setup(self, forget: list, retain: list) -> None:
@@ -530,4 +561,5 @@ class UnlearningMethod:
                 "selected_but_unchanged": sorted(n for n, d in changes.items() if d == 0),
                 "needs": needs, "data": self.data, "history": self.history,
                 "final_losses": self.history[-1] if self.history else None,
+                **({"target": self.target} if getattr(self, "target", None) else {}),
                 **getattr(self, "run_info", {}), "versions": versions()}

@@ -59,6 +59,7 @@ class MRP(UnlearningMethod):
 
     name = "MRP"
     config_class = MRPConfig
+    length_setting = "train_steps"   # what a target-driven run's budget multiplies
     unused_settings = {"steps": "the basis comes from statistics; train_steps trains it",
                        "update": "MRP changes no weight, only adds a projection",
                        "grad_accum": "the basis training takes one batch per step",
@@ -94,9 +95,13 @@ class MRP(UnlearningMethod):
         layer = decoder_layers(self.model)[check_layer(self.model, self.config.layer)]
         self._handle = layer.register_forward_hook(projection_hook(basis, backend=self.config.backend))
 
-    def fit(self, forget: list[str], retain: list[str], *, checkpoint=None, resume: bool = False) -> "MRP":
+    def fit(self, forget: list[str], retain: list[str], *, checkpoint=None, resume: bool = False,
+            monitor=None) -> "MRP":
         """Build (and optionally train) the basis; MRP's fit is one pass over statistics, so it
-        has no checkpoints: asking for one is refused rather than ignored."""
+        has no checkpoints: asking for one is refused rather than ignored. A ``monitor``
+        (``target.TargetController``) measures the model before the projection, with the
+        statistics' basis (step 0) and during the basis training, and keeps the best basis
+        (with none, the starting model: no projection)."""
         if checkpoint is not None or resume:
             raise ValueError(f"{self.name} builds its projection in one pass: --checkpoint-every/--resume do not apply")
         if not forget or not retain:
@@ -104,6 +109,9 @@ class MRP(UnlearningMethod):
         self._record_data(forget, retain)
         self._start_run()
         self.model.eval()
+        self.target = None
+        if monitor is not None:
+            monitor.start(self)
         self.gram_retain = self.gram(retain, 1)
         if self.config.rank is None:
             left = self.gram_retain.shape[0] - retain_subspace(self.gram_retain, self.config.retain_energy).shape[1]
@@ -112,10 +120,27 @@ class MRP(UnlearningMethod):
         basis = forget_basis(self.gram(forget, 0), self.gram_retain, self.config.rank,
                              retain_energy=self.config.retain_energy)
         self._attach(basis)
-        if self.config.train_steps:
-            self._train_basis(forget, retain)
+        stop = monitor is not None and (monitor.measure(self, 0) or self.basis is None)   # None: backtracked to start
+        last = 0
+        if self.config.train_steps and not stop:
+            last = self._train_basis(forget, retain, monitor)
+        if monitor is not None:
+            self.target = monitor.finish(self, last)
         self._finish_run()
         return self
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {"basis": self.basis.detach().to("cpu", copy=True)}
+
+    def restore(self, snapshot) -> None:
+        if snapshot is not None and isinstance(self.basis, torch.nn.Parameter):   # in training: keep training it
+            with torch.no_grad():
+                self.basis.copy_(snapshot["basis"].to(self.basis.device))
+        elif snapshot is not None:
+            self._attach(snapshot["basis"].to(self.basis.device))
+        elif self._handle is not None:      # the starting model: no projection
+            self._handle.remove()
+            self._handle, self.basis = None, None
 
     def add_request(self, forget: list[str], retain: list[str] | None = None) -> "MRP":
         """Continual unlearning: add ``rank`` directions for a new forget set."""
@@ -128,12 +153,13 @@ class MRP(UnlearningMethod):
         self._attach(basis)
         return self
 
-    def _train_basis(self, forget, retain) -> None:
+    def _train_basis(self, forget, retain, monitor=None) -> int:
+        """Train the basis (GradDiff through the projection); returns the last step run."""
         from tqdm import tqdm
 
         basis = torch.nn.Parameter(self.basis.clone())
         self._attach(basis)
-        optimizer = torch.optim.Adam([basis], lr=self.config.lr)
+        optimizer = self.optimizer = torch.optim.Adam([basis], lr=self.config.lr)
         forget_batches, retain_batches = self.batches(forget, 2), self.batches(retain, 3)
         for step in tqdm(range(self.config.train_steps), desc="MRP basis", disable=not self.config.progress,
                          leave=False):
@@ -150,7 +176,10 @@ class MRP(UnlearningMethod):
                 q, r = torch.linalg.qr(basis)
                 basis.copy_(q * torch.sign(torch.diagonal(r)))
             self.history.append({"step": step, **values})
+            if monitor is not None and monitor.after_step(self, step + 1):
+                break
         self._attach(basis.detach().clone())
+        return step + 1
 
     def projections(self) -> dict[str, torch.Tensor]:
         """Tensors to save beside the model: ``layer.<l>`` → U."""

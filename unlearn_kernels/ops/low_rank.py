@@ -281,6 +281,8 @@ def low_rank_project(x: Tensor, basis: Tensor, scale: float = 1.0, *, assume_ort
     if x.dtype == torch.float64 and basis.dtype != torch.float64:
         basis = basis.to(torch.float64)     # fp64 activations: every backend projects in fp64
     need_basis_grad = basis.requires_grad and torch.is_grad_enabled()
+    if not need_basis_grad:   # a trainable basis under no_grad: the kernels' out= calls refuse it otherwise
+        basis = basis.detach()
     return _LowRankProject.apply(x, check.rows_view(x).detach(), basis.contiguous(), scale, kernel,
                                  need_basis_grad)[0]
 

@@ -1,0 +1,326 @@
+"""One unlearning run, start to finish: ``pipeline.run(RunConfig(...)) -> RunResult``.
+
+The command line (``unlearn-kernels unlearn``), the Python API and the demo all call this. In
+order, before any model is loaded: the output path (new or a previous output of ours, not an
+input), the data files, the method's settings (typed, finite), the checkpoint folder (ours
+only), the model folder's names (inside it) and shards. Then the model is loaded — whole, or
+only layers ``0…l`` when the method runs no further (``models.prefix``) — and checked
+(``models.integrity``), the method runs (under ``torch.distributed`` when launched by
+torchrun), and the output is saved atomically with ``report.json`` and ``report.png``.
+
+With validation questions (``val_forget``, ``val_retain``, optional ``val_entangled``) the run is
+**target-driven** (``unlearn_kernels.target``): it measures forget/retain/entangled accuracy as
+it goes, stops at the target or the retain limit, and saves the best point of its trajectory;
+``RunResult.reached`` says whether the target was measured to be reached (the CLI exits 3 when
+it was not).
+
+Example::
+
+    from unlearn_kernels.pipeline import RunConfig, run
+
+    result = run(RunConfig(model="path/to/hf-model", method="RMU", forget=["forget.txt"],
+                           retain=["retain.txt"], out="unlearned/",
+                           val_forget="val_forget.jsonl", val_retain="val_retain.jsonl"))
+    print(result.reached, result.message, result.out)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import parallel
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs (the flags of ``unlearn-kernels unlearn``)."""
+
+    model: str
+    method: str
+    forget: list[str]
+    out: str
+    retain: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)   # the method's config fields
+    device: str = "auto"                # auto: CUDA when present
+    dtype: str = "auto"                 # auto: bfloat16 on GPUs that support it, else the checkpoint's
+    eval_forget: str | None = None      # final evaluation (before/after in the report)
+    eval_retain: str | None = None
+    relearn: str | None = None          # attack texts: relearning attack on eval_forget after unlearning
+    val_forget: str | None = None       # validation questions: a target-driven run
+    val_retain: str | None = None
+    val_entangled: str | None = None
+    target: float | None = None         # forget accuracy that means done; None: chance + 0.05
+    keep: float = 0.95                  # retain (and entangled) accuracy kept, as a share of base
+    val_every: int | None = None        # evaluate every N steps; None: adaptive (<= 15 % of the time)
+    budget: float = 4.0                 # target-driven: the method's length (steps/epochs) times this, unless set
+    checkpoint_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    text_field: str = "text"
+    qa: bool = False
+    question_field: str = "question"
+    answer_field: str = "answer"
+    prefix_only: bool | None = None
+    parallel: str | None = None
+    config_file: str | None = None      # the YAML it came from (an input: never a target)
+
+    def __post_init__(self):
+        self.forget = _as_list(self.forget)
+        self.retain = _as_list(self.retain or [])
+
+    @property
+    def validation(self) -> bool:
+        return bool(self.val_forget or self.val_retain or self.val_entangled)
+
+    def inputs(self) -> list:
+        """Every path the run reads (the output may be none of them)."""
+        paths = [self.model, *self.forget, *self.retain, self.config_file, self.eval_forget, self.eval_retain,
+                 self.relearn, self.val_forget, self.val_retain, self.val_entangled]
+        return [p for p in paths if p]
+
+
+@dataclass
+class RunResult:
+    out: Path | None                    # None on the ranks other than 0
+    report: dict
+    reached: bool | None = None         # target-driven runs: was the target measured to be reached
+    message: str = ""                   # one line for the user
+
+
+def run(config: RunConfig) -> RunResult:
+    """Run ``config`` (module docstring); ValueError/OSError for what the user gave."""
+    from .data.loaders import read_multiple_choice, read_texts
+    from .eval import files
+    from .methods import registry
+    from .models.io import save_figure_atomic, save_pretrained_atomic
+    from .models.output_dir import check_output_path, weights_size
+    from .models.prefix import check_shards, unfit_source
+
+    if config.method not in registry:
+        raise ValueError(f"unknown method {config.method!r}; choose from {sorted(registry)}")
+    method_class = registry[config.method]
+    if config.retain == [] and method_class.needs_retain:
+        raise ValueError(f"{config.method} needs retain data")
+    if config.relearn and not config.eval_forget:
+        raise ValueError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
+    if config.validation and not (config.val_forget and config.val_retain):
+        raise ValueError("a target-driven run needs both --val-forget and --val-retain (--val-entangled is optional)")
+    out = check_output_path(config.out, config.inputs(), overwrite=config.overwrite or config.resume,
+                            needed_bytes=weights_size(config.model))
+    mode = parallel.resolve_mode(config.parallel)
+    if mode == "fsdp" and config.relearn:
+        raise ValueError("--parallel fsdp: --relearn fine-tunes a copy of the whole model, which a sharded run does "
+                         "not hold; attack the output folder afterwards (unlearn-kernels eval --relearn), or use "
+                         "--parallel ddp")
+    if mode != "none" and config.validation:
+        raise ValueError(f"--parallel {mode}: target-driven runs (--val-*) run in one process for now")
+    if mode == "fsdp":
+        problem = unfit_source(config.model)
+        if problem:   # the sharded run's output is the source's shards, rewritten
+            raise ValueError(f"--parallel fsdp: {problem}; use --parallel ddp")
+    checkpointer = _checkpointer(out, config)
+    forget = [t for f in config.forget for t in _training_data(f, config)]
+    retain = [t for f in config.retain for t in _training_data(f, config)]
+    settings, budget = _budget(method_class, config.settings, config.budget if config.validation else None)
+    method_config = method_config_of(method_class, settings)
+    evals = {name: read_multiple_choice(path) for name, path in (("forget", config.eval_forget),
+                                                                  ("retain", config.eval_retain)) if path}
+    controller = _controller(config)
+    attack = read_texts(config.relearn, config.text_field) if config.relearn else None
+    device, dtype = device_and_dtype(config.device, config.dtype)
+    check_shards(config.model)
+    method_config, prefix = _prefix_plan(config, method_class, method_config,
+                                         wants_full=bool(evals or attack or controller))
+    with parallel.process_group(mode, device) as device:
+        if prefix:
+            from .models.prefix import load_prefix
+
+            model, tokenizer = load_prefix(config.model, prefix["layers_loaded"], _torch_dtype(dtype))
+            model = model.to(device)
+        else:
+            model, tokenizer = files.load_model(config.model, device, dtype)
+        carried = sorted(getattr(model, "unlearn_projections", None) or {})
+        if carried:     # the saver would refuse the output after the whole run (models.io)
+            raise ValueError(f"{config.model} carries MRP projections (after layer {', '.join(map(str, carried))}) "
+                             f"that an output of {config.method} cannot keep: unlearn the model they were "
+                             "computed for instead (source_model in its report.json)")
+        evaluates = parallel.is_main() or mode == "fsdp"   # a sharded forward needs every rank
+        before = _accuracies(model, tokenizer, evals) if evaluates else {}
+        method = method_class(parallel.wrap(model, mode), tokenizer, config=method_config)
+        method.fit(forget, retain, checkpoint=checkpointer, resume=config.resume,
+                   **({"monitor": controller} if controller else {}))
+        after = _accuracies(method.model, tokenizer, evals) if evaluates else {}
+        if mode == "fsdp":    # every rank takes part in gathering the updated weights
+            from .methods.distributed import full
+
+            updated = {name: full(p).detach().cpu() for name, p in method.params.items()}
+    if not parallel.is_main():
+        return RunResult(None, {})
+    report = {**method.report(), "source_model": str(config.model)}
+    if budget:
+        report["target"]["budget"] = budget
+    if prefix:
+        report["prefix_only"] = prefix
+        if prefix["layer_chosen_by_structure"]:   # fixed from the full depth before loading
+            report["chosen_by_structure"] = {"layer": prefix["layer"], **report.get("chosen_by_structure", {})}
+    if mode != "none":
+        report["parallel"] = {"mode": mode, "world_size": int(os.environ["WORLD_SIZE"])}
+    if evals:
+        report["evaluation"] = {"before": before, "after": after,
+                                "protocol": "lm-eval 0.4.13 multiple choice, cloze format"}
+    if attack is not None:
+        from .eval.relearn import relearn_attack
+
+        result = relearn_attack(method.model, tokenizer, attack, evals["forget"])
+        report["relearning"] = {**result, "curves": {str(k): v for k, v in result["curves"].items()}}
+    if prefix or mode == "fsdp":   # the source's shards, rewritten where a tensor changed
+        from .models.prefix import save_prefix_output
+
+        out = save_prefix_output(config.model, config.out, updated if mode == "fsdp" else method.params,
+                                 tokenizer, report, model=method.model, projections=method.projections(),
+                                 masks=method.saved_masks())
+    else:
+        out = save_pretrained_atomic(method.model, tokenizer, config.out, report, method.projections(),
+                                     method.saved_masks())
+    from .report_figure import report_figure
+
+    save_figure_atomic(report_figure(report), Path(out) / "report.png")
+    if checkpointer is not None:
+        checkpointer.remove()      # ours, and the run it served is saved
+    if controller is None:
+        return RunResult(Path(out), report)
+    return RunResult(Path(out), report, reached=bool(report["target"]["reached"]), message=controller.message())
+
+
+def _controller(config: RunConfig):
+    """The target controller of a run with validation questions (None without)."""
+    if not config.validation:
+        return None
+    from .data.loaders import read_multiple_choice
+    from .target import TargetController, ValidationSets
+
+    sets = ValidationSets(read_multiple_choice(config.val_forget), read_multiple_choice(config.val_retain),
+                          read_multiple_choice(config.val_entangled) if config.val_entangled else ())
+    return TargetController(sets, target=config.target, keep=config.keep, every=config.val_every)
+
+
+def _budget(method_class, settings: dict, factor: float | None) -> tuple[dict, dict | None]:
+    """(settings, budget): a target-driven run may go ``factor`` times the method's own length
+    (``steps``, else ``epochs``; MRP's ``train_steps``) — it stops at the target, so the extra
+    length is spent only when needed — unless the user set that length."""
+    if not factor:
+        return settings, None
+    if factor < 1:
+        raise ValueError(f"--budget multiplies the method's length and must be >= 1, got {factor}")
+    defaults = method_class.config_class()
+    name = method_class.length_setting or ("steps" if getattr(defaults, "steps", 0) else "epochs")
+    if name in settings:
+        return settings, {"setting": name, "value": settings[name], "set_by": "user"}
+    value = max(1, round(getattr(defaults, name) * factor))
+    return {**settings, name: value}, {"setting": name, "value": value, "default": getattr(defaults, name),
+                                       "factor": factor}
+
+
+def _torch_dtype(dtype: str | None):
+    return getattr(torch, dtype) if dtype else None
+
+
+def device_and_dtype(device: str, dtype: str) -> tuple[str, str | None]:
+    """``auto``: CUDA when present; bf16 on GPUs that support it, else the checkpoint's dtype."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else None
+    return device, dtype
+
+
+def method_config_of(method_class, settings: dict):
+    """The method's config with ``settings`` applied, typed and checked before the model is loaded."""
+    from .methods.base import check_finite_config
+    from .methods.settings import make_config
+
+    config = make_config(method_class.config_class, **settings)
+    check_finite_config(config)
+    return config
+
+
+def _training_data(path, config: RunConfig) -> list:
+    """Texts (``text_field``), or question/answer pairs with ``qa`` (the loss-based methods then
+    put their loss on the answer tokens only)."""
+    from .data.loaders import read_qa_pairs, read_texts
+
+    if config.qa:
+        return read_qa_pairs(path, config.question_field, config.answer_field)
+    return read_texts(path, config.text_field)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _prefix_plan(config: RunConfig, method_class, method_config, wants_full: bool):
+    """(config, plan): with prefix-only loading (``models.prefix``) the loss layer is fixed from
+    the full depth here and the plan records it; plan is None for a full load. Auto (None):
+    on for the methods that run only layers 0…l (``runs_prefix``) when l is below the top, the
+    folder can be rewritten shard by shard (``models.prefix.unfit_source``) and no evaluation
+    needs the whole model."""
+    from .models.prefix import depth_of, unfit_source
+    from .models.roles import default_layer
+
+    asked = config.prefix_only
+    if asked is False:
+        return method_config, None
+    runs_prefix = getattr(method_class, "runs_prefix", False)
+    if asked and not runs_prefix:
+        raise ValueError(f"--prefix-only: {method_class.name} runs the whole model; only RMU, AdaptiveRMU and SRMU "
+                         "run layers 0..l alone")
+    if asked and wants_full:
+        raise ValueError("--prefix-only loads layers 0..l only; --eval-forget/--eval-retain/--relearn/--val-* need "
+                         "the whole model: drop them or pass --no-prefix-only")
+    problem = unfit_source(config.model)
+    if asked and problem:
+        raise ValueError(f"--prefix-only: {problem}")
+    if not runs_prefix or wants_full or problem:
+        return method_config, None
+    depth = depth_of(config.model)
+    given = method_config.layer
+    layer = default_layer(depth) if given is None else given
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer {layer} does not exist: the model has {depth} decoder layers (0..{depth - 1})")
+    layer %= depth
+    if layer == depth - 1 and not asked:
+        return method_config, None
+    plan = {"layers_loaded": layer + 1, "depth": depth, "layer": layer, "layer_chosen_by_structure": given is None}
+    return dataclasses.replace(method_config, layer=layer), plan
+
+
+def _checkpointer(out: Path, config: RunConfig):
+    """``{out}.checkpoint`` for ``checkpoint_every``/``resume`` (refusing a folder that is not
+    one of our checkpoints, ``overwrite`` or not, or starting over one without ``overwrite``)."""
+    from .methods.checkpoint import Checkpointer, NotACheckpointError, is_checkpoint
+
+    if not config.checkpoint_every and not config.resume:
+        return None
+    if config.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
+    path = out.with_name(out.name + ".checkpoint")
+    if (path.exists() or path.is_symlink()) and not is_checkpoint(path):
+        raise NotACheckpointError(path)
+    if path.exists() and not config.resume and not config.overwrite:
+        raise ValueError(f"a checkpoint exists at {path}: pass --resume to continue it or --overwrite to start over")
+    if config.resume and not path.exists():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    return Checkpointer(path, config.checkpoint_every)
+
+
+def _accuracies(model, tokenizer, evals: dict) -> dict:
+    from .eval.multiple_choice import evaluate_multiple_choice
+
+    return {name: evaluate_multiple_choice(model, tokenizer, qs, progress=False) for name, qs in evals.items()}

@@ -1,0 +1,215 @@
+"""Target-driven unlearning: the run measures what "done" means as it goes, and says whether it got there.
+
+The user gives validation questions — forget ``F``, retain ``R`` and optionally entangled ``E``
+(facts about the same entities as the forget set that must survive; kept apart from any final
+evaluation files) — and the controller scores them with our lm-eval-equal evaluator on the
+model being unlearned. With base accuracies ``a⁰`` measured before the first step, a point of
+the trajectory (after step ``t``) *keeps the retain set* when
+
+    a_R(t) ≥ keep · a⁰_R   and   a_E(t) ≥ keep · a⁰_E            (keep = 0.95 by default)
+
+and *reaches the target* when it keeps the retain set and ``a_F(t) ≤ target``; the default
+target is chance + 0.05, chance being the mean of ``1 / number of choices`` over ``F``. The run
+
+- stops at the first point that reaches the target ("target reached");
+- at a point that breaks the retain limit, **backtracks**: the model returns to the best point so
+  far and the learning rate of every parameter group is halved (the step overshot the frontier
+  between forgetting and keeping; a smaller step walks along it), at most ``backtracks`` times,
+  then stops ("retain limit hit");
+- otherwise runs its step budget ("budget exhausted"; the pipeline gives a target-driven run
+  4 × the method's own length unless the user set it).
+
+The learning rate is the strength knob the controller moves, the same for every method (RMU's
+steering, SRMU's sparsity, NPO's β are left as set: their scale is the model's and the
+literature's); the budget is the other.
+
+At the end the model is set to the **best point** of the trajectory — the lowest forget accuracy
+among the points that keep the retain set (the starting model counts as a point, so a run that
+never kept retain while forgetting returns the model it started from, and says so) — never
+simply the last. :attr:`TargetController.summary` holds the trajectory, the reason and the best
+point; ``reached`` is False unless the target was measured to be reached.
+
+Evaluation costs at most ``max_share`` (15 %) of the run's time: with ``every=None`` the
+controller times every evaluation and evaluates again only when one more, costing what the last
+one did, keeps the time spent evaluating (the base evaluation included) within ``max_share`` of
+the time since the start; a fixed ``every`` evaluates every ``every`` steps. The last step is
+always measured (the saved point must be a measured one), so a short run may exceed the share
+by that one evaluation; the share actually spent is reported (``eval_share``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+REACHED, RETAIN_LIMIT, BUDGET = "target reached", "retain limit hit", "budget exhausted"
+
+
+@dataclass
+class ValidationSets:
+    """Validation questions (``data.loaders.MCQuestion``); ``entangled`` may be empty."""
+
+    forget: Sequence
+    retain: Sequence
+    entangled: Sequence = ()
+
+    def __post_init__(self):
+        if not self.forget or not self.retain:
+            raise ValueError("target-driven runs need validation questions for both forget and retain "
+                             "(--val-forget and --val-retain)")
+
+    @property
+    def chance(self) -> float:
+        """Mean chance accuracy of the forget questions (1 / number of choices)."""
+        return sum(1.0 / len(q.choices) for q in self.forget) / len(self.forget)
+
+
+@dataclass
+class TargetController:
+    """Scores the validation sets during ``UnlearningMethod.fit`` (its ``monitor``), stops at the
+    target or the retain limit, and restores the best point at the end (module docstring)."""
+
+    sets: ValidationSets
+    target: float | None = None        # forget accuracy that means done; None: chance + 0.05
+    keep: float = 0.95                 # retain (and entangled) must stay >= keep x base
+    every: int | None = None           # evaluate every N steps; None: adaptive, <= max_share of the time
+    max_share: float = 0.15
+    backtracks: int = 3                # returns to the best point (lr halved) before "retain limit hit"
+    batch_size: int = 32
+    trajectory: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.target is None:
+            self.target = min(1.0, self.sets.chance + 0.05)
+        if not 0.0 <= self.target <= 1.0:
+            raise ValueError(f"target forget accuracy must be in [0, 1], got {self.target}")
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"keep (the share of base retain accuracy to keep) must be in (0, 1], got {self.keep}")
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"validation every N steps needs N >= 1, got {self.every}")
+        if not 0.0 < self.max_share < 1.0:
+            raise ValueError(f"max_share must be in (0, 1), got {self.max_share}")
+
+    # --- measuring ------------------------------------------------------------------------
+    def _evaluate(self, model, tokenizer, step: int) -> dict:
+        from .eval.multiple_choice import evaluate_multiple_choice
+
+        started = time.perf_counter()
+        point = {"step": step}
+        for name in ("forget", "retain", "entangled"):
+            questions = getattr(self.sets, name)
+            if questions:
+                point[name] = evaluate_multiple_choice(model, tokenizer, questions, batch_size=self.batch_size,
+                                                       progress=False)["acc"]
+        point["eval_s"] = time.perf_counter() - started
+        self._eval_time += point["eval_s"]
+        return point
+
+    def keeps_retain(self, point: dict) -> bool:
+        base = self.trajectory[0]
+        return all(point[name] >= self.keep * base[name] - 1e-12
+                   for name in ("retain", "entangled") if name in base)
+
+    def reaches(self, point: dict) -> bool:
+        return self.keeps_retain(point) and point["forget"] <= self.target + 1e-12
+
+    # --- the monitor protocol of UnlearningMethod.fit ----------------------------------------
+    def start(self, method) -> None:
+        """Base accuracies of the model before the first step (the trajectory's first point)."""
+        self._eval_time = 0.0
+        self._started = time.perf_counter()
+        self._since_eval = time.perf_counter()
+        self._backtracked = 0
+        self._best_params = None
+        self.trajectory = [self._evaluate(method.model, method.tokenizer, -1)]
+        base = self.trajectory[0]
+        if base["forget"] <= self.target:
+            raise ValueError(f"the model answers the forget validation questions at {base['forget']:.3f}, already at "
+                             f"or below the target {self.target:.3f}: nothing to unlearn (chance "
+                             f"{self.sets.chance:.3f}); check the questions or the target")
+        self._best = base
+        self._last_eval_s = self.trajectory[0]["eval_s"]
+        self._since_eval = time.perf_counter()
+        self.reason = None
+
+    def _due(self, step: int) -> bool:
+        if self.every is not None:
+            return (step + 1) % self.every == 0
+        # one more evaluation, costing about the last one, keeps the total share <= max_share
+        elapsed = time.perf_counter() - self._started
+        return self._eval_time + self._last_eval_s <= self.max_share * (elapsed + self._last_eval_s)
+
+    def after_step(self, method, step: int) -> bool:
+        """Evaluate when due; True when the run should stop."""
+        if not self._due(step):
+            return False
+        return self.measure(method, step)
+
+    def measure(self, method, step: int) -> bool:
+        """Evaluate after ``step``; keep the point if it is the best, backtrack if it breaks the
+        retain limit; True when the run should stop."""
+        point = self._evaluate(method.model, method.tokenizer, step)
+        self._last_eval_s = point["eval_s"]
+        point["keeps_retain"] = self.keeps_retain(point)
+        self.trajectory.append(point)
+        if point["keeps_retain"] and point["forget"] < self._best["forget"] - 1e-12:
+            self._best = point
+            self._best_params = method.snapshot()
+        if self.reaches(point):
+            self.reason = REACHED
+        elif not point["keeps_retain"]:
+            if self._backtracked >= self.backtracks:
+                self.reason = RETAIN_LIMIT
+            else:
+                self._backtrack(method, point)
+        return self.reason is not None
+
+    def _backtrack(self, method, point: dict) -> None:
+        """Return to the best point so far and halve the learning rate."""
+        self._backtracked += 1
+        method.restore(self._best_params)
+        optimizer = getattr(method, "optimizer", None)
+        lrs = []
+        for group in (optimizer.param_groups if optimizer is not None else []):
+            group["lr"] *= 0.5
+            lrs.append(group["lr"])
+        point["backtrack"] = {"to_step": self._best["step"], "lr": lrs[0] if lrs else None}
+
+    def finish(self, method, last_step: int) -> dict:
+        """Measure the last step if it was not, restore the best point into the model, and
+        return :attr:`summary`."""
+        if last_step >= 0 and self.trajectory[-1]["step"] != last_step and self.reason is None:
+            self.measure(method, last_step)
+        if self.reason is None:
+            self.reason = BUDGET
+        best = self._best
+        method.restore(self._best_params)     # None: the best point is the starting model
+        total = time.perf_counter() - self._started
+        base = self.trajectory[0]
+        self.summary = {
+            "reached": self.reaches(best), "reason": self.reason,
+            "target_forget": self.target, "chance": self.sets.chance, "keep": self.keep,
+            "base": {k: base[k] for k in ("forget", "retain", "entangled") if k in base},
+            "best": {k: v for k, v in best.items() if k != "eval_s"},
+            "best_is_start": best["step"] < 0,
+            "trajectory": [{k: v for k, v in p.items()} for p in self.trajectory],
+            "backtracks": self._backtracked, "eval_time_s": self._eval_time, "run_time_s": total,
+            "eval_share": self._eval_time / total if total > 0 else 0.0,
+            "validation": {name: len(getattr(self.sets, name)) for name in ("forget", "retain", "entangled")},
+        }
+        return self.summary
+
+    def message(self) -> str:
+        """One line for the user: what was reached, or why not."""
+        s = self.summary
+        best, base = s["best"], s["base"]
+        kept = ", ".join(f"{k} {best[k]:.3f} (base {base[k]:.3f})" for k in ("retain", "entangled") if k in base)
+        if s["reached"]:
+            return (f"target reached at step {best['step']}: forget accuracy {best['forget']:.3f} <= "
+                    f"{s['target_forget']:.3f}, {kept}")
+        where = ("the starting model (no evaluated point forgot anything while keeping retain)"
+                 if s["best_is_start"] else f"step {best['step']}")
+        return (f"target not reached ({s['reason']}): best forget accuracy {best['forget']:.3f} > target "
+                f"{s['target_forget']:.3f} at {where}, {kept}; saved that point")
