@@ -4,7 +4,8 @@ Every translation unit (each ``csrc/cuda/*.cu``, the harness runtime, the launch
 compiled to an object cached under a key of its text, every header it can include, the flags
 and the compiler's version; a library is linked per set of objects. A change to a kernel is
 therefore what gets tested, and a deliberately broken copy of one kernel recompiles only that
-file. ``overrides`` maps a ``csrc/cuda`` file name to replacement source text.
+file. ``overrides`` maps a path under csrc (``cuda/misdirection.cu``, ``include/cuda_rows.cuh``)
+to replacement text; a changed header is seen through a copy of csrc/include.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ INCLUDE = ROOT / "csrc" / "include"
 HARNESS_SOURCES = ("sim_runtime.cpp", "launchers_shim.cpp", "semantics_kernels.cpp")
 
 FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fno-strict-aliasing", "-ffp-contract=off", "-fdata-sections",
-         "-Wno-unknown-pragmas", "-I", str(SIM / "include"), "-I", str(SIM), "-I", str(INCLUDE)]
+         "-Wno-unknown-pragmas", "-I", str(SIM / "include"), "-I", str(SIM)]
 KERNEL_FLAGS = ["-x", "c++", "-include", "cuda_on_cpu.h"]
 JOBS = 2
 
@@ -50,18 +51,48 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:24]
 
 
-def _headers_digest() -> bytes:
-    files = sorted(INCLUDE.glob("*")) + sorted(SIM.glob("*.h")) + sorted((SIM / "include").glob("*.h"))
-    return b"".join(f.name.encode() + f.read_bytes() for f in files)
+def _headers(overrides: dict[str, str]) -> dict[str, str]:
+    """csrc/include as {file name: text}, with the overridden headers replaced."""
+    headers = {f.name: f.read_text() for f in sorted(INCLUDE.iterdir()) if f.is_file()}
+    for path in [p for p in overrides if p.startswith("include/")]:
+        name = path.split("/", 1)[1]
+        if name not in headers:
+            raise KeyError(f"no csrc/include file named {name}")
+        headers[name] = overrides.pop(path)
+    return headers
+
+
+def _include_dir(headers: dict[str, str], out: Path) -> Path:
+    """csrc/include itself, or a copy holding the overridden headers."""
+    if all((INCLUDE / n).read_text() == t for n, t in headers.items()):
+        return INCLUDE
+    copy = out / f"include-{_digest(*(n.encode() + t.encode() for n, t in sorted(headers.items())))}"
+    if not copy.exists():
+        partial = Path(tempfile.mkdtemp(dir=out))
+        for name, text in headers.items():
+            (partial / name).write_text(text)
+        try:
+            os.replace(partial, copy)
+        except OSError:  # made by a concurrent build meanwhile
+            shutil.rmtree(partial, ignore_errors=True)
+    return copy
+
+
+def _headers_digest(headers: dict[str, str]) -> bytes:
+    sim = sorted(SIM.glob("*.h")) + sorted((SIM / "include").glob("*.h"))
+    return (b"".join(n.encode() + t.encode() for n, t in sorted(headers.items()))
+            + b"".join(f.name.encode() + f.read_bytes() for f in sim))
 
 
 def _compiler_version(cxx: str) -> bytes:
     return subprocess.run([cxx, "--version"], capture_output=True, check=True).stdout
 
 
-def _compile(cxx: str, name: str, text: str, is_kernel: bool, key_base: bytes, out: Path) -> Path:
-    flags = FLAGS + (KERNEL_FLAGS if is_kernel else [])
-    obj = out / f"{Path(name).stem}-{_digest(key_base, name.encode(), text.encode(), ' '.join(flags).encode())}.o"
+def _compile(cxx: str, name: str, text: str, is_kernel: bool, key_base: bytes, include: Path,
+             out: Path) -> Path:
+    flags = FLAGS + ["-I", str(include)] + (KERNEL_FLAGS if is_kernel else [])
+    key = _digest(key_base, name.encode(), text.encode(), " ".join(FLAGS + flags[len(FLAGS) + 2:]).encode())
+    obj = out / f"{Path(name).stem}-{key}.o"
     if obj.exists():
         return obj
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -97,16 +128,18 @@ def build(overrides: dict[str, str] | None = None) -> Path:
     out = cache_dir()
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
+    headers = _headers(overrides)
+    include = _include_dir(headers, out)
     units = []
     for path in sorted(KERNELS.glob("*.cu")):
-        units.append((path.name, overrides.pop(path.name, None) or path.read_text(), True))
+        units.append((path.name, overrides.pop(f"cuda/{path.name}", None) or path.read_text(), True))
     if overrides:
-        raise KeyError(f"no csrc/cuda file named {sorted(overrides)}")
+        raise KeyError(f"no csrc file {sorted(overrides)}")
     for name in HARNESS_SOURCES:
         units.append((name, (SIM / name).read_text(), False))
-    key_base = _headers_digest() + _compiler_version(cxx)
+    key_base = _headers_digest(headers) + _compiler_version(cxx)
     with ThreadPoolExecutor(JOBS) as pool:
-        objs = list(pool.map(lambda u: _compile(cxx, u[0], u[1], u[2], key_base, out), units))
+        objs = list(pool.map(lambda u: _compile(cxx, u[0], u[1], u[2], key_base, include, out), units))
     lib = out / f"cuda_sim-{_digest(*(str(o).encode() for o in objs))}.so"
     if not lib.exists():
         with tempfile.TemporaryDirectory(dir=out) as tmp:

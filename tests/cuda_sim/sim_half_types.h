@@ -100,6 +100,12 @@ inline float __bfloat162float(__nv_bfloat16 v) { return uk_sim::bf16_bits_to_flo
 inline float __half2float(__half v) { return uk_sim::half_bits_to_float(v.__x); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
+inline __nv_bfloat16 __float2bfloat16_rz(float f) {  // toward zero: the low 16 bits dropped
+  __nv_bfloat16 r;
+  const uint32_t x = uk_sim::float_bits(f);
+  r.__x = (x & 0x7fffffffu) > 0x7f800000u ? uint16_t{0x7fff} : static_cast<uint16_t>(x >> 16);
+  return r;
+}
 inline __half __float2half_rn(float f) { return __half(f); }
 inline __half __float2half(float f) { return __half(f); }
 

@@ -637,6 +637,7 @@ cudaError_t set_func_attribute(const void* kernel, cudaFuncAttribute attr, int v
 void run_grid(const LaunchConfig& config, void (*thread_body)(void*), void* ctx) {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (!g_error.empty()) return;  // a sticky error from an earlier launch
+  g_abort = false;
   g_kernel = config.name;
   ++g_launch_log[config.name];
   const dim3 g = config.grid, b = config.block;
