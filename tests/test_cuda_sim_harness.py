@@ -43,7 +43,7 @@ def conversion_inputs() -> torch.Tensor:
     edges = torch.tensor([0x477fefff, 0x477ff000, 0x477ff001, 0x33000000, 0x33000001, 0x387fffff,
                           0x38800000, 0x7f7fffff, 0x7f7f8000, 0x7f800000, 0x7fc00000], dtype=torch.int64)
     bits = torch.cat([structured, random, edges]) & 0xffffffff
-    return bits.to(torch.int64).to(torch.int32 if False else torch.int64).int().view(torch.float32)
+    return ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])

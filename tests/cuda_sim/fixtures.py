@@ -18,9 +18,7 @@ WORST: dict[str, float] = defaultdict(float)  # "op dtype" -> worst |got - ref| 
 
 
 def require_toolchain() -> None:
-    missing = [tool for tool in (build.compiler(), shutil.which("objdump"), shutil.which("objcopy"))
-               if tool is None]
-    if build.compiler() is None or missing:
+    if build.compiler() is None or not shutil.which("objdump") or not shutil.which("objcopy"):
         pytest.skip("the CUDA CPU harness needs g++, objdump and objcopy (binutils); not found")
 
 

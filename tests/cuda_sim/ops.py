@@ -149,9 +149,9 @@ class Sim:
         self.lib.uks_misdirection_fwd_bwd(
             DTYPES[h.dtype], _ptr(h), h.stride(0), _ptr(control), _ptr(importance), _ptr(anchor),
             anchor.stride(0) if anchor is not None else 0, _ptr(token_mask), n, d, scale,
-            _ptr(loss.view), _ptr(grad.view) if grad else None, _ptr(ws.view))
+            _ptr(loss.view), _ptr(grad.view) if grad is not None else None, _ptr(ws.view))
         self._done(ws, loss, grad)
-        return loss.view.clone(), grad.view.clone() if grad else h.new_empty(0)
+        return loss.view.clone(), grad.view.clone() if grad is not None else h.new_empty(0)
 
     def masked_edit(self, h: Tensor, importance: Tensor, control: Tensor, alpha: float,
                     token_mask) -> Tensor:
@@ -199,7 +199,7 @@ class Sim:
         r = basis.shape[1]
         y = _guarded((n, d), x.dtype)
         coeffs = _guarded((n, r), torch.float32) if need_coeffs else None
-        cptr = _ptr(coeffs.view) if coeffs else None
+        cptr = _ptr(coeffs.view) if coeffs is not None else None
         use_tc = path == "tensor_core" or (path == "auto" and n > 0 and self.tensor_core_ok(x, r))
         if use_tc:
             u = basis.to(x.dtype)
@@ -214,7 +214,7 @@ class Sim:
             self.lib.uks_low_rank_project_generic(DTYPES[x.dtype], _ptr(x), x.stride(0),
                                                   _ptr(u.view), n, d, r, scale, _ptr(y.view), cptr)
         self._done(y, coeffs)
-        return y.view.clone(), coeffs.view.clone() if coeffs else torch.empty(0)
+        return y.view.clone(), coeffs.view.clone() if coeffs is not None else torch.empty(0)
 
     # ---- hessian.cu ---------------------------------------------------------------------
 
@@ -238,10 +238,10 @@ class Sim:
         self.lib.uks_neuron_scores(DTYPES[weight.dtype], _ptr(weight), weight.stride(0),
                                    DTYPES[hess_forget.dtype], _ptr(hess_forget),
                                    hess_forget.stride(0), _ptr(hr), hr.stride(0) if hr is not None else 0,
-                                   rows, cols, dim, _ptr(s_f.view), _ptr(s_r.view) if s_r else None,
+                                   rows, cols, dim, _ptr(s_f.view), _ptr(s_r.view) if s_r is not None else None,
                                    _ptr(ws.view))
         self._done(ws, s_f, s_r)
-        return s_f.view.clone(), s_r.view.clone() if s_r else torch.empty(0)
+        return s_f.view.clone(), s_r.view.clone() if s_r is not None else torch.empty(0)
 
     # ---- class_means.cu -----------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 // Small CUDA kernels that probe the harness's own semantics (tests/test_cuda_sim_semantics.py):
 // shuffles, ballot and match, the block barrier, and launches CUDA refuses or that hang.
-// Written as CUDA C++ (they would compile with nvcc given UK_LAUNCH); launched with one block.
+// Written as CUDA C++ and launched through UK_LAUNCH, one block each.
 #include "cuda_on_cpu.h"  // first, as -include puts it for the kernels
 
 #include "cuda_launch.cuh"
