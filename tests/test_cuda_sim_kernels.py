@@ -107,10 +107,14 @@ def misdirection_inputs(n, d, mask_kind, layout, dtype, form, seed=0):
 GRIDS = ["sm90_3sm", "h100"]
 
 
-@pytest.mark.parametrize("grid", GRIDS)
+# An H100's grid for 140 x 1029 is 2310 blocks of 256 threads: one form there is enough.
+MISDIRECTION_CASES = [pytest.param(*case, form, grid, id=f"{case_id}-{form}-{grid}")
+                      for case, case_id in zip(ROW_CASES, ROW_IDS) for form in FORMS for grid in GRIDS
+                      if not (grid == "h100" and case[:2] == (140, 1029) and form != "srmu")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("n,d,mask_kind,layout", ROW_CASES, ids=ROW_IDS)
+@pytest.mark.parametrize("n,d,mask_kind,layout,form,grid", MISDIRECTION_CASES)
 def test_misdirection(sim, n, d, mask_kind, layout, dtype, form, grid):  # noqa: F811
     h, (control, importance, anchor), mask, scale = misdirection_inputs(n, d, mask_kind, layout, dtype, form)
     need_grad = form != "control_and_anchor"  # the loss-only launch too
@@ -173,7 +177,7 @@ def test_feature_scores(sim, d):  # noqa: F811
 LOW_RANK_CASES = [  # (n, d, r, scale): the backend tests' shapes, then tile edges
     (21, 40, 8, 1.0), (5, 131, 1, 0.6), (18, 64, 64, 1.0), (1, 1, 1, -0.5), (37, 256, 256, 1.0),
     (6, 72, 19, 2.0), (0, 16, 4, 1.0), (31, 64, 32, 1.0), (33, 65, 33, 1.0), (65, 136, 128, 0.5),
-    (70, 128, 129, 1.0), (17, 200, 3, 1.0),
+    (70, 136, 129, 1.0), (17, 200, 3, 1.0),
 ]
 
 
@@ -187,8 +191,6 @@ def orthonormal(d, r, g):
                                          ("auto", "aligned_stride"), ("auto", "strided")])
 @pytest.mark.parametrize("n,d,r,scale", LOW_RANK_CASES, ids=[f"{n}x{d}-r{r}" for n, d, r, _ in LOW_RANK_CASES])
 def test_low_rank_project(sim, n, d, r, scale, path, layout, dtype):  # noqa: F811
-    if r > d:
-        pytest.skip("rank above d")
     g = torch.Generator().manual_seed(n * 7 + d + r)
     x = rows_input(torch.randn(n, d, generator=g).to(dtype), layout)
     basis = orthonormal(d, r, g)

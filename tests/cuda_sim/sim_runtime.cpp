@@ -134,6 +134,8 @@ std::vector<Thread> g_threads(kMaxThreads);
 int g_n = 0;                    // threads of the current block
 uint64_t g_runnable[kMaxThreads / 64];
 int g_done = 0, g_at_barrier = 0;
+uint32_t g_waiting[kMaxThreads / 32];  // per warp: lanes waiting at a warp collective
+uint32_t g_absent[kMaxThreads / 32];   // per warp: lanes exited or beyond the block
 Thread* g_current = nullptr;
 void* g_sched_sp = nullptr;
 bool g_abort = false;
@@ -213,9 +215,10 @@ void fiber_main() {
   ++g_done;
   // Collectives of this warp waiting for this lane complete without it.
   const int warp = t.tid >> 5;
-  for (int k = 0; k < 32 && warp * 32 + k < g_n; ++k) {
+  g_absent[warp] |= 1u << (t.tid & 31);
+  for (int k = 0; k < 32 && g_waiting[warp] != 0; ++k) {
     const Thread& u = g_threads[warp * 32 + k];
-    if (u.state == State::kWarp && (u.c.mask >> (t.tid & 31) & 1u)) try_complete(warp, u.c.mask);
+    if ((g_waiting[warp] >> k & 1u) && (u.c.mask >> (t.tid & 31) & 1u)) try_complete(warp, u.c.mask);
   }
   for (;;) yield();  // never resumed
 }
@@ -334,6 +337,11 @@ void run_block() {
     set_runnable(i);
   }
   g_done = g_at_barrier = 0;
+  for (int w = 0; w < (g_n + 31) / 32; ++w) {
+    g_waiting[w] = 0;
+    const int lanes = g_n - 32 * w;
+    g_absent[w] = lanes >= 32 ? 0u : ~((1u << lanes) - 1u);
+  }
   for (;;) {
     const int i = pick();
     if (i < 0) {
@@ -445,6 +453,7 @@ int shuffle_source(const Collective& c, int lane) {
 }
 
 void try_complete(int warp, unsigned mask) {
+  if (((g_waiting[warp] | g_absent[warp]) & mask) != mask) return;  // lanes still running
   const int base = warp * 32;
   unsigned members = 0;
   const Collective* first = nullptr;
@@ -513,6 +522,7 @@ void try_complete(int warp, unsigned mask) {
       break;
     case Op::kMma: complete_mma(base); break;
   }
+  g_waiting[warp] &= ~members;
   for (int k = 0; k < 32; ++k)
     if (members >> k & 1u) set_runnable(base + k);
 }
@@ -528,6 +538,7 @@ uint64_t collective(const Collective& c) {
   }
   t.c = c;
   t.state = State::kWarp;
+  g_waiting[t.tid >> 5] |= 1u << lane;
   try_complete(t.tid >> 5, c.mask);
   if (g_abort) abandon();
   yield();
