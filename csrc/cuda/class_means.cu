@@ -21,6 +21,7 @@
 // Bytes moved: n d sizeof(x) once, plus O(n) label/permutation traffic and the partials
 // of classes longer than one segment.
 #include "class_means_cuda.h"
+#include "cuda_launch.cuh"
 #include "scores_common.cuh"
 
 namespace uk::cuda {
@@ -100,7 +101,7 @@ template <bool kShared>
 __global__ void __launch_bounds__(kRankWarps * 32)
 rank_kernel(const int64_t* labels, int64_t n, int64_t classes, int64_t chunks,
             int64_t chunk_rows, int* hist, int* rank) {
-  extern __shared__ int s_hist[];
+  int* const s_hist = dynamic_shared<int>();
   const int64_t chunk = int64_t{blockIdx.x} * kRankWarps + threadIdx.x / 32;
   if (chunk >= chunks) return;
   const unsigned lane = threadIdx.x & 31;
@@ -325,9 +326,9 @@ void segment_sums(const SegArgs& a, int64_t max_segs, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_segs), static_cast<unsigned>(ceil_div(vectors, tx)));
   const dim3 block(tx, kThreads / tx);
   if (vec)
-    segment_sums_kernel<T, V><<<grid, block, 0, stream>>>(a);
+    UK_LAUNCH(grid, block, 0, stream, segment_sums_kernel<T, V>)(a);
   else
-    segment_sums_kernel<T, 1><<<grid, block, 0, stream>>>(a);
+    UK_LAUNCH(grid, block, 0, stream, segment_sums_kernel<T, 1>)(a);
 }
 
 }  // namespace
@@ -350,16 +351,16 @@ void class_means(DType dt, const void* x, int64_t x_stride, const int64_t* label
   const auto rank_blocks = static_cast<unsigned>(ceil_div(p.chunks, kRankWarps));
   if (classes <= kSharedClasses) {
     const size_t smem = sizeof(int) * kRankWarps * classes;
-    rank_kernel<true><<<rank_blocks, kRankWarps * 32, smem, stream>>>(
+    UK_LAUNCH(rank_blocks, kRankWarps * 32, smem, stream, rank_kernel<true>)(
         labels, n, classes, p.chunks, p.chunk_rows, w.hist, w.rank);
   } else {
     cudaMemsetAsync(w.hist, 0, sizeof(int) * p.chunks * classes, stream);
-    rank_kernel<false><<<rank_blocks, kRankWarps * 32, 0, stream>>>(
+    UK_LAUNCH(rank_blocks, kRankWarps * 32, 0, stream, rank_kernel<false>)(
         labels, n, classes, p.chunks, p.chunk_rows, w.hist, w.rank);
   }
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(w.hist, p.chunks, classes, p.seg_rows, counts,
-                                             w.start, w.seg_first);
-  scatter_kernel<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(
+  UK_LAUNCH(1, kScanThreads, 0, stream, scan_kernel)(w.hist, p.chunks, classes, p.seg_rows,
+                                                     counts, w.start, w.seg_first);
+  UK_LAUNCH(static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream, scatter_kernel)(
       labels, w.rank, w.hist, w.start, n, classes, p.chunk_rows, w.perm);
   if (d == 0) return;
   const SegArgs a{x, x_stride, d, classes, p.seg_rows, w.perm, w.start, w.seg_first, counts,
@@ -370,7 +371,7 @@ void class_means(DType dt, const void* x, int64_t x_stride, const int64_t* label
     case DType::F16: segment_sums<__half>(a, p.max_segs, stream); break;
   }
   const dim3 grid(static_cast<unsigned>(classes), static_cast<unsigned>(ceil_div(d, kMergeThreads)));
-  merge_kernel<<<grid, kMergeThreads, 0, stream>>>(w.partials, w.seg_first, d, means);
+  UK_LAUNCH(grid, kMergeThreads, 0, stream, merge_kernel)(w.partials, w.seg_first, d, means);
 }
 
 }  // namespace uk::cuda

@@ -8,6 +8,7 @@
 // 16-byte aligned) goes through the V = 1 instance of the same kernel.
 // Bytes moved: n * (2 sizeof(hess) + sizeof(a) * (b ? 2 : 1)).
 #include "hessian_cuda.h"
+#include "cuda_launch.cuh"
 #include "scores_common.cuh"
 
 namespace uk::cuda {
@@ -63,7 +64,8 @@ void launch(EmaArgs args, cudaStream_t stream) {
   const int64_t per_block = int64_t{kThreads} * kUnroll * V;
   const int64_t blocks = ceil_div(args.end - args.begin, per_block);
   if (blocks > 0)
-    hessian_ema_kernel<H, A, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+    UK_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream,
+              hessian_ema_kernel<H, A, V>)(args);
 }
 
 template <typename H, typename A>

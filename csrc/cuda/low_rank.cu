@@ -55,10 +55,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_launch.cuh"
+#include "cuda_ptx.cuh"
 #include "low_rank_cuda.h"
 
 namespace uk::cuda {
 namespace {
+
+using namespace ptx;
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -142,69 +146,6 @@ __device__ __forceinline__ float2 unpack2(uint32_t w) {
   else return __bfloat1622float2(v);
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ uint64_t l2_policy_evict_last() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-__device__ __forceinline__ uint64_t l2_policy_evict_first() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// 16 bytes global -> shared, zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0), "l"(policy)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-
-// d += a b for one m16n8k16 tile (row-major A, column-major B, fp32 accumulators).
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 // Position in the CTA's sequence of (sweep, chunk) steps. Sweep s runs the first product of
 // the CTA's tile s (if s < tiles) and the second product of tile s - 1 (if s >= 1); even
 // sweeps visit chunks 0..K-1, odd sweeps K-1..0.
@@ -223,7 +164,7 @@ template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, 1) low_rank_tensor_core_kernel(const TileArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using C = TileConfig<RP>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_shared<unsigned char>();
   T* stages = reinterpret_cast<T*>(smem);
   float* cbuf = reinterpret_cast<float*>(smem + size_t{C::kStages} * C::kStageElems * sizeof(T));
   float* warp_max = cbuf + kBM * C::CS;
@@ -435,7 +376,7 @@ void launch_tensor_core(const TileArgs& a, int sms, cudaStream_t stream) {
   constexpr size_t smem = TileConfig<RP>::kSmemBytes;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(a.tiles, std::max(sms, 1)));
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  UK_LAUNCH(grid, kThreads, smem, stream, low_rank_tensor_core_kernel<T, RP>)(a);
 }
 
 template <typename T>
@@ -477,7 +418,7 @@ size_t generic_smem(int64_t r) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) low_rank_generic_kernel(const GenericArgs a) {
-  extern __shared__ float gsm[];
+  float* const gsm = dynamic_shared<float>();
   float* us = gsm;                         // [kGenCols][ldu]: rows c0.. of U
   float* cs = us + kGenCols * a.ldu;       // [kGenRows][ldu]: c of the tile
   float* xs = cs + kGenRows * a.ldu;       // [kGenRows][kGenCols + 1]
@@ -558,7 +499,7 @@ void generic_impl(const GenericArgs& a, cudaStream_t stream) {
   const int64_t open = std::clamp<int64_t>(
       kGenericOpenBytes / std::max<int64_t>(1, kGenRows * a.d * int64_t{sizeof(T)}), sms, 4 * sms);
   const unsigned grid = static_cast<unsigned>(std::min(a.tiles, open));
-  low_rank_generic_kernel<T><<<grid, kThreads, smem, stream>>>(a);
+  UK_LAUNCH(grid, kThreads, smem, stream, low_rank_generic_kernel<T>)(a);
 }
 
 }  // namespace

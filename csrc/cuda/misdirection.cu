@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_launch.cuh"
 #include "cuda_launchers.h"
 #include "cuda_rows.cuh"
 
@@ -138,11 +139,11 @@ sum_partials_kernel(const float* partials, int64_t count, float scale, float* lo
 template <typename T, int V>
 void launch_misdirection(const MisdirectionArgs& a, const Tiling& t, cudaStream_t stream) {
   if (a.control != nullptr && a.anchor != nullptr)
-    misdirection_kernel<T, V, true, true><<<t.grid, t.block, 0, stream>>>(a);
+    UK_LAUNCH(t.grid, t.block, 0, stream, misdirection_kernel<T, V, true, true>)(a);
   else if (a.control != nullptr)
-    misdirection_kernel<T, V, true, false><<<t.grid, t.block, 0, stream>>>(a);
+    UK_LAUNCH(t.grid, t.block, 0, stream, misdirection_kernel<T, V, true, false>)(a);
   else
-    misdirection_kernel<T, V, false, true><<<t.grid, t.block, 0, stream>>>(a);
+    UK_LAUNCH(t.grid, t.block, 0, stream, misdirection_kernel<T, V, false, true>)(a);
 }
 
 template <typename T>
@@ -160,7 +161,8 @@ void misdirection_impl(MisdirectionArgs a, float scale, float* loss, cudaStream_
       launch_misdirection<T, 1>(a, t, stream);
     partials = int64_t{t.grid.x} * t.grid.y;
   }
-  sum_partials_kernel<<<1, kThreads, 0, stream>>>(a.partials, partials, 1.f, loss);  // terms pre-scaled
+  // The terms are pre-scaled: the partials are summed with scale 1.
+  UK_LAUNCH(1, kThreads, 0, stream, sum_partials_kernel)(a.partials, partials, 1.f, loss);
 }
 
 struct EditArgs {
@@ -219,9 +221,9 @@ void masked_edit_impl(EditArgs a, cudaStream_t stream) {
   const Tiling t = make_tiling(a.n, a.d, vec ? V : 1);
   a.rows = t.rows;
   if (vec)
-    masked_edit_kernel<T, V><<<t.grid, t.block, 0, stream>>>(a);
+    UK_LAUNCH(t.grid, t.block, 0, stream, masked_edit_kernel<T, V>)(a);
   else
-    masked_edit_kernel<T, 1><<<t.grid, t.block, 0, stream>>>(a);
+    UK_LAUNCH(t.grid, t.block, 0, stream, masked_edit_kernel<T, 1>)(a);
 }
 
 }  // namespace

@@ -33,6 +33,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_launch.cuh"
 #include "cuda_launchers.h"
 #include "cuda_rows.cuh"
 
@@ -192,12 +193,12 @@ void masked_moments_impl(const MomentsArgs& args, int64_t* count, float* mean, f
   MomentsArgs a = args;
   a.rows = t.rows;
   if (vec)
-    moments_partial_kernel<T, V><<<t.grid, t.block, 0, stream>>>(a);
+    UK_LAUNCH(t.grid, t.block, 0, stream, moments_partial_kernel<T, V>)(a);
   else
-    moments_partial_kernel<T, 1><<<t.grid, t.block, 0, stream>>>(a);
+    UK_LAUNCH(t.grid, t.block, 0, stream, moments_partial_kernel<T, 1>)(a);
   const auto blocks = static_cast<unsigned>(std::max<int64_t>(1, ceil_div(a.d, kMergeThreads)));
-  moments_merge_kernel<<<blocks, kMergeThreads, 0, stream>>>(a.partials, t.grid.y, a.d, count,
-                                                              mean, m2);
+  UK_LAUNCH(blocks, kMergeThreads, 0, stream, moments_merge_kernel)(a.partials, t.grid.y, a.d,
+                                                                    count, mean, m2);
 }
 
 __global__ void __launch_bounds__(kMergeThreads)
@@ -231,8 +232,8 @@ void feature_scores(const float* mean_f, const float* var_f, const float* mean_r
                     cudaStream_t stream) {
   if (d == 0) return;
   const auto blocks = static_cast<unsigned>(ceil_div(d, kMergeThreads));
-  feature_scores_kernel<<<blocks, kMergeThreads, 0, stream>>>(mean_f, var_f, mean_r, var_r, eps,
-                                                               d, scores);
+  UK_LAUNCH(blocks, kMergeThreads, 0, stream, feature_scores_kernel)(mean_f, var_f, mean_r,
+                                                                     var_r, eps, d, scores);
 }
 
 }  // namespace uk::cuda

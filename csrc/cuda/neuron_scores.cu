@@ -20,6 +20,7 @@
 // chunks of each column in chunk order. Grid = (column tiles, chunks), about kBlocksPerSM
 // blocks per SM.
 #include "neuron_scores_cuda.h"
+#include "cuda_launch.cuh"
 #include "scores_common.cuh"
 
 namespace uk::cuda {
@@ -127,7 +128,7 @@ void launch_rows(const ScoreArgs& a, cudaStream_t stream) {
     ++group_log2;
   const int64_t rows_per_block = kThreads >> group_log2;
   const auto blocks = static_cast<unsigned>(ceil_div(a.rows, rows_per_block));
-  row_scores_kernel<W, H, V, kRetain><<<blocks, kThreads, 0, stream>>>(a, group_log2);
+  UK_LAUNCH(blocks, kThreads, 0, stream, row_scores_kernel<W, H, V, kRetain>)(a, group_log2);
 }
 
 // ---- dim 1 ---------------------------------------------------------------------------
@@ -241,11 +242,11 @@ void launch_cols(ScoreArgs a, cudaStream_t stream) {
   a.chunk_rows = ceil_div(a.rows, col_chunks(a.rows, a.cols));
   const int64_t chunks = ceil_div(a.rows, a.chunk_rows);
   const dim3 grid(static_cast<unsigned>(ceil_div(vectors, tx)), static_cast<unsigned>(chunks));
-  col_scores_kernel<W, H, V, kRetain><<<grid, dim3(tx, kThreads / tx), 0, stream>>>(a);
+  UK_LAUNCH(grid, dim3(tx, kThreads / tx), 0, stream, col_scores_kernel<W, H, V, kRetain>)(a);
   if (chunks > 1) {
     const auto blocks = static_cast<unsigned>(ceil_div(a.cols, kMergeThreads));
-    col_merge_kernel<<<blocks, kMergeThreads, 0, stream>>>(a.partials, chunks, a.cols, kRetain,
-                                                            a.s_forget, a.s_retain);
+    UK_LAUNCH(blocks, kMergeThreads, 0, stream, col_merge_kernel)(a.partials, chunks, a.cols,
+                                                                  kRetain, a.s_forget, a.s_retain);
   }
 }
 

@@ -21,6 +21,7 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda_launch.cuh"
 #include "cuda_dtype.cuh"
 #include "sophia_cuda.h"
 
@@ -229,7 +230,7 @@ void masked_sophia_step(const SophiaTensor* tensors, int64_t count, const Sophia
   table.count = 0;
   auto launch = [&] {
     if (table.count > 0)
-      sophia_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, hyper);
+      UK_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, sophia_kernel)(table, hyper);
     table.count = 0;
     blocks = 0;
   };
