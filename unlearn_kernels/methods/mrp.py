@@ -176,9 +176,10 @@ class MRP(UnlearningMethod):
                 q, r = torch.linalg.qr(basis)
                 basis.copy_(q * torch.sign(torch.diagonal(r)))
             self.history.append({"step": step, **values})
-            if monitor is not None and monitor.after_step(self, step + 1):
-                break
-        self._attach(basis.detach().clone())
+            if monitor is not None and (monitor.after_step(self, step + 1) or self.basis is None):
+                break          # None: the monitor went back to the starting model (no projection)
+        if self.basis is not None:
+            self._attach(basis.detach().clone())
         return step + 1
 
     def projections(self) -> dict[str, torch.Tensor]:
