@@ -120,7 +120,6 @@ class TargetController:
         """Base accuracies of the model before the first step (the trajectory's first point)."""
         self._eval_time = 0.0
         self._started = time.perf_counter()
-        self._since_eval = time.perf_counter()
         self._backtracked = 0
         self._best_params = None
         self.trajectory = [self._evaluate(method.model, method.tokenizer, -1)]
@@ -131,7 +130,6 @@ class TargetController:
                              f"{self.sets.chance:.3f}); check the questions or the target")
         self._best = base
         self._last_eval_s = self.trajectory[0]["eval_s"]
-        self._since_eval = time.perf_counter()
         self.reason = None
 
     def _due(self, step: int) -> bool:
@@ -194,7 +192,7 @@ class TargetController:
             "base": {k: base[k] for k in ("forget", "retain", "entangled") if k in base},
             "best": {k: v for k, v in best.items() if k != "eval_s"},
             "best_is_start": best["step"] < 0,
-            "trajectory": [{k: v for k, v in p.items()} for p in self.trajectory],
+            "trajectory": [dict(p) for p in self.trajectory],
             "backtracks": self._backtracked, "eval_time_s": self._eval_time, "run_time_s": total,
             "eval_share": self._eval_time / total if total > 0 else 0.0,
             "validation": {name: len(getattr(self.sets, name)) for name in ("forget", "retain", "entangled")},

@@ -86,12 +86,10 @@ def check_stored_finite(path: Path | str, stored: dict[str, str], skip=()) -> No
     read one tensor at a time."""
     from safetensors import safe_open
 
+    from .prefix import group_by_shard
+
     skip = set(skip)
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in stored.items():
-        if name not in skip:
-            by_shard.setdefault(shard, []).append(name)
-    for shard, names in sorted(by_shard.items()):
+    for shard, names in group_by_shard(stored, [name for name in stored if name not in skip]).items():
         with safe_open(str(Path(path) / shard), "pt") as f:
             for name in sorted(names):
                 tensor = f.get_tensor(name)

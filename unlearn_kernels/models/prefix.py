@@ -44,6 +44,15 @@ def checkpoint_keys(path: Path | str) -> dict[str, str] | None:
     return None
 
 
+def group_by_shard(keys: dict[str, str], names) -> dict[str, list[str]]:
+    """``{shard: [tensor names]}`` of ``names`` under the checkpoint index ``keys`` (name → shard),
+    shards in sorted order: each shard is then opened once."""
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        grouped.setdefault(keys[name], []).append(name)
+    return dict(sorted(grouped.items()))
+
+
 def check_shards(path: Path | str) -> None:
     """FileNotFoundError naming the first shard a checkpoint index lists that the folder lacks
     (before any work, instead of part-way through loading)."""
@@ -153,11 +162,8 @@ def _read_prefix(path: Path, config, dtype: torch.dtype):
             targets[name] = tensor
     if any((t.data_ptr(), tuple(t.shape)) not in read for t in state.values()):
         return None
-    by_shard: dict[str, list[str]] = {}
-    for name in targets:
-        by_shard.setdefault(keys[name], []).append(name)
     with torch.no_grad():
-        for shard, names in sorted(by_shard.items()):
+        for shard, names in group_by_shard(keys, targets).items():
             with safe_open(str(path / shard), "pt") as f:
                 for name in names:
                     stored = f.get_tensor(name)
@@ -214,9 +220,7 @@ def save_prefix_output(source: Path | str, out_dir: Path | str, updated: dict[st
         export.check_projections(model, projections)
     check_updated_names(source, updated)   # reads the index: every shard name stays in the folder
     keys = checkpoint_keys(source)
-    by_shard: dict[str, list[str]] = {}
-    for name in updated:
-        by_shard.setdefault(keys[name], []).append(name)
+    by_shard = group_by_shard(keys, updated)
     with staged_output(out_dir) as tmp:
         for item in source.iterdir():
             if item.is_file() and item.name not in OURS and item.name not in by_shard:
