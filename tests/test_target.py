@@ -117,6 +117,15 @@ def test_validation_needs_both_sets(capsys, files, tmp_path):
     assert code == 2 and "--val-retain" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [["--keep", "0.5"], ["--target", "0.3"], ["--val-every", "5"], ["--budget", "2"]])
+def test_target_flags_without_validation_are_refused(capsys, files, tmp_path, extra):
+    code = cli.main(["unlearn", "--model", str(MODEL), "--method", "RMU", "--forget", str(files / "forget.txt"),
+                     "--retain", str(files / "retain.txt"), "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and extra[0] in err and "--val-forget" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_mrp_keeps_its_best_basis(files, tmp_path):
     """MRP's strength is its basis: the statistics' basis is a point, then its training."""
     from unlearn_kernels.pipeline import RunConfig, run

@@ -108,6 +108,11 @@ def run(config: RunConfig) -> RunResult:
         raise ValueError(f"{config.method} needs retain data")
     if config.relearn and not config.eval_forget:
         raise ValueError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
+    defaults = RunConfig.__dataclass_fields__
+    stray = [f"--{name.replace('_', '-')}" for name in ("target", "keep", "val_every", "budget")
+             if getattr(config, name) != defaults[name].default]
+    if stray and not config.validation:     # they only steer a target-driven run: never ignore them silently
+        raise ValueError(f"{', '.join(stray)} steer target-driven runs: give --val-forget and --val-retain too")
     if config.validation and not (config.val_forget and config.val_retain):
         raise ValueError("a target-driven run needs both --val-forget and --val-retain (--val-entangled is optional)")
     out = check_output_path(config.out, config.inputs(), overwrite=config.overwrite or config.resume,
