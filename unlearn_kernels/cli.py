@@ -129,7 +129,7 @@ def _load_run_config(args) -> dict:
 
 
 def _unlearn(args) -> int:
-    """``pipeline.run`` on the flags and YAML; exit 3 when a target-driven run missed its target."""
+    """``pipeline.run`` on the flags and YAML; exit 3 when a target- or rule-driven run missed its target."""
     from .pipeline import RunConfig, run
 
     config = _load_run_config(args)
@@ -138,7 +138,7 @@ def _unlearn(args) -> int:
         out=config["out"], settings=config["settings"], device=args.device, dtype=args.dtype,
         eval_forget=args.eval_forget, eval_retain=args.eval_retain, relearn=args.relearn,
         val_forget=args.val_forget, val_retain=args.val_retain, val_entangled=args.val_entangled,
-        target=args.target, keep=args.keep, val_every=args.val_every, budget=args.budget,
+        target=args.target, keep=args.keep, val_every=args.val_every, budget=args.budget, stop=args.stop,
         checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
         text_field=args.text_field, qa=args.qa, question_field=args.question_field, answer_field=args.answer_field,
         prefix_only=args.prefix_only, parallel=args.parallel, config_file=args.config))
@@ -394,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate every N steps (default: adaptive, at most 15%% of the run's time)")
     target.add_argument("--budget", type=float, default=4.0,
                         help="at most BUDGET x the method's own steps (or epochs) unless --set gives them "
-                             "(default 4; the run stops at the target)")
+                             "(default 4; the run stops at the target or when the stopping rule is met)")
+    target.add_argument("--stop", default="auto", choices=["auto", "rule", "fixed"],
+                        help="without --val-*: rule = stop on the method's validation-free stopping rule "
+                             "(exit 3 when not met), fixed = run the method's length; auto (default) = rule, "
+                             "unless --set gives the length or the run checkpoints, resumes or is distributed")
     unlearn.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                          help="write a resumable checkpoint to OUT.checkpoint every N steps (and on Ctrl-C)")
     unlearn.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")

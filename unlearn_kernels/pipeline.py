@@ -57,7 +57,10 @@ class RunConfig:
     target: float | None = None         # forget accuracy that means done; None: chance + 0.05
     keep: float = 0.95                  # retain (and entangled) accuracy kept, as a share of base
     val_every: int | None = None        # evaluate every N steps; None: adaptive (<= 15 % of the time)
-    budget: float = 4.0                 # target-driven: the method's length (steps/epochs) times this, unless set
+    budget: float = 4.0                 # target- or rule-driven: the method's length (steps/epochs) times this, unless set
+    stop: str = "auto"                  # without validation: "rule" (the method's stopping rule), "fixed" (its
+                                        # length), "auto" (the rule unless the length is set, or the run resumes,
+                                        # checkpoints or runs distributed)
     checkpoint_every: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -109,12 +112,17 @@ def run(config: RunConfig) -> RunResult:
     if config.relearn and not config.eval_forget:
         raise ValueError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
     defaults = RunConfig.__dataclass_fields__
-    stray = [f"--{name.replace('_', '-')}" for name in ("target", "keep", "val_every", "budget")
+    stray = [f"--{name.replace('_', '-')}" for name in ("target", "keep", "val_every")
              if getattr(config, name) != defaults[name].default]
     if stray and not config.validation:     # they only steer a target-driven run: never ignore them silently
         raise ValueError(f"{', '.join(stray)} steer target-driven runs: give --val-forget and --val-retain too")
     if config.validation and not (config.val_forget and config.val_retain):
         raise ValueError("a target-driven run needs both --val-forget and --val-retain (--val-entangled is optional)")
+    stopping = _stopping(config, method_class)
+    if config.budget != defaults["budget"].default and stopping != "rule" and not config.validation:
+        why = "--stop fixed" if config.stop == "fixed" else _fixed_reason(config, method_class)
+        raise ValueError(f"--budget steers target- and rule-driven runs, and this run has a fixed length ({why}): "
+                         "give --val-forget and --val-retain, or drop --budget")
     out = check_output_path(config.out, config.inputs(), overwrite=config.overwrite or config.resume,
                             needed_bytes=weights_size(config.model))
     mode = parallel.resolve_mode(config.parallel)
@@ -131,16 +139,17 @@ def run(config: RunConfig) -> RunResult:
     checkpointer = _checkpointer(out, config)
     forget = [t for f in config.forget for t in _training_data(f, config)]
     retain = [t for f in config.retain for t in _training_data(f, config)]
-    settings, budget = _budget(method_class, config.settings, config.budget if config.validation else None)
+    settings, budget = _budget(method_class, config.settings,
+                               config.budget if config.validation or stopping == "rule" else None)
     method_config = method_config_of(method_class, settings)
     evals = {name: read_multiple_choice(path) for name, path in (("forget", config.eval_forget),
                                                                   ("retain", config.eval_retain)) if path}
-    controller = _controller(config)
+    controller = _controller(config, method_class, stopping)
     attack = read_texts(config.relearn, config.text_field) if config.relearn else None
     device, dtype = device_and_dtype(config.device, config.dtype)
     check_shards(config.model)
     method_config, prefix = _prefix_plan(config, method_class, method_config,
-                                         wants_full=bool(evals or attack or controller))
+                                         wants_full=bool(evals or attack or config.validation))
     with parallel.process_group(mode, device) as device:
         if prefix:
             from .models.prefix import load_prefix
@@ -202,9 +211,46 @@ def run(config: RunConfig) -> RunResult:
     return RunResult(Path(out), report, reached=bool(report["target"]["reached"]), message=controller.message())
 
 
-def _controller(config: RunConfig):
-    """The target controller of a run with validation questions (None without)."""
-    if not config.validation:
+def _stopping(config: RunConfig, method_class) -> str:
+    """How the run stops: "validation" (target-driven), "rule" (the method's validation-free
+    stopping rule, ``unlearn_kernels.stopping``) or "fixed" (the method's own length)."""
+    if config.stop not in ("auto", "rule", "fixed"):
+        raise ValueError(f"--stop must be auto, rule or fixed, got {config.stop!r}")
+    if config.validation:
+        if config.stop != "auto":
+            raise ValueError(f"--stop {config.stop}: a run with validation questions stops at its target; drop --stop")
+        return "validation"
+    if config.stop == "fixed":
+        return "fixed"
+    reason = _fixed_reason(config, method_class)
+    if config.stop == "rule" and reason:
+        raise ValueError(f"--stop rule: {reason}")
+    return "fixed" if reason else "rule"
+
+
+def _fixed_reason(config: RunConfig, method_class) -> str | None:
+    """Why a run without validation questions keeps its fixed length (None: the rule may run)."""
+    if method_class.stopping_rule is None:
+        return f"{method_class.name} has no validation-free stopping rule; give validation questions"
+    length = method_class.length_setting or ("steps" if getattr(method_class.config_class(), "steps", 0) else "epochs")
+    for name in ("steps", "epochs", length):
+        if name in config.settings:
+            return f"the run's length is set ({name}={config.settings[name]})"
+    if config.resume or config.checkpoint_every:
+        return "checkpointed and resumed runs keep a fixed length"
+    if parallel.resolve_mode(config.parallel) != "none":
+        return "distributed runs keep a fixed length"
+    return None
+
+
+def _controller(config: RunConfig, method_class, stopping: str):
+    """The controller of a target-driven (validation questions) or rule-driven run; None for a
+    run of fixed length."""
+    if stopping == "rule":
+        from .stopping import SignalController
+
+        return SignalController(rule=method_class.stopping_rule)
+    if stopping != "validation":
         return None
     from .data.loaders import read_multiple_choice
     from .target import TargetController, ValidationSets

@@ -2,7 +2,7 @@
 
 Panels: the loss terms per step; with a target-driven run, the validation accuracies along the
 trajectory (forget, retain, entangled) with the target and the retain limits as dashed lines and
-the saved best point marked; with a final evaluation, before/after accuracy bars.
+the saved best point marked (with a validation-free run, the stopping rule's signals); with a final evaluation, before/after accuracy bars.
 """
 
 from __future__ import annotations
@@ -26,21 +26,10 @@ def report_figure(report: dict):
     ax.set(xlabel="step", ylabel="loss", title=f"{report['method']}: loss terms")
     if history:
         ax.legend()
-    if target:
-        ax = axes.pop(0)
-        points = target["trajectory"]
-        for i, name in enumerate(("forget", "retain", "entangled")):
-            if name in target["base"]:
-                line, = ax.plot([p["step"] for p in points], [p[name] for p in points], marker="o", ms=3,
-                                label=name, color=f"C{i}")
-                if name != "forget":
-                    ax.axhline(target["keep"] * target["base"][name], ls="--", lw=0.8, color=line.get_color())
-        ax.axhline(target["target_forget"], ls="--", lw=0.8, color="C0", label="target")
-        best = target["best"]
-        ax.plot([best["step"]], [best["forget"]], marker="*", ms=14, color="k", ls="none", label="saved")
-        ax.set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1.05),
-               title=f"{'reached' if target['reached'] else 'not reached'}: {target['reason']}")
-        ax.legend(fontsize=8)
+    if target and "rule" in target:
+        _rule_panel(axes.pop(0), target)
+    elif target:
+        _validation_panel(axes.pop(0), target)
     if evaluation:
         bars = axes.pop(0)
         names = list(evaluation["before"])
@@ -51,3 +40,34 @@ def report_figure(report: dict):
         bars.legend()
     fig.tight_layout()
     return fig
+
+
+def _validation_panel(ax, target: dict) -> None:
+    """Validation accuracies along the trajectory, the target and retain limits, the saved point."""
+    points = target["trajectory"]
+    for i, name in enumerate(("forget", "retain", "entangled")):
+        if name in target["base"]:
+            line, = ax.plot([p["step"] for p in points], [p[name] for p in points], marker="o", ms=3,
+                            label=name, color=f"C{i}")
+            if name != "forget":
+                ax.axhline(target["keep"] * target["base"][name], ls="--", lw=0.8, color=line.get_color())
+    ax.axhline(target["target_forget"], ls="--", lw=0.8, color="C0", label="target")
+    best = target["best"]
+    ax.plot([best["step"]], [best["forget"]], marker="*", ms=14, color="k", ls="none", label="saved")
+    ax.set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1.05),
+           title=f"{'reached' if target['reached'] else 'not reached'}: {target['reason']}")
+    ax.legend(fontsize=8)
+
+
+def _rule_panel(ax, target: dict) -> None:
+    """The stopping rule's progress (remaining) and damage (drift) along the trajectory."""
+    points = target["trajectory"]
+    steps = [p["step"] for p in points]
+    ax.plot(steps, [p["remaining"] for p in points], marker="o", ms=3, label="remaining", color="C0")
+    ax.plot(steps, [p["drift"] for p in points], marker="o", ms=3, label="drift", color="C1")
+    best = target["best"]
+    ax.plot([best["step"]], [best["remaining"]], marker="*", ms=14, color="k", ls="none", label="saved")
+    ax.set(xlabel="step", ylabel="signal", title=f"rule {'met' if target['reached'] else 'not met'}: "
+                                                  f"{target['reason']}\n{target['rule']}")
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=8)

@@ -93,7 +93,7 @@ class TargetController:
             raise ValueError(f"max_share must be in (0, 1), got {self.max_share}")
 
     # --- measuring ------------------------------------------------------------------------
-    def _evaluate(self, model, tokenizer, step: int) -> dict:
+    def _evaluate(self, method, step: int) -> dict:
         from .eval.multiple_choice import evaluate_multiple_choice
 
         started = time.perf_counter()
@@ -101,8 +101,11 @@ class TargetController:
         for name in ("forget", "retain", "entangled"):
             questions = getattr(self.sets, name)
             if questions:
-                point[name] = evaluate_multiple_choice(model, tokenizer, questions, batch_size=self.batch_size,
-                                                       progress=False)["acc"]
+                point[name] = evaluate_multiple_choice(method.model, method.tokenizer, questions,
+                                                       batch_size=self.batch_size, progress=False)["acc"]
+        signal = method.probe_signal()
+        if signal is not None:
+            point["signal"] = signal
         point["eval_s"] = time.perf_counter() - started
         self._eval_time += point["eval_s"]
         return point
@@ -112,8 +115,13 @@ class TargetController:
         return all(point[name] >= self.keep * base[name] - 1e-12
                    for name in ("retain", "entangled") if name in base)
 
+    @staticmethod
+    def score(point: dict) -> float:
+        """What the run drives down (forget accuracy); the best point has the lowest."""
+        return point["forget"]
+
     def reaches(self, point: dict) -> bool:
-        return self.keeps_retain(point) and point["forget"] <= self.target + 1e-12
+        return self.keeps_retain(point) and self.score(point) <= self.target + 1e-12
 
     # --- the monitor protocol of UnlearningMethod.fit ----------------------------------------
     def start(self, method) -> None:
@@ -122,15 +130,18 @@ class TargetController:
         self._started = time.perf_counter()
         self._backtracked = 0
         self._best_params = None
-        self.trajectory = [self._evaluate(method.model, method.tokenizer, -1)]
+        self.trajectory = [self._evaluate(method, -1)]
         base = self.trajectory[0]
+        self.check_start(base)
+        self._best = base
+        self._last_eval_s = self.trajectory[0]["eval_s"]
+        self.reason = None
+
+    def check_start(self, base: dict) -> None:
         if base["forget"] <= self.target:
             raise ValueError(f"the model answers the forget validation questions at {base['forget']:.3f}, already at "
                              f"or below the target {self.target:.3f}: nothing to unlearn (chance "
                              f"{self.sets.chance:.3f}); check the questions or the target")
-        self._best = base
-        self._last_eval_s = self.trajectory[0]["eval_s"]
-        self.reason = None
 
     def _due(self, step: int) -> bool:
         if self.every is not None:
@@ -148,11 +159,11 @@ class TargetController:
     def measure(self, method, step: int) -> bool:
         """Evaluate after ``step``; keep the point if it is the best, backtrack if it breaks the
         retain limit; True when the run should stop."""
-        point = self._evaluate(method.model, method.tokenizer, step)
+        point = self._evaluate(method, step)
         self._last_eval_s = point["eval_s"]
         point["keeps_retain"] = self.keeps_retain(point)
         self.trajectory.append(point)
-        if point["keeps_retain"] and point["forget"] < self._best["forget"] - 1e-12:
+        if point["keeps_retain"] and self.score(point) < self.score(self._best) - 1e-12:
             self._best = point
             self._best_params = method.snapshot()
         if self.reaches(point):
@@ -185,19 +196,22 @@ class TargetController:
         best = self._best
         method.restore(self._best_params)     # None: the best point is the starting model
         total = time.perf_counter() - self._started
-        base = self.trajectory[0]
         self.summary = {
-            "reached": self.reaches(best), "reason": self.reason,
-            "target_forget": self.target, "chance": self.sets.chance, "keep": self.keep,
-            "base": {k: base[k] for k in ("forget", "retain", "entangled") if k in base},
+            "reached": self.reaches(best), "reason": self.reason, **self.describe(),
             "best": {k: v for k, v in best.items() if k != "eval_s"},
             "best_is_start": best["step"] < 0,
             "trajectory": [dict(p) for p in self.trajectory],
             "backtracks": self._backtracked, "eval_time_s": self._eval_time, "run_time_s": total,
             "eval_share": self._eval_time / total if total > 0 else 0.0,
-            "validation": {name: len(getattr(self.sets, name)) for name in ("forget", "retain", "entangled")},
         }
         return self.summary
+
+    def describe(self) -> dict:
+        """What "done" meant, for the summary."""
+        base = self.trajectory[0]
+        return {"target_forget": self.target, "chance": self.sets.chance, "keep": self.keep,
+                "base": {k: base[k] for k in ("forget", "retain", "entangled") if k in base},
+                "validation": {name: len(getattr(self.sets, name)) for name in ("forget", "retain", "entangled")}}
 
     def message(self) -> str:
         """One line for the user: what was reached, or why not."""

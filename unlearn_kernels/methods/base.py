@@ -386,6 +386,8 @@ class UnlearningMethod:
         checkpointed = activation_checkpointing(self.model) if self.config.checkpointing else nullcontext()
         self.target = None
         if monitor is not None:
+            self._probe = (next(self.batches(forget, 21)), next(self.batches(retain, 22)) if retain else None)
+            self.planned_steps = steps
             monitor.start(self)
         last = start - 1
         with checkpoint if checkpoint is not None else nullcontext(), checkpointed:
@@ -523,6 +525,19 @@ class UnlearningMethod:
                     if name in source:
                         p.copy_(source[name].to(p.device, p.dtype))
 
+    def probe_signal(self) -> dict | None:
+        """:meth:`stopping_signal` on the fixed probe batches of a monitored run, in eval mode
+        (no dropout); None for a method without one."""
+        probe = getattr(self, "_probe", None)
+        if probe is None:
+            return None
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self.stopping_signal(*probe)
+        finally:
+            self.model.train(training)
+
     def projections(self) -> dict[str, torch.Tensor]:
         """Tensors that must be saved beside the weights (MRP's bases); none by default."""
         return {}
@@ -534,6 +549,7 @@ class UnlearningMethod:
     # --- hooks for subclasses ------------------------------------------------------------
     needs_retain = True
     length_setting: str | None = None      # the setting a target-driven budget multiplies; None: steps, else epochs
+    stopping_rule = None                   # a stopping.StoppingRule: validation-free runs stop on it
     unused_settings: dict[str, str] = {}   # inherited fields a method ignores: setting one is refused
 
     def setup(self, forget: list, retain: list) -> None:
@@ -544,6 +560,11 @@ class UnlearningMethod:
 
     def before_step(self) -> None:
         """Called between backward and the optimizer step."""
+
+    def stopping_signal(self, forget_batch, retain_batch) -> dict | None:
+        """Scale-free measures of progress on a forget and a retain probe batch, for the
+        validation-free stopping rule (``unlearn_kernels.stopping``); None: the method has none."""
+        return None
 
     def loss(self, forget_batch, retain_batch, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -11,6 +11,15 @@ non-padding token of a text; only the answer tokens of a ``QAPair``, marked by t
   (the NPO+RT form; ``γ = 0`` gives plain NPO). The reference shares every weight but the
   updated ones (``FrozenCopy``).
 
+**Stopping without validation questions** (``NLL_RULE``, ``unlearn_kernels.stopping``): on a fixed
+forget and retain probe batch, the run stops when the forget NLL has risen by at least 1 nat per
+token over the starting model's while the retain NLL rose by at most 0.5 nat. Both are changes
+of a log-likelihood per token, which means the same whatever the model's size or vocabulary: a
+1-nat rise makes every forget token e times less likely on average — the factor at which
+multiple-choice answers among a few candidates stop being preferred — and the retain limit
+bounds the collateral loss of likelihood at half of that. (Absolute NLLs are not comparable
+across tokenizers; their changes are.)
+
 Published setups update all weights on 7B models; the default here updates the MLPs of the
 band RMU reads (``models.roles``: layers ``l−2 … l`` with ``l = max(2, round(7/32 · depth))``)
 at ``1e-5 · 4096 / hidden``, which forgets on small models without rewriting the embeddings
@@ -25,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import FrozenCopy
+from ..stopping import StoppingRule
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, model_inputs
 
@@ -53,8 +63,23 @@ class LossConfig(MethodConfig):
     epochs: int = 5           # passes over the forget set when steps is 0 (TOFU's 5)
 
 
+# Validation-free stopping (``unlearn_kernels.stopping``): the forget NLL up by at least 1 nat per
+# token (each forget token e times less likely) while the retain NLL rose by at most 0.5 nat.
+NLL_RULE = StoppingRule(remaining="forget_nll", done_at=-1.0, drift="retain_nll", drift_limit=0.5,
+                        relative=True, rises=True)
+
+
 class _LossMethod(UnlearningMethod):
     reference_lr = 1e-5       # TOFU/NPO's 7B fine-tuning rate (AdamW)
+    stopping_rule = NLL_RULE
+
+    @torch.no_grad()
+    def stopping_signal(self, forget_batch, retain_batch) -> dict:
+        """Mean NLL (nats per loss token) of the model on the forget and retain probe batches;
+        the rule (``unlearn_kernels.stopping``) reads their change from the start."""
+        signal = {"forget_nll": float(nll(self.model, forget_batch))}
+        signal["retain_nll"] = float(nll(self.model, retain_batch)) if retain_batch is not None else 0.0
+        return signal
 
 
 class GradAscent(_LossMethod):

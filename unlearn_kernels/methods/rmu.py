@@ -37,6 +37,19 @@ word-level model of that time): the published α = 1200 left forget accuracy at 
 every c and lr tried; α = 100 forgets (RMU 0.52, SRMU 0.70 at 25 % overlap, chance 0.25) with
 retain accuracy 1.00.
 
+**Stopping without validation questions** (``RMU_RULE``, ``unlearn_kernels.stopping``). The
+run measures, on a fixed forget and retain probe batch, the *residual* ρ — the distance of the
+forget activations from ``c·u`` in units of ``‖c·u‖`` (≈ 1.02 at the start with c = 5‖h‖; 0 when
+every forget token sits on the control vector) — and the retain activations' *drift* δ, their
+mean distance from the frozen model's relative to its norm. It stops when ρ ≤ 0.6 with
+δ ≤ 0.25. Both are ratios of activations at one layer, so no width, depth, activation scale or
+tokenizer enters them; at ρ = 0.6 the component of the forget activations along ``u`` is at
+least about twice their original norm, which is what the layers above then read. Measured with
+the validation questions beside it (``benchmarks/calibrate_signals.py``): on the shipped model
+forget accuracy was 0.29–0.31 (chance 0.25) when ρ crossed 0.6, on SmolLM2-135M 0.24–0.29, with
+δ ≤ 0.10 on both (``benchmarks/RESULTS.md``, "Validation-free stopping"). The controller raises
+the learning rate when ρ stalls and lets the run go on to 4 × its length.
+
 Measured against the retrained oracle on the shipped 6-layer benchmark (the demo, 30 %
 overlap, layer 3, updating the MLPs of layers 1–3), SRMU's selectivity does not show as an
 advantage: at c = 100 / 300 RMU reaches forget 0.278 / 0.267 at retain 0.994 / 0.958, SRMU at
@@ -54,6 +67,7 @@ import torch
 from ..models.layers import FrozenCopy, layer_index_of, layer_output, prefix_outputs, replayed
 from ..ops import Moments, feature_importance, masked_moments, misdirection_loss
 from . import distributed
+from ..stopping import StoppingRule
 from .base import MethodConfig, UnlearningMethod
 
 
@@ -67,6 +81,9 @@ class RMUConfig(MethodConfig):
 
 
 AUTO_STEERING = 5.0   # c = 5 · mean ‖h_forget‖ when steering is auto (Adaptive RMU's β = 5 rule, once)
+# Validation-free stopping (``unlearn_kernels.stopping``): the forget activations within 0.6 of the
+# control vector's length from it, the retain activations moved by at most 25 % of their norm.
+RMU_RULE = StoppingRule(remaining="residual", done_at=0.6, drift="retain_drift", drift_limit=0.25)
 
 
 class RMU(UnlearningMethod):
@@ -78,6 +95,7 @@ class RMU(UnlearningMethod):
     runs_prefix = True            # runs and changes only layers 0..l (``models.prefix`` loads just those)
     default_roles = ("down",)     # the MLP output projections of the loss layer and the two below
     reference_lr = 5e-5       # WMDP's RMU rate at 7B
+    stopping_rule = RMU_RULE
 
     @torch.no_grad()
     def control_scale(self, forget_batch) -> float:
@@ -142,6 +160,39 @@ class RMU(UnlearningMethod):
                                                    backend=self.config.backend), retain_batch)
         return {"forget": self.forget_loss(forget_batch), "retain": self.config.alpha * retain}
 
+    def feature_weights(self):
+        """Weights ``m`` of the features the forget term misdirects (all ones for RMU)."""
+        return None
+
+    @torch.no_grad()
+    def stopping_signal(self, forget_batch, retain_batch) -> dict:
+        """Scale-free progress, on fixed probe batches (the validation-free stopping rule,
+        ``unlearn_kernels.stopping``):
+
+        - ``residual`` ρ = sqrt(Σ_t ‖m ⊙ (h_t − c·u)‖²) / sqrt(T · ‖m ⊙ c·u‖²): how far the forget
+          activations still are from the control vector, in units of its own length (about
+          sqrt(1 + 1/β²) at the start, 0 when the forget tokens all sit on ``c·u``);
+        - ``alignment``: mean cosine of ``h_t`` with ``u``;
+        - ``retain_drift`` δ = Σ_t ‖h_r − h₀_r‖ / Σ_t ‖h₀_r‖: how far retain activations moved,
+          relative to their own norm.
+
+        Both are ratios of activations at the same layer, so they do not depend on the
+        model's width, depth or activation scale (which is why the same thresholds serve a
+        6-layer toy and a 30-layer pretrained model, where the raw loss differs by orders of
+        magnitude)."""
+        live, _ = self.live_and_frozen(forget_batch, frozen=False)
+        mask = forget_batch["attention_mask"].bool()
+        h = live[mask].float()
+        target = self.control.float()
+        weights = self.feature_weights()
+        w = torch.ones_like(target) if weights is None else weights.float()
+        residual = (((h - target) ** 2 * w).sum() / (h.shape[0] * ((target ** 2) * w).sum())).sqrt()
+        alignment = torch.nn.functional.cosine_similarity(h, target[None], dim=-1).mean()
+        live_r, anchor = self.live_and_frozen(retain_batch)
+        keep = retain_batch["attention_mask"].bool()
+        drift = (live_r[keep] - anchor[keep]).float().norm(dim=-1).sum() / anchor[keep].float().norm(dim=-1).sum()
+        return {"residual": float(residual), "alignment": float(alignment), "retain_drift": float(drift)}
+
     def report(self):
         return {**super().report(), "control_norm": float(self.control.norm())}
 
@@ -198,6 +249,9 @@ class SRMU(AdaptiveRMU):
         live, anchor = self.live_and_frozen(batch, frozen=self.config.anchor_forget)
         return self.batch_mean(misdirection_loss(live, self.control, self.importance, anchor,
                                                  token_mask=batch["attention_mask"], backend=self.config.backend), batch)
+
+    def feature_weights(self):
+        return self.importance
 
     def report(self):
         return {**super().report(), "importance_mass": float(self.importance.sum())}

@@ -1,0 +1,160 @@
+"""Validation-free stopping: a run without validation questions stops on the method's own signal.
+
+Without questions to score, a run can still measure how far it got, on what it trains: each
+method with a rule (:class:`StoppingRule`, a class attribute) reports scale-free signals on a
+fixed forget and a fixed retain probe batch (``UnlearningMethod.stopping_signal``) — the RMU
+family the residual of the forget activations from the control vector in units of its own
+length and the retain activations' relative drift; the loss methods the rise of the forget NLL
+and the drift of the retain NLL, in nats per token (each method's docstring says why its
+signal transfers across models). With ``remaining`` the rule's progress measure (falls as the
+method forgets) and ``drift`` its damage measure, a point after step ``t``
+
+- *keeps the retain set* when ``drift(t) ≤ drift_limit``;
+- *meets the rule* when it keeps the retain set and ``remaining(t) ≤ done_at``.
+
+The controller (:class:`SignalController`, the monitor of ``UnlearningMethod.fit``) measures
+every ``every`` steps (a probe costs two forward passes, a few % of a step's work), stops at
+the first point that meets the rule, backtracks to the best point with the learning rate
+halved when the drift limit is broken (as :class:`~unlearn_kernels.target.TargetController`
+does), and **raises the learning rate** when the run stalls: when over a window of ``window``
+steps ``remaining`` fell by less than ``stall`` of its distance to ``done_at``, every
+parameter group's rate is doubled (at most ``raises`` times, never after a backtrack) — the
+default rate was set on other models, and a rate too small for this one shows as a stall
+long before the budget ends. The best point (lowest ``remaining`` among those that keep the
+retain set) is what the run leaves in the model; when the rule was not met the pipeline
+exits 3 with a one-line reason, as for a missed validation target.
+
+The thresholds are properties of the signals, not of a model; they were read off trajectories
+of the training models of ``models.zoo`` (``benchmarks/calibrate_signals.py``) and checked on the
+held-out ones and SmolLM2-135M (``benchmarks/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .target import TargetController
+
+
+@dataclass(frozen=True)
+class StoppingRule:
+    """A method's validation-free stopping rule (module docstring)."""
+
+    remaining: str        # the signal that falls to done_at as the method forgets
+    done_at: float
+    drift: str            # the signal of damage to the retain set
+    drift_limit: float
+    relative: bool = False  # both read as changes from the starting model's values
+    rises: bool = False     # the progress signal rises as the method forgets: remaining is its negative
+
+    def scores(self, signal: dict, base: dict | None) -> tuple[float, float]:
+        """(remaining, drift) of a point whose signal is ``signal``; ``base``: the starting point's."""
+        remaining, drift = signal[self.remaining], signal[self.drift]
+        if self.relative and base is not None:
+            remaining, drift = remaining - base[self.remaining], drift - base[self.drift]
+        elif self.relative:
+            remaining, drift = 0.0, 0.0
+        return (-remaining if self.rises else remaining), drift
+
+    def describe(self) -> str:
+        change = "rise of " if self.relative and self.rises else ("change of " if self.relative else "")
+        done = f"{change}{self.remaining} >= {-self.done_at:g}" if self.rises else f"{change}{self.remaining} <= {self.done_at:g}"
+        return f"{done} with {'change of ' if self.relative else ''}{self.drift} <= {self.drift_limit:g}"
+
+
+@dataclass
+class SignalController(TargetController):
+    """Stops a run on its method's :class:`StoppingRule` (module docstring)."""
+
+    sets: object = None
+    rule: StoppingRule | None = None
+    every: int | None = None       # measure every N steps; None: 1/60 of the run's planned steps
+    window: int | None = None      # steps over which a stall is judged; None: 1/4 of the planned steps
+    stall: float = 0.1             # a window that closes less than this share of the gap is a stall
+    raises: int = 3                # learning-rate doublings at most
+
+    def __post_init__(self):
+        if self.rule is None:
+            raise ValueError("a SignalController needs the method's stopping rule")
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"signal every N steps needs N >= 1, got {self.every}")
+
+    def start(self, method) -> None:
+        """Fix ``every`` and ``window`` from the run's planned steps (the budget), then measure
+        the starting point."""
+        planned = getattr(method, "planned_steps", 60)
+        if self.every is None:
+            self.every = max(1, planned // 60)
+        if self.window is None:
+            self.window = max(self.every, planned // 4)
+        super().start(method)
+
+    # --- measuring ------------------------------------------------------------------------
+    def _evaluate(self, method, step: int) -> dict:
+        import time
+
+        started = time.perf_counter()
+        signal = method.probe_signal()
+        if signal is None:
+            raise ValueError(f"{method.name} has no validation-free stopping signal: give validation questions")
+        base = self.trajectory[0]["signal"] if self.trajectory else None
+        remaining, drift = self.rule.scores(signal, base)
+        point = {"step": step, "signal": signal, "remaining": remaining, "drift": drift}
+        point["eval_s"] = time.perf_counter() - started
+        self._eval_time += point["eval_s"]
+        return point
+
+    def check_start(self, base: dict) -> None:
+        self._raised = 0
+        self._window_start = base
+
+    def keeps_retain(self, point: dict) -> bool:
+        return point["drift"] <= self.rule.drift_limit + 1e-12
+
+    @staticmethod
+    def score(point: dict) -> float:
+        return point["remaining"]
+
+    def reaches(self, point: dict) -> bool:
+        return self.keeps_retain(point) and point["remaining"] <= self.rule.done_at + 1e-12
+
+    def measure(self, method, step: int) -> bool:
+        stop = super().measure(method, step)
+        if not stop:
+            self._check_stall(method, self.trajectory[-1])
+        return stop
+
+    def _check_stall(self, method, point: dict) -> None:
+        """Double the learning rate when the last ``window`` steps closed less than ``stall`` of
+        the gap to ``done_at`` (never after a backtrack: the rate was too large there)."""
+        if point["step"] - self._window_start["step"] < self.window:
+            return
+        start = self._window_start
+        self._window_start = point
+        gap = start["remaining"] - self.rule.done_at
+        if self._backtracked or self._raised >= self.raises or gap <= 0 or "backtrack" in point:
+            return
+        if start["remaining"] - point["remaining"] < self.stall * gap:
+            self._raised += 1
+            lrs = []
+            for group in method.optimizer.param_groups:
+                group["lr"] *= 2.0
+                lrs.append(group["lr"])
+            point["lr_raised"] = lrs[0] if lrs else None
+
+    # --- the summary ------------------------------------------------------------------------
+    def describe(self) -> dict:
+        base = self.trajectory[0]
+        return {"rule": self.rule.describe(), "validation": None, "lr_raises": self._raised,
+                "base": {"remaining": base["remaining"], "drift": base["drift"], "signal": base["signal"]}}
+
+    def message(self) -> str:
+        s, rule = self.summary, self.rule
+        best = s["best"]
+        got = f"{rule.remaining} {best['remaining']:.3f}, {rule.drift} {best['drift']:.3f}"
+        if s["reached"]:
+            return (f"stopping rule met at step {best['step']} ({got}; rule {rule.describe()}); no validation "
+                    "questions were given, so no accuracy was measured")
+        where = "the starting model" if s["best_is_start"] else f"step {best['step']}"
+        return (f"stopping rule not met ({s['reason']}): best {got} at {where} (rule {rule.describe()}); saved "
+                "that point — give --val-forget/--val-retain to measure it")
