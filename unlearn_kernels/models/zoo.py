@@ -120,19 +120,17 @@ def _spec(name, family, layers, hidden, ratio, heads, tokenizer, vocab, world, i
 
 # name, family, layers, hidden, MLP ratio, heads, tokenizer, BPE vocab, world seed, init seed, steps, lr
 TRAINING: tuple[ZooSpec, ...] = (
-    _spec("llama-6x128", "llama", 6, 128, 2, 4, "bpe", 512, 1, 0, 600, 3e-3),
-    _spec("gpt2-4x256", "gpt2", 4, 256, 4, 4, "word", 0, 2, 1, 400, 2e-3),
-    _spec("neox-8x96", "neox", 8, 96, 3, 4, "bpe-bos", 384, 3, 2, 600, 3e-3),
-    _spec("qwen2-16x64", "qwen2", 16, 64, 2, 4, "bpe", 768, 4, 3, 600, 3e-3, kv_heads=2),
-    _spec("llama-32x64", "llama", 32, 64, 3, 4, "word", 0, 5, 4, 500, 2e-3),
-    _spec("gpt2-4x512", "gpt2", 4, 512, 2, 8, "bpe-bos", 512, 6, 5, 300, 1e-3),
+    _spec("llama-6x128", "llama", 6, 128, 2, 4, "bpe", 512, 1, 0, 2000, 3e-3),
+    _spec("gpt2-4x256", "gpt2", 4, 256, 4, 4, "word", 0, 2, 1, 1200, 2e-3),
+    _spec("neox-8x96", "neox", 8, 96, 3, 4, "bpe-bos", 384, 3, 2, 2000, 3e-3),
+    _spec("qwen2-16x64", "qwen2", 16, 64, 2, 4, "bpe", 768, 4, 3, 2000, 3e-3, kv_heads=2),
+    _spec("llama-32x64", "llama", 32, 64, 3, 4, "word", 0, 5, 4, 2000, 2e-3),
 )
 HELD_OUT: tuple[ZooSpec, ...] = (
-    _spec("qwen2-4x1024", "qwen2", 4, 1024, 2, 16, "bpe", 512, 11, 10, 200, 5e-4, kv_heads=4),
-    _spec("neox-32x64", "neox", 32, 64, 4, 4, "bpe", 640, 12, 11, 500, 2e-3),
-    _spec("llama-12x96", "llama", 12, 96, 4, 4, "bpe-bos", 512, 13, 12, 600, 3e-3, kv_heads=2),
-    _spec("gpt2-8x128", "gpt2", 8, 128, 3, 4, "word", 0, 14, 13, 600, 3e-3),
-    _spec("qwen2-6x192", "qwen2", 6, 192, 3, 6, "word", 0, 15, 14, 500, 3e-3),
+    _spec("gpt2-4x128", "gpt2", 4, 128, 3, 4, "word", 0, 11, 10, 2000, 3e-3),
+    _spec("llama-6x96", "llama", 6, 96, 4, 4, "bpe-bos", 512, 12, 11, 2000, 3e-3, kv_heads=2),
+    _spec("neox-8x64", "neox", 8, 64, 2, 4, "bpe", 640, 13, 12, 2000, 3e-3),
+    _spec("qwen2-4x1024", "qwen2", 4, 1024, 2, 16, "bpe", 512, 14, 13, 600, 5e-4, kv_heads=4),
 )
 SETS = {"training": TRAINING, "held-out": HELD_OUT}
 
