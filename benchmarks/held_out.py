@@ -55,7 +55,7 @@ def _steps(report: dict) -> str:
     if isinstance(target, dict) and target.get("trajectory"):
         return f"{target['best']['step'] + 1}/{target['trajectory'][-1]['step'] + 1}"
     history = report.get("history") or []
-    return str(len(history))
+    return str(history[-1].get("step", len(history) - 1) + 1) if history else "0"
 
 
 def _why(report: dict) -> str:
