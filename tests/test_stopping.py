@@ -112,6 +112,11 @@ def test_relative_rising_rules_read_changes_from_the_start():
     assert summary["reached"] and summary["best"]["step"] == 9
     assert summary["best"]["remaining"] == pytest.approx(-1.1) and summary["best"]["drift"] == pytest.approx(0.2)
     assert rule.describe() == "rise of forget_nll >= 1 with change of retain_nll <= 0.5"
+    share = StoppingRule(remaining="forget_nll", done_at=-1.0, drift="retain_nll", drift_limit=0.25,
+                         relative=True, rises=True, drift_share=True)
+    assert share.scores({"forget_nll": 2.5, "retain_nll": 3.6}, {"forget_nll": 1.0, "retain_nll": 3.0}) \
+        == pytest.approx((-1.5, 0.2))
+    assert share.describe() == "rise of forget_nll >= 1 with relative change of retain_nll <= 0.25"
 
 
 def test_a_method_without_a_signal_is_refused():

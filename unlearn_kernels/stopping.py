@@ -46,12 +46,16 @@ class StoppingRule:
     drift_limit: float
     relative: bool = False  # both read as changes from the starting model's values
     rises: bool = False     # the progress signal rises as the method forgets: remaining is its negative
+    drift_share: bool = False  # the drift as a share of the starting value (relative rules)
+    measures: int = 60      # measurements over the planned steps (the budget)
 
     def scores(self, signal: dict, base: dict | None) -> tuple[float, float]:
         """(remaining, drift) of a point whose signal is ``signal``; ``base``: the starting point's."""
         remaining, drift = signal[self.remaining], signal[self.drift]
         if self.relative and base is not None:
             remaining, drift = remaining - base[self.remaining], drift - base[self.drift]
+            if self.drift_share:
+                drift /= max(abs(base[self.drift]), 1e-12)
         elif self.relative:
             remaining, drift = 0.0, 0.0
         return (-remaining if self.rises else remaining), drift
@@ -59,7 +63,8 @@ class StoppingRule:
     def describe(self) -> str:
         change = "rise of " if self.relative and self.rises else ("change of " if self.relative else "")
         done = f"{change}{self.remaining} >= {-self.done_at:g}" if self.rises else f"{change}{self.remaining} <= {self.done_at:g}"
-        return f"{done} with {'change of ' if self.relative else ''}{self.drift} <= {self.drift_limit:g}"
+        change = "relative change of " if self.drift_share else ("change of " if self.relative else "")
+        return f"{done} with {change}{self.drift} <= {self.drift_limit:g}"
 
 
 @dataclass
@@ -68,7 +73,7 @@ class SignalController(TargetController):
 
     sets: object = None
     rule: StoppingRule | None = None
-    every: int | None = None       # measure every N steps; None: 1/60 of the run's planned steps
+    every: int | None = None       # measure every N steps; None: the rule's share of the planned steps
     window: int | None = None      # steps over which a stall is judged; None: 1/4 of the planned steps
     stall: float = 0.1             # a window that closes less than this share of the gap is a stall
     raises: int = 3                # learning-rate doublings at most
@@ -84,7 +89,7 @@ class SignalController(TargetController):
         the starting point."""
         planned = getattr(method, "planned_steps", 60)
         if self.every is None:
-            self.every = max(1, planned // 60)
+            self.every = max(1, planned // self.rule.measures)
         if self.window is None:
             self.window = max(self.every, planned // 4)
         super().start(method)

@@ -12,13 +12,14 @@ non-padding token of a text; only the answer tokens of a ``QAPair``, marked by t
   updated ones (``FrozenCopy``).
 
 **Stopping without validation questions** (``NLL_RULE``, ``unlearn_kernels.stopping``): on a fixed
-forget and retain probe batch, the run stops when the forget NLL has risen by at least 1 nat per
-token over the starting model's while the retain NLL rose by at most 0.5 nat. Both are changes
-of a log-likelihood per token, which means the same whatever the model's size or vocabulary: a
-1-nat rise makes every forget token e times less likely on average — the factor at which
-multiple-choice answers among a few candidates stop being preferred — and the retain limit
-bounds the collateral loss of likelihood at half of that. (Absolute NLLs are not comparable
-across tokenizers; their changes are.)
+forget and retain probe batch, measured 240 times over the budget (these methods move fast), the
+run stops when the forget NLL has risen by at least 1 nat per token over the starting model's
+while the retain NLL rose by at most 25 % of its starting value. The forget rise is a change of
+log-likelihood per token, which means the same whatever the model's size or vocabulary: every
+forget token e times less likely on average. The retain limit is relative because the same
+absolute rise is harmless on a model whose retain NLL is high and ruinous on one that has
+memorised its retain facts (on the zoo's NeoX 8x64, retain NLL 0.76 → 1.18, +0.41 nat, took
+retain accuracy from 0.99 to 0.59; on the shipped model +0.43 nat from 1.19 kept 0.95).
 
 Published setups update all weights on 7B models; the default here updates the MLPs of the
 band RMU reads (``models.roles``: layers ``l−2 … l`` with ``l = max(2, round(7/32 · depth))``)
@@ -64,9 +65,9 @@ class LossConfig(MethodConfig):
 
 
 # Validation-free stopping (``unlearn_kernels.stopping``): the forget NLL up by at least 1 nat per
-# token (each forget token e times less likely) while the retain NLL rose by at most 0.5 nat.
-NLL_RULE = StoppingRule(remaining="forget_nll", done_at=-1.0, drift="retain_nll", drift_limit=0.5,
-                        relative=True, rises=True)
+# token (each forget token e times less likely) while the retain NLL rose by at most 25 %.
+NLL_RULE = StoppingRule(remaining="forget_nll", done_at=-1.0, drift="retain_nll", drift_limit=0.25,
+                        relative=True, rises=True, drift_share=True, measures=240)
 
 
 class _LossMethod(UnlearningMethod):
