@@ -49,6 +49,7 @@ protocol; train time of :func:`tiny.fit` alone, CPU seconds with wall seconds in
     held-out gpt2-4x128   2000   179 (767)     1.000     1.000   1.000        bpe-512
     held-out llama-6x96   2000   287 (1288)    0.994     1.000   1.000        bpe-bos-512
     held-out neox-8x64    2000   164 (607)     0.994     0.990   0.982        bpe-640
+    training neox-8x96    2000   267 (909)     0.994     0.990   1.000        bpe-bos-384
     (calib.) gpt2-4x128   2000   150 (717)     0.406     0.680   0.685        word        < 0.8
     (calib.) gpt2-4x256   1200   266 (1322)    0.394     0.452   0.389        word        < 0.8
     ======== ============ ====== ============= ========= ======= ============ =========== =====
@@ -57,8 +58,8 @@ The two calibration rows are the same shapes with the word-level tokenizer: at t
 which every BPE model learns its world, word-level models do not (final loss 0.91 against 0.45
 for the same GPT-2 with BPE), so the one word-level spec (training gpt2-4x256) trains 4000 steps —
 a guess, not yet measured. Not yet built on this machine either (their lengths are guesses from
-the rows above): the held-out qwen2-4x1024 and the training llama-6x128, neox-8x96, qwen2-16x64
-and llama-32x64. Build them with that command line and put their rows here; a spec whose
+the rows above): the held-out qwen2-4x1024 and the training llama-6x128, qwen2-16x64 and
+llama-32x64. Build them with that command line and put their rows here; a spec whose
 base forget accuracy stays under 0.8 must get more steps before its results mean anything.
 
 **What a world costs.** A world is 600 facts in 3000 sentences, and the recipe learns its facts
