@@ -27,6 +27,9 @@ names the same spec; a folder there that is not an output of ours is never overw
 world seed, and together cover the four families, depths 4–32, widths 64–1024, MLP ratios
 2–4 and three tokenizer kinds.
 
+``python -m unlearn_kernels.models.zoo --set training|held-out [--only NAME ...]`` builds a set
+(cached), writes the data files and prints the table below for what it built.
+
 **Data files** (:func:`write_data`): for each model, its world's benchmark at 30 % overlap
 (``Split.from_benchmark(entangled.generate(overlap=0.3, seed=world_seed))``) as the files
 ``pipeline.RunConfig`` takes — ``forget.jsonl``/``retain.jsonl`` (``{"text"}`` rows: a corpus
@@ -40,20 +43,24 @@ Measured (1 thread, this machine, 2026-12-06, with 3-6 other jobs sharing its 2 
 time is 4-6x the CPU time; base accuracy on the world's 30 %-overlap split, lm-eval cloze
 protocol; train time of :func:`tiny.fit` alone, CPU seconds with wall seconds in brackets):
 
-    ======== ============ ====== ============= ========= ======= ============ =========== ======
+    ======== ============ ====== ============= ========= ======= ============ =========== =====
     set      name         steps  train CPU s   forget    retain  entangled    tokenizer   note
-    ======== ============ ====== ============= ========= ======= ============ =========== ======
-    held-out gpt2-4x128   2000   150 (717)     0.406     0.680   0.685        word        < 0.8
+    ======== ============ ====== ============= ========= ======= ============ =========== =====
+    held-out gpt2-4x128   2000   179 (767)     1.000     1.000   1.000        bpe-512
     held-out llama-6x96   2000   287 (1288)    0.994     1.000   1.000        bpe-bos-512
     held-out neox-8x64    2000   164 (607)     0.994     0.990   0.982        bpe-640
-    training gpt2-4x256   1200   266 (1322)    0.394     0.452   0.389        word        < 0.8
-    ======== ============ ====== ============= ========= ======= ============ =========== ======
+    training neox-8x96    2000   267 (909)     0.994     0.990   1.000        bpe-bos-384
+    (calib.) gpt2-4x128   2000   150 (717)     0.406     0.680   0.685        word        < 0.8
+    (calib.) gpt2-4x256   1200   266 (1322)    0.394     0.452   0.389        word        < 0.8
+    ======== ============ ====== ============= ========= ======= ============ =========== =====
 
-Not yet built on this machine (their steps are a guess from the rows above): the held-out
-qwen2-4x1024 and the training llama-6x128, gpt2-4x256 at 2000 steps, neox-8x96, qwen2-16x64 and
-llama-32x64. Both word-level GPT-2 rows stay below the 0.8 bar (the BPE models of the same
-length learn their worlds); until a GPT-2 spec is measured above it, results on GPT-2 zoo models
-say nothing about forgetting.
+The two calibration rows are the same shapes with the word-level tokenizer: at the length at
+which every BPE model learns its world, word-level models do not (final loss 0.91 against 0.45
+for the same GPT-2 with BPE), so the one word-level spec (training gpt2-4x256) trains 4000 steps —
+a guess, not yet measured. Not yet built on this machine either (their lengths are guesses from
+the rows above): the held-out qwen2-4x1024 and the training llama-6x128, qwen2-16x64 and
+llama-32x64. Build them with that command line and put their rows here; a spec whose
+base forget accuracy stays under 0.8 must get more steps before its results mean anything.
 
 **What a world costs.** A world is 600 facts in 3000 sentences, and the recipe learns its facts
 only after about 20 passes over them: at 400-1500 steps of 32 sentences (4-16 passes) a 4x128
@@ -141,13 +148,13 @@ def _spec(name, family, layers, hidden, ratio, heads, tokenizer, vocab, world, i
 # name, family, layers, hidden, MLP ratio, heads, tokenizer, BPE vocab, world seed, init seed, steps, lr
 TRAINING: tuple[ZooSpec, ...] = (
     _spec("llama-6x128", "llama", 6, 128, 2, 4, "bpe", 512, 1, 0, 2000, 3e-3),
-    _spec("gpt2-4x256", "gpt2", 4, 256, 4, 4, "word", 0, 2, 1, 2000, 2e-3),
+    _spec("gpt2-4x256", "gpt2", 4, 256, 4, 4, "word", 0, 2, 1, 4000, 2e-3),
     _spec("neox-8x96", "neox", 8, 96, 3, 4, "bpe-bos", 384, 3, 2, 2000, 3e-3),
     _spec("qwen2-16x64", "qwen2", 16, 64, 2, 4, "bpe", 768, 4, 3, 2000, 3e-3, kv_heads=2),
-    _spec("llama-32x64", "llama", 32, 64, 3, 4, "word", 0, 5, 4, 2000, 2e-3),
+    _spec("llama-32x64", "llama", 32, 64, 3, 4, "bpe", 512, 5, 4, 2000, 2e-3),
 )
 HELD_OUT: tuple[ZooSpec, ...] = (
-    _spec("gpt2-4x128", "gpt2", 4, 128, 3, 4, "word", 0, 11, 10, 2000, 3e-3),
+    _spec("gpt2-4x128", "gpt2", 4, 128, 3, 4, "bpe", 512, 11, 10, 2000, 3e-3),
     _spec("llama-6x96", "llama", 6, 96, 4, 4, "bpe-bos", 512, 12, 11, 2000, 3e-3, kv_heads=2),
     _spec("neox-8x64", "neox", 8, 64, 2, 4, "bpe", 640, 13, 12, 2000, 3e-3),
     _spec("qwen2-4x1024", "qwen2", 4, 1024, 2, 16, "bpe", 512, 14, 13, 600, 5e-4, kv_heads=4),
