@@ -1,0 +1,95 @@
+"""Seconds per optimisation step of a loss method on a real model, one configuration per process (issue 20, item 5).
+
+The method (GradAscent, GradDiff, NPO, SOGradDiff, SIMU) is built with no settings, as
+``unlearn_kernels.pipeline.run`` builds it (``resolve_defaults``: the MLP band, lr, batch 4,
+max_length 512, epochs 5), on the converted SmolLM2-135M-Instruct and the real-knowledge texts
+(``assets/real-knowledge/{forget,retain}.txt``). ``fit`` runs ``--warmup + --steps`` steps (its
+own setup, batches, checks and optimizer); every ``_step`` call is timed, and the median of the
+steps after the warm-up is reported with the default run's step count (``num_steps``) and the
+extrapolated training time ``num_steps × median`` (``--full`` runs the whole default run
+instead and reports its wall time too).
+
+The package measured is the one Python imports: to time an older commit, extract it elsewhere
+and put it first on ``PYTHONPATH`` (``git archive <commit> | tar -x -C /tmp/base``, link the
+compiled ``_C`` module in), then run this same script; the record names the package directory.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_loss_step.py --method GradDiff --threads 1
+    python benchmarks/bench_loss_step.py --method NPO --threads 2 --steps 10 --full
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+MODEL = Path.home() / ".cache" / "unlearn_kernels" / "smollm2-135m-instruct"
+DATA = Path(__file__).resolve().parents[1] / "unlearn_kernels" / "assets" / "real-knowledge"
+
+
+def lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="GradDiff")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
+    parser.add_argument("--full", action="store_true", help="run the whole default-length run")
+    parser.add_argument("--model", default=str(MODEL))
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import unlearn_kernels
+    from unlearn_kernels.methods import registry
+    from unlearn_kernels.models.io import load_local
+
+    model, tokenizer = load_local(args.model)
+    forget, retain = lines(DATA / "forget.txt"), lines(DATA / "retain.txt")
+    method = registry[args.method](model, tokenizer, progress=False)
+    default_steps = method.num_steps(forget)
+    if not args.full:
+        method.config.steps = args.warmup + args.steps
+    times: list[float] = []
+    shapes: list[list[int]] = []
+    step, batches = method._step, method.batches
+
+    def timed_step(*a, **k):
+        start = time.perf_counter()
+        step(*a, **k)
+        times.append(time.perf_counter() - start)
+
+    def recorded_batches(*a, **k):     # the padded widths the steps see
+        for batch in batches(*a, **k):
+            shapes.append(list(batch["input_ids"].shape))
+            yield batch
+
+    method._step, method.batches = timed_step, recorded_batches
+    start = time.perf_counter()
+    method.fit(forget, retain)
+    wall = time.perf_counter() - start
+    median = statistics.median(times[args.warmup:])
+    record = {"method": args.method, "threads": args.threads, "torch": torch.__version__,
+              "package": str(Path(unlearn_kernels.__file__).parent),
+              "config": {k: v for k, v in vars(method.config).items() if k in ("update", "lr", "batch_size",
+                                                                               "max_length", "epochs")},
+              "median_step_s": round(median, 4), "timed_steps": len(times) - args.warmup,
+              "step_s": [round(t, 3) for t in times],
+              "mean_width": round(statistics.mean(s[1] for s in shapes), 2),
+              "default_steps": default_steps, "extrapolated_run_s": round(median * default_steps, 1)}
+    if args.full:
+        record["full_run_wall_s"] = round(wall, 1)
+        record["fit_steps_s"] = round(sum(times), 1)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
