@@ -188,3 +188,50 @@ def test_heads_not_called_on_rows_fall_back_to_full_logits(how):
         lp, mask = target_logprobs(model, batch)
         want, _ = _plain_rows(reference, batch)
         torch.testing.assert_close(lp, want[mask], atol=1e-6, rtol=1e-6)
+
+
+# --- the rest of a step: the finiteness check and the optimizer --------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_equals_isfinite_all(dtype):
+    from unlearn_kernels.methods.base import all_finite
+
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 7, 4099):
+        for bad in (None, float("nan"), float("inf"), -float("inf")):
+            for where in ((0, n // 2, n - 1) if bad is not None else (0,)):
+                t = torch.randn(n, generator=g).to(dtype)
+                if bad is not None:
+                    t[where] = bad
+                assert bool(all_finite(t)) == bool(torch.isfinite(t).all()), (n, bad, where)
+    assert bool(all_finite(torch.empty(0, dtype=dtype)))
+
+
+def test_check_finite_names_the_parameter():
+    from unlearn_kernels.methods.base import NonFiniteError, check_finite
+
+    params = {"a": torch.zeros(3, 4), "b": torch.ones(5)}
+    check_finite("M", 0, {}, params)
+    params["b"][2] = float("nan")
+    with pytest.raises(NonFiniteError, match="parameter b has non-finite values after step 7"):
+        check_finite("M", 7, {}, params)
+
+
+def test_fused_adamw_equals_the_per_op_one():
+    from unlearn_kernels.methods import GradDiff
+
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(33, 17, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)]
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    method = GradDiff.__new__(GradDiff)
+    method.config, method.optimized = GradDiff.config_class(lr=1e-2), dict(enumerate(params))
+    fused = method.make_optimizer()
+    assert fused.defaults["fused"]
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.0)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for p, c, grad in zip(params, copies, grads):
+            p.grad, c.grad = grad.clone(), grad.clone()
+        fused.step()
+        plain.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p, c, atol=1e-6, rtol=1e-6)
