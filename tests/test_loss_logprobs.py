@@ -235,3 +235,35 @@ def test_fused_adamw_equals_the_per_op_one():
         plain.step()
     for p, c in zip(params, copies):
         torch.testing.assert_close(p, c, atol=1e-6, rtol=1e-6)
+
+
+def test_npo_with_the_shared_prefix_equals_two_full_passes():
+    """NPO's loss and gradient equal the plain formula on two full forwards (live, and the
+    frozen copy's) of ``log_softmax``-gathered token log-likelihoods."""
+    from unlearn_kernels.methods import NPO
+    from unlearn_kernels.models import tiny
+
+    model, tokenizer = tiny.load()
+    method = NPO(model, tokenizer, update=["layers.2.mlp.*"], batch_size=3, retain_weight=0.0, progress=False)
+    texts = ["alice lives in paris", "bob", "carol works at the old mill by the river"]
+    method.setup(texts, [])
+    assert method._prefix == 2
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(method.params.values())
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    for p in params:
+        p.requires_grad_(True)
+    batch = next(method.batches(texts))
+    got = method.loss(batch, None, 0)["forget"]
+    g_got = torch.autograd.grad(got, params)
+    lp, mask = _plain_rows(model, batch)
+    with torch.no_grad():
+        ref, _ = _plain_rows(lambda **kw: method.reference.forward(**kw), batch)
+    ratio = ((lp - ref) * mask).sum(-1)
+    want = -(2 / method.config.beta) * F.logsigmoid(-method.config.beta * ratio).mean()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_got, torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=1e-4)   # fp32 sums in another order

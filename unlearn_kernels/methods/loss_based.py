@@ -25,9 +25,11 @@ scaling included, runs on them), and per position
     log p(x_{t+1} | x_≤t) = z_{x_{t+1}} − logsumexp_v z_v        (z: the position's logits, fp32)
     ∂/∂z_v = [v = x_{t+1}] − softmax(z)_v
 
-(``_TargetLogProb``: no ``[b, T, V]`` logits, no fp32 copy of them, no log-softmax of the
-whole vocabulary kept for backward). A model whose head is not a module it calls on
-``[b, T, d]`` hidden states gets the same numbers from its full logits. NPO's reference pass
+(``_TargetLogProb``: the head's output is ``[|S|, V]`` instead of ``[b, T, V]``, reduced in
+fp32 row by row, and backward keeps only it, not a log-softmax of the whole vocabulary). The
+means are over ``|S|`` as before (``distributed.global_mean`` weighs each rank by its ``|S|``);
+padding and prompt positions never reach the head. A model whose head is not a module it calls
+on ``[b, T, d]`` hidden states gets the same numbers from its full logits. NPO's reference pass
 shares the decoder layers below the lowest updated weight with the live pass
 (``models.layers.prefix_outputs``): they run once per batch.
 """
