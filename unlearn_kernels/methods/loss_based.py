@@ -68,7 +68,8 @@ def token_logprobs(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Ten
 
 class _TargetLogProb(torch.autograd.Function):
     """``lp_i = z_{i,y_i} − logsumexp_v z_{i,v}`` on ``[n, V]`` logits ``z`` (any float dtype,
-    reduced in fp32, or fp64 for fp64 logits), targets ``y`` ``[n]``; ``∂lp_i/∂z_{i,v} = [v = y_i] − softmax(z_i)_v``.
+    reduced in fp32, or fp64 for fp64 logits), targets ``y`` ``[n]``;
+    ``∂lp_i/∂z_{i,v} = [v = y_i] − softmax(z_i)_v``.
 
     Forward keeps only the logits (the head's own output) and the targets; backward forms
     ``g_i ([v = y_i] − softmax(z_i)_v)`` in one softmax pass. Under ``create_graph=True`` the
