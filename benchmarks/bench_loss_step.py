@@ -189,6 +189,7 @@ def main() -> None:
     if args.full:
         record["full_run_wall_s"] = round(wall, 1)
         record["fit_steps_s"] = round(sum(times), 1)
+        record["fit_steps_cpu_s"] = round(sum(cpu_times), 1)
     print(json.dumps(record))
 
 
