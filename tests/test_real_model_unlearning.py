@@ -13,7 +13,7 @@ What is asserted is what the run says about itself, checked on questions the con
   and entangled stay >= 0.95 x base on ``val_*``) is as far along on the test questions, within
   their noise: test forget accuracy <= ``FORGET_BOUND`` and test retain >= ``RETAIN_FLOOR``;
 - a run that cannot reach it within the time this tier has (NPO: the full model runs forward and
-  backward, about ten times an RMU step on 2 CPU cores) says so: ``reached`` False, exit-3
+  backward, about six times an RMU step on a CPU) says so: ``reached`` False, exit-3
   semantics ("target not reached (budget exhausted)"), and the saved model is the best measured
   point, which still keeps the retain limit on ``val_*``.
 
@@ -36,8 +36,13 @@ Entangled accuracy (the method's collateral damage on the same countries) is rep
 and in the junit properties) and checked on ``val_entangled`` only, where the controller guards
 it; on the test split it is the number to watch, not a pass/fail line.
 
-The three runs and their evaluation take about N minutes on a 2-core CPU (README, "A real
-pretrained model").
+Cost, measured 2026-12-06 as CPU time of one thread on a shared 2-core machine (README, "A
+real pretrained model"): RMU 291 s run + 36 s lm-eval, SRMU 131 s + 35 s, NPO 111 s + 30 s,
+about 630 s in all. That machine's load (8-12 on 2 cores) made wall times 4-5 x longer, so the
+tier's 6-minute bound on an idle 2-core runner is an estimate here, not a measurement. One
+evaluation of the 69 val questions costs about 28 s, as much as 120 RMU steps, hence
+``val_every=50``: the adaptive schedule (evaluations <= 15 % of the time) would measure only the
+start and the end of the run.
 """
 
 import importlib.util
@@ -59,8 +64,8 @@ FORGET_BOUND = CHANCE + 0.15  # test forget (see module docstring)
 RETAIN_FLOOR = 0.95            # test retain, as a share of base: the controller's keep
 # The length each method may run (RunConfig.budget x its own steps/epochs, or a length set here).
 # RMU and SRMU: the default budget (4 x 150 steps); they stop at the target well before it.
-# NPO: 5 epochs over forget.txt are 200 optimizer steps of the whole model, about N s each on
-# 2 cores; it gets one epoch (NPO_EPOCHS) and ends with exit 3 (measured, not skipped).
+# NPO: 5 epochs over forget.txt are 200 optimizer steps (x 4: 800) of the whole model, each
+# about 6 RMU steps (1.6 s of CPU); it gets one epoch (NPO_EPOCHS) and ends with exit 3.
 NPO_EPOCHS = 1               # 40 steps: 159 forget texts, batch 4
 VAL_EVERY = 50               # one evaluation of the val_* files (69 questions) costs about 120 RMU steps
 RUNS = {"RMU": {"val_every": VAL_EVERY}, "SRMU": {"val_every": VAL_EVERY},
