@@ -160,7 +160,7 @@ def test_readme_worked_example_is_this_tier():
     for command in unlearn:
         method = command[command.index("--method") + 1]
         flags = {command[i]: command[i + 1] for i in range(2, len(command) - 1) if command[i].startswith("--")}
-        assert {flags[f"--{name}"].rsplit("/", 1)[-1] for name in ("forget", "retain")} == {"forget.txt", "retain.txt"}
+        assert [flags[f"--{name}"].rsplit("/", 1)[-1] for name in ("forget", "retain")] == ["forget.txt", "retain.txt"]
         for name in NAMES:
             assert flags[f"--val-{name}"].endswith(f"val_{name}.jsonl")
         sets = {k: int(v) for k, v in (s.split("=") for s in (command[i + 1] for i, a in enumerate(command)
