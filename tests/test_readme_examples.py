@@ -71,10 +71,20 @@ def test_shell_example_runs_on_gpt2(tmp_path, monkeypatch, capsys):
     commands = [line.split("#", 1)[0].strip() for line in code.replace("\\\n", " ").splitlines()]
     commands = [shlex.split(c) for c in commands if c]
     assert [c[1] for c in commands] == ["methods", "unlearn", "eval"]
+    outs = []
     for command in commands:
         assert command[0] == "unlearn-kernels"
-        assert cli.main(command[1:] + (["--device", "cpu"] if command[1] in ("unlearn",) else [])) == 0, command
-    out = capsys.readouterr().out
+        code = cli.main(command[1:] + (["--device", "cpu"] if command[1] in ("unlearn",) else []))
+        captured = capsys.readouterr()
+        outs.append(captured.out)
+        report = json.loads(Path("unlearned/report.json").read_text()) if command[1] == "unlearn" else None
+        if command[1] == "unlearn" and code == 3:   # a random GPT-2: the stopping rule may be out of reach
+            assert not report["target"]["reached"] and captured.err.count("\n") == 1, captured.err
+            assert captured.err.split("\r")[-1].startswith("stopping rule not met ("), captured.err  # after the bar
+        else:
+            assert code == 0, (command, captured.err)
+        if report is not None:      # the run stopped on SRMU's rule, as the README says
+            assert report["target"]["rule"] == "residual <= 0.6 with retain_drift <= 0.25"
+            assert report["config"]["sparsity"] == 0.2 and report["chosen_by_structure"]["layer"] == 2
+    out = "".join(outs)
     assert "| sparsity |" in out and "acc" in out
-    report = json.loads(Path("unlearned/report.json").read_text())
-    assert report["config"]["sparsity"] == 0.2 and report["chosen_by_structure"]["layer"] == 2
