@@ -79,19 +79,8 @@ def interleaved(method, forget, retain, args) -> dict:
 
     from unlearn_kernels.methods import NPO, base, loss_based
 
-    # fit's preparation, without its loop
-    method._record_data(forget, retain)
-    method._start_run()
-    method._checked_gradients = False
-    torch.manual_seed(method.config.seed)
-    for p in method.model.parameters():
-        p.requires_grad_(False)
-    for p in method.params.values():
-        p.requires_grad_(True)
-    method.model.train()
-    method.setup(forget, retain)
-    method.optimized = method._master_copies()
-    ours_optimizer = method.make_optimizer()
+    method.prepare(forget, retain)       # fit's preparation, without its loop
+    ours_optimizer = method.optimizer
     plain_optimizer = (torch.optim.AdamW(list(method.optimized.values()), lr=method.config.lr, weight_decay=0.0)
                        if isinstance(ours_optimizer, torch.optim.AdamW) else ours_optimizer)
     plain = plain_parts(method)

@@ -368,18 +368,7 @@ class UnlearningMethod:
                              "run under torch.distributed yet; drop --resume/--parallel or the --val-* files")
         if not retain and self.needs_retain:
             raise ValueError(f"{self.name}: the retain set is empty")
-        self._record_data(forget, retain)
-        self._start_run()
-        self._checked_gradients = False
-        torch.manual_seed(self.config.seed)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for p in self.params.values():
-            p.requires_grad_(True)
-        self.model.train()
-        self.setup(forget, retain)
-        self.optimized = self._master_copies()
-        self.optimizer = self.make_optimizer()
+        self.prepare(forget, retain)
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
         steps = self.num_steps(forget)
@@ -418,6 +407,22 @@ class UnlearningMethod:
             self.target = monitor.finish(self, last)
         self._finish_run()
         return self
+
+    def prepare(self, forget: list, retain: list) -> None:
+        """What :meth:`fit` does before its loop: record the data, seed, select the trainable
+        weights, :meth:`setup`, the master copies and the optimizer."""
+        self._record_data(forget, retain)
+        self._start_run()
+        self._checked_gradients = False
+        torch.manual_seed(self.config.seed)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.model.train()
+        self.setup(forget, retain)
+        self.optimized = self._master_copies()
+        self.optimizer = self.make_optimizer()
 
     def _step(self, step: int, forget_batches, retain_batches, bar) -> None:
         """One optimisation step: ``grad_accum`` batches of loss and backward (each loss divided by
