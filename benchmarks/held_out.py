@@ -89,9 +89,10 @@ def _scores(folder: Path, paths: dict) -> dict:
                 for kind in ("forget", "retain", "entangled")}
 
 
-def run_cell(spec, method: str, paths: dict, model_dir: Path, out: Path, validation: bool, timeout: float) -> dict:
+def run_cell(spec, method: str, paths: dict, model_dir: Path, out: Path, validation: bool, timeout: float,
+             stop: str = "auto") -> dict:
     cell = dict(model=str(model_dir), method=method, forget=[str(paths["forget"])], retain=[str(paths["retain"])],
-                out=str(out), overwrite=True)
+                out=str(out), overwrite=True, **({} if validation else {"stop": stop}))
     if validation:
         cell.update(val_forget=str(paths["val_forget"]), val_retain=str(paths["val_retain"]),
                     val_entangled=str(paths["val_entangled"]))
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="zoo model names")
     parser.add_argument("--methods", nargs="+", default=[m for m in registry if m not in DEFAULT_SKIP])
     parser.add_argument("--no-val", action="store_true", help="run without validation files")
+    parser.add_argument("--stop", choices=["auto", "probe", "rule", "fixed"], default="auto",
+                        help="how a --no-val run stops (the pipeline's --stop)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default: default_cache_dir())")
     parser.add_argument("--work", type=Path, default=None, help="outputs (default: <zoo>/held-out-runs)")
     parser.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     work = args.work or zoo.zoo_dir(args.cache_dir) / "held-out-runs"
-    mode = "no-val" if args.no_val else "val"
+    mode = ("no-val" + ("" if args.stop == "auto" else f"-{args.stop}")) if args.no_val else "val"
     lines = [f"\n{args.set} set, {mode}, {time.strftime('%Y-%m-%d %H:%M')}\n", HEADER]
     print("\n".join(lines), flush=True)
     for spec in specs:
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         base = _scores(model_dir, paths)
         for method in args.methods:
             row = run_cell(spec, method, paths, model_dir, work / mode / spec.name / method, not args.no_val,
-                           args.timeout)
+                           args.timeout, args.stop)
             lines.append(markdown(row, base))
             print(lines[-1], flush=True)
     if args.append:

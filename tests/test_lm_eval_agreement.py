@@ -115,12 +115,12 @@ def test_equal_to_lm_eval(model_dir, tmp_path):
 
 
 def test_engine_lm_eval_gives_the_same_numbers(tmp_path):
-    """``--engine lm-eval`` (our generated YAMLs, any number of choices) equals our evaluator."""
+    """``--engine lm-eval`` (our generated YAMLs, any number of choices, every format) equals our evaluator."""
     rows = questions()[:12]
     three = [type(q)(q.question, q.choices[:3] if q.answer < 3 else q.choices[1:], min(q.answer, 2), q.fact)
              for q in rows]
     model, tokenizer = load_local(tiny.ASSET_DIR)
-    for format in ("cloze", "mmlu"):
+    for format in ("cloze", "mmlu", "text"):      # text: the cloze probes of data.probes
         theirs = harness.run(tiny.ASSET_DIR, {"four": rows, "three": three}, format=format, subject=SUBJECT,
                              log_samples=True)
         for name, qs in (("four", rows), ("three", three)):

@@ -221,7 +221,7 @@ def _run(data, out, **kw):
 
 
 def test_a_run_without_validation_stops_on_the_rule(data, tmp_path):
-    result = _run(data, tmp_path / "out", settings={"progress": False})
+    result = _run(data, tmp_path / "out", settings={"progress": False}, stop="rule")
     target = result.report["target"]
     assert target["rule"] == "residual <= 0.6 with retain_drift <= 0.25"
     assert result.reached == target["reached"] and result.message
@@ -242,7 +242,7 @@ def test_a_set_length_or_stop_fixed_runs_the_length(data, tmp_path, settings, st
 @pytest.mark.parametrize("kw, message", [
     ({"stop": "rule", "settings": {"steps": 3}}, "--stop rule: the run's length is set"),
     ({"stop": "rule", "method": "TAR"}, "TAR has no validation-free stopping rule"),
-    ({"stop": "sometimes"}, "--stop must be auto, rule or fixed"),
+    ({"stop": "sometimes"}, "--stop must be auto, probe, rule or fixed"),
     ({"budget": 2.0, "stop": "fixed"}, "--budget steers target- and rule-driven runs"),
     ({"stop": "rule", "checkpoint_every": 5}, "checkpointed and resumed runs keep a fixed length")])
 def test_bad_stop_requests_are_refused(data, tmp_path, kw, message):

@@ -117,7 +117,8 @@ def test_validation_needs_both_sets(capsys, files, tmp_path):
     assert code == 2 and "--val-retain" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra", [["--keep", "0.5"], ["--target", "0.3"], ["--val-every", "5"],
+@pytest.mark.parametrize("extra", [["--keep", "0.5", "--stop", "rule"], ["--target", "0.3", "--stop", "fixed"],
+                                   ["--val-every", "5", "--set", "steps=3"],
                                    ["--budget", "2", "--stop", "fixed"], ["--budget", "2", "--set", "steps=3"]])
 def test_target_flags_without_validation_are_refused(capsys, files, tmp_path, extra):
     code = cli.main(["unlearn", "--model", str(MODEL), "--method", "RMU", "--forget", str(files / "forget.txt"),

@@ -395,10 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--budget", type=float, default=4.0,
                         help="at most BUDGET x the method's own steps (or epochs) unless --set gives them "
                              "(default 4; the run stops at the target or when the stopping rule is met)")
-    target.add_argument("--stop", default="auto", choices=["auto", "rule", "fixed"],
-                        help="without --val-*: rule = stop on the method's validation-free stopping rule "
-                             "(exit 3 when not met), fixed = run the method's length; auto (default) = rule, "
-                             "unless --set gives the length or the run checkpoints, resumes or is distributed")
+    target.add_argument("--stop", default="auto", choices=["auto", "probe", "rule", "fixed"],
+                        help="without --val-*: probe = target-driven on cloze questions cut from held-out "
+                             "training texts, rule = stop on the method's validation-free stopping rule, "
+                             "fixed = run the method's length (probe and rule exit 3 when not reached); auto "
+                             "(default) = probe, unless --set gives the length, the run checkpoints, resumes or "
+                             "is distributed (fixed), or the texts are too few or --qa pairs (the rule)")
     unlearn.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                          help="write a resumable checkpoint to OUT.checkpoint every N steps (and on Ctrl-C)")
     unlearn.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")

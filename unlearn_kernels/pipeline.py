@@ -58,9 +58,10 @@ class RunConfig:
     keep: float = 0.95                  # retain (and entangled) accuracy kept, as a share of base
     val_every: int | None = None        # evaluate every N steps; None: adaptive (<= 15 % of the time)
     budget: float = 4.0                 # target- or rule-driven: the method's length (steps/epochs) times this, unless set
-    stop: str = "auto"                  # without validation: "rule" (the method's stopping rule), "fixed" (its
-                                        # length), "auto" (the rule unless the length is set, or the run resumes,
-                                        # checkpoints or runs distributed)
+    stop: str = "auto"                  # without validation: "probe" (target-driven on cloze probes cut from
+                                        # held-out training texts), "rule" (the method's stopping rule), "fixed"
+                                        # (its length), "auto" (probe unless the length is set, the run resumes,
+                                        # checkpoints or runs distributed, or the data are too few or QA pairs)
     checkpoint_every: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -114,13 +115,15 @@ def run(config: RunConfig) -> RunResult:
     defaults = RunConfig.__dataclass_fields__
     stray = [f"--{name.replace('_', '-')}" for name in ("target", "keep", "val_every")
              if getattr(config, name) != defaults[name].default]
-    if stray and not config.validation:     # they only steer a target-driven run: never ignore them silently
-        raise ValueError(f"{', '.join(stray)} steer target-driven runs: give --val-forget and --val-retain too")
     if config.validation and not (config.val_forget and config.val_retain):
         raise ValueError("a target-driven run needs both --val-forget and --val-retain (--val-entangled is optional)")
     stopping = _stopping(config, method_class)
-    if config.budget != defaults["budget"].default and stopping != "rule" and not config.validation:
-        why = "--stop fixed" if config.stop == "fixed" else _fixed_reason(config, method_class)
+    if stray and stopping not in ("validation", "probe"):   # they steer target-driven runs: never ignore them
+        raise ValueError(f"{', '.join(stray)} steer target-driven runs: give --val-forget and --val-retain, or "
+                         f"--stop probe (this run: {stopping})")
+    if config.budget != defaults["budget"].default and stopping == "fixed":
+        why = "--stop fixed" if config.stop == "fixed" else (_length_reason(config, method_class)
+                                                             or _rule_reason(method_class))
         raise ValueError(f"--budget steers target- and rule-driven runs, and this run has a fixed length ({why}): "
                          "give --val-forget and --val-retain, or drop --budget")
     out = check_output_path(config.out, config.inputs(), overwrite=config.overwrite or config.resume,
@@ -139,17 +142,27 @@ def run(config: RunConfig) -> RunResult:
     checkpointer = _checkpointer(out, config)
     forget = [t for f in config.forget for t in _training_data(f, config)]
     retain = [t for f in config.retain for t in _training_data(f, config)]
+    points = None
+    if stopping == "probe":
+        points = _probe_points(forget, retain)
+        if config.stop == "auto" and min(len(points["forget"]), len(points["retain"])) < PROBES_MINIMUM:
+            stopping, points = ("fixed" if _rule_reason(method_class) else "rule"), None   # too little text
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: too few texts to cut cloze probes from (at least "
+                                 f"{PROBES_MINIMUM} per set); give --val-forget and --val-retain")
+        else:
+            forget, retain = points.pop("train_forget"), points.pop("train_retain")
     settings, budget = _budget(method_class, config.settings,
-                               config.budget if config.validation or stopping == "rule" else None)
+                               config.budget if stopping in ("validation", "rule", "probe") else None)
     method_config = method_config_of(method_class, settings)
     evals = {name: read_multiple_choice(path) for name, path in (("forget", config.eval_forget),
                                                                   ("retain", config.eval_retain)) if path}
-    controller = _controller(config, method_class, stopping)
+    controller = _controller(config, method_class, stopping, points)
     attack = read_texts(config.relearn, config.text_field) if config.relearn else None
     device, dtype = device_and_dtype(config.device, config.dtype)
     check_shards(config.model)
     method_config, prefix = _prefix_plan(config, method_class, method_config,
-                                         wants_full=bool(evals or attack or config.validation))
+                                         wants_full=bool(evals or attack or config.validation or stopping == "probe"))
     with parallel.process_group(mode, device) as device:
         if prefix:
             from .models.prefix import load_prefix
@@ -212,26 +225,33 @@ def run(config: RunConfig) -> RunResult:
 
 
 def _stopping(config: RunConfig, method_class) -> str:
-    """How the run stops: "validation" (target-driven), "rule" (the method's validation-free
-    stopping rule, ``unlearn_kernels.stopping``) or "fixed" (the method's own length)."""
-    if config.stop not in ("auto", "rule", "fixed"):
-        raise ValueError(f"--stop must be auto, rule or fixed, got {config.stop!r}")
+    """How the run stops: "validation" (target-driven on the user's questions), "probe"
+    (target-driven on cloze probes cut from held-out training texts, ``data.probes``), "rule"
+    (the method's validation-free stopping rule, ``unlearn_kernels.stopping``) or "fixed" (the
+    method's own length). ``auto`` without validation questions: probe, unless the length is set,
+    the run checkpoints, resumes or is distributed (fixed), or the data are question/answer pairs
+    (the method's rule when it has one, else fixed)."""
+    if config.stop not in ("auto", "probe", "rule", "fixed"):
+        raise ValueError(f"--stop must be auto, probe, rule or fixed, got {config.stop!r}")
     if config.validation:
         if config.stop != "auto":
             raise ValueError(f"--stop {config.stop}: a run with validation questions stops at its target; drop --stop")
         return "validation"
     if config.stop == "fixed":
         return "fixed"
-    reason = _fixed_reason(config, method_class)
+    length = _length_reason(config, method_class)
+    if config.stop in ("probe", "rule") and length:
+        raise ValueError(f"--stop {config.stop}: {length}")
+    if config.stop == "probe" or (config.stop == "auto" and not length and not config.qa):
+        return "probe"
+    reason = length or _rule_reason(method_class)
     if config.stop == "rule" and reason:
         raise ValueError(f"--stop rule: {reason}")
     return "fixed" if reason else "rule"
 
 
-def _fixed_reason(config: RunConfig, method_class) -> str | None:
-    """Why a run without validation questions keeps its fixed length (None: the rule may run)."""
-    if method_class.stopping_rule is None:
-        return f"{method_class.name} has no validation-free stopping rule; give validation questions"
+def _length_reason(config: RunConfig, method_class) -> str | None:
+    """Why a run without validation questions keeps its fixed length (None: it may stop on its own)."""
     length = method_class.length_setting or ("steps" if getattr(method_class.config_class(), "steps", 0) else "epochs")
     for name in ("steps", "epochs", length):
         if name in config.settings:
@@ -243,9 +263,37 @@ def _fixed_reason(config: RunConfig, method_class) -> str | None:
     return None
 
 
-def _controller(config: RunConfig, method_class, stopping: str):
-    """The controller of a target-driven (validation questions) or rule-driven run; None for a
-    run of fixed length."""
+def _rule_reason(method_class) -> str | None:
+    if method_class.stopping_rule is None:
+        return f"{method_class.name} has no validation-free stopping rule; give validation questions"
+    return None
+
+
+PROBES_MINIMUM = 8     # cut points per set below which an auto run does not probe
+
+
+def _probe_points(forget: list, retain: list) -> dict:
+    """The texts to train on (``train_forget``, ``train_retain``) and the cloze points cut from
+    the held-out ones (``forget``, ``retain``; ``data.probes``)."""
+    from .data import probes
+
+    if any(not isinstance(t, str) for t in forget + retain):
+        raise ValueError("--stop probe cuts its questions from plain texts; question/answer data (--qa) need "
+                         "validation questions or --stop fixed")
+    frequency = probes.document_frequency(forget + retain)
+    (train_forget, held_forget), (train_retain, held_retain) = probes.hold_out(forget), probes.hold_out(retain)
+    return {"train_forget": train_forget, "train_retain": train_retain,
+            "forget": probes.cloze_points(held_forget, frequency), "retain": probes.cloze_points(held_retain, frequency)}
+
+
+def _controller(config: RunConfig, method_class, stopping: str, points: dict | None = None):
+    """The controller of a target-driven (validation questions or probes) or rule-driven run;
+    None for a run of fixed length."""
+    if stopping == "probe":
+        from .target import ProbeController
+
+        return ProbeController(points=points, target=config.target, keep=config.keep, every=config.val_every,
+                               minimum=PROBES_MINIMUM)
     if stopping == "rule":
         from .stopping import SignalController
 

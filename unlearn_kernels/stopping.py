@@ -74,9 +74,6 @@ class SignalController(TargetController):
     sets: object = None
     rule: StoppingRule | None = None
     every: int | None = None       # measure every N steps; None: the rule's share of the planned steps
-    window: int | None = None      # steps over which a stall is judged; None: 1/4 of the planned steps
-    stall: float = 0.1             # a window that closes less than this share of the gap is a stall
-    raises: int = 3                # learning-rate doublings at most
 
     def __post_init__(self):
         if self.rule is None:
@@ -110,8 +107,7 @@ class SignalController(TargetController):
         return point
 
     def check_start(self, base: dict) -> None:
-        self._raised = 0
-        self._window_start = base
+        pass
 
     def keeps_retain(self, point: dict) -> bool:
         return point["drift"] <= self.rule.drift_limit + 1e-12
@@ -123,29 +119,8 @@ class SignalController(TargetController):
     def reaches(self, point: dict) -> bool:
         return self.keeps_retain(point) and point["remaining"] <= self.rule.done_at + 1e-12
 
-    def measure(self, method, step: int) -> bool:
-        stop = super().measure(method, step)
-        if not stop:
-            self._check_stall(method, self.trajectory[-1])
-        return stop
-
-    def _check_stall(self, method, point: dict) -> None:
-        """Double the learning rate when the last ``window`` steps closed less than ``stall`` of
-        the gap to ``done_at`` (never after a backtrack: the rate was too large there)."""
-        if point["step"] - self._window_start["step"] < self.window:
-            return
-        start = self._window_start
-        self._window_start = point
-        gap = start["remaining"] - self.rule.done_at
-        if self._backtracked or self._raised >= self.raises or gap <= 0 or "backtrack" in point:
-            return
-        if start["remaining"] - point["remaining"] < self.stall * gap:
-            self._raised += 1
-            lrs = []
-            for group in method.optimizer.param_groups:
-                group["lr"] *= 2.0
-                lrs.append(group["lr"])
-            point["lr_raised"] = lrs[0] if lrs else None
+    def goal(self) -> float:
+        return self.rule.done_at
 
     # --- the summary ------------------------------------------------------------------------
     def describe(self) -> dict:

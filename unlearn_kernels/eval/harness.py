@@ -54,6 +54,8 @@ def task_config(name: str, data_file: Path | str, format: str = "cloze", subject
               "metadata": {"version": 1}}
     if format == "cloze":
         config.update(doc_to_text=CLOZE_TEXT, doc_to_choice="{{choices}}")
+    elif format == "text":
+        config.update(doc_to_text="{{question}}", doc_to_choice="{{choices}}")
     else:
         config.update(doc_to_text=MMLU_TEXT, doc_to_choice=MMLU_CHOICES, description=mmlu_description(subject))
     return config

@@ -7,6 +7,9 @@
   ``The following are multiple choice questions (with answers) about {subject}.\\n\\n`` when a
   subject is given (empty otherwise), and the continuations are ``" A"``, ``" B"``, …; the
   length normaliser of ``acc_norm`` is then the length of the letter (1), so acc_norm = acc.
+- ``text`` (ours, for cloze probes cut from running text, ``data.probes``): the context is the
+  question string as it is and choice ``c`` is the continuation ``" " + c`` (lm-eval's
+  ``multiple_choice`` task with ``doc_to_text: "{{question}}"``).
 
 The continuation is the target delimiter ``" "`` followed by the choice, as lm-eval builds it
 (``f"{target_delimiter}{choice}"``); the strings below are exactly what its Jinja templates
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import string
 
-FORMATS = ("cloze", "mmlu")
+FORMATS = ("cloze", "mmlu", "text")
 LETTERS = string.ascii_uppercase
 TARGET_DELIMITER = " "
 
@@ -42,6 +45,8 @@ def request(question: str, choices: list[str], format: str = "cloze", subject: s
     the strings whose character length divides the log-likelihood for ``acc_norm``."""
     if format == "cloze":
         return cloze_context(question), [TARGET_DELIMITER + c for c in choices], list(choices)
+    if format == "text":
+        return question, [TARGET_DELIMITER + c for c in choices], list(choices)
     if format == "mmlu":
         letters = list(LETTERS[:len(choices)])
         return mmlu_context(question, choices, subject), [TARGET_DELIMITER + x for x in letters], letters
