@@ -12,7 +12,10 @@ With validation questions (``val_forget``, ``val_retain``, optional ``val_entang
 **target-driven** (``unlearn_kernels.target``): it measures forget/retain/entangled accuracy as
 it goes, stops at the target or the retain limit, and saves the best point of its trajectory;
 ``RunResult.reached`` says whether the target was measured to be reached (the CLI exits 3 when
-it was not).
+it was not). Without them (``stop="auto"``) the run holds out an eighth of its texts, cuts
+cloze probes from them (``data.probes``) and is target-driven on those; ``stop="rule"`` stops
+on the method's training signal instead (``unlearn_kernels.stopping``), ``stop="fixed"`` runs
+the method's own length.
 
 Example::
 

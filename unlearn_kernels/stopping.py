@@ -1,6 +1,9 @@
-"""Validation-free stopping: a run without validation questions stops on the method's own signal.
+"""Stopping on the method's own training signal (``--stop rule``).
 
-Without questions to score, a run can still measure how far it got, on what it trains: each
+A run without validation questions is target-driven on cloze probes cut from its held-out
+texts by default (``data.probes``, ``target.ProbeController``); this module is the other way,
+chosen with ``--stop rule`` or when there are too few texts to cut probes from (or the data are
+question/answer pairs). Without questions to score, a run can still measure how far it got, on what it trains: each
 method with a rule (:class:`StoppingRule`, a class attribute) reports scale-free signals on a
 fixed forget and a fixed retain probe batch (``UnlearningMethod.stopping_signal``) — the RMU
 family the residual of the forget activations from the control vector in units of its own
@@ -16,17 +19,15 @@ The controller (:class:`SignalController`, the monitor of ``UnlearningMethod.fit
 every ``every`` steps (a probe costs two forward passes, a few % of a step's work), stops at
 the first point that meets the rule, backtracks to the best point with the learning rate
 halved when the drift limit is broken (as :class:`~unlearn_kernels.target.TargetController`
-does), and **raises the learning rate** when the run stalls: when over a window of ``window``
-steps ``remaining`` fell by less than ``stall`` of its distance to ``done_at``, every
-parameter group's rate is doubled (at most ``raises`` times, never after a backtrack) — the
-default rate was set on other models, and a rate too small for this one shows as a stall
-long before the budget ends. The best point (lowest ``remaining`` among those that keep the
+does), and raises the learning rate when ``remaining`` stalls (``TargetController``'s rule,
+shared by every controller). The best point (lowest ``remaining`` among those that keep the
 retain set) is what the run leaves in the model; when the rule was not met the pipeline
 exits 3 with a one-line reason, as for a missed validation target.
 
-The thresholds are properties of the signals, not of a model; they were read off trajectories
-of the training models of ``models.zoo`` (``benchmarks/calibrate_signals.py``) and checked on the
-held-out ones and SmolLM2-135M (``benchmarks/RESULTS.md``).
+The thresholds are properties of the signals, not of a model; they were read off the shipped
+model's trajectories (``benchmarks/calibrate_signals.py``) and checked on the zoo's held-out
+models and SmolLM2-135M (``benchmarks/RESULTS.md``), where they transferred less well than the
+probes: the RMU rule was conservative, the loss methods' NLL rule was met at test forget 0.63.
 """
 
 from __future__ import annotations
