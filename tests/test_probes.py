@@ -82,9 +82,11 @@ def test_probes_are_known_by_the_margin_and_drawn_from_the_plausible(tiny_model,
     by_context = {p.context: p.answer for p in points}
     answers = sorted({p.answer for p in points})
     positions = set()
-    for q in made:
+    for k, q in enumerate(made):
         assert len(q.choices) == 4 == len(set(q.choices)) and q.choices[q.answer] == by_context[q.question]
         positions.add(q.answer)
+        if k % 8:                      # the math on every 8th probe (one forward per answer each)
+            continue
         ll = {c: loglikelihood(model, tokenizer, q.question, " " + c) for c in answers}
         right = ll[q.choices[q.answer]]
         wrong = [ll[c] for i, c in enumerate(q.choices) if i != q.answer]
@@ -177,12 +179,12 @@ def _run(data, out, **kw):
 
 
 def test_a_probe_run_measures_its_own_questions_and_saves_the_best_point(data, tmp_path):
-    result = _run(data, tmp_path / "out", stop="probe", budget=2.0, settings={"progress": False})
+    result = _run(data, tmp_path / "out", stop="probe", budget=1.5, settings={"progress": False})
     target = result.report["target"]
     assert target["probes"]["source"] == "held-out training texts (data.probes)"
     assert target["probes"]["cut"]["forget"] >= target["validation"]["forget"] >= 8
     assert target["base"] == {"forget": 1.0, "retain": 1.0} and target["target_forget"] == pytest.approx(0.30)
-    assert target["budget"] == {"setting": "steps", "value": 300, "default": 150, "factor": 2.0}
+    assert target["budget"] == {"setting": "steps", "value": 225, "default": 150, "factor": 1.5}
     best = target["best"]
     assert best["forget"] == min(p["forget"] for p in target["trajectory"] if p.get("keeps_retain", True))
     assert result.reached == target["reached"] and ("target reached" in result.message) == result.reached
