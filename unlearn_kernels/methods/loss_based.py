@@ -11,7 +11,8 @@ non-padding token of a text; only the answer tokens of a ``QAPair``, marked by t
   (the NPO+RT form; ``γ = 0`` gives plain NPO). The reference shares every weight but the
   updated ones (``FrozenCopy``).
 
-**Stopping without validation questions** (``NLL_RULE``, ``unlearn_kernels.stopping``): on a fixed
+**Stopping on the training signal** (``--stop rule``; without validation questions a run is
+target-driven on cloze probes by default, ``data.probes``) (``NLL_RULE``, ``unlearn_kernels.stopping``): on a fixed
 forget and retain probe batch, measured 240 times over the budget (these methods move fast), the
 run stops when the forget NLL has risen by at least 1 nat per token over the starting model's
 while the retain NLL rose by at most 25 % of its starting value. The forget rise is a change of

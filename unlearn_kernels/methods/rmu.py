@@ -37,7 +37,8 @@ word-level model of that time): the published α = 1200 left forget accuracy at 
 every c and lr tried; α = 100 forgets (RMU 0.52, SRMU 0.70 at 25 % overlap, chance 0.25) with
 retain accuracy 1.00.
 
-**Stopping without validation questions** (``RMU_RULE``, ``unlearn_kernels.stopping``). The
+**Stopping on the training signal** (``--stop rule``; without validation questions a run is
+target-driven on cloze probes by default, ``data.probes``) (``RMU_RULE``, ``unlearn_kernels.stopping``). The
 run measures, on a fixed forget and retain probe batch, the *residual* ρ — the distance of the
 forget activations from ``c·u`` in units of ``‖c·u‖`` (≈ 1.02 at the start with c = 5‖h‖; 0 when
 every forget token sits on the control vector) — and the retain activations' *drift* δ, their
