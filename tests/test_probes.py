@@ -188,6 +188,9 @@ def test_a_probe_run_measures_its_own_questions_and_saves_the_best_point(data, t
     best = target["best"]
     assert best["forget"] == min(p["forget"] for p in target["trajectory"] if p.get("keeps_retain", True))
     assert result.reached == target["reached"] and ("target reached" in result.message) == result.reached
+    assert result.message.startswith(f"on {target['validation']['forget']} forget and "
+                                      f"{target['validation']['retain']} retain cloze probes cut from held-out texts: ")
+    assert ("check with questions in your evaluation's format" in result.message) == result.reached
     saved = json.loads((result.out / "report.json").read_text())["target"]
     assert saved["best"] == best
 

@@ -301,6 +301,16 @@ class ProbeController(TargetController):
         self.build_s = time.perf_counter() - started
         super().start(method)
 
+    def message(self) -> str:
+        """The target's line, saying what was measured: probes share the wording of the training
+        texts, and a method that lowers the likelihood of that wording (NPO on SmolLM2-135M: probes
+        0.33, test questions 0.88) can pass them while the fact survives in another form."""
+        line = f"on {len(self.sets.forget)} forget and {len(self.sets.retain)} retain cloze probes cut from held-out texts: "
+        line += super().message()
+        if self.summary["reached"]:
+            line += " (probes share your texts' wording: check with questions in your evaluation's format, --val-*)"
+        return line
+
     def describe(self) -> dict:
         return {**super().describe(), "probes": {"source": "held-out training texts (data.probes)",
                                                  "cut": {k: len(v) for k, v in self.points.items()},
