@@ -108,7 +108,8 @@ class SignalController(TargetController):
         return point
 
     def check_start(self, base: dict) -> None:
-        pass
+        """Nothing to check: a signal's starting point carries no accuracy (the target controller
+        refuses a forget set already at its target)."""
 
     def keeps_retain(self, point: dict) -> bool:
         return point["drift"] <= self.rule.drift_limit + 1e-12

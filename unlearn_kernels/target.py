@@ -55,6 +55,15 @@ from typing import Sequence
 REACHED, RETAIN_LIMIT, BUDGET = "target reached", "retain limit hit", "budget exhausted"
 
 
+def scale_lr(method, factor: float) -> float | None:
+    """Multiply the learning rate of every parameter group of ``method.optimizer`` by ``factor``;
+    the first group's new rate (None for a method without an optimizer, e.g. MRP's basis)."""
+    groups = getattr(getattr(method, "optimizer", None), "param_groups", [])
+    for group in groups:
+        group["lr"] *= factor
+    return groups[0]["lr"] if groups else None
+
+
 @dataclass
 class ValidationSets:
     """Validation questions (``data.loaders.MCQuestion``); ``entangled`` may be empty."""
@@ -210,22 +219,13 @@ class TargetController:
             return
         if self.score(start) - self.score(point) < self.stall * gap:
             self._raised += 1
-            lrs = []
-            for group in getattr(getattr(method, "optimizer", None), "param_groups", []):
-                group["lr"] *= 2.0
-                lrs.append(group["lr"])
-            point["lr_raised"] = lrs[0] if lrs else None
+            point["lr_raised"] = scale_lr(method, 2.0)
 
     def _backtrack(self, method, point: dict) -> None:
         """Return to the best point so far and halve the learning rate."""
         self._backtracked += 1
         method.restore(self._best_params)
-        optimizer = getattr(method, "optimizer", None)
-        lrs = []
-        for group in (optimizer.param_groups if optimizer is not None else []):
-            group["lr"] *= 0.5
-            lrs.append(group["lr"])
-        point["backtrack"] = {"to_step": self._best["step"], "lr": lrs[0] if lrs else None}
+        point["backtrack"] = {"to_step": self._best["step"], "lr": scale_lr(method, 0.5)}
 
     def finish(self, method, last_step: int) -> dict:
         """Measure the last step if it was not, restore the best point into the model, and
@@ -291,7 +291,7 @@ class ProbeController(TargetController):
         started = time.perf_counter()
         made = {name: make_probes(method.model, method.tokenizer, self.points.get(name, ()), seed=i)
                 for i, name in enumerate(("forget", "retain"))}
-        few = [f"{name} {len(made[name])} of {len(self.points.get(name, ()))} texts" for name in made
+        few = [f"{name} {len(made[name])} of {len(self.points.get(name, ()))} cut from held-out texts" for name in made
                if len(made[name]) < self.minimum]
         if few:
             raise ValueError(f"too few cloze probes the base model answers ({'; '.join(few)}; at least "
