@@ -184,8 +184,28 @@ def test_demo_writes_table_results_curves_and_oracle(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in saved] == ["base", "oracle", "GradDiff", "GradDiff"]
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    # each row scores the folder the pipeline saved, as a plain transformers load sees it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unlearn_kernels.eval.multiple_choice import evaluate_multiple_choice
+    from unlearn_kernels.eval.suite import Split
+
+    folder = tmp_path / "models" / "GradDiff-steps=30"
+    assert longer["folder"] == str(folder.resolve())
+    report = json.loads((folder / "report.json").read_text())
+    assert report["method"] == "GradDiff" and report["config"]["steps"] == 30 and "unlearn_kernels" in report
+    plain = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    split = Split.from_benchmark(entangled.generate(demo.DEFAULT_OVERLAP))
+    with torch.no_grad():
+        acc = evaluate_multiple_choice(plain, AutoTokenizer.from_pretrained(folder), split.forget_questions,
+                                       progress=False)["acc"]
+    assert acc == pytest.approx(longer["forget_acc"], abs=1e-12)
     with pytest.raises(ValueError, match="unknown demo methods"):
         demo.run(tmp_path, methods=["Nope"])
+    # a folder in a run's way that is not an output of ours is refused before any model loads
+    (tmp_path / "models" / "GradDiff-steps=3" / "report.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an output of unlearn_kernels"):
+        demo.run(tmp_path, methods=["GradDiff"], progress=False, out=lines.append)
 
 
 def test_demo_sweeps_every_method_on_its_knob():

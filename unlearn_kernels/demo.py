@@ -13,19 +13,28 @@ ratios), probe accuracy and MIA AUC, with the oracle's values beside them. It pr
 and the verdicts (the tamper-resistance goal, SRMU vs RMU at equal forget accuracy), and writes
 ``results.json`` and ``tradeoff.png``: per split, the forget–retain and forget–recovery curves
 of every method through its sweep, with the base model and the oracle as reference points.
+
+Every run goes through :func:`unlearn_kernels.pipeline.run`, as ``unlearn-kernels unlearn``
+does: the split's texts are written to ``{out}/data/``, each unlearned model is saved to
+``{out}/models/{method}-{knob}={value}/`` (with its ``report.json`` and ``report.png``) and
+the table scores that folder as loaded back — the model a user would hand on, not the one
+still in memory. The runs keep the fixed lengths of ``DEMO_SETTINGS`` (``stop="fixed"``): the
+demo draws each method's trade-off curve through its knob; ``unlearn-kernels unlearn`` with
+``--val-*`` is the target-driven run.
 """
 
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
 
 from .data import entangled
 from .eval.suite import Split, compare, evaluate, measure
 from .methods import registry
 from .models import tiny
-from .models.io import save_figure_atomic, write_json_atomic
+from .models.output_dir import check_output_path
+from .models.io import load_local, save_figure_atomic, write_json_atomic, write_jsonl_atomic
+from .pipeline import RunConfig
+from .pipeline import run as unlearn
 
 LAYER = 3          # representation losses read here (of 6 decoder layers), updating layers 1-3
 PROBE_LAYER = 4    # linear probes: the base model decodes 53 % of the forget answers here, the oracle 16 %
@@ -74,6 +83,9 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
         raise ValueError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
     overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
     out_dir = Path(out_dir)
+    for overlap in overlaps:   # before any model is loaded: a folder in the way is not ours to replace
+        for name, knob, value in runs(methods, full):
+            check_output_path(_run_folder(out_dir, overlap, name, knob, value), [model_path], overwrite=True)
     base, tokenizer = tiny.load(model_path)
     oracle_model = tiny.load(oracle_path)[0] if oracle_path is not None else None
     rows = []
@@ -87,21 +99,38 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
         if oracle is not None:
             rows.append({"overlap": overlap, "method": "oracle", "knob": None, "value": None, "time_s": 0.0,
                          **compare(oracle, oracle, base_result)})
+        data = _write_split(split, out_dir / "data" / f"overlap-{overlap:g}")
         for name, knob, value in runs(methods, full):
-            model = copy.deepcopy(base)
-            start = time.perf_counter()
-            method = registry[name](model, tokenizer, progress=progress, **{**DEMO_SETTINGS[name], knob: value})
-            method.fit(split.forget_texts, split.retain_texts)
-            elapsed = time.perf_counter() - start
-            rows.append({"overlap": overlap, "method": name, "knob": knob, "value": value, "time_s": elapsed,
+            result = unlearn(RunConfig(model=str(model_path), method=name, out=str(_run_folder(out_dir, overlap, name,
+                                                                                               knob, value)),
+                                       settings={**DEMO_SETTINGS[name], knob: value, "progress": progress},
+                                       stop="fixed", device="cpu", overwrite=True, **data))
+            model = load_local(result.out)[0]
+            rows.append({"overlap": overlap, "method": name, "knob": knob, "value": value,
+                         "time_s": result.report["wall_time_s"], "folder": str(result.out),
                          **evaluate(model, tokenizer, split, PROBE_LAYER, relearn_steps, oracle=oracle,
-                                     base=base_result)})
+                                    base=base_result)})
     out(table(rows))
     out(verdict(rows))
     write_json_atomic(out_dir / "results.json", {"rows": rows, "chance": 0.25})
     plot(rows, out_dir / "tradeoff.png")
     out(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'tradeoff.png'}")
     return rows
+
+
+def _write_split(split: Split, folder: Path) -> dict:
+    """The split's forget and retain texts as JSON-lines files (the ``text`` field) in
+    ``folder``: the pipeline's ``forget`` and ``retain`` arguments."""
+    files = {}
+    for name, texts in (("forget", split.forget_texts), ("retain", split.retain_texts)):
+        files[name] = [str(write_jsonl_atomic(folder / f"{name}.jsonl", [{"text": t} for t in texts]))]
+    return files
+
+
+def _run_folder(out_dir: Path, overlap: float, name: str, knob: str, value) -> Path:
+    """Where one run's model goes; overlaps other than the default get their own folder level."""
+    run = f"{name}-{knob}={value:g}"
+    return out_dir / "models" / (run if overlap == DEFAULT_OVERLAP else f"overlap-{overlap:g}/{run}")
 
 
 def _num(value, fmt: str = ".3f") -> str:
