@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import parallel
+from .errors import UserError
 
 # Errors in what the user gave (files, settings, devices): one line on stderr and exit code 2;
 # --debug (or UNLEARN_KERNELS_TRACEBACK=1) shows the traceback instead.
@@ -75,7 +76,7 @@ def _demo(args) -> int:
     from . import selfcheck
 
     if args.full and args.track == "classifier":
-        raise ValueError("--full sweeps the LLM demo; the classifier demo has no sweep")
+        raise UserError("--full sweeps the LLM demo; the classifier demo has no sweep")
     # The embedded models are far too small to gain from intra-op threads, and spinning
     # OpenMP threads slow down badly when anything else shares the cores.
     torch.set_num_threads(args.threads)
@@ -103,10 +104,10 @@ def _load_run_config(args) -> dict:
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise ValueError(f"--config {path} does not exist")
+            raise UserError(f"--config {path} does not exist")
         config = yaml.safe_load(path.read_text()) or {}
         if not isinstance(config, dict):
-            raise ValueError(f"--config {path} must hold a mapping")
+            raise UserError(f"--config {path} must hold a mapping")
     for key in ("model", "method", "forget", "retain", "out"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -114,7 +115,7 @@ def _load_run_config(args) -> dict:
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set takes key=value, got {item!r}")
+            raise UserError(f"--set takes key=value, got {item!r}")
         settings[key] = yaml.safe_load(value)
     config["settings"] = settings
     from .methods import registry
@@ -124,7 +125,7 @@ def _load_run_config(args) -> dict:
         needed += ("retain",)
     missing = [k for k in needed if not config.get(k)]
     if missing:
-        raise ValueError(f"unlearn needs {', '.join(missing)} (flags or --config)")
+        raise UserError(f"unlearn needs {', '.join(missing)} (flags or --config)")
     return config
 
 
@@ -166,7 +167,7 @@ def _methods(args) -> int:
         print("\nunlearn-kernels methods NAME lists a method's settings (unlearn --set KEY=VALUE)")
         return 0
     if args.name not in registry:
-        raise ValueError(f"unknown method {args.name!r}; choose from {', '.join(registry)}")
+        raise UserError(f"unknown method {args.name!r}; choose from {', '.join(registry)}")
     print(describe(registry[args.name]))
     return 0
 
@@ -180,11 +181,11 @@ def _eval(args) -> int:
     from .models.io import write_json_atomic, write_jsonl_atomic
 
     if not args.questions and not args.mia_forget:
-        raise ValueError("eval needs --questions FILE (or --mia-forget/--mia-holdout)")
+        raise UserError("eval needs --questions FILE (or --mia-forget/--mia-holdout)")
     if bool(args.mia_forget) != bool(args.mia_holdout):
-        raise ValueError("--mia-forget and --mia-holdout go together: members and never-trained-on texts")
+        raise UserError("--mia-forget and --mia-holdout go together: members and never-trained-on texts")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise ValueError("--batch-size and --limit must be positive integers")
+        raise UserError("--batch-size and --limit must be positive integers")
     others = {}     # loaded (and so checked) before any evaluation of the model itself
     for other in (args.oracle, args.mia_reference):
         if other and other not in others:
@@ -195,8 +196,8 @@ def _eval(args) -> int:
         for path, questions in zip(args.questions, question_sets.values()):
             for i, q in enumerate(questions):
                 if len(q.choices) > 26:
-                    raise ValueError(f"{path}: question {i + 1}: --format mmlu labels choices A-Z, "
-                                     f"this one has {len(q.choices)}")
+                    raise UserError(f"{path}: question {i + 1}: --format mmlu labels choices A-Z, "
+                                    f"this one has {len(q.choices)}")
     quiet = args.json == "-"
     results = {}
     model, tokenizer = files.load_model(args.model, args.device, args.dtype, args.trust_remote_code)
@@ -229,7 +230,7 @@ def _eval(args) -> int:
                                             reference_model=reference, batch_size=args.batch_size)
     if args.oracle:
         if not question_sets:
-            raise ValueError("--oracle compares answers to --questions: give the forget questions")
+            raise UserError("--oracle compares answers to --questions: give the forget questions")
         payload["oracle"] = _against_oracle(model, tokenizer, *others[args.oracle], args, question_sets)
     if args.log_samples:
         write_jsonl_atomic(args.log_samples, samples)
@@ -258,8 +259,8 @@ def _against_oracle(model, tokenizer, oracle, oracle_tokenizer, args, question_s
     from .eval.oracle import forget_quality
 
     if oracle_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"--oracle {args.oracle}: its tokenizer differs from the model's; the oracle must be the "
-                         "same recipe retrained without the forget data")
+        raise UserError(f"--oracle {args.oracle}: its tokenizer differs from the model's; the oracle must be the "
+                        "same recipe retrained without the forget data")
     out = {}
     for name, questions in question_sets.items():
         prepared = scores.prepare(tokenizer, questions, args.format, args.subject)

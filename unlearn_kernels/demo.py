@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import entangled
+from .errors import UserError
 from .eval.suite import Split, compare, evaluate, measure
 from .methods import registry
 from .models import tiny
@@ -80,7 +81,7 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
     methods = list(DEMO_SETTINGS) if methods is None else list(methods)
     unknown = [m for m in methods if m not in DEMO_SETTINGS]
     if unknown:
-        raise ValueError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
+        raise UserError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
     overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
     out_dir = Path(out_dir)
     for overlap in overlaps:   # before any model is loaded: a folder in the way is not ours to replace

@@ -26,6 +26,7 @@ from itertools import chain
 import torch
 from torch import Tensor
 
+from .errors import UserError
 from .ops import _backend
 from .ops.sophia import masked_sophia_step_, neuron_mask, sophia_hyperparameters
 
@@ -59,7 +60,7 @@ class MaskedSophia(torch.optim.Optimizer):
                  bs: float = 1, masks: Mapping | None = None, backend: str = "auto"):
         sophia_hyperparameters(lr, betas, rho, weight_decay, eps, bs)
         if backend != "auto" and backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + _backend.BACKENDS}, got {backend!r}")
+            raise UserError(f"backend must be one of {('auto',) + _backend.BACKENDS}, got {backend!r}")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps, bs=bs)
         super().__init__(params, defaults)
         self.backend = backend

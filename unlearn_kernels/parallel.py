@@ -22,6 +22,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 MODES = ("none", "ddp", "fsdp")
 
 
@@ -51,11 +53,11 @@ def resolve_mode(mode: str | None) -> str:
     if mode is None:
         mode = "ddp" if launched() else "none"
     if mode not in MODES:
-        raise ValueError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UserError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "none" and not launched():
-        raise ValueError(f"--parallel {mode} needs several processes: launch with torchrun --nproc-per-node N")
+        raise UserError(f"--parallel {mode} needs several processes: launch with torchrun --nproc-per-node N")
     if mode == "none" and launched():
-        raise ValueError("--parallel none under torchrun would run the method once per rank: use ddp")
+        raise UserError("--parallel none under torchrun would run the method once per rank: use ddp")
     return mode
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import parallel
+from .errors import UserError
 
 
 @dataclass
@@ -109,39 +110,39 @@ def run(config: RunConfig) -> RunResult:
     from .models.prefix import check_shards, unfit_source
 
     if config.method not in registry:
-        raise ValueError(f"unknown method {config.method!r}; choose from {sorted(registry)}")
+        raise UserError(f"unknown method {config.method!r}; choose from {sorted(registry)}")
     method_class = registry[config.method]
     if config.retain == [] and method_class.needs_retain:
-        raise ValueError(f"{config.method} needs retain data")
+        raise UserError(f"{config.method} needs retain data")
     if config.relearn and not config.eval_forget:
-        raise ValueError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
+        raise UserError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
     defaults = RunConfig.__dataclass_fields__
     stray = [f"--{name.replace('_', '-')}" for name in ("target", "keep", "val_every")
              if getattr(config, name) != defaults[name].default]
     if config.validation and not (config.val_forget and config.val_retain):
-        raise ValueError("a target-driven run needs both --val-forget and --val-retain (--val-entangled is optional)")
+        raise UserError("a target-driven run needs both --val-forget and --val-retain (--val-entangled is optional)")
     stopping = _stopping(config, method_class)
     if stray and stopping not in ("validation", "probe"):   # they steer target-driven runs: never ignore them
-        raise ValueError(f"{', '.join(stray)} steer target-driven runs: give --val-forget and --val-retain, or "
-                         f"--stop probe (this run: {stopping})")
+        raise UserError(f"{', '.join(stray)} steer target-driven runs: give --val-forget and --val-retain, or "
+                        f"--stop probe (this run: {stopping})")
     if config.budget != defaults["budget"].default and stopping == "fixed":
         why = "--stop fixed" if config.stop == "fixed" else (_length_reason(config, method_class)
                                                              or _rule_reason(method_class))
-        raise ValueError(f"--budget steers target- and rule-driven runs, and this run has a fixed length ({why}): "
-                         "give --val-forget and --val-retain, or drop --budget")
+        raise UserError(f"--budget steers target- and rule-driven runs, and this run has a fixed length ({why}): "
+                        "give --val-forget and --val-retain, or drop --budget")
     out = check_output_path(config.out, config.inputs(), overwrite=config.overwrite or config.resume,
                             needed_bytes=weights_size(config.model))
     mode = parallel.resolve_mode(config.parallel)
     if mode == "fsdp" and config.relearn:
-        raise ValueError("--parallel fsdp: --relearn fine-tunes a copy of the whole model, which a sharded run does "
-                         "not hold; attack the output folder afterwards (unlearn-kernels eval --relearn), or use "
-                         "--parallel ddp")
+        raise UserError("--parallel fsdp: --relearn fine-tunes a copy of the whole model, which a sharded run does "
+                        "not hold; attack the output folder afterwards (unlearn-kernels eval --relearn), or use "
+                        "--parallel ddp")
     if mode != "none" and config.validation:
-        raise ValueError(f"--parallel {mode}: target-driven runs (--val-*) run in one process for now")
+        raise UserError(f"--parallel {mode}: target-driven runs (--val-*) run in one process for now")
     if mode == "fsdp":
         problem = unfit_source(config.model)
         if problem:   # the sharded run's output is the source's shards, rewritten
-            raise ValueError(f"--parallel fsdp: {problem}; use --parallel ddp")
+            raise UserError(f"--parallel fsdp: {problem}; use --parallel ddp")
     checkpointer = _checkpointer(out, config)
     forget = [t for f in config.forget for t in _training_data(f, config)]
     retain = [t for f in config.retain for t in _training_data(f, config)]
@@ -151,8 +152,8 @@ def run(config: RunConfig) -> RunResult:
         if config.stop == "auto" and min(len(points["forget"]), len(points["retain"])) < PROBES_MINIMUM:
             stopping, points = ("fixed" if _rule_reason(method_class) else "rule"), None   # too little text
             if stray:
-                raise ValueError(f"{', '.join(stray)}: too few texts to cut cloze probes from (at least "
-                                 f"{PROBES_MINIMUM} per set); give --val-forget and --val-retain")
+                raise UserError(f"{', '.join(stray)}: too few texts to cut cloze probes from (at least "
+                                f"{PROBES_MINIMUM} per set); give --val-forget and --val-retain")
         else:
             forget, retain = points.pop("train_forget"), points.pop("train_retain")
     settings, budget = _budget(method_class, config.settings,
@@ -176,9 +177,9 @@ def run(config: RunConfig) -> RunResult:
             model, tokenizer = files.load_model(config.model, device, dtype)
         carried = sorted(getattr(model, "unlearn_projections", None) or {})
         if carried:     # the saver would refuse the output after the whole run (models.io)
-            raise ValueError(f"{config.model} carries MRP projections (after layer {', '.join(map(str, carried))}) "
-                             f"that an output of {config.method} cannot keep: unlearn the model they were "
-                             "computed for instead (source_model in its report.json)")
+            raise UserError(f"{config.model} carries MRP projections (after layer {', '.join(map(str, carried))}) "
+                            f"that an output of {config.method} cannot keep: unlearn the model they were "
+                            "computed for instead (source_model in its report.json)")
         evaluates = parallel.is_main() or mode == "fsdp"   # a sharded forward needs every rank
         before = _accuracies(model, tokenizer, evals) if evaluates else {}
         method = method_class(parallel.wrap(model, mode), tokenizer, config=method_config)
@@ -235,21 +236,21 @@ def _stopping(config: RunConfig, method_class) -> str:
     the run checkpoints, resumes or is distributed (fixed), or the data are question/answer pairs
     (the method's rule when it has one, else fixed)."""
     if config.stop not in ("auto", "probe", "rule", "fixed"):
-        raise ValueError(f"--stop must be auto, probe, rule or fixed, got {config.stop!r}")
+        raise UserError(f"--stop must be auto, probe, rule or fixed, got {config.stop!r}")
     if config.validation:
         if config.stop != "auto":
-            raise ValueError(f"--stop {config.stop}: a run with validation questions stops at its target; drop --stop")
+            raise UserError(f"--stop {config.stop}: a run with validation questions stops at its target; drop --stop")
         return "validation"
     if config.stop == "fixed":
         return "fixed"
     length = _length_reason(config, method_class)
     if config.stop in ("probe", "rule") and length:
-        raise ValueError(f"--stop {config.stop}: {length}")
+        raise UserError(f"--stop {config.stop}: {length}")
     if config.stop == "probe" or (config.stop == "auto" and not length and not config.qa):
         return "probe"
     reason = length or _rule_reason(method_class)
     if config.stop == "rule" and reason:
-        raise ValueError(f"--stop rule: {reason}")
+        raise UserError(f"--stop rule: {reason}")
     return "fixed" if reason else "rule"
 
 
@@ -281,8 +282,8 @@ def _probe_points(forget: list, retain: list) -> dict:
     from .data import probes
 
     if any(not isinstance(t, str) for t in forget + retain):
-        raise ValueError("--stop probe cuts its questions from plain texts; question/answer data (--qa) need "
-                         "validation questions or --stop fixed")
+        raise UserError("--stop probe cuts its questions from plain texts; question/answer data (--qa) need "
+                        "validation questions or --stop fixed")
     frequency = probes.document_frequency(forget + retain)
     (train_forget, held_forget), (train_retain, held_retain) = probes.hold_out(forget), probes.hold_out(retain)
     return {"train_forget": train_forget, "train_retain": train_retain,
@@ -318,7 +319,7 @@ def _budget(method_class, settings: dict, factor: float | None) -> tuple[dict, d
     if not factor:
         return settings, None
     if factor < 1:
-        raise ValueError(f"--budget multiplies the method's length and must be >= 1, got {factor}")
+        raise UserError(f"--budget multiplies the method's length and must be >= 1, got {factor}")
     defaults = method_class.config_class()
     name = method_class.length_setting or ("steps" if getattr(defaults, "steps", 0) else "epochs")
     if name in settings:
@@ -337,7 +338,7 @@ def device_and_dtype(device: str, dtype: str) -> tuple[str, str | None]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
+        raise UserError("--device cuda: no CUDA device is available here")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else None
     return device, dtype
@@ -381,21 +382,21 @@ def _prefix_plan(config: RunConfig, method_class, method_config, wants_full: boo
         return method_config, None
     runs_prefix = getattr(method_class, "runs_prefix", False)
     if asked and not runs_prefix:
-        raise ValueError(f"--prefix-only: {method_class.name} runs the whole model; only RMU, AdaptiveRMU and SRMU "
-                         "run layers 0..l alone")
+        raise UserError(f"--prefix-only: {method_class.name} runs the whole model; only RMU, AdaptiveRMU and SRMU "
+                        "run layers 0..l alone")
     if asked and wants_full:
-        raise ValueError("--prefix-only loads layers 0..l only; --eval-forget/--eval-retain/--relearn/--val-* need "
-                         "the whole model: drop them or pass --no-prefix-only")
+        raise UserError("--prefix-only loads layers 0..l only; --eval-forget/--eval-retain/--relearn/--val-* need "
+                        "the whole model: drop them or pass --no-prefix-only")
     problem = unfit_source(config.model)
     if asked and problem:
-        raise ValueError(f"--prefix-only: {problem}")
+        raise UserError(f"--prefix-only: {problem}")
     if not runs_prefix or wants_full or problem:
         return method_config, None
     depth = depth_of(config.model)
     given = method_config.layer
     layer = default_layer(depth) if given is None else given
     if not -depth <= layer < depth:
-        raise ValueError(f"layer {layer} does not exist: the model has {depth} decoder layers (0..{depth - 1})")
+        raise UserError(f"layer {layer} does not exist: the model has {depth} decoder layers (0..{depth - 1})")
     layer %= depth
     if layer == depth - 1 and not asked:
         return method_config, None
@@ -411,14 +412,14 @@ def _checkpointer(out: Path, config: RunConfig):
     if not config.checkpoint_every and not config.resume:
         return None
     if config.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
+        raise UserError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
     path = out.with_name(out.name + ".checkpoint")
     if (path.exists() or path.is_symlink()) and not is_checkpoint(path):
         raise NotACheckpointError(path)
     if path.exists() and not config.resume and not config.overwrite:
-        raise ValueError(f"a checkpoint exists at {path}: pass --resume to continue it or --overwrite to start over")
+        raise UserError(f"a checkpoint exists at {path}: pass --resume to continue it or --overwrite to start over")
     if config.resume and not path.exists():
-        raise ValueError(f"--resume: no checkpoint at {path}")
+        raise UserError(f"--resume: no checkpoint at {path}")
     return Checkpointer(path, config.checkpoint_every)
 
 

@@ -62,6 +62,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MissingFileError, UserError
 from .models.roles import default_layer
 
 METHODS = ("RMU", "AdaptiveRMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO", "SO-GradDiff")
@@ -95,16 +96,16 @@ class Shape:
     def from_config(cls, config: dict) -> "Shape":
         """ValueError (one line) on a config that lacks a size or has a non-positive one."""
         if not isinstance(config, dict):
-            raise ValueError("the config must be a JSON object")
+            raise UserError("the config must be a JSON object")
         need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
         missing = [k for k in need if k not in config]
         if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)} (a Llama/Mistral/Qwen-style config is needed)")
+            raise UserError(f"config.json lacks {', '.join(missing)} (a Llama/Mistral/Qwen-style config is needed)")
         values = {k: config[k] for k in need}
         values["num_key_value_heads"] = config.get("num_key_value_heads") or config["num_attention_heads"]
         bad = [k for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
         if bad:
-            raise ValueError(f"config.json: {', '.join(bad)} must be positive integers")
+            raise UserError(f"config.json: {', '.join(bad)} must be positive integers")
         heads = values["num_attention_heads"]
         head_dim = config.get("head_dim") or values["hidden_size"] // heads
         model_type = str(config.get("model_type", "llama"))
@@ -249,15 +250,15 @@ def plan(config, gpus: int, method: str | None = None, batch: int = 4, seq: int 
         config = read_config(config)
     shape = Shape.from_config(config)
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
-        raise ValueError(f"gpus must be an integer >= 1, got {gpus!r}")
+        raise UserError(f"gpus must be an integer >= 1, got {gpus!r}")
     if batch < 1 or seq < 1:
-        raise ValueError(f"batch and seq must be >= 1, got batch={batch}, seq={seq}")
+        raise UserError(f"batch and seq must be >= 1, got batch={batch}, seq={seq}")
     dtype = dtype or shape.dtype
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+        raise UserError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     names = METHODS if method is None else (method,)
     if method is not None and method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
     e, tokens = DTYPE_BYTES[dtype], batch * seq
     counts = parameter_counts(shape)
     masters = master_fp32 and e != 4
@@ -311,11 +312,11 @@ def read_config(path) -> dict:
     """The JSON object in ``path``; FileNotFoundError / ValueError (one line) otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no config file {path}")
+        raise MissingFileError(f"no config file {path}")
     try:
         return json.loads(path.read_text())
     except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
+        raise UserError(f"{path} is not valid JSON ({error})") from None
 
 
 def _gib(x: float) -> str:

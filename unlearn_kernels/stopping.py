@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UserError
 from .target import TargetController
 
 
@@ -80,7 +81,7 @@ class SignalController(TargetController):
         if self.rule is None:
             raise ValueError("a SignalController needs the method's stopping rule")
         if self.every is not None and self.every < 1:
-            raise ValueError(f"signal every N steps needs N >= 1, got {self.every}")
+            raise UserError(f"signal every N steps needs N >= 1, got {self.every}")
 
     def start(self, method) -> None:
         """Fix ``every`` and ``window`` from the run's planned steps (the budget), then measure
@@ -99,7 +100,7 @@ class SignalController(TargetController):
         started = time.perf_counter()
         signal = method.probe_signal()
         if signal is None:
-            raise ValueError(f"{method.name} has no validation-free stopping signal: give validation questions")
+            raise UserError(f"{method.name} has no validation-free stopping signal: give validation questions")
         base = self.trajectory[0]["signal"] if self.trajectory else None
         remaining, drift = self.rule.scores(signal, base)
         point = {"step": step, "signal": signal, "remaining": remaining, "drift": drift}

@@ -52,6 +52,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .errors import UserError
+
 REACHED, RETAIN_LIMIT, BUDGET = "target reached", "retain limit hit", "budget exhausted"
 
 
@@ -75,8 +77,8 @@ class ValidationSets:
 
     def __post_init__(self):
         if not self.forget or not self.retain:
-            raise ValueError("target-driven runs need validation questions for both forget and retain "
-                             "(--val-forget and --val-retain)")
+            raise UserError("target-driven runs need validation questions for both forget and retain "
+                            "(--val-forget and --val-retain)")
 
     @property
     def chance(self) -> float:
@@ -106,15 +108,15 @@ class TargetController:
         if self.target is None:
             self.target = min(1.0, self.sets.chance + 0.05)
         if not 0.0 <= self.target <= 1.0:
-            raise ValueError(f"target forget accuracy must be in [0, 1], got {self.target}")
+            raise UserError(f"target forget accuracy must be in [0, 1], got {self.target}")
         if not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"keep (the share of base retain accuracy to keep) must be in (0, 1], got {self.keep}")
+            raise UserError(f"keep (the share of base retain accuracy to keep) must be in (0, 1], got {self.keep}")
         if self.every is not None and self.every < 1:
-            raise ValueError(f"validation every N steps needs N >= 1, got {self.every}")
+            raise UserError(f"validation every N steps needs N >= 1, got {self.every}")
         if not 0.0 < self.max_share < 1.0:
-            raise ValueError(f"max_share must be in (0, 1), got {self.max_share}")
+            raise UserError(f"max_share must be in (0, 1), got {self.max_share}")
         if self.window is not None and self.window < 1:
-            raise ValueError(f"the stall window needs >= 1 step, got {self.window}")
+            raise UserError(f"the stall window needs >= 1 step, got {self.window}")
 
     # --- measuring ------------------------------------------------------------------------
     def _evaluate(self, method, step: int) -> dict:
@@ -166,9 +168,9 @@ class TargetController:
 
     def check_start(self, base: dict) -> None:
         if base["forget"] <= self.target:
-            raise ValueError(f"the model answers the forget validation questions at {base['forget']:.3f}, already at "
-                             f"or below the target {self.target:.3f}: nothing to unlearn (chance "
-                             f"{self.sets.chance:.3f}); check the questions or the target")
+            raise UserError(f"the model answers the forget validation questions at {base['forget']:.3f}, already at "
+                            f"or below the target {self.target:.3f}: nothing to unlearn (chance "
+                            f"{self.sets.chance:.3f}); check the questions or the target")
 
     def _due(self, step: int) -> bool:
         if self.every is not None:
@@ -294,9 +296,9 @@ class ProbeController(TargetController):
         few = [f"{name} {len(made[name])} of {len(self.points.get(name, ()))} cut from held-out texts" for name in made
                if len(made[name]) < self.minimum]
         if few:
-            raise ValueError(f"too few cloze probes the base model answers ({'; '.join(few)}; at least "
-                             f"{self.minimum} each are needed): give validation questions (--val-forget, "
-                             "--val-retain) or a fixed length (--stop fixed)")
+            raise UserError(f"too few cloze probes the base model answers ({'; '.join(few)}; at least "
+                            f"{self.minimum} each are needed): give validation questions (--val-forget, "
+                            "--val-retain) or a fixed length (--stop fixed)")
         self.sets = ValidationSets(made["forget"], made["retain"], format="text")
         self.build_s = time.perf_counter() - started
         super().start(method)

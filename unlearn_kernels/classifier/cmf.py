@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..ops import class_means
 from .data import ClassSplit
 from .methods import NegGradPlus, NegGradPlusConfig, RandomLabel, RandomLabelConfig
@@ -56,9 +57,9 @@ class CMFHead(nn.Module):
     def __init__(self, feature_dim: int, num_classes: int, tau: float = 16.0, center: str = "classes"):
         super().__init__()
         if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
+            raise UserError(f"tau must be > 0, got {tau}")
         if center not in CENTERS:
-            raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
+            raise UserError(f"center must be one of {CENTERS}, got {center!r}")
         self.tau, self.center_mode, self.num_classes = float(tau), center, num_classes
         self.register_buffer("weight", torch.zeros(num_classes, feature_dim))
         self.register_buffer("center", torch.zeros(feature_dim))
@@ -119,13 +120,13 @@ class CMFMixin:
     def check_config(self) -> None:
         super().check_config()
         if self.config.tau is not None and not self.config.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.config.tau}")
+            raise UserError(f"tau must be > 0, got {self.config.tau}")
         if self.config.center is not None and self.config.center not in CENTERS:
-            raise ValueError(f"center must be one of {CENTERS} or None, got {self.config.center!r}")
+            raise UserError(f"center must be one of {CENTERS} or None, got {self.config.center!r}")
         if self.config.head_data not in ("all", "retain"):
-            raise ValueError(f"head_data must be 'all' or 'retain', got {self.config.head_data!r}")
+            raise UserError(f"head_data must be 'all' or 'retain', got {self.config.head_data!r}")
         if self.config.convert_epochs < 0:
-            raise ValueError(f"convert_epochs must be >= 0, got {self.config.convert_epochs}")
+            raise UserError(f"convert_epochs must be >= 0, got {self.config.convert_epochs}")
 
     def setup(self, split: ClassSplit) -> None:
         self._head_data = split.retain if self.config.head_data == "retain" else (split.x_train, split.y_train)

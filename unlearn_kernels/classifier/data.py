@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import MissingFileError, MissingPackageError, UserError
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FORGET_CLASS = (3,)          # the single-class default
 FORGET_SET = (3, 5, 8)       # the 3-class default: the digits whose strokes overlap most
@@ -39,8 +41,8 @@ class ClassSplit:
     def __post_init__(self):
         object.__setattr__(self, "forget_classes", check_forget_classes(self.forget_classes, len(self.class_names)))
         if not bool(self.is_forget(self.y_train).any()):
-            raise ValueError(f"forget_classes {self.forget_classes}: the forget set is empty (no training "
-                             f"image of these classes)")
+            raise UserError(f"forget_classes {self.forget_classes}: the forget set is empty (no training "
+                            f"image of these classes)")
 
     @property
     def num_classes(self) -> int:
@@ -95,21 +97,21 @@ def check_forget_classes(forget_classes, num_classes: int) -> tuple[int, ...]:
     except TypeError:
         raise TypeError(f"forget_classes must be an int or a sequence of ints, got {forget_classes!r}") from None
     if not classes:
-        raise ValueError("forget_classes is empty: the forget set is empty")
+        raise UserError("forget_classes is empty: the forget set is empty")
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise ValueError(f"forget_classes {bad} out of range [0, {num_classes})")
+        raise UserError(f"forget_classes {bad} out of range [0, {num_classes})")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"forget_classes {classes} has repeated classes")
+        raise UserError(f"forget_classes {classes} has repeated classes")
     if len(classes) == num_classes:
-        raise ValueError(f"forget_classes {classes} leaves no class to retain")
+        raise UserError(f"forget_classes {classes} leaves no class to retain")
     return tuple(sorted(classes))
 
 
 def _stratified_split(y: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Train and test indices: per class, a seeded permutation; its first ``round(n·f)`` go to test."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+        raise UserError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     generator = torch.Generator().manual_seed(seed)
     train, test = [], []
     for c in torch.unique(y).tolist():
@@ -159,11 +161,11 @@ def torchvision_split(root: Path | str, forget_classes=FORGET_CLASS, *, kind: st
         import torchvision
         from torchvision import transforms
     except ImportError as err:
-        raise ImportError("torchvision_split needs torchvision (pip install torchvision); the digits data "
-                          "(digits_split) needs nothing beyond scikit-learn") from err
+        raise MissingPackageError("torchvision_split needs torchvision (pip install torchvision); the digits data "
+                                  "(digits_split) needs nothing beyond scikit-learn") from err
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"root {root} is not a directory")
+        raise MissingFileError(f"root {root} is not a directory")
     transform = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
     if kind in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
@@ -182,10 +184,10 @@ def torchvision_split(root: Path | str, forget_classes=FORGET_CLASS, *, kind: st
         else:
             test_folder = torchvision.datasets.ImageFolder(str(test_root))
             if tuple(test_folder.classes) != names:
-                raise ValueError(f"test_root {test_root} has classes {test_folder.classes}, root has {list(names)}")
+                raise UserError(f"test_root {test_root} has classes {test_folder.classes}, root has {list(names)}")
             x_train, y_train = x, y
             x_test, y_test = _stack(test_folder, transform)
     else:
-        raise ValueError(f"kind must be 'cifar10', 'cifar100' or 'imagefolder', got {kind!r}")
+        raise UserError(f"kind must be 'cifar10', 'cifar100' or 'imagefolder', got {kind!r}")
     return ClassSplit(x_train, y_train, x_test, y_test, forget_classes, names,
                       name=kind if kind != "imagefolder" else root.name)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from ..models.io import save_figure_atomic, write_json_atomic
+from ..errors import UserError
 from . import registry
 from .cmf import to_cmf
 from .data import FORGET_CLASS, FORGET_SET, digits_split
@@ -61,8 +62,8 @@ def run(out_dir: Path | str = "demo_out", scenarios=tuple(SCENARIOS), methods=No
     methods = [m for m in DEMO_SETTINGS if m != "Retrain"] if methods is None else list(methods)
     unknown = [m for m in methods if m not in DEMO_SETTINGS] + [s for s in scenarios if s not in SCENARIOS]
     if unknown:
-        raise ValueError(f"unknown methods or scenarios {unknown}; methods: {list(DEMO_SETTINGS)}, "
-                         f"scenarios: {list(SCENARIOS)}")
+        raise UserError(f"unknown methods or scenarios {unknown}; methods: {list(DEMO_SETTINGS)}, "
+                        f"scenarios: {list(SCENARIOS)}")
     out_dir = Path(out_dir)
     start = time.perf_counter()
     base = load_digits_cnn(model_path)

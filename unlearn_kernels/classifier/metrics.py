@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
 from .cmf import CMFHead
 from .data import ClassSplit
 from .model import accuracy, features_of, logits_of
@@ -63,7 +64,7 @@ def svc_mia(member: np.ndarray, nonmember: np.ndarray, target: np.ndarray) -> fl
     from sklearn.svm import SVC
 
     if len(member) == 0 or len(nonmember) == 0 or len(target) == 0:
-        raise ValueError("svc_mia needs member, non-member and target scores")
+        raise UserError("svc_mia needs member, non-member and target scores")
     x = np.concatenate([member, nonmember]).reshape(-1, 1)
     labels = np.concatenate([np.ones(len(member)), np.zeros(len(nonmember))])
     clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, labels)
@@ -109,7 +110,7 @@ def relearn_curve(model, split: ClassSplit, *, samples: int = 16, steps: int = 2
     xf, yf = split.forget
     x_test, y_test = split.test_forget
     if samples < 1 or steps < 0:
-        raise ValueError(f"relearning needs samples >= 1 and steps >= 0, got {samples} and {steps}")
+        raise UserError(f"relearning needs samples >= 1 and steps >= 0, got {samples} and {steps}")
     pick = torch.randperm(len(yf), generator=torch.Generator().manual_seed(seed))[:samples]
     attacked = copy.deepcopy(model)
     for p in attacked.parameters():

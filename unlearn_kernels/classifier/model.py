@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import MissingFileError, UserError
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits-cnn"
 WEIGHTS = "model.safetensors"
 TRAIN_RECIPE = dict(epochs=30, lr=2e-3, batch_size=64)   # the shipped model's and Retrain's recipe
@@ -74,7 +76,7 @@ class SmallCNN(nn.Module):
         from safetensors.torch import save_file
 
         if not safe_serialization:
-            raise ValueError("safe_serialization: only safetensors is written")
+            raise UserError("safe_serialization: only safetensors is written")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps({**self.config, "head": self.head_config()}, indent=2))
@@ -89,8 +91,8 @@ class SmallCNN(nn.Module):
 
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path} has no config.json + {WEIGHTS}; train the default model with "
-                                    "`python -m unlearn_kernels.classifier.model`")
+            raise MissingFileError(f"{path} has no config.json + {WEIGHTS}; train the default model with "
+                                   "`python -m unlearn_kernels.classifier.model`")
         config = json.loads((path / "config.json").read_text())
         head = config.pop("head", {"type": "linear"})
         model = cls(**config)
@@ -141,7 +143,7 @@ def train_supervised(model: SmallCNN, x: Tensor, y: Tensor, *, epochs: int, lr: 
     from tqdm import tqdm
 
     if len(x) == 0:
-        raise ValueError(f"{desc}: no training data")
+        raise UserError(f"{desc}: no training data")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]

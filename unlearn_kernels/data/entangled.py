@@ -40,6 +40,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..errors import UserError
 from ..eval.prompts import cloze_context, mmlu_context, request
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "ta", "vu", "zor", "ne", "pi", "dra", "sel", "qua", "bo", "fi", "gu",
@@ -172,7 +173,7 @@ def universe(seed: int = 0, pure: int = 36, shared: int = 12, retain_only: int =
     (their forget facts phrased like retain facts) and ``retain_only`` entities; one fact per
     attribute of each of an entity's domains."""
     if min(pure, shared, retain_only) < 0:
-        raise ValueError(f"entity counts must be >= 0, got pure={pure}, shared={shared}, retain_only={retain_only}")
+        raise UserError(f"entity counts must be >= 0, got pure={pure}, shared={shared}, retain_only={retain_only}")
     rng = random.Random(seed)
     names = _names(rng, pure + shared + retain_only)
     rng.shuffle(names)
@@ -191,14 +192,14 @@ def generate(overlap: float = 0.3, n_forget: int = 30, seed: int = 0) -> Entangl
     """The default universe with a forget set of ``n_forget`` entities, ``round(overlap · n_forget)``
     of them entangled (sharing entities and phrasing with retain facts); overlap in [0, 0.5]."""
     if not 0 <= overlap <= 0.5:
-        raise ValueError(f"overlap must be in [0, 0.5], got {overlap}")
+        raise UserError(f"overlap must be in [0, 0.5], got {overlap}")
     facts = universe(seed)
     pure = sorted({f.entity for f in facts if f.domain == "forget" and not f.entangled})
     shared = sorted({f.entity for f in facts if f.entangled})
     k_shared = round(overlap * n_forget)
     if not 1 <= n_forget <= len(pure) or k_shared > len(shared):
-        raise ValueError(f"n_forget must be in [1, {len(pure)}] with round(overlap·n_forget) <= {len(shared)} "
-                         f"(got n_forget={n_forget}, overlap={overlap})")
+        raise UserError(f"n_forget must be in [1, {len(pure)}] with round(overlap·n_forget) <= {len(shared)} "
+                        f"(got n_forget={n_forget}, overlap={overlap})")
     rng = random.Random(f"{seed}-split")
     chosen = rng.sample(shared, k_shared) + rng.sample(pure, n_forget - k_shared)
     return EntangledBenchmark(seed=seed, overlap=overlap, facts=facts, forget_entities=sorted(chosen))

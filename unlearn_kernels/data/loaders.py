@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import UserError
+
 __all__ = ["DataError", "DataFileNotFound", "MCQuestion", "QAPair", "read_texts", "read_multiple_choice",
            "read_qa_pairs", "write_jsonl"]
 
@@ -57,7 +59,7 @@ SUPPORTED = (".txt, .jsonl, .json, .csv, .parquet, their .gz versions (not .parq
              "or a datasets save_to_disk folder")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with user data; the message is one line naming the file, row and field."""
 
     def __init__(self, message: str):
@@ -462,7 +464,7 @@ def read_texts(path: Path | str, text_field: str = "text") -> list[str]:
 
 def _table_for(path: Path | str, what: str, limit: int | None = None) -> _Table:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        raise UserError(f"limit must be a positive integer or None, got {limit!r}")
     path = _existing(path)
     kind, compressed = _format(path)
     if kind in (None, "txt"):

@@ -46,6 +46,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..errors import UserError
 from .loaders import MCQuestion
 
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -67,7 +68,7 @@ def hold_out(texts: Sequence, share: float = SHARE, minimum: int = MINIMUM,
     (['a', 'b', 'd', 'e', 'f', 'h'], ['c', 'g'])
     """
     if not 0.0 < share < 1.0:
-        raise ValueError(f"the probe share must be in (0, 1), got {share}")
+        raise UserError(f"the probe share must be in (0, 1), got {share}")
     n = min(limit, max(round(share * len(texts)), min(minimum, len(texts) // 4)))
     picked = {(2 * k + 1) * len(texts) // (2 * n) for k in range(n)} if n else set()
     return [t for i, t in enumerate(texts) if i not in picked], [texts[i] for i in sorted(picked)]

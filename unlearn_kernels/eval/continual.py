@@ -9,6 +9,7 @@ the earlier requests alone (do they stay forgotten?) and on the retain facts is 
 from __future__ import annotations
 
 from ..data.entangled import EntangledBenchmark
+from ..errors import UserError
 from .multiple_choice import accuracy
 
 
@@ -17,7 +18,7 @@ def continual_unlearning(model, tokenizer, method_class, settings: dict, bench: 
     """One row per request: ``request``, ``seen_forget_acc``, ``earlier_forget_acc``, ``retain_acc``."""
     entities = sorted(bench.forget_entities)
     if not 1 <= n_requests <= len(entities):
-        raise ValueError(f"n_requests must be in [1, {len(entities)}], got {n_requests}")
+        raise UserError(f"n_requests must be in [1, {len(entities)}], got {n_requests}")
     groups = [set(entities[k::n_requests]) for k in range(n_requests)]
     forget = bench.forget_facts()
     retain_texts = bench.corpus(bench.retain_facts())

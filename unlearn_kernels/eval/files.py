@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from ..models.output_dir import versions  # noqa: F401  (the config of every results file)
 
 
@@ -19,7 +20,7 @@ def task_names(paths: list[str]) -> list[str]:
         for suffix in (".gz", ".jsonl", ".json", ".csv", ".parquet"):
             name = name.removesuffix(suffix)
         if name in names:
-            raise ValueError(f"two questions files are named {name!r}: rename one, results are keyed by file name")
+            raise UserError(f"two questions files are named {name!r}: rename one, results are keyed by file name")
         names.append(name)
     return names
 
@@ -35,7 +36,7 @@ def load_model(path: str, device: str, dtype: str | None, trust_remote_code: boo
     from ..models.io import load_local
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
+        raise UserError("--device cuda: no CUDA device is available here")
     if trust_remote_code:
         print(f"--trust-remote-code: the code files of {path} (config.json auto_map) may run in this process",
               file=sys.stderr)

@@ -23,6 +23,7 @@ import math
 import tempfile
 from pathlib import Path
 
+from ..errors import UserError
 from .prompts import FORMATS, LETTERS, mmlu_description
 
 CLOZE_TEXT = "Question: {{question}}\nAnswer:"
@@ -45,7 +46,7 @@ def require_lm_eval():
 def task_config(name: str, data_file: Path | str, format: str = "cloze", subject: str | None = None) -> dict:
     """The lm-eval task (a YAML mapping) scoring ``data_file`` (json lines) in ``format``."""
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise UserError(f"format must be one of {FORMATS}, got {format!r}")
     config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
               "test_split": "test", "num_fewshot": 0, "output_type": "multiple_choice",
               "doc_to_target": "answer",
@@ -107,8 +108,8 @@ def run(model, tasks: dict[str, list], *, format: str = "cloze", subject: str | 
     for task, name in names.items():
         for sample in output["samples"][task]:
             if not all(math.isfinite(float(r[0][0])) for r in sample["resps"]):
-                raise ValueError(f"{name}: lm-eval gives a non-finite log-likelihood for question "
-                                 f"{sample['doc_id'] + 1}: the model's weights or config are broken")
+                raise UserError(f"{name}: lm-eval gives a non-finite log-likelihood for question "
+                                f"{sample['doc_id'] + 1}: the model's weights or config are broken")
         r = output["results"][task]
         results[name] = {"acc": r["acc,none"], "acc_stderr": r["acc_stderr,none"], "acc_norm": r["acc_norm,none"],
                          "acc_norm_stderr": r["acc_norm_stderr,none"], "n": len(tasks[name]), "format": format}

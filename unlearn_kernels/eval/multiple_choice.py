@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .prompts import FORMATS, request
 
 DEFAULT_MAX_LENGTH = 2048
@@ -139,7 +140,7 @@ def build_requests(tokenizer, questions: Sequence, format: str = "cloze", subjec
     ``mmlu``; a question's own ``subject`` attribute wins over it). Same ids as
     :func:`encode_pair` on each (context, continuation), with the context encoded once."""
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise UserError(f"format must be one of {FORMATS}, got {format!r}")
     prompts, texts = [], []
     for q in questions:
         ctx, conts, norms = request(q.question, list(q.choices), format, getattr(q, "subject", None) or subject)
@@ -156,7 +157,7 @@ def build_requests(tokenizer, questions: Sequence, format: str = "cloze", subjec
         k += 1 + len(conts)
         for c, cont in zip(conts, continuation_ids):
             if not cont:
-                raise ValueError(f"question {i}: continuation {c!r} encodes to no token after the context")
+                raise UserError(f"question {i}: continuation {c!r} encodes to no token after the context")
         out.append(Request(i, ctx, conts, norms, context_ids, continuation_ids))
     return out
 
@@ -301,7 +302,7 @@ def _batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-class NonFiniteScoreError(ValueError):
+class NonFiniteScoreError(UserError):
     """The model gave NaN or ±Inf for a continuation: no accuracy can be read from it."""
 
 
@@ -315,7 +316,7 @@ def score_requests(model, tokenizer, requests: list[Request], batch_size: int = 
     from tqdm import tqdm
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     scorer = _Scorer(model, tokenizer)
     scorer.share = scorer.share and share_context
     was_training = model.training
@@ -350,14 +351,14 @@ def mean_stderr(values: Sequence[float]) -> float:
 
 def _check(questions: Sequence) -> None:
     if not questions:
-        raise ValueError("questions is empty: nothing to evaluate")
+        raise UserError("questions is empty: nothing to evaluate")
     for i, q in enumerate(questions):
         if len(q.choices) < 2 or not all(isinstance(c, str) and c for c in q.choices):
-            raise ValueError(f"question {i}: choices must be at least two non-empty strings")
+            raise UserError(f"question {i}: choices must be at least two non-empty strings")
         if isinstance(q.answer, bool) or not isinstance(q.answer, (int, np.integer)) \
                 or not 0 <= q.answer < len(q.choices):
-            raise ValueError(f"question {i}: answer must be an index into its {len(q.choices)} choices, "
-                             f"got {q.answer!r}")
+            raise UserError(f"question {i}: answer must be an index into its {len(q.choices)} choices, "
+                            f"got {q.answer!r}")
 
 
 def predictions(request: Request, loglikelihoods: Sequence[float]) -> tuple[int, int]:

@@ -45,17 +45,19 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 MIN_GAP = 0.05
 
 
 def _sample(values: Sequence[float], name: str) -> np.ndarray:
     if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of numbers, not a string")
+        raise UserError(f"{name} must be a sequence of numbers, not a string")
     array = np.asarray(values, dtype=np.float64).ravel()
     if array.size == 0:
-        raise ValueError(f"{name} is empty: the test needs one value per forget question")
+        raise UserError(f"{name} is empty: the test needs one value per forget question")
     if not np.isfinite(array).all():
-        raise ValueError(f"{name} has non-finite values")
+        raise UserError(f"{name} has non-finite values")
     return array
 
 
@@ -66,8 +68,8 @@ def forget_quality(statistics: Sequence[float], oracle_statistics: Sequence[floa
 
     model, oracle = _sample(statistics, "statistics"), _sample(oracle_statistics, "oracle_statistics")
     if model.size != oracle.size:
-        raise ValueError(f"statistics has {model.size} values and oracle_statistics {oracle.size}: "
-                         "both must score the same forget questions")
+        raise UserError(f"statistics has {model.size} values and oracle_statistics {oracle.size}: "
+                        "both must score the same forget questions")
     result = ks_2samp(model, oracle)
     return {"p_value": float(result.pvalue), "ks_statistic": float(result.statistic), "n": int(model.size)}
 
@@ -75,7 +77,7 @@ def forget_quality(statistics: Sequence[float], oracle_statistics: Sequence[floa
 def _accuracy(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
             or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be an accuracy in [0, 1], got {value!r}")
+        raise UserError(f"{name} must be an accuracy in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -85,10 +87,10 @@ def recovery(relearned: float, oracle_relearned: float, base: float, oracle: flo
     relearned, oracle_relearned = _accuracy(relearned, "relearned"), _accuracy(oracle_relearned, "oracle_relearned")
     base, oracle = _accuracy(base, "base"), _accuracy(oracle, "oracle")
     if not (min_gap > 0 and math.isfinite(min_gap)):
-        raise ValueError(f"min_gap must be a positive number, got {min_gap!r}")
+        raise UserError(f"min_gap must be a positive number, got {min_gap!r}")
     if base - oracle < min_gap:
-        raise ValueError(f"base - oracle = {base - oracle:.3g} is below {min_gap:g}: the oracle knows about as "
-                         "much as the original model, so there is no removed knowledge to measure recovery against")
+        raise UserError(f"base - oracle = {base - oracle:.3g} is below {min_gap:g}: the oracle knows about as "
+                        "much as the original model, so there is no removed knowledge to measure recovery against")
     return (relearned - oracle_relearned) / (base - oracle)
 
 
@@ -97,10 +99,10 @@ def recovery_by_lr(relearned: Mapping[float, float], oracle_relearned: Mapping[f
     """``({lr: recovery}, None)``, or ``(None, reason)`` when the gap ``base − oracle`` is
     below ``min_gap`` (a property of the base and the oracle, not an input error)."""
     if set(relearned) != set(oracle_relearned):
-        raise ValueError(f"relearned has rates {sorted(relearned)} and oracle_relearned {sorted(oracle_relearned)}: "
-                         "the model and the oracle must be attacked at the same learning rates")
+        raise UserError(f"relearned has rates {sorted(relearned)} and oracle_relearned {sorted(oracle_relearned)}: "
+                        "the model and the oracle must be attacked at the same learning rates")
     if not relearned:
-        raise ValueError("relearned is empty: give the accuracy after the attack at one rate at least")
+        raise UserError("relearned is empty: give the accuracy after the attack at one rate at least")
     base, oracle = _accuracy(base, "base"), _accuracy(oracle, "oracle")
     if base - oracle < min_gap:
         return None, (f"base - oracle = {base - oracle:.3g} on the held-out forget questions is below {min_gap:g}: "

@@ -6,11 +6,13 @@ import math
 
 import torch
 
+from ..errors import UserError
+
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
     if not texts:
-        raise ValueError("perplexity needs at least one text")
+        raise UserError("perplexity needs at least one text")
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(texts), batch_size):

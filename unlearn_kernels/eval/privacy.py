@@ -51,6 +51,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 SCORES = ("loss", "zlib", "min_k", "min_k_plus_plus")
 VARIANCE_FLOOR = 1e-6
 CONVENTION = ("higher score = more member-like (trained on); AUC: forget texts label 1, holdout label 0 "
@@ -60,19 +62,19 @@ CONVENTION = ("higher score = more member-like (trained on); AUC: forget texts l
 
 def _check_texts(texts, name: str) -> None:
     if isinstance(texts, str):
-        raise ValueError(f"{name} must be a list of strings, not a single string")
+        raise UserError(f"{name} must be a list of strings, not a single string")
     if len(texts) == 0:
-        raise ValueError(f"{name} is empty: nothing to score")
+        raise UserError(f"{name} is empty: nothing to score")
 
 
 def _check_k(k: float) -> None:
     if not (isinstance(k, numbers.Real) and 0 < k <= 1):
-        raise ValueError(f"k must be in (0, 1], got {k!r}")
+        raise UserError(f"k must be in (0, 1], got {k!r}")
 
 
 def _check_batch_size(batch_size: int) -> None:
     if not (isinstance(batch_size, numbers.Integral) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 @torch.no_grad()
@@ -86,7 +88,7 @@ def token_logprob_stats(model, tokenizer, texts: list[str], batch_size: int = 16
     _check_texts(texts, "texts")
     _check_batch_size(batch_size)
     if max_length is not None and not (isinstance(max_length, int) and max_length >= 2):
-        raise ValueError(f"max_length must be an integer >= 2 or None, got {max_length!r}")
+        raise UserError(f"max_length must be an integer >= 2 or None, got {max_length!r}")
     from tqdm import tqdm
 
     sequences = [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
@@ -94,8 +96,8 @@ def token_logprob_stats(model, tokenizer, texts: list[str], batch_size: int = 16
         sequences = [ids[:max_length] for ids in sequences]
     for i, ids in enumerate(sequences):
         if len(ids) < 2:
-            raise ValueError(f"texts[{i}] gives {len(ids)} token(s): at least 2 are needed "
-                             f"(one of context, one to score): {texts[i][:80]!r}")
+            raise UserError(f"texts[{i}] gives {len(ids)} token(s): at least 2 are needed "
+                            f"(one of context, one to score): {texts[i][:80]!r}")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     starts = range(0, len(sequences), batch_size)
@@ -159,19 +161,19 @@ def mia_auc(member: dict[str, np.ndarray], nonmember: dict[str, np.ndarray]) -> 
     from sklearn.metrics import roc_auc_score
 
     if set(member) != set(nonmember):
-        raise ValueError(f"member and nonmember must have the same scores, got {sorted(member)} "
-                         f"and {sorted(nonmember)}")
+        raise UserError(f"member and nonmember must have the same scores, got {sorted(member)} "
+                        f"and {sorted(nonmember)}")
     if not member:
-        raise ValueError("member has no scores")
+        raise UserError("member has no scores")
     out = {}
     for name in member:
         pos = np.asarray(member[name], dtype=np.float64).ravel()
         neg = np.asarray(nonmember[name], dtype=np.float64).ravel()
         for arg, values in (("member", pos), ("nonmember", neg)):
             if values.size == 0:
-                raise ValueError(f"{arg}[{name!r}] is empty: an AUC needs both classes")
+                raise UserError(f"{arg}[{name!r}] is empty: an AUC needs both classes")
             if not np.isfinite(values).all():
-                raise ValueError(f"{arg}[{name!r}] has non-finite values")
+                raise UserError(f"{arg}[{name!r}] has non-finite values")
         labels = np.concatenate([np.ones(pos.size), np.zeros(neg.size)])
         out[name] = float(roc_auc_score(labels, np.concatenate([pos, neg])))
     return out

@@ -16,6 +16,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..models.layers import layer_output
 from .multiple_choice import encode_many, pad_rows
 from .prompts import cloze_context
@@ -42,7 +43,7 @@ def probe_accuracy(model, tokenizer, train_questions, test_questions, layer: int
     from sklearn.linear_model import LogisticRegression
 
     if not train_questions or not test_questions:
-        raise ValueError("probe_accuracy needs training and test questions")
+        raise UserError("probe_accuracy needs training and test questions")
     groups = defaultdict(lambda: ([], []))
     for split, qs in ((0, train_questions), (1, test_questions)):
         for q in qs:
@@ -52,7 +53,7 @@ def probe_accuracy(model, tokenizer, train_questions, test_questions, layer: int
         if not test:
             continue
         if len({q.fact.value for q in train}) < 2:
-            raise ValueError(f"probe for {attribute!r} has fewer than two answer classes to learn from")
+            raise UserError(f"probe for {attribute!r} has fewer than two answer classes to learn from")
         x_train = question_features(model, tokenizer, train, layer)
         x_test = question_features(model, tokenizer, test, layer)
         scale = x_train.std(0) + 1e-6

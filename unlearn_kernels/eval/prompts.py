@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import string
 
+from ..errors import UserError
+
 FORMATS = ("cloze", "mmlu", "text")
 LETTERS = string.ascii_uppercase
 TARGET_DELIMITER = " "
@@ -35,7 +37,7 @@ def mmlu_description(subject: str | None) -> str:
 
 def mmlu_context(question: str, choices: list[str], subject: str | None = None) -> str:
     if len(choices) > len(LETTERS):
-        raise ValueError(f"format 'mmlu' labels choices A-Z: at most {len(LETTERS)} choices, got {len(choices)}")
+        raise UserError(f"format 'mmlu' labels choices A-Z: at most {len(LETTERS)} choices, got {len(choices)}")
     lines = [question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
     return mmlu_description(subject) + "\n".join(lines) + "\nAnswer:"
 
@@ -50,4 +52,4 @@ def request(question: str, choices: list[str], format: str = "cloze", subject: s
     if format == "mmlu":
         letters = list(LETTERS[:len(choices)])
         return mmlu_context(question, choices, subject), [TARGET_DELIMITER + x for x in letters], letters
-    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    raise UserError(f"format must be one of {FORMATS}, got {format!r}")

@@ -22,6 +22,7 @@ import random
 
 import torch
 
+from ..errors import UserError
 from . import scores
 from .multiple_choice import pad_rows
 
@@ -30,12 +31,12 @@ DEFAULT_LRS = (1e-5, 1e-4, 1e-3)
 
 def _check_attack(train_texts, heldout_questions, steps, every, lrs, batch_size, metric) -> None:
     if isinstance(train_texts, str) or not train_texts or not heldout_questions:
-        raise ValueError("relearning needs a list of attack texts and held-out questions")
+        raise UserError("relearning needs a list of attack texts and held-out questions")
     if steps < 0 or every < 1 or batch_size < 1 or not all(lr > 0 for lr in lrs):
-        raise ValueError(f"relearning needs steps >= 0, every >= 1, lr > 0, batch_size >= 1 "
-                         f"(got steps={steps}, every={every}, lrs={lrs}, batch_size={batch_size})")
+        raise UserError(f"relearning needs steps >= 0, every >= 1, lr > 0, batch_size >= 1 "
+                        f"(got steps={steps}, every={every}, lrs={lrs}, batch_size={batch_size})")
     if metric not in ("acc", "acc_norm"):
-        raise ValueError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
+        raise UserError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
 
 
 def _batch(rows: list[list[int]], pad: int, device) -> dict:
@@ -50,12 +51,12 @@ def relearn_curves(model, tokenizer, train_texts: list[str], heldout_questions, 
     (and at ``steps``), one attack per rate; ``model`` itself is left untouched."""
     lrs = tuple(float(lr) for lr in lrs)
     if not lrs:
-        raise ValueError("lrs is empty: give at least one learning rate")
+        raise UserError("lrs is empty: give at least one learning rate")
     if len(set(lrs)) != len(lrs):
-        raise ValueError(f"lrs has repeated rates: {lrs}")
+        raise UserError(f"lrs has repeated rates: {lrs}")
     _check_attack(train_texts, heldout_questions, steps, every, lrs, batch_size, metric)
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: the attack pads its batches")
+        raise UserError("the tokenizer has no pad token: the attack pads its batches")
     heldout = scores.prepare(tokenizer, heldout_questions, format)
     rows = [list(ids) for ids in tokenizer(list(train_texts))["input_ids"]]
     device = next(model.parameters()).device

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from .multiple_choice import Request, _check as check_questions, build_requests, predictions, score_requests
 
 
@@ -50,7 +51,7 @@ def log_truth_ratios(loglikelihoods: Sequence[Sequence[float]], token_counts: Se
         raise ValueError(f"loglikelihoods, token_counts and answers differ in length "
                          f"({len(loglikelihoods)}, {len(token_counts)}, {len(answers)})")
     if not len(answers):
-        raise ValueError("no questions: nothing to score")
+        raise UserError("no questions: nothing to score")
     out = np.empty(len(answers))
     for q, (ll, counts, a) in enumerate(zip(loglikelihoods, token_counts, answers)):
         ll, counts = np.asarray(ll, dtype=np.float64), np.asarray(counts, dtype=np.float64)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.entangled import EntangledBenchmark
+from ..errors import UserError
 from . import privacy, scores
 from .multiple_choice import accuracy
 from .oracle import MIN_GAP, forget_quality, recovery_by_lr
@@ -97,7 +98,7 @@ def measure(model, tokenizer, split: Split, layer: int, relearn_steps: int = 30,
     """The model's own numbers of the module docstring (no oracle keys)."""
     lrs = tuple(float(lr) for lr in lrs)
     if not split.forget_questions or not split.retain_questions:
-        raise ValueError("the split has no forget or no retain questions: nothing to evaluate")
+        raise UserError("the split has no forget or no retain questions: nothing to evaluate")
     forget = scores.score(model, tokenizer, scores.prepare(tokenizer, split.forget_questions))
     curves = relearn_curves(model, tokenizer, split.attack_texts, split.heldout_questions, lrs=lrs,
                             steps=relearn_steps, every=max(1, relearn_steps // 3), seed=seed)
@@ -134,11 +135,11 @@ def _given(reference, name: str, settings: dict, needed: tuple[str, ...]) -> dic
         raise TypeError(f"{name} must be a model or a dict returned by evaluate(), got {type(reference).__name__}")
     missing = [k for k in needed + ("settings",) if k not in reference]
     if missing:
-        raise ValueError(f"{name} results lack {missing}: pass a dict returned by evaluate()")
+        raise UserError(f"{name} results lack {missing}: pass a dict returned by evaluate()")
     differ = sorted(k for k in settings if reference["settings"].get(k) != settings[k])
     if differ:
-        raise ValueError(f"{name} results were computed with other settings ({', '.join(differ)}): "
-                         "evaluate it on the same split with the same layer, relearning steps, seed and lrs")
+        raise UserError(f"{name} results were computed with other settings ({', '.join(differ)}): "
+                        "evaluate it on the same split with the same layer, relearning steps, seed and lrs")
     return reference
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..data.loaders import QAPair
+from ..errors import UserError
 from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
 from . import distributed
@@ -92,8 +93,8 @@ def data_kind(items: list, what: str = "data") -> str:
         return "qa"
     kinds = sorted({type(item).__name__ for item in items})
     if set(kinds) <= {"str", "QAPair"}:
-        raise ValueError(f"{what} mixes strings and QAPair items: give only texts or only QA pairs")
-    raise ValueError(f"{what} must be a list of strings or of QAPair, got items of type {', '.join(kinds)}")
+        raise UserError(f"{what} mixes strings and QAPair items: give only texts or only QA pairs")
+    raise UserError(f"{what} must be a list of strings or of QAPair, got items of type {', '.join(kinds)}")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,7 +146,7 @@ def collate_qa(tokenizer, rows: list[tuple[list[int], list[int]]], device) -> di
     """Pad encoded QA rows (the tokenizer's pad token and padding side)."""
     pad = tokenizer.pad_token_id
     if pad is None:
-        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos_token)")
+        raise UserError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos_token)")
     width = max(len(ids) for ids, _ in rows)
     left = getattr(tokenizer, "padding_side", "right") == "left"
     batch = {"input_ids": torch.full((len(rows), width), pad, dtype=torch.long),
@@ -221,7 +222,7 @@ def check_finite_config(config) -> None:
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"setting {f.name}={value!r} is not a finite number")
+                raise UserError(f"setting {f.name}={value!r} is not a finite number")
 
 
 class UnlearningMethod:
@@ -234,8 +235,8 @@ class UnlearningMethod:
         self.config = make_config(self.config_class, config, **overrides)
         model = distributed.unwrap(model)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise ValueError(f"{self.name}: {type(model).__name__} is an encoder-decoder; the methods unlearn "
-                             "decoder-only causal LMs")
+            raise UserError(f"{self.name}: {type(model).__name__} is an encoder-decoder; the methods unlearn "
+                            "decoder-only causal LMs")
         self.model = model
         self.tokenizer = tokenizer
         self.history: list[dict] = []
@@ -281,18 +282,18 @@ class UnlearningMethod:
         defaults = self.config_class()
         for name, why in self.unused_settings.items():
             if getattr(self.config, name) != getattr(defaults, name):
-                raise ValueError(f"{self.name} does not use the setting {name} ({why}); leave it out")
+                raise UserError(f"{self.name} does not use the setting {name} ({why}); leave it out")
 
     def check_config(self) -> None:
         """Raise ValueError on a config that cannot run (before any work)."""
         c = self.config
         if c.lr <= 0 or c.batch_size < 1 or c.steps < 0 or c.grad_accum < 1 or c.max_length < 1 or c.epochs < 1:
-            raise ValueError(f"{self.name}: lr must be > 0, batch_size, grad_accum and max_length >= 1 and "
-                             f"steps >= 0, epochs >= 1 (got lr={c.lr}, epochs={c.epochs}, batch_size={c.batch_size}, grad_accum={c.grad_accum}, "
-                             f"max_length={c.max_length}, steps={c.steps})")
+            raise UserError(f"{self.name}: lr must be > 0, batch_size, grad_accum and max_length >= 1 and "
+                            f"steps >= 0, epochs >= 1 (got lr={c.lr}, epochs={c.epochs}, batch_size={c.batch_size}, grad_accum={c.grad_accum}, "
+                            f"max_length={c.max_length}, steps={c.steps})")
         distributed.check_batch_size(self.name, c.batch_size)
         if c.master_dtype not in (None, "float32"):
-            raise ValueError(f"{self.name}: master_dtype must be float32 or unset, got {c.master_dtype!r}")
+            raise UserError(f"{self.name}: master_dtype must be float32 or unset, got {c.master_dtype!r}")
         if hasattr(c, "layer"):
             check_layer(self.model, c.layer)
 
@@ -304,9 +305,9 @@ class UnlearningMethod:
         top = check_layer(self.model, self.config.layer)
         above = sorted(n for n in self.params if (layer_index_of(self.model, n) or 0) > top)
         if above:
-            raise ValueError(f"{self.name}: {len(above)} selected parameter(s) sit above the loss layer {top} and "
-                             f"would get no gradient: {', '.join(above[:4])}{' ...' if len(above) > 4 else ''}; "
-                             f"choose weights in layers 0..{top}")
+            raise UserError(f"{self.name}: {len(above)} selected parameter(s) sit above the loss layer {top} and "
+                            f"would get no gradient: {', '.join(above[:4])}{' ...' if len(above) > 4 else ''}; "
+                            f"choose weights in layers 0..{top}")
 
     # --- data -----------------------------------------------------------------------------
     def batches(self, items: list, seed_offset: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -362,12 +363,12 @@ class UnlearningMethod:
         from .checkpoint import RunInterrupted
 
         if not forget:
-            raise ValueError(f"{self.name}: the forget set is empty")
+            raise UserError(f"{self.name}: the forget set is empty")
         if monitor is not None and (resume or distributed.active()):
-            raise ValueError(f"{self.name}: target-driven runs (validation questions) cannot resume a checkpoint or "
-                             "run under torch.distributed yet; drop --resume/--parallel or the --val-* files")
+            raise UserError(f"{self.name}: target-driven runs (validation questions) cannot resume a checkpoint or "
+                            "run under torch.distributed yet; drop --resume/--parallel or the --val-* files")
         if not retain and self.needs_retain:
-            raise ValueError(f"{self.name}: the retain set is empty")
+            raise UserError(f"{self.name}: the retain set is empty")
         self.prepare(forget, retain)
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
@@ -375,7 +376,7 @@ class UnlearningMethod:
         start = 0
         if resume:
             if checkpoint is None:
-                raise ValueError(f"{self.name}: resume=True needs a checkpoint")
+                raise UserError(f"{self.name}: resume=True needs a checkpoint")
             start = checkpoint.load(self) + 1
             for _ in range(start * self.config.grad_accum):   # replay the batch order without the steps
                 next(forget_batches)
@@ -442,9 +443,9 @@ class UnlearningMethod:
             check_finite(self.name, step, {k: torch.tensor(v) for k, v in values.items()})
             total = sum(losses.values())
             if not self._checked_gradients and not total.requires_grad:
-                raise ValueError(f"{self.name}: no selected parameter gets a gradient from the loss "
-                                 f"({', '.join(sorted(self.params)) or 'none selected'}): choose weights at or "
-                                 "below the loss layer with update=[...]")
+                raise UserError(f"{self.name}: no selected parameter gets a gradient from the loss "
+                                f"({', '.join(sorted(self.params)) or 'none selected'}): choose weights at or "
+                                "below the loss layer with update=[...]")
             (total / self.config.grad_accum).backward()
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
@@ -452,9 +453,9 @@ class UnlearningMethod:
         if not self._checked_gradients:
             idle = sorted(n for n, p in self.params.items() if p.grad is None)
             if idle:
-                raise ValueError(f"{self.name}: {len(idle)} selected parameter(s) get no gradient from the loss "
-                                 f"and would not change: {', '.join(idle[:6])}{' ...' if len(idle) > 6 else ''} "
-                                 "(above the loss layer?); drop them from update")
+                raise UserError(f"{self.name}: {len(idle)} selected parameter(s) get no gradient from the loss "
+                                f"and would not change: {', '.join(idle[:6])}{' ...' if len(idle) > 6 else ''} "
+                                "(above the loss layer?); drop them from update")
             self._checked_gradients = True
         if masters:
             for name, p in self.params.items():

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError, UserError
+
 STATE = "state.json"
 TENSORS = "tensors.safetensors"
 FORMAT = 1
@@ -55,7 +57,7 @@ def is_checkpoint(path: Path | str) -> bool:
     return isinstance(state, dict) and isinstance(state.get(MARKER), dict)
 
 
-class NotACheckpointError(ValueError):
+class NotACheckpointError(UserError):
     """A path that holds something other than a checkpoint of ours."""
 
     def __init__(self, path: Path):
@@ -121,7 +123,7 @@ class Checkpointer:
 
     def __init__(self, path: Path | str, every: int = 0):
         if every < 0:
-            raise ValueError(f"checkpoint every must be >= 0 steps, got {every}")
+            raise UserError(f"checkpoint every must be >= 0 steps, got {every}")
         self.path = Path(path)
         self.every = every
         self.stop_requested = False
@@ -200,16 +202,16 @@ class Checkpointer:
         from safetensors.torch import load_file
 
         if not (self.path / STATE).is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.path}")
+            raise MissingFileError(f"--resume: no checkpoint at {self.path}")
         if not is_checkpoint(self.path):
             raise NotACheckpointError(self.path)
         state = json.loads((self.path / STATE).read_text())
         if state.get("format") != FORMAT or state.get("method") != method.name:
-            raise ValueError(f"--resume: {self.path} is not a {method.name} checkpoint of this version")
+            raise UserError(f"--resume: {self.path} is not a {method.name} checkpoint of this version")
         if state["config_sha256"] != config_fingerprint(method.config):
-            raise ValueError(f"--resume: {self.path} was written with other settings; rerun with the same ones")
+            raise UserError(f"--resume: {self.path} was written with other settings; rerun with the same ones")
         if state["data"] != method.data:
-            raise ValueError(f"--resume: {self.path} was written for other forget/retain data")
+            raise UserError(f"--resume: {self.path} was written for other forget/retain data")
         from .distributed import shard_like
 
         tensors = load_file(str(self.path / TENSORS))

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import UserError
+
 
 def active() -> bool:
     """True when a process group with more than one rank is initialised."""
@@ -102,8 +104,8 @@ def check_batch_size(method: str, batch_size: int) -> None:
     """ValueError when the world size does not divide the global batch."""
     w = world_size()
     if batch_size % w:
-        raise ValueError(f"{method}: batch_size={batch_size} is not divisible by the world size {w}; "
-                         f"choose a multiple of {w} (each rank takes batch_size / world_size rows)")
+        raise UserError(f"{method}: batch_size={batch_size} is not divisible by the world size {w}; "
+                        f"choose a multiple of {w} (each rank takes batch_size / world_size rows)")
 
 
 def local_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ import torch
 from ..models.layers import check_layer, decoder_layers, layer_output
 from ..ops import forget_basis, grow_basis, masked_gram, projection_hook
 from ..ops.low_rank_basis import retain_subspace
+from ..errors import UserError
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, check_finite
 from .loss_based import nll
@@ -75,7 +76,7 @@ class MRP(UnlearningMethod):
     def check_config(self) -> None:
         super().check_config()
         if self.config.rank is not None and self.config.rank < 1:
-            raise ValueError(f"MRP: rank must be >= 1, got {self.config.rank}")
+            raise UserError(f"MRP: rank must be >= 1, got {self.config.rank}")
 
     @torch.no_grad()
     def gram(self, texts: list[str], offset: int) -> torch.Tensor:
@@ -103,9 +104,9 @@ class MRP(UnlearningMethod):
         statistics' basis (step 0) and during the basis training, and keeps the best basis
         (with none, the starting model: no projection)."""
         if checkpoint is not None or resume:
-            raise ValueError(f"{self.name} builds its projection in one pass: --checkpoint-every/--resume do not apply")
+            raise UserError(f"{self.name} builds its projection in one pass: --checkpoint-every/--resume do not apply")
         if not forget or not retain:
-            raise ValueError(f"{self.name}: the forget and retain sets must both be non-empty")
+            raise UserError(f"{self.name}: the forget and retain sets must both be non-empty")
         self._record_data(forget, retain)
         self._start_run()
         self.model.eval()

@@ -20,6 +20,8 @@ import inspect
 import math
 import re
 
+from ..errors import UserError
+
 _FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=#]+(?:=[^#]*)?#\s*(.+)$")
 _NONE = ("none", "null", "auto", "")
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -48,17 +50,17 @@ def _annotation(f: dataclasses.Field) -> str:
 
 def _number(name: str, value, kind: str):
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"setting {name} expects {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        raise UserError(f"setting {name} expects {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
     try:
         number = float(value) if kind == "float" else (int(value) if not isinstance(value, float) and
                                                         re.fullmatch(r"\s*[+-]?\d+\s*", str(value)) else float(value))
     except ValueError:
-        raise ValueError(f"setting {name} expects {'an integer' if kind == 'int' else 'a number'}, "
-                         f"got {value!r}") from None
+        raise UserError(f"setting {name} expects {'an integer' if kind == 'int' else 'a number'}, "
+                        f"got {value!r}") from None
     if kind == "int":
         if isinstance(number, float):
             if not (math.isfinite(number) and number.is_integer()):
-                raise ValueError(f"setting {name} expects an integer, got {value!r}")
+                raise UserError(f"setting {name} expects an integer, got {value!r}")
             number = int(number)
     return number
 
@@ -71,7 +73,7 @@ def coerce(name: str, annotation: str, value):
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
         if optional:
             return None
-        raise ValueError(f"setting {name} expects {kind}, got None")
+        raise UserError(f"setting {name} expects {kind}, got None")
     if kind in ("float", "int"):
         return _number(name, value, kind)
     if kind == "bool":
@@ -79,22 +81,22 @@ def coerce(name: str, annotation: str, value):
             return value
         if isinstance(value, (str, int)) and str(value).strip().lower() in _BOOLS:
             return _BOOLS[str(value).strip().lower()]
-        raise ValueError(f"setting {name} expects true or false, got {value!r}")
+        raise UserError(f"setting {name} expects true or false, got {value!r}")
     if kind == "str":
         if not isinstance(value, str):
-            raise ValueError(f"setting {name} expects a string, got {value!r}")
+            raise UserError(f"setting {name} expects a string, got {value!r}")
         return value
     if kind == "list[str]":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-            raise ValueError(f"setting {name} expects a list of patterns (strings), got {value!r}")
+            raise UserError(f"setting {name} expects a list of patterns (strings), got {value!r}")
         return list(items)
     match = re.fullmatch(r"tuple\[(\w+)(?:,(\w+))*\]", kind)
     if match:
         parts = kind[len("tuple["):-1].split(",")
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or len(items) != len(parts):
-            raise ValueError(f"setting {name} expects {len(parts)} values ({', '.join(parts)}), got {value!r}")
+            raise UserError(f"setting {name} expects {len(parts)} values ({', '.join(parts)}), got {value!r}")
         return tuple(coerce(name, part, item) for part, item in zip(parts, items))
     return value
 
@@ -108,8 +110,8 @@ def make_config(config_class, config=None, **settings):
         close = difflib.get_close_matches(unknown[0], list(fields), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         valid = ", ".join(f"{k}={getattr(defaults, k)!r}" for k in fields)
-        raise ValueError(f"{config_class.__name__.removesuffix('Config')} has no setting "
-                         f"{', '.join(unknown)}{hint}; its settings: {valid}")
+        raise UserError(f"{config_class.__name__.removesuffix('Config')} has no setting "
+                        f"{', '.join(unknown)}{hint}; its settings: {valid}")
     base = config if config is not None else config_class()
     if not dataclasses.is_dataclass(base) or isinstance(base, type):
         raise TypeError(f"config must be a {config_class.__name__}, got {type(base).__name__}")

@@ -29,6 +29,7 @@ import torch
 from ..ops import hessian_ema_, neuron_scores, select_neurons
 from ..optim import MaskedSophia
 from ..models.roles import hidden_size
+from ..errors import UserError
 from . import distributed
 from .loss_based import GradDiff, LossConfig, nll
 
@@ -90,18 +91,18 @@ class SIMU(SOGradDiff):
         super().__init__(model, tokenizer, config, **overrides)
         self.params = {name: p for name, p in self.params.items() if p.dim() >= 2}
         if not self.params:
-            raise ValueError(f"SIMU: {self.config.update} selects no 2-D weight to score neurons of")
+            raise UserError(f"SIMU: {self.config.update} selects no 2-D weight to score neurons of")
         if distributed.is_sharded(self.model) and any(p.dim() == 3 for p in self.params.values()):
-            raise ValueError("SIMU does not run on FSDP2-sharded MoE experts [E, ., .] yet: pass the plain or "
-                             "DDP-wrapped model")
+            raise UserError("SIMU does not run on FSDP2-sharded MoE experts [E, ., .] yet: pass the plain or "
+                            "DDP-wrapped model")
         self._neuron_dims = self._find_neuron_dims()
 
     def check_config(self):
         super().check_config()
         if not 0 < self.config.fraction <= 1:
-            raise ValueError(f"SIMU: fraction must be in (0, 1], got {self.config.fraction}")
+            raise UserError(f"SIMU: fraction must be in (0, 1], got {self.config.fraction}")
         if self.config.scorer not in ("obd", "integrated_gradients"):
-            raise ValueError(f"SIMU: scorer must be 'obd' or 'integrated_gradients', got {self.config.scorer!r}")
+            raise UserError(f"SIMU: scorer must be 'obd' or 'integrated_gradients', got {self.config.scorer!r}")
 
     def neuron_dim(self, name: str) -> int:
         """The MLP-neuron axis of the selected weight ``name``: its role's axis from
@@ -124,8 +125,8 @@ class SIMU(SOGradDiff):
             if axis is None:
                 axes = [a for a in (0, 1) if p.shape[a] != hidden] if p.dim() == 2 else []
                 if len(axes) != 1:
-                    raise ValueError(f"SIMU: cannot tell the MLP-neuron axis of {name} {list(p.shape)} (hidden "
-                                     f"size {hidden}): select MLP projections, whose one side is the hidden size")
+                    raise UserError(f"SIMU: cannot tell the MLP-neuron axis of {name} {list(p.shape)} (hidden "
+                                    f"size {hidden}): select MLP projections, whose one side is the hidden size")
                 axis = axes[0]
             dims[name] = axis
         return dims

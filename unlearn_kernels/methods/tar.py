@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..models.layers import parameters_matching
+from ..errors import UserError
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, model_inputs
 from .loss_based import nll
@@ -159,18 +160,18 @@ class TAR(UnlearningMethod):
         c = self.config
         low, high = c.adversary_lrs
         if c.adversary_steps < 0 or not 0 < low <= high:
-            raise ValueError(f"{self.name}: adversary_steps must be >= 0 and adversary_lrs a range 0 < low <= high "
-                             f"(got adversary_steps={c.adversary_steps}, adversary_lrs={c.adversary_lrs})")
+            raise UserError(f"{self.name}: adversary_steps must be >= 0 and adversary_lrs a range 0 < low <= high "
+                            f"(got adversary_steps={c.adversary_steps}, adversary_lrs={c.adversary_lrs})")
         if c.tamper_loss not in TAMPER_LOSSES:
-            raise ValueError(f"{self.name}: tamper_loss must be one of {', '.join(TAMPER_LOSSES)}, got {c.tamper_loss!r}")
+            raise UserError(f"{self.name}: tamper_loss must be one of {', '.join(TAMPER_LOSSES)}, got {c.tamper_loss!r}")
         if not 0 <= c.tamper_points <= c.adversary_steps:
-            raise ValueError(f"{self.name}: tamper_points must be in 0..adversary_steps={c.adversary_steps} "
-                             f"(got {c.tamper_points})")
+            raise UserError(f"{self.name}: tamper_points must be in 0..adversary_steps={c.adversary_steps} "
+                            f"(got {c.tamper_points})")
         if c.tamper_weight < 0 or c.retain_weight < 0:
-            raise ValueError(f"{self.name}: tamper_weight and retain_weight must be >= 0 "
-                             f"(got {c.tamper_weight}, {c.retain_weight})")
+            raise UserError(f"{self.name}: tamper_weight and retain_weight must be >= 0 "
+                            f"(got {c.tamper_weight}, {c.retain_weight})")
         if distributed.active():
-            raise ValueError(f"{self.name}: the simulated attack runs in one process; run TAR without torch.distributed")
+            raise UserError(f"{self.name}: the simulated attack runs in one process; run TAR without torch.distributed")
 
     def check_selection(self) -> None:
         super().check_selection()

@@ -71,6 +71,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError, UserError
+
 MODEL_TYPE = "unlearn_kernels_projected"
 ARCHITECTURE = "UnlearnProjectedForCausalLM"
 CONFIG_CLASS = "UnlearnProjectedConfig"
@@ -120,14 +122,14 @@ def parse_projections(projections: dict, num_layers: int, hidden_size: int) -> d
     for key, basis in projections.items():
         match = re.fullmatch(r"layer\.(\d+)", str(key))
         if match is None:
-            raise ValueError(f"projection key {key!r}: expected 'layer.<index>'")
+            raise UserError(f"projection key {key!r}: expected 'layer.<index>'")
         layer = int(match.group(1))
         if not 0 <= layer < num_layers:
-            raise ValueError(f"projection {key!r}: the model has {num_layers} decoder layers (0..{num_layers - 1})")
+            raise UserError(f"projection {key!r}: the model has {num_layers} decoder layers (0..{num_layers - 1})")
         if not isinstance(basis, torch.Tensor) or basis.dim() != 2 or basis.shape[0] != hidden_size \
                 or not 1 <= basis.shape[1] <= hidden_size:
             shape = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
-            raise ValueError(f"projection {key!r}: expected a [{hidden_size}, r] basis, got {shape}")
+            raise UserError(f"projection {key!r}: expected a [{hidden_size}, r] basis, got {shape}")
         bases[layer] = basis.detach().to(device="cpu", dtype=torch.float32).contiguous()
     return dict(sorted(bases.items()))
 
@@ -140,13 +142,13 @@ def _check_base(config: dict) -> tuple[str, list[str]]:
 
     model_type = config.get("model_type")
     if "auto_map" in config or model_type not in CONFIG_MAPPING:
-        raise ValueError(f"cannot export projections on a {model_type!r} model with custom code: the exported "
-                         "modeling file subclasses a causal LM that transformers itself ships")
+        raise UserError(f"cannot export projections on a {model_type!r} model with custom code: the exported "
+                        "modeling file subclasses a causal LM that transformers itself ships")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"cannot export projections on a {model_type!r} model: not a causal LM of transformers")
+        raise UserError(f"cannot export projections on a {model_type!r} model: not a causal LM of transformers")
     architectures = list(config.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]])
     if not hasattr(transformers, architectures[0]):
-        raise ValueError(f"transformers has no class {architectures[0]!r} (base architecture of the model)")
+        raise UserError(f"transformers has no class {architectures[0]!r} (base architecture of the model)")
     return model_type, architectures
 
 
@@ -228,17 +230,17 @@ class ProjectedFolder:
         for layer, entry in self.unlearning["projections"].items():
             name = entry["file"]
             if Path(name).name != name:
-                raise ValueError(f"{self.path}/config.json: projection file {name!r} must be in the folder")
+                raise UserError(f"{self.path}/config.json: projection file {name!r} must be in the folder")
             if name not in files:
                 if not (self.path / name).is_file():
-                    raise FileNotFoundError(f"{self.path}: config.json lists projections in {name}, which is missing")
+                    raise MissingFileError(f"{self.path}: config.json lists projections in {name}, which is missing")
                 files[name] = load_file(str(self.path / name))
             if entry["key"] not in files[name]:
-                raise ValueError(f"{self.path}/{name} has no tensor {entry['key']!r} (listed in config.json)")
+                raise UserError(f"{self.path}/{name} has no tensor {entry['key']!r} (listed in config.json)")
             u = files[name][entry["key"]]
             if tuple(u.shape)[1:] != (entry["rank"],):
-                raise ValueError(f"{self.path}/{name}: {entry['key']!r} has shape {tuple(u.shape)}, "
-                                 f"config.json says rank {entry['rank']}")
+                raise UserError(f"{self.path}/{name}: {entry['key']!r} has shape {tuple(u.shape)}, "
+                                f"config.json says rank {entry['rank']}")
             bases[int(layer)] = u
         return bases
 
@@ -251,5 +253,5 @@ def read_projected(path: Path | str) -> ProjectedFolder | None:
         return None
     missing = [k for k in ("base_model_type", "base_architectures", "unlearning") if k not in config]
     if missing:
-        raise ValueError(f"{path}/config.json has model_type {MODEL_TYPE!r} but no {', '.join(missing)}")
+        raise UserError(f"{path}/config.json has model_type {MODEL_TYPE!r} but no {', '.join(missing)}")
     return ProjectedFolder(path, config, base_config_dict(config))

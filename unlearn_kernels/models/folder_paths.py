@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
+from ..errors import UserError
+
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 NAMING_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "processor_config.json")
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(UserError):
     """A name in a model folder (or a path we would write) that leaves its folder."""
 
 

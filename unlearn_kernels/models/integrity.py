@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 
-class BrokenModelError(ValueError):
+
+class BrokenModelError(UserError):
     """The weights of a model folder do not make the model its config describes."""
 
 

@@ -9,6 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import MissingFileError, UserError
 from .export import PROJECTIONS  # noqa: F401  (MRP: "layer.<l>" -> U [d, r])
 
 MASKS = "unlearn_masks.safetensors"               # SIMU: parameter name -> neuron mask
@@ -103,9 +104,9 @@ def _check_carried_projections(model, projections: dict | None) -> None:
     for layer, basis in carried.items():
         key = f"layer.{layer}"
         if key not in given or not torch.equal(given[key].detach().cpu().float(), basis.detach().cpu().float()):
-            raise ValueError(f"the model carries a projection after layer {layer} (loaded with it) that the "
-                             f"projections to save do not include: pass it as projections[{key!r}], or the "
-                             "saved folder would lose it")
+            raise UserError(f"the model carries a projection after layer {layer} (loaded with it) that the "
+                            f"projections to save do not include: pass it as projections[{key!r}], or the "
+                            "saved folder would lose it")
 
 
 def write_text_atomic(path: Path | str, text: str) -> Path:
@@ -164,18 +165,18 @@ def check_causal_lm(path: Path, trust_remote_code: bool = False) -> None:
     from .folder_paths import check_model_folder
 
     if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+        raise MissingFileError(f"{path} is not a model directory (no config.json)")
     try:
         raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}/config.json is not valid JSON ({error})") from None
+        raise UserError(f"{path}/config.json is not valid JSON ({error})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}/config.json holds a {type(raw).__name__}, not a JSON object")
+        raise UserError(f"{path}/config.json holds a {type(raw).__name__}, not a JSON object")
     check_model_folder(path)   # every file the folder names stays inside it
     if raw.get("model_type") == export.MODEL_TYPE:   # ours: check its base
         base = export.base_config_dict(raw).get("model_type")
         if base not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise ValueError(f"{path} is a projected model over {base!r}, which transformers does not know")
+            raise UserError(f"{path} is a projected model over {base!r}, which transformers does not know")
         return
     if trust_remote_code and "AutoModelForCausalLM" in (raw.get("auto_map") or {}):
         return      # the user consented to the folder's own causal LM code
@@ -183,11 +184,11 @@ def check_causal_lm(path: Path, trust_remote_code: bool = False) -> None:
         # never run (or ask to run) a folder's own code just to check what it is
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{path}/config.json cannot be read as a transformers config "
-                         f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        raise UserError(f"{path}/config.json cannot be read as a transformers config "
+                        f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{path} holds a {config.model_type!r} model, not a decoder-only causal LM "
-                         "(AutoModelForCausalLM would load only part of it)")
+        raise UserError(f"{path} holds a {config.model_type!r} model, not a decoder-only causal LM "
+                        "(AutoModelForCausalLM would load only part of it)")
 
 
 @contextmanager
@@ -239,7 +240,7 @@ def _load_local(path: Path | str, dtype=None, trust_remote_code: bool = False):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+        raise MissingFileError(f"{path} is not a model directory (no config.json)")
     check_model_folder(path)
     projected = export.read_projected(path)
     if projected is None:
@@ -254,15 +255,15 @@ def _load_local(path: Path | str, dtype=None, trust_remote_code: bool = False):
     else:
         config = projected.base_config()
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
-            raise ValueError(f"{path}: the base model is a {config.model_type!r} model, not a decoder-only causal LM")
+            raise UserError(f"{path}: the base model is a {config.model_type!r} model, not a decoder-only causal LM")
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
                                                            output_loading_info=True)
         bases = projected.bases()
         scales = {int(k): float(v.get("scale", 1.0)) for k, v in projected.unlearning["projections"].items()}
         layers = model.get_submodule(projected.unlearning["layers_module"])
         if layers is not decoder_layers(model):
-            raise ValueError(f"{path}: config.json's layers_module {projected.unlearning['layers_module']!r} "
-                             "is not the model's decoder-layer list")
+            raise UserError(f"{path}: config.json's layers_module {projected.unlearning['layers_module']!r} "
+                            "is not the model's decoder-layer list")
     check_loading_info(path, info)    # no weight initialised at random, none dropped
     check_finite(model, path)
     # a projected folder's config.json needs trust_remote_code: hand the tokenizer the base config

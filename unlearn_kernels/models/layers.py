@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 
 class _Stop(Exception):
     pass
@@ -32,14 +34,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
                 best = module
     if best is None:
-        raise ValueError(f"found no decoder-layer list in {type(model).__name__}")
+        raise UserError(f"found no decoder-layer list in {type(model).__name__}")
     return best
 
 
 def check_layer(model: nn.Module, layer: int) -> int:
     n = len(decoder_layers(model))
     if not -n <= layer < n:
-        raise ValueError(f"layer {layer} does not exist: the model has {n} decoder layers (0..{n - 1})")
+        raise UserError(f"layer {layer} does not exist: the model has {n} decoder layers (0..{n - 1})")
     return layer % n
 
 
@@ -77,7 +79,7 @@ def parameters_matching(model: nn.Module, patterns: list[str] | str) -> dict[str
             if fnmatch.fnmatch("." + module, "*." + p) or fnmatch.fnmatch("." + name, "*." + p):
                 chosen[name] = param
     if not chosen:
-        raise ValueError(f"no parameter matches {patterns}; {_what_to_type(model)}")
+        raise UserError(f"no parameter matches {patterns}; {_what_to_type(model)}")
     return chosen
 
 

@@ -32,6 +32,8 @@ import secrets
 import shutil
 from pathlib import Path
 
+from ..errors import UserError
+
 MARKER = "unlearn_kernels"
 REPORT_SCHEMA = 1
 STAGING_FILE = ".unlearn_kernels_staging"
@@ -39,7 +41,7 @@ SPACE_FACTOR = 1.2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-class OutputPathError(ValueError):
+class OutputPathError(UserError):
     """An output path that may not be written (one line, names the path)."""
 
 

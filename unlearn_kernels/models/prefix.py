@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError, UserError
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 OURS = {"report.json", "report.png", "unlearn_masks.safetensors"}   # a previous output's own files, not copied
@@ -59,8 +61,8 @@ def check_shards(path: Path | str) -> None:
     keys = checkpoint_keys(path) or {}
     missing = sorted({shard for shard in keys.values() if not (Path(path) / shard).is_file()})
     if missing:
-        raise FileNotFoundError(f"{path}: the checkpoint index lists {len(missing)} shard(s) the folder lacks, "
-                                f"first {missing[0]}")
+        raise MissingFileError(f"{path}: the checkpoint index lists {len(missing)} shard(s) the folder lacks, "
+                               f"first {missing[0]}")
 
 
 def unfit_source(path: Path | str) -> str | None:
@@ -104,13 +106,13 @@ def load_prefix(path: Path | str, layers: int, dtype=None):
     path = Path(path)
     problem = unfit_source(path)
     if problem:
-        raise ValueError(f"prefix-only loading: {problem}; run without --prefix-only")
+        raise UserError(f"prefix-only loading: {problem}; run without --prefix-only")
     check_causal_lm(path)
     with quiet_transformers():
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         depth = int(config.num_hidden_layers)
         if not 1 <= layers <= depth:
-            raise ValueError(f"prefix of {layers} layers: the model has {depth} decoder layers")
+            raise UserError(f"prefix of {layers} layers: the model has {depth} decoder layers")
         config.num_hidden_layers = layers
         for name in ("layer_types",):   # per-layer lists (attention kind) follow the layer count
             if isinstance(getattr(config, name, None), list):
@@ -168,8 +170,8 @@ def _read_prefix(path: Path, config, dtype: torch.dtype):
                 for name in names:
                     stored = f.get_tensor(name)
                     if tuple(stored.shape) != tuple(targets[name].shape):
-                        raise ValueError(f"{path}: {name} is stored with shape {tuple(stored.shape)}, the config "
-                                         f"gives {tuple(targets[name].shape)}")
+                        raise UserError(f"{path}: {name} is stored with shape {tuple(stored.shape)}, the config "
+                                        f"gives {tuple(targets[name].shape)}")
                     targets[name].copy_(stored)
                     del stored
     return model
@@ -194,8 +196,8 @@ def check_updated_names(source: Path | str, updated: dict[str, torch.Tensor]) ->
     keys = checkpoint_keys(source) or {}
     missing = sorted(name for name in updated if name not in keys)
     if missing:
-        raise ValueError(f"{source}: the checkpoint stores no tensor named {missing[0]} (of {len(missing)} updated); "
-                         "prefix-only output cannot place it: run without --prefix-only")
+        raise UserError(f"{source}: the checkpoint stores no tensor named {missing[0]} (of {len(missing)} updated); "
+                        "prefix-only output cannot place it: run without --prefix-only")
 
 
 def save_prefix_output(source: Path | str, out_dir: Path | str, updated: dict[str, torch.Tensor],

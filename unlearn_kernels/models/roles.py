@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .layers import decoder_layers, decoder_layers_path
 
 IN_ROLES = ("gate", "up", "gate_up")
@@ -108,7 +109,7 @@ class ModelRoles:
         (e.g. ``model.layers.{0,1,2}.mlp.down_proj``)."""
         chosen = [r for r in roles if r in self.names]
         if not chosen:
-            raise ValueError(f"the model's MLP has no {'/'.join(roles)} projection (it has {sorted(self.names)})")
+            raise UserError(f"the model's MLP has no {'/'.join(roles)} projection (it has {sorted(self.names)})")
         index = "{" + ",".join(map(str, layers)) + "}" if len(layers) > 1 else str(layers[0])
         mlp = f".{self.mlp}" if self.mlp else ""
         leaves = [self.names[r] for r in chosen]
@@ -124,7 +125,7 @@ class ModelRoles:
 def default_layer(depth: int) -> int:
     """RMU's published layer 7 of 32 as a fraction of ``depth``, at least 2, at most the top."""
     if depth < 1:
-        raise ValueError("the model has no decoder layer")
+        raise UserError("the model has no decoder layer")
     return min(depth - 1, max(2, round(7 * depth / 32)))
 
 
@@ -195,8 +196,8 @@ def _roles_of_layer0(model, hidden: int, width: int):
         candidates = named or candidates
     if len(candidates) != 1:
         found = "none" if not candidates else ", ".join(c[0] or "(layer)" for c in candidates)
-        raise ValueError(f"cannot find the MLP of {type(layer).__name__} by structure (hidden {hidden}, width "
-                         f"{width}; candidates: {found}): pass update=[...] patterns explicitly")
+        raise UserError(f"cannot find the MLP of {type(layer).__name__} by structure (hidden {hidden}, width "
+                        f"{width}; candidates: {found}): pass update=[...] patterns explicitly")
     owner, down, ins = candidates[0]
     names = {"down": down}
     for leaf, out in ins:
@@ -230,12 +231,12 @@ def _resolve(model, source: str, mlp: str, names: dict[str, str], attention_out:
             leaf = names[role]
             rel = f"{mlp}.{leaf}" if mlp else leaf
             if rel not in layouts:
-                raise ValueError(f"layer {index} has no {role} projection {rel!r}")
+                raise UserError(f"layer {index} has no {role} projection {rel!r}")
             weight, layout = layouts[rel]
             expected = (width, hidden) if role == "down" else (hidden, 2 * width if role == "gate_up" else width)
             if _in_out(weight, layout) != expected:
-                raise ValueError(f"layer {index} {rel} is {list(weight.shape)}, not a {role} projection "
-                                 f"{expected[0]} -> {expected[1]}")
+                raise UserError(f"layer {index} {rel} is {list(weight.shape)}, not a {role} projection "
+                                f"{expected[0]} -> {expected[1]}")
             full = f"{prefix}.{index}.{rel}" + ("" if layout == "experts" else ".weight")
             if full not in found:
                 raise ValueError(f"parameter {full} not found")

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..data import entangled
+from ..errors import MissingFileError, UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ASSET_DIR = ASSETS / "tiny-entangled"
@@ -82,7 +83,7 @@ def build_model(tokenizer, hidden: int = 128, layers: int = 6, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if hidden < 4 or hidden % 4 or layers < 1:
-        raise ValueError(f"need hidden a positive multiple of 4 (4 heads) and layers >= 1, got {hidden}, {layers}")
+        raise UserError(f"need hidden a positive multiple of 4 (4 heads) and layers >= 1, got {hidden}, {layers}")
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
@@ -108,8 +109,8 @@ def fit(model, tokenizer, corpus: list[str], steps: int, batch_size: int, lr: fl
     """Train ``model`` in place on random batches of ``corpus`` (see the module docstring);
     returns the loss of every step. Deterministic given its arguments and :data:`THREADS`."""
     if steps < 1 or not 1 <= batch_size <= len(corpus) or lr <= 0:
-        raise ValueError(f"need steps >= 1, 1 <= batch_size <= len(corpus) = {len(corpus)} and lr > 0 "
-                         f"(got steps={steps}, batch_size={batch_size}, lr={lr})")
+        raise UserError(f"need steps >= 1, 1 <= batch_size <= len(corpus) = {len(corpus)} and lr > 0 "
+                        f"(got steps={steps}, batch_size={batch_size}, lr={lr})")
     from tqdm import tqdm
 
     rng = random.Random(seed)
@@ -173,7 +174,7 @@ def load(path: Path | str = ASSET_DIR, dtype: torch.dtype = torch.float32):
 
     if Path(path) in (ASSET_DIR, ORACLE_DIR) and not Path(path, "config.json").exists():
         flag = " --oracle" if Path(path) == ORACLE_DIR else ""
-        raise FileNotFoundError(f"no model at {path}: run `python -m unlearn_kernels.models.tiny{flag}` to train it")
+        raise MissingFileError(f"no model at {path}: run `python -m unlearn_kernels.models.tiny{flag}` to train it")
     return load_local(path, dtype)
 
 
