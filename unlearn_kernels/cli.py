@@ -31,10 +31,6 @@ import torch
 from . import parallel
 from .errors import UserError
 
-# Errors in what the user gave (files, settings, devices): one line on stderr and exit code 2;
-# --debug (or UNLEARN_KERNELS_TRACEBACK=1) shows the traceback instead.
-USER_ERRORS = (ValueError, OSError, ImportError)
-
 
 def _info(_args) -> int:
     import unlearn_kernels as uk
@@ -66,6 +62,11 @@ def _parse_shapes(shapes: list[str]) -> list[tuple[int, int]]:
 
 def _bench(args) -> int:
     from . import benchmark
+    from .eval.files import check_device
+
+    check_device(args.device)
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
 
     benchmark.run(_parse_shapes(args.shapes), getattr(torch, args.dtype), torch.device(args.device),
                   args.repeats, compile_baseline=not args.no_compile)
@@ -77,6 +78,8 @@ def _demo(args) -> int:
 
     if args.full and args.track == "classifier":
         raise UserError("--full sweeps the LLM demo; the classifier demo has no sweep")
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     # The embedded models are far too small to gain from intra-op threads, and spinning
     # OpenMP threads slow down badly when anything else shares the cores.
     torch.set_num_threads(args.threads)
@@ -97,18 +100,48 @@ def _demo(args) -> int:
     return 0 if ok else 1
 
 
+RUN_KEYS = {"model": "a model folder", "method": "a method name", "forget": "a data file or a list of them",
+            "retain": "a data file or a list of them", "out": "an output folder"}
+
+
+def _read_run_config(path: Path) -> dict:
+    """The YAML config of ``unlearn``: the RUN_KEYS and ``settings`` (a mapping of the method's
+    settings); UserError naming the file and the key otherwise."""
+    import yaml
+
+    from .errors import MissingFileError, path_error
+
+    if not path.is_file():
+        raise MissingFileError(f"--config {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise path_error(path, error, "--config") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UserError(f"--config {path} is not valid YAML ({where}{getattr(error, 'problem', None) or error})") from None
+    keys = f"{', '.join(RUN_KEYS)} and settings"
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path} must hold a mapping of {keys}, got a {type(config).__name__}")
+    for key, value in config.items():
+        if key == "settings":
+            if not isinstance(value or {}, dict):
+                raise UserError(f"--config {path}: settings must be a mapping (setting: value), got {value!r}")
+            continue
+        if key not in RUN_KEYS:
+            raise UserError(f"--config {path}: unknown key {key!r}; the keys are {keys}")
+        items = value if key in ("forget", "retain") and isinstance(value, list) else [value]
+        if not all(isinstance(item, str) and item for item in items):
+            raise UserError(f"--config {path}: {key} must be {RUN_KEYS[key]}, got {value!r}")
+    return config
+
+
 def _load_run_config(args) -> dict:
     import yaml
 
-    config = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"--config {path} does not exist")
-        config = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(config, dict):
-            raise UserError(f"--config {path} must hold a mapping")
-    for key in ("model", "method", "forget", "retain", "out"):
+    config = _read_run_config(Path(args.config)) if args.config else {}
+    for key in RUN_KEYS:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     settings = dict(config.get("settings") or {})
@@ -116,7 +149,10 @@ def _load_run_config(args) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set takes key=value, got {item!r}")
-        settings[key] = yaml.safe_load(value)
+        try:
+            settings[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item}: the value is not valid YAML") from None
     config["settings"] = settings
     from .methods import registry
 
@@ -180,6 +216,7 @@ def _eval(args) -> int:
     from .eval.multiple_choice import evaluate_multiple_choice
     from .models.io import write_json_atomic, write_jsonl_atomic
 
+    files.check_device(args.device)
     if not args.questions and not args.mia_forget:
         raise UserError("eval needs --questions FILE (or --mia-forget/--mia-holdout)")
     if bool(args.mia_forget) != bool(args.mia_holdout):
@@ -214,8 +251,8 @@ def _eval(args) -> int:
                                                          subject=args.subject, batch_size=args.batch_size,
                                                          progress=None if not quiet else False,
                                                          return_details=bool(args.log_samples))
-            except ValueError as error:
-                raise ValueError(f"{path}: {error}") from None
+            except UserError as error:
+                raise UserError(f"{path}: {error}") from None
     samples = [{"questions": name, **s} for name, r in results.items() for s in r.pop("samples", [])]
     payload = {"results": results,
                "config": {"model": str(args.model), "engine": args.engine, "device": args.device,
@@ -280,6 +317,7 @@ def _relearn(args) -> int:
     from .eval.relearn import relearn_attack
     from .models.io import save_figure_atomic, write_json_atomic
 
+    files.check_device(args.device)
     texts = read_texts(args.train, args.text_field)
     questions = read_multiple_choice(args.questions, limit=args.limit)
     model, tokenizer = files.load_model(args.model, args.device, args.dtype, args.trust_remote_code)
@@ -455,7 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     relearn.add_argument("--plot", help="write the curves as a PNG here")
     relearn.set_defaults(func=_relearn)
     args = parser.parse_args(argv)
-    debug = args.debug or bool(os.environ.get("UNLEARN_KERNELS_TRACEBACK"))
+    return _run(args, debug=args.debug or bool(os.environ.get("UNLEARN_KERNELS_TRACEBACK")))
+
+
+def _run(args, debug: bool) -> int:
+    """``args.func(args)`` under the error model (``unlearn_kernels.errors``): a UserError or a
+    diverged run (FloatingPointError) is one line on stderr, exit 2 or 1 (``debug``: the
+    traceback); any other exception is a bug of ours: its traceback and a line asking for a
+    report, exit 1."""
     from .methods.checkpoint import RunInterrupted
 
     try:
@@ -463,21 +508,23 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as error:
         print(f"unlearn-kernels {args.command}: {error}", file=sys.stderr)
         return 130
-    except FloatingPointError as error:   # a run that diverged: nothing was written
-        if debug:
-            raise
-        if parallel.is_main():
-            print(f"unlearn-kernels {args.command}: error: {str(error).splitlines()[0]}", file=sys.stderr)
-        parallel.let_rank0_speak()
-        return 1
-    except USER_ERRORS as error:
+    except (UserError, FloatingPointError) as error:   # FloatingPointError: a diverged run, nothing written
         if debug:
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if parallel.is_main():
             print(f"unlearn-kernels {args.command}: error: {message}", file=sys.stderr)
         parallel.let_rank0_speak()
-        return 2
+        return 2 if isinstance(error, UserError) else 1
+    except Exception:
+        import traceback
+
+        import unlearn_kernels
+
+        traceback.print_exc()
+        print(f"unlearn-kernels {args.command}: internal error: this is a bug in unlearn_kernels "
+              f"{unlearn_kernels.__version__}; please report it with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

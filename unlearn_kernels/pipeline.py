@@ -101,10 +101,11 @@ class RunResult:
 
 
 def run(config: RunConfig) -> RunResult:
-    """Run ``config`` (module docstring); ValueError/OSError for what the user gave."""
+    """Run ``config`` (module docstring); a UserError (``unlearn_kernels.errors``) for what the user gave."""
     from .data.loaders import read_multiple_choice, read_texts
     from .eval import files
     from .methods import registry
+    from .methods.settings import make_config
     from .models.io import save_figure_atomic, save_pretrained_atomic
     from .models.output_dir import check_output_path, weights_size
     from .models.prefix import check_shards, unfit_source
@@ -158,7 +159,7 @@ def run(config: RunConfig) -> RunResult:
             forget, retain = points.pop("train_forget"), points.pop("train_retain")
     settings, budget = _budget(method_class, config.settings,
                                config.budget if stopping in ("validation", "rule", "probe") else None)
-    method_config = method_config_of(method_class, settings)
+    method_config = make_config(method_class.config_class, **settings)   # typed, ranges checked
     evals = {name: read_multiple_choice(path) for name, path in (("forget", config.eval_forget),
                                                                   ("retain", config.eval_retain)) if path}
     controller = _controller(config, method_class, stopping, points)
@@ -335,23 +336,14 @@ def _torch_dtype(dtype: str | None):
 
 def device_and_dtype(device: str, dtype: str) -> tuple[str, str | None]:
     """``auto``: CUDA when present; bf16 on GPUs that support it, else the checkpoint's dtype."""
+    from .eval.files import check_device
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
+    check_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else None
     return device, dtype
-
-
-def method_config_of(method_class, settings: dict):
-    """The method's config with ``settings`` applied, typed and checked before the model is loaded."""
-    from .methods.base import check_finite_config
-    from .methods.settings import make_config
-
-    config = make_config(method_class.config_class, **settings)
-    check_finite_config(config)
-    return config
 
 
 def _training_data(path, config: RunConfig) -> list:
@@ -407,7 +399,7 @@ def _prefix_plan(config: RunConfig, method_class, method_config, wants_full: boo
 def _checkpointer(out: Path, config: RunConfig):
     """``{out}.checkpoint`` for ``checkpoint_every``/``resume`` (refusing a folder that is not
     one of our checkpoints, ``overwrite`` or not, or starting over one without ``overwrite``)."""
-    from .methods.checkpoint import Checkpointer, NotACheckpointError, is_checkpoint
+    from .methods.checkpoint import Checkpointer, NotACheckpointError, is_checkpoint, read_state
 
     if not config.checkpoint_every and not config.resume:
         return None
@@ -418,8 +410,8 @@ def _checkpointer(out: Path, config: RunConfig):
         raise NotACheckpointError(path)
     if path.exists() and not config.resume and not config.overwrite:
         raise UserError(f"a checkpoint exists at {path}: pass --resume to continue it or --overwrite to start over")
-    if config.resume and not path.exists():
-        raise UserError(f"--resume: no checkpoint at {path}")
+    if config.resume:
+        read_state(path)     # a checkpoint that cannot be resumed fails here, before the model is loaded
     return Checkpointer(path, config.checkpoint_every)
 
 

@@ -25,6 +25,14 @@ def task_names(paths: list[str]) -> list[str]:
     return names
 
 
+def check_device(device: str) -> None:
+    """UserError for ``--device cuda`` on a machine without CUDA."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here (use --device cpu)")
+
+
 def load_model(path: str, device: str, dtype: str | None, trust_remote_code: bool = False):
     """``load_local`` on ``device`` in ``dtype`` (None: the checkpoint's); with
     ``trust_remote_code`` (``--trust-remote-code``) the folder's own modeling code may run, and
@@ -35,8 +43,7 @@ def load_model(path: str, device: str, dtype: str | None, trust_remote_code: boo
 
     from ..models.io import load_local
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
+    check_device(device)
     if trust_remote_code:
         print(f"--trust-remote-code: the code files of {path} (config.json auto_map) may run in this process",
               file=sys.stderr)

@@ -37,8 +37,9 @@ from ..data.loaders import QAPair
 from ..errors import UserError
 from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
+from ..ops._backend import BACKENDS
 from . import distributed
-from .settings import make_config
+from .settings import check_ranges, make_config
 
 MODEL_KEYS = ("input_ids", "attention_mask")
 
@@ -73,6 +74,17 @@ class MethodConfig:
     seed: int = 0             # seeds the batch order and every random draw
     backend: str = "auto"     # fused-op backend
     progress: bool = True     # progress bar
+
+    def validate(self) -> None:
+        """UserError naming the first setting out of its range (``settings.make_config`` calls it
+        on every config it builds, before any model is loaded); subclasses add theirs."""
+        check_finite_config(self)
+        check_ranges(self, lr="> 0", batch_size=">= 1", max_length=">= 1", steps=">= 0", epochs=">= 1",
+                     grad_accum=">= 1")
+        if self.master_dtype not in (None, "float32"):
+            raise UserError(f"setting master_dtype must be float32 or unset, got {self.master_dtype!r}")
+        if self.backend not in ("auto",) + BACKENDS:
+            raise UserError(f"setting backend must be one of {', '.join(('auto',) + BACKENDS)}, got {self.backend!r}")
 
 
 def fingerprint(items: list) -> str:
@@ -216,7 +228,7 @@ def check_finite(method: str, step: int, losses: dict[str, torch.Tensor], params
 
 
 def check_finite_config(config) -> None:
-    """ValueError naming the first config field holding a non-finite number."""
+    """UserError naming the first config field holding a non-finite number."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -241,7 +253,6 @@ class UnlearningMethod:
         self.tokenizer = tokenizer
         self.history: list[dict] = []
         self.data: dict = {}
-        check_finite_config(self.config)
         self._refuse_unused()
         self.chosen = self.resolve_defaults()
         self.check_config()
@@ -285,17 +296,11 @@ class UnlearningMethod:
                 raise UserError(f"{self.name} does not use the setting {name} ({why}); leave it out")
 
     def check_config(self) -> None:
-        """Raise ValueError on a config that cannot run (before any work)."""
-        c = self.config
-        if c.lr <= 0 or c.batch_size < 1 or c.steps < 0 or c.grad_accum < 1 or c.max_length < 1 or c.epochs < 1:
-            raise UserError(f"{self.name}: lr must be > 0, batch_size, grad_accum and max_length >= 1 and "
-                            f"steps >= 0, epochs >= 1 (got lr={c.lr}, epochs={c.epochs}, batch_size={c.batch_size}, grad_accum={c.grad_accum}, "
-                            f"max_length={c.max_length}, steps={c.steps})")
-        distributed.check_batch_size(self.name, c.batch_size)
-        if c.master_dtype not in (None, "float32"):
-            raise UserError(f"{self.name}: master_dtype must be float32 or unset, got {c.master_dtype!r}")
-        if hasattr(c, "layer"):
-            check_layer(self.model, c.layer)
+        """UserError on a config that cannot run on this model or launch (before any work); the
+        ranges of the settings are checked when the config is built (``MethodConfig.validate``)."""
+        distributed.check_batch_size(self.name, self.config.batch_size)
+        if hasattr(self.config, "layer"):
+            check_layer(self.model, self.config.layer)
 
     def check_selection(self) -> None:
         """Representation methods read layer ``layer``: a selected weight above it gets no

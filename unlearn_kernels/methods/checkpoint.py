@@ -57,6 +57,34 @@ def is_checkpoint(path: Path | str) -> bool:
     return isinstance(state, dict) and isinstance(state.get(MARKER), dict)
 
 
+STATE_KEYS = ("format", "method", "step", "optimizer", "extra_state", "history", "config_sha256", "data")
+
+
+def read_state(path: Path | str) -> dict:
+    """The ``state.json`` of the checkpoint at ``path`` once checked: a checkpoint of ours with
+    every key, whose tensor file is whole (its header covers the file); a UserError naming the
+    file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not (path / STATE).is_file():
+        raise MissingFileError(f"--resume: no checkpoint at {path}")
+    if not is_checkpoint(path):
+        raise NotACheckpointError(path)
+    state = json.loads((path / STATE).read_text())
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise UserError(f"--resume: {path / STATE} lacks {', '.join(missing)}: the checkpoint is incomplete; "
+                        "start over with --overwrite")
+    try:
+        with safe_open(str(path / TENSORS), "pt"):
+            pass
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"--resume: {path / TENSORS} cannot be read ({error}): the checkpoint is damaged; "
+                        "start over with --overwrite") from None
+    return state
+
+
 class NotACheckpointError(UserError):
     """A path that holds something other than a checkpoint of ours."""
 
@@ -201,11 +229,7 @@ class Checkpointer:
         last completed step."""
         from safetensors.torch import load_file
 
-        if not (self.path / STATE).is_file():
-            raise MissingFileError(f"--resume: no checkpoint at {self.path}")
-        if not is_checkpoint(self.path):
-            raise NotACheckpointError(self.path)
-        state = json.loads((self.path / STATE).read_text())
+        state = read_state(self.path)
         if state.get("format") != FORMAT or state.get("method") != method.name:
             raise UserError(f"--resume: {self.path} is not a {method.name} checkpoint of this version")
         if state["config_sha256"] != config_fingerprint(method.config):

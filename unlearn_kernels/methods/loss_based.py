@@ -58,6 +58,7 @@ from ..models.layers import FrozenCopy, layer_index_of, prefix_outputs, replayed
 from ..stopping import StoppingRule
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, model_inputs
+from .settings import check_ranges
 
 
 def loss_positions(batch) -> torch.Tensor:
@@ -164,6 +165,10 @@ class LossConfig(MethodConfig):
     retain_weight: float = 1.0   # γ: weight of the retain NLL
     epochs: int = 5           # passes over the forget set when steps is 0 (TOFU's 5)
 
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, retain_weight=">= 0")
+
 
 # Validation-free stopping (``unlearn_kernels.stopping``): the forget NLL up by at least 1 nat per
 # token (each forget token e times less likely) while the retain NLL rose by at most 25 %.
@@ -209,6 +214,10 @@ class GradDiff(_LossMethod):
 @dataclass
 class NPOConfig(LossConfig):
     beta: float = 0.1          # NPO's inverse temperature
+
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, beta="> 0")
 
 
 class NPO(_LossMethod):

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UserError
 from ..models.layers import check_layer, decoder_layers, layer_output
 from ..ops import forget_basis, grow_basis, masked_gram, projection_hook
 from ..ops.low_rank_basis import retain_subspace
-from ..errors import UserError
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, check_finite
 from .loss_based import nll
+from .settings import check_ranges
 
 
 AUTO_RANK = 32   # directions of an auto rank (on the embedded 128-wide model: forget 0.72, retain 0.98)
@@ -53,6 +54,11 @@ class MRPConfig(MethodConfig):
     train_steps: int = 80      # GradDiff steps training the basis (0: none)
     retain_weight: float = 1.0  # γ of the basis training
     lr: float = 1e-3           # learning rate of the basis training
+
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, rank=">= 1", retain_energy="in [0, 1]", stats_batches=">= 1", train_steps=">= 0",
+                     retain_weight=">= 0")
 
 
 class MRP(UnlearningMethod):
@@ -72,11 +78,6 @@ class MRP(UnlearningMethod):
         super().__init__(model, tokenizer, config, **overrides)
         self.basis: torch.Tensor | None = None
         self._handle = None
-
-    def check_config(self) -> None:
-        super().check_config()
-        if self.config.rank is not None and self.config.rank < 1:
-            raise UserError(f"MRP: rank must be >= 1, got {self.config.rank}")
 
     @torch.no_grad()
     def gram(self, texts: list[str], offset: int) -> torch.Tensor:

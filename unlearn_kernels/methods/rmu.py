@@ -70,6 +70,7 @@ from ..ops import Moments, feature_importance, masked_moments, misdirection_loss
 from . import distributed
 from ..stopping import StoppingRule
 from .base import MethodConfig, UnlearningMethod
+from .settings import check_ranges
 
 
 @dataclass
@@ -79,6 +80,10 @@ class RMUConfig(MethodConfig):
     alpha: float = 100.0       # retain weight (published 1200 at 7B stops all forgetting on small models)
     steps: int = 150           # optimizer steps (WMDP's max_num_batches)
     share_prefix: bool = True  # run the layers below the lowest updated one once per batch, for the live and frozen passes
+
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, steering="> 0", alpha=">= 0")
 
 
 AUTO_STEERING = 5.0   # c = 5 · mean ‖h_forget‖ when steering is auto (Adaptive RMU's β = 5 rule, once)
@@ -202,6 +207,10 @@ class RMU(UnlearningMethod):
 class AdaptiveRMUConfig(RMUConfig):
     beta: float = 5.0          # c = beta · mean ‖h_forget‖
 
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, beta="> 0")
+
 
 class AdaptiveRMU(RMU):
     """RMU with ``c = β · mean‖h_f‖`` measured on the first forget batch (see module)."""
@@ -221,6 +230,10 @@ class SRMUConfig(AdaptiveRMUConfig):
     temperature: float = 0.1   # softness of the importance map (0: hard top-k)
     stats_batches: int = 16    # batches per set for the moments
     anchor_forget: bool = False  # anchor the unselected features of forget tokens to the frozen model
+
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, sparsity="in (0, 1]", temperature=">= 0", stats_batches=">= 1")
 
 
 class SRMU(AdaptiveRMU):

@@ -7,6 +7,10 @@ name and the expected type, what cannot be converted; an unknown key lists the v
 with their defaults, and the closest match. Fields typed ``X | None`` accept ``none``/``auto``
 for "chosen from the model" (the default layer, update band and learning rate).
 
+:func:`make_config` also checks the ranges: each config class has a ``validate()`` (built
+from :func:`check_ranges`) that it calls, so an out-of-range value fails before any model is
+loaded, naming the setting and its valid range.
+
 :func:`describe` is what ``unlearn-kernels methods NAME`` prints: every setting, its type,
 default and one line of meaning — the comment written beside the field in its config
 dataclass (the one place it is kept), inherited fields included, in declaration order.
@@ -118,7 +122,25 @@ def make_config(config_class, config=None, **settings):
     merged = {f.name: settings.get(f.name, getattr(base, f.name)) for f in dataclasses.fields(base)}
     annotations = {f.name: _annotation(f) for f in dataclasses.fields(base)}
     typed = {k: coerce(k, annotations[k], v) for k, v in merged.items()}
-    return dataclasses.replace(base, **typed)
+    config = dataclasses.replace(base, **typed)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+          "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def check_ranges(config, **ranges: str) -> None:
+    """UserError naming the first setting of ``config`` outside its range, given as a key of
+    :data:`RANGES` (``check_ranges(c, beta="> 0", stats_batches=">= 1")``). None (auto) passes;
+    each value of a tuple is checked."""
+    for name, valid in ranges.items():
+        value = getattr(config, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(RANGES[valid](v) for v in values):
+            raise UserError(f"setting {name} must be {valid}, got {value!r}")
 
 
 def describe(method_class) -> str:

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from ..ops import hessian_ema_, neuron_scores, select_neurons
 from ..optim import MaskedSophia
 from ..models.roles import hidden_size
-from ..errors import UserError
 from . import distributed
 from .loss_based import GradDiff, LossConfig, nll
+from .settings import check_ranges
 
 
 @dataclass
@@ -41,6 +42,10 @@ class SOGradDiffConfig(LossConfig):
     rho: float = 0.04          # Sophia's clipping scale
     weight_decay: float = 0.0  # decoupled weight decay
     hessian_interval: int = 10  # steps between Hessian estimates
+
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, betas="in [0, 1)", rho=">= 0", weight_decay=">= 0", hessian_interval=">= 1")
 
 
 class SOGradDiff(GradDiff):
@@ -80,6 +85,12 @@ class SIMUConfig(SOGradDiffConfig):
     score_beta: float = 0.9        # EMA factor of the Hessian diagonals while scoring
     ig_steps: int = 4              # integrated-gradient steps (scorer integrated_gradients)
 
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, fraction="in (0, 1]", score_batches=">= 1", score_beta="in [0, 1]", ig_steps=">= 1")
+        if self.scorer not in ("obd", "integrated_gradients"):
+            raise UserError(f"setting scorer must be 'obd' or 'integrated_gradients', got {self.scorer!r}")
+
 
 class SIMU(SOGradDiff):
     """Score MLP neurons on forget vs retain, then masked Sophia GradDiff on the top ones."""
@@ -96,13 +107,6 @@ class SIMU(SOGradDiff):
             raise UserError("SIMU does not run on FSDP2-sharded MoE experts [E, ., .] yet: pass the plain or "
                             "DDP-wrapped model")
         self._neuron_dims = self._find_neuron_dims()
-
-    def check_config(self):
-        super().check_config()
-        if not 0 < self.config.fraction <= 1:
-            raise UserError(f"SIMU: fraction must be in (0, 1], got {self.config.fraction}")
-        if self.config.scorer not in ("obd", "integrated_gradients"):
-            raise UserError(f"SIMU: scorer must be 'obd' or 'integrated_gradients', got {self.config.scorer!r}")
 
     def neuron_dim(self, name: str) -> int:
         """The MLP-neuron axis of the selected weight ``name``: its role's axis from

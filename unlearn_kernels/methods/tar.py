@@ -74,11 +74,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..models.layers import parameters_matching
 from ..errors import UserError
+from ..models.layers import parameters_matching
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, model_inputs
 from .loss_based import nll
+from .settings import check_ranges
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -96,6 +97,17 @@ class TARConfig(MethodConfig):
     tamper_loss: str = "nll"     # post-attack loss: nll (T = −NLL, ascent) or entropy (T = −H)
     tamper_weight: float = 1.0   # w_t: weight of the post-attack tamper loss
     retain_weight: float = 1.0   # γ: weight of the retain NLL
+
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, adversary_steps=">= 0", adversary_lrs="> 0", tamper_weight=">= 0", retain_weight=">= 0")
+        if self.adversary_lrs is not None and not self.adversary_lrs[0] <= self.adversary_lrs[1]:
+            raise UserError(f"setting adversary_lrs must be a range low <= high, got {self.adversary_lrs}")
+        if self.tamper_loss not in TAMPER_LOSSES:
+            raise UserError(f"setting tamper_loss must be one of {', '.join(TAMPER_LOSSES)}, got {self.tamper_loss!r}")
+        if not 0 <= self.tamper_points <= self.adversary_steps:
+            raise UserError(f"setting tamper_points must be in 0..adversary_steps={self.adversary_steps}, "
+                            f"got {self.tamper_points}")
 
 
 def entropy(logits: torch.Tensor, batch) -> torch.Tensor:
@@ -157,19 +169,6 @@ class TAR(UnlearningMethod):
 
     def check_config(self) -> None:
         super().check_config()
-        c = self.config
-        low, high = c.adversary_lrs
-        if c.adversary_steps < 0 or not 0 < low <= high:
-            raise UserError(f"{self.name}: adversary_steps must be >= 0 and adversary_lrs a range 0 < low <= high "
-                            f"(got adversary_steps={c.adversary_steps}, adversary_lrs={c.adversary_lrs})")
-        if c.tamper_loss not in TAMPER_LOSSES:
-            raise UserError(f"{self.name}: tamper_loss must be one of {', '.join(TAMPER_LOSSES)}, got {c.tamper_loss!r}")
-        if not 0 <= c.tamper_points <= c.adversary_steps:
-            raise UserError(f"{self.name}: tamper_points must be in 0..adversary_steps={c.adversary_steps} "
-                            f"(got {c.tamper_points})")
-        if c.tamper_weight < 0 or c.retain_weight < 0:
-            raise UserError(f"{self.name}: tamper_weight and retain_weight must be >= 0 "
-                            f"(got {c.tamper_weight}, {c.retain_weight})")
         if distributed.active():
             raise UserError(f"{self.name}: the simulated attack runs in one process; run TAR without torch.distributed")
 

@@ -247,8 +247,10 @@ class ProjectedFolder:
 
 def read_projected(path: Path | str) -> ProjectedFolder | None:
     """The projected-model description of the folder at ``path``, or None for any other folder."""
+    from .folder_paths import read_config
+
     path = Path(path)
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = read_config(path)
     if config.get("model_type") != MODEL_TYPE:
         return None
     missing = [k for k in ("base_model_type", "base_architectures", "unlearning") if k not in config]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from ..errors import UserError
+from ..errors import MissingFileError, UserError, path_error
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 NAMING_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "processor_config.json")
@@ -61,6 +61,22 @@ def _auto_map_modules(value) -> list[str]:
     or a list of them for tokenizers)."""
     values = value if isinstance(value, (list, tuple)) else [value]
     return [v for v in values if v is not None]
+
+
+def read_config(folder: Path | str) -> dict:
+    """The ``config.json`` of a model folder, a JSON object; UserError naming it otherwise."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MissingFileError(f"{folder} is not a model directory (no config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise path_error(path, error) from None
+    except ValueError as error:
+        raise UserError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a {type(config).__name__}, not a JSON object (the model's config)")
+    return config
 
 
 def check_model_folder(folder: Path | str) -> None:

@@ -9,7 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import MissingFileError, UserError
+from ..errors import UserError
 from .export import PROJECTIONS  # noqa: F401  (MRP: "layer.<l>" -> U [d, r])
 
 MASKS = "unlearn_masks.safetensors"               # SIMU: parameter name -> neuron mask
@@ -162,16 +162,9 @@ def check_causal_lm(path: Path, trust_remote_code: bool = False) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from . import export
-    from .folder_paths import check_model_folder
+    from .folder_paths import check_model_folder, read_config
 
-    if not (Path(path) / "config.json").is_file():
-        raise MissingFileError(f"{path} is not a model directory (no config.json)")
-    try:
-        raw = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}/config.json is not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}/config.json holds a {type(raw).__name__}, not a JSON object")
+    raw = read_config(path)
     check_model_folder(path)   # every file the folder names stays inside it
     if raw.get("model_type") == export.MODEL_TYPE:   # ours: check its base
         base = export.base_config_dict(raw).get("model_type")
@@ -239,10 +232,8 @@ def _load_local(path: Path | str, dtype=None, trust_remote_code: bool = False):
     from .layers import decoder_layers
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise MissingFileError(f"{path} is not a model directory (no config.json)")
+    projected = export.read_projected(path)   # reads config.json (models.folder_paths.read_config)
     check_model_folder(path)
-    projected = export.read_projected(path)
     if projected is None:
         check_causal_lm(path, trust_remote_code)
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .._extension import compiled, compiled_with_cuda
+from ..errors import UserError
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 _HALF_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,14 +58,14 @@ def backends(device: torch.device | str | None = None) -> dict[str, bool]:
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend for ``backend`` (which may be ``"auto"``); ValueError if unusable."""
+    """The concrete backend for ``backend`` (which may be ``"auto"``); UserError if unusable."""
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         return next(name for name in order if available(name, device, dtype))
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        raise UserError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if not available(backend, device, dtype):
-        raise ValueError(
+        raise UserError(
             f"backend={backend!r} cannot run on {device.type} tensors of dtype {dtype}; "
             f"available here: {[b for b, ok in backends(device).items() if ok]}"
         )
