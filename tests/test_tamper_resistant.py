@@ -141,7 +141,8 @@ def test_tamper_points_read_only_the_last_attack_steps(base, texts):
     (dict(adversary_lrs=(0.0, 1e-3)), "0 < low <= high"),
     (dict(tamper_loss="kl"), "tamper_loss must be one of nll, entropy"),
     (dict(adversary_steps=2, tamper_points=3), "tamper_points must be in 0..adversary_steps=2"),
-    (dict(tamper_weight=-1.0), "tamper_weight and retain_weight must be >= 0"),
+    (dict(tamper_weight=-1.0), "tamper_weight must be >= 0"),
+    (dict(retain_weight=-1.0), "retain_weight must be >= 0"),
     (dict(adversary_update=["layers.9.mlp.*"]), "no parameter matches"),
 ])
 def test_bad_settings_are_refused(base, settings, message):

@@ -100,9 +100,9 @@ class TARConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_ranges(self, adversary_steps=">= 0", adversary_lrs="> 0", tamper_weight=">= 0", retain_weight=">= 0")
-        if self.adversary_lrs is not None and not self.adversary_lrs[0] <= self.adversary_lrs[1]:
-            raise UserError(f"setting adversary_lrs must be a range low <= high, got {self.adversary_lrs}")
+        check_ranges(self, adversary_steps=">= 0", tamper_weight=">= 0", retain_weight=">= 0")
+        if self.adversary_lrs is not None and not 0 < self.adversary_lrs[0] <= self.adversary_lrs[1]:
+            raise UserError(f"setting adversary_lrs must be a range 0 < low <= high, got {self.adversary_lrs}")
         if self.tamper_loss not in TAMPER_LOSSES:
             raise UserError(f"setting tamper_loss must be one of {', '.join(TAMPER_LOSSES)}, got {self.tamper_loss!r}")
         if not 0 <= self.tamper_points <= self.adversary_steps:

@@ -204,9 +204,18 @@ def quiet_transformers():
 
 def load_local(path: Path | str, dtype=None, trust_remote_code: bool = False):
     """A causal LM and its tokenizer from a local folder (no network, no progress bars); see
-    :func:`_load_local`."""
+    :func:`_load_local`. What transformers or safetensors cannot read in the folder (a missing
+    weight or tokenizer file, a truncated shard) is a UserError naming the folder."""
+    from safetensors import SafetensorError
+
     with quiet_transformers():
-        return _load_local(path, dtype, trust_remote_code)
+        try:
+            return _load_local(path, dtype, trust_remote_code)
+        except UserError:
+            raise
+        except (OSError, SafetensorError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"{path}: the model cannot be loaded ({reason})") from error
 
 
 def _load_local(path: Path | str, dtype=None, trust_remote_code: bool = False):
