@@ -47,8 +47,6 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from ..errors import UserError
-
 # The base architecture of this folder (written by the exporter).
 BASE_MODEL_TYPE = "llama"
 BASE_ARCHITECTURE = "LlamaForCausalLM"
@@ -103,17 +101,17 @@ def read_bases(path: str, config) -> dict[int, torch.Tensor]:
     tensors = load_file(path)
     keys = {entry["key"] for entry in spec.values()}
     if set(tensors) != keys:
-        raise UserError(f"{path} holds {sorted(tensors)}, config.json lists {sorted(keys)}")
+        raise ValueError(f"{path} holds {sorted(tensors)}, config.json lists {sorted(keys)}")
     bases = {}
     for layer, entry in spec.items():
         u = tensors[entry["key"]]
         if u.dim() != 2 or u.shape != (config.hidden_size, entry["rank"]):
-            raise UserError(f"{entry['key']}: shape {tuple(u.shape)}, "
-                            f"expected ({config.hidden_size}, {entry['rank']})")
+            raise ValueError(f"{entry['key']}: shape {tuple(u.shape)}, "
+                             f"expected ({config.hidden_size}, {entry['rank']})")
         u64 = u.to(torch.float64)
         error = float((u64.T @ u64 - torch.eye(u.shape[1], dtype=torch.float64)).abs().max())
         if not error <= ORTHONORMAL_TOL:
-            raise UserError(f"{entry['key']}: the basis is not orthonormal (max |UᵀU − I| = {error:.3g})")
+            raise ValueError(f"{entry['key']}: the basis is not orthonormal (max |UᵀU − I| = {error:.3g})")
         bases[int(layer)] = u.to(torch.float32)
     return bases
 
@@ -170,13 +168,13 @@ class UnlearnProjectedForCausalLM(BaseForCausalLM):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if kwargs.get("push_to_hub"):
-            raise UserError("save_pretrained(push_to_hub=True) would upload the folder before "
-                            f"{PROJECTIONS_FILE} is written: save locally, then upload the whole folder")
+            raise ValueError("save_pretrained(push_to_hub=True) would upload the folder before "
+                             f"{PROJECTIONS_FILE} is written: save locally, then upload the whole folder")
         listed = {int(k) for k in self.config.unlearning["projections"]}
         if set(self.unlearn_projections) != listed:
-            raise UserError(f"config.json lists projections after layers {sorted(listed)}, the model has "
-                            f"{sorted(self.unlearn_projections)}: refusing to save a folder that would "
-                            "load differently from this model")
+            raise ValueError(f"config.json lists projections after layers {sorted(listed)}, the model has "
+                             f"{sorted(self.unlearn_projections)}: refusing to save a folder that would "
+                             "load differently from this model")
         _take_base_weight_renamings()
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
