@@ -62,7 +62,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MissingFileError, UserError
+from .errors import MissingFileError, UserError, path_error
 from .models.roles import default_layer
 
 METHODS = ("RMU", "AdaptiveRMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO", "SO-GradDiff")
@@ -309,12 +309,14 @@ def _ranks(name: str, m: dict, gpus: int, prefix_only: bool) -> str:
 
 
 def read_config(path) -> dict:
-    """The JSON object in ``path``; FileNotFoundError / ValueError (one line) otherwise."""
+    """The JSON in ``path``; a UserError (one line) when it is missing, unreadable or not JSON."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no config file {path}")
     try:
         return json.loads(path.read_text())
+    except OSError as error:
+        raise path_error(path, error) from None
     except ValueError as error:
         raise UserError(f"{path} is not valid JSON ({error})") from None
 
