@@ -80,20 +80,22 @@ def C(case, argv, words, marks=()):
     return pytest.param(argv, words, id=case, marks=marks)
 
 
-# C(case, argv from the data folder, words the one line must hold)
+# C(case, argv built in the data folder, words the one line must hold)
 CASES = [
     C("yaml model: 5", lambda d: yaml_config(d, "model: 5\nmethod: GradDiff\n" + RUN_YAML), ["run.yaml", "model"]),
     C("yaml method: [RMU]", lambda d: yaml_config(d, "model: {model}\nmethod: [RMU]\n" + RUN_YAML),
-     ["run.yaml", "method"]),
-    C("yaml settings: [..]", lambda d: yaml_config(d, "model: {model}\nmethod: GradDiff\nsettings: [lr, 1]\n" + RUN_YAML),
-     ["run.yaml", "settings"]),
-    C("yaml malformed", lambda d: yaml_config(d, "model: [unclosed\nmethod: GradDiff\n"), ["run.yaml", "YAML"]),
-    C("--device cuda", lambda d: run_args(d, extra=["--device", "cuda"]), ["--device cuda"],
-                 marks=no_cuda),
+      ["run.yaml", "method must be a method name"]),
+    C("yaml settings: [..]",
+      lambda d: yaml_config(d, "model: {model}\nmethod: GradDiff\nsettings: [lr, 1]\n" + RUN_YAML),
+      ["run.yaml", "settings must be a mapping"]),
+    C("yaml malformed", lambda d: yaml_config(d, "model: [unclosed\nmethod: GradDiff\n"),
+      ["run.yaml", "YAML", "line 2"]),
+    C("--device cuda", lambda d: run_args(d, extra=["--device", "cuda"]), ["--device cuda"], marks=no_cuda),
     C("eval --device cuda", lambda d: ["eval", "--model", str(MODEL), "--device", "cuda", "--questions",
-                                                  str(d / "forget.txt")], ["--device cuda"], marks=no_cuda),
-    C("demo --threads 0", lambda d: ["demo", "--threads", "0", "--out", str(d / "demo")], ["--threads"]),
-    C("hessian_interval=0", lambda d: run_args(d, "SO-GradDiff", "hessian_interval=0"), ["hessian_interval", ">= 1"]),
+                                       str(d / "forget.txt")], ["--device cuda"], marks=no_cuda),
+    C("demo --threads 0", lambda d: ["demo", "--threads", "0", "--out", str(d / "demo")], ["--threads", ">= 1"]),
+    C("SO-GradDiff hessian_interval=0", lambda d: run_args(d, "SO-GradDiff", "hessian_interval=0"),
+      ["hessian_interval", ">= 1"]),
     C("NPO beta=0", lambda d: run_args(d, "NPO", "beta=0"), ["beta", "> 0"]),
     C("NPO beta<0", lambda d: run_args(d, "NPO", "beta=-1"), ["beta", "> 0"]),
     C("RMU alpha<0", lambda d: run_args(d, "RMU", "alpha=-1"), ["alpha", ">= 0"]),
@@ -102,12 +104,13 @@ CASES = [
     C("MRP stats_batches=0", lambda d: run_args(d, "MRP", "stats_batches=0"), ["stats_batches", ">= 1"]),
     C("SRMU stats_batches=0", lambda d: run_args(d, "SRMU", "stats_batches=0"), ["stats_batches", ">= 1"]),
     C("SIMU score_batches=0", lambda d: run_args(d, "SIMU", "score_batches=0"), ["score_batches", ">= 1"]),
-    C("checkpoint state.json a list", lambda d: checkpoint(d, state=[1, 2]), ["out.checkpoint"]),
+    C("checkpoint state.json a list", lambda d: checkpoint(d, state=[1, 2]),
+      ["out.checkpoint", "not an unlearn_kernels checkpoint"]),
     C("checkpoint state.json lacks keys", lambda d: checkpoint(d, state={"unlearn_kernels": {}, "format": 1}),
-     ["state.json", "step"]),
-    C("checkpoint tensors truncated", lambda d: checkpoint(d, truncate=True), ["tensors.safetensors"]),
-    C("config.json a list", lambda d: model_folder(d, "[1, 2]"), ["config.json", "list"]),
-    C("config.json a string", lambda d: model_folder(d, '"llama"'), ["config.json", "str"]),
+      ["state.json", "lacks", "step"]),
+    C("checkpoint tensors truncated", lambda d: checkpoint(d, truncate=True), ["tensors.safetensors", "damaged"]),
+    C("config.json a list", lambda d: model_folder(d, "[1, 2]"), ["config.json", "holds a list"]),
+    C("config.json a string", lambda d: model_folder(d, '"llama"'), ["config.json", "holds a str"]),
 ]
 
 

@@ -120,7 +120,8 @@ def _read_run_config(path: Path) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise UserError(f"--config {path} is not valid YAML ({where}{getattr(error, 'problem', None) or error})") from None
+        problem = getattr(error, "problem", None) or error
+        raise UserError(f"--config {path} is not valid YAML ({where}{problem})") from None
     keys = f"{', '.join(RUN_KEYS)} and settings"
     if not isinstance(config, dict):
         raise UserError(f"--config {path} must hold a mapping of {keys}, got a {type(config).__name__}")
@@ -517,6 +518,8 @@ def _run(args, debug: bool) -> int:
         parallel.let_rank0_speak()
         return 2 if isinstance(error, UserError) else 1
     except Exception:
+        if debug:
+            raise
         import traceback
 
         import unlearn_kernels
