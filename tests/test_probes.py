@@ -119,6 +119,7 @@ class Scripted:
 
     def restore(self, snapshot):
         self.state = -1 if snapshot is None else snapshot["state"]
+        self.restored = [*getattr(self, "restored", []), self.state]
 
 
 class ScriptedTarget(TargetController):
@@ -159,6 +160,40 @@ def test_progress_or_a_backtrack_is_not_a_stall():
     summary = drive(controller, method, 400)
     assert not any("lr_raised" in p for p in summary["trajectory"])
     assert summary["trajectory"][4]["backtrack"] == {"to_step": 149, "lr": 0.5}
+
+
+# --- the crossing is walked again in quarters ------------------------------------------------------
+def test_the_first_crossing_is_walked_again_from_the_point_before_it():
+    # measured every 40: step 79 reaches; the run returns to step 39 and measures every 10
+    method = Scripted([(1.0, 1.0), (0.8, 1.0), (0.2, 0.96), (0.6, 1.0), (0.28, 1.0)])
+    summary = drive(ScriptedTarget(SETS, target=0.3, every=40), method, 400)
+    assert [p["step"] for p in summary["trajectory"]] == [-1, 39, 79, 89, 99]
+    assert summary["trajectory"][2]["refine"] == {"to_step": 39, "every": 10}
+    # the nearer crossing keeps more (retain 1.0 against 0.96): it is saved
+    assert summary["reason"] == "target reached" and summary["best"]["step"] == 99
+    assert method.restored == [39, 99] and method.state == 99
+
+
+@pytest.mark.parametrize("after, best_step", [((0.25, 0.96), 79),    # reaches, keeps less: the first stays
+                                              ((0.5, 0.5), 79),      # breaks retain: the reached point stands
+                                              ((0.30, 1.0), 89)])    # keeps as much, nearer the target: saved
+def test_the_walk_ends_at_its_first_measured_point_that_reaches_or_breaks_retain(after, best_step):
+    method = Scripted([(1.0, 1.0), (0.8, 1.0), (0.2, 1.0), after])
+    summary = drive(ScriptedTarget(SETS, target=0.3, every=40), method, 400)
+    assert summary["reason"] == "target reached" and summary["reached"]
+    assert summary["best"]["step"] == best_step and method.state == best_step
+    assert summary["backtracks"] == 0 and [p["step"] for p in summary["trajectory"]] == [-1, 39, 79, 89]
+
+
+def test_no_walk_on_short_intervals_and_a_budget_that_ends_mid_walk_keeps_the_crossing():
+    method = Scripted([(1.0, 1.0), (0.8, 1.0), (0.2, 1.0)])
+    summary = drive(ScriptedTarget(SETS, target=0.3, every=7), method, 400)    # 7 < 2 x refine_min
+    assert [p["step"] for p in summary["trajectory"]] == [-1, 6, 13] and not any("refine" in p for p in
+                                                                                 summary["trajectory"])
+    method = Scripted([(1.0, 1.0), (0.8, 1.0), (0.2, 1.0), (0.6, 1.0), (0.5, 1.0)])
+    summary = drive(ScriptedTarget(SETS, target=0.3, every=40), method, 95)     # the budget ends at step 94
+    assert [p["step"] for p in summary["trajectory"]] == [-1, 39, 79, 89, 94]
+    assert summary["reason"] == "target reached" and summary["best"]["step"] == 79 and method.state == 79
 
 
 # --- --stop probe end to end ------------------------------------------------------------------------

@@ -125,6 +125,10 @@ class SignalController(TargetController):
     def goal(self) -> float:
         return self.rule.done_at
 
+    def _refines(self, previous: dict, best: dict, point: dict) -> bool:
+        """Never: the rule is measured every 1/``measures`` of the run, already near its crossing."""
+        return False
+
     # --- the summary ------------------------------------------------------------------------
     def describe(self) -> dict:
         base = self.trajectory[0]
