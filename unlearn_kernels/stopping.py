@@ -20,8 +20,9 @@ every ``every`` steps (a probe costs two forward passes, a few % of a step's wor
 the first point that meets the rule, backtracks to the best point with the learning rate
 halved when the drift limit is broken (as :class:`~unlearn_kernels.target.TargetController`
 does), and raises the learning rate when ``remaining`` stalls (``TargetController``'s rule,
-shared by every controller). The best point (lowest ``remaining`` among those that keep the
-retain set) is what the run leaves in the model; when the rule was not met the pipeline
+shared by every controller); it does not walk the crossing again (it measures often enough).
+The best point (lowest ``remaining`` among those that keep the retain set) is what the run
+leaves in the model; when the rule was not met the pipeline
 exits 3 with a one-line reason, as for a missed validation target.
 
 The thresholds are properties of the signals, not of a model; they were read off the shipped
