@@ -162,6 +162,24 @@ def test_progress_or_a_backtrack_is_not_a_stall():
     assert summary["trajectory"][4]["backtrack"] == {"to_step": 149, "lr": 0.5}
 
 
+class DearTarget(ScriptedTarget):
+    """Every evaluation costs far more than the run: the time share alone would never measure."""
+
+    def _evaluate(self, method, step):
+        point = super()._evaluate(method, step)
+        self._eval_time += 1e6
+        return {**point, "eval_s": 1e6}
+
+
+def test_a_dear_evaluation_is_still_made_every_eighth_of_the_planned_steps():
+    method = Scripted([(1.0, 1.0)] * 9, planned_steps=400)
+    summary = drive(DearTarget(SETS, target=0.3), method, 400)
+    assert [p["step"] for p in summary["trajectory"]] == [-1, 49, 99, 149, 199, 249, 299, 349, 399]
+    assert summary["reason"] == "budget exhausted"
+    with pytest.raises(ValueError, match="min_evals must be >= 1"):
+        TargetController(SETS, min_evals=0)
+
+
 # --- the crossing is walked again in quarters ------------------------------------------------------
 def test_the_first_crossing_is_walked_again_from_the_point_before_it():
     # measured every 40: step 79 reaches; the run returns to step 39 and measures every 10

@@ -47,10 +47,14 @@ a point, so a run that never kept retain while forgetting returns the model it s
 and says so) — never simply the last. :attr:`TargetController.summary` holds the trajectory, the reason and the best
 point; ``reached`` is False unless the target was measured to be reached.
 
-Evaluation costs at most ``max_share`` (15 %) of the run's time: with ``every=None`` the
-controller times every evaluation and evaluates again only when one more, costing what the last
-one did, keeps the time spent evaluating (the base evaluation included) within ``max_share`` of
-the time since the start; a fixed ``every`` evaluates every ``every`` steps. The last step is
+Evaluation costs at most ``max_share`` (15 %) of the run's time, with a floor: with
+``every=None`` the controller times every evaluation and evaluates again when one more, costing
+what the last one did, keeps the time spent evaluating (the base evaluation included) within
+``max_share`` of the time since the start — or when ``1 / min_evals`` (1/8) of the planned
+steps has passed since the last one, whatever it costs. Without the floor a short run whose
+evaluation is dear measured only its last step: SRMU on SmolLM2-135M (an evaluation of 69
+questions cost as much as 130 steps) went 600 steps unmeasured, past the target and the entangled limit, and
+kept the starting model. A fixed ``every`` evaluates every ``every`` steps. The last step is
 always measured (the saved point must be a measured one), so a short run may exceed the share
 by that one evaluation; the share actually spent is reported (``eval_share``).
 """
@@ -105,6 +109,7 @@ class TargetController:
     keep: float = 0.95                 # retain (and entangled) must stay >= keep x base
     every: int | None = None           # evaluate every N steps; None: adaptive, <= max_share of the time
     max_share: float = 0.15
+    min_evals: int = 8                 # adaptive: measure at least every planned_steps / min_evals steps
     backtracks: int = 3                # returns to the best point (lr halved) before "retain limit hit"
     window: int | None = None          # steps over which a stall is judged; None: 1/4 of the planned steps
     stall: float = 0.1                 # a window that closes less than this share of the gap is a stall
@@ -123,6 +128,8 @@ class TargetController:
             raise UserError(f"keep (the share of base retain accuracy to keep) must be in (0, 1], got {self.keep}")
         if self.every is not None and self.every < 1:
             raise UserError(f"validation every N steps needs N >= 1, got {self.every}")
+        if self.min_evals < 1:
+            raise UserError(f"min_evals must be >= 1, got {self.min_evals}")
         if not 0.0 < self.max_share < 1.0:
             raise UserError(f"max_share must be in (0, 1), got {self.max_share}")
         if self.window is not None and self.window < 1:
@@ -188,6 +195,7 @@ class TargetController:
         self._refined = False
         if self.window is None:
             self.window = max(1, getattr(method, "planned_steps", 60) // 4)
+        self._floor_every = max(1, getattr(method, "planned_steps", 60) // self.min_evals)
         self.trajectory = [self._evaluate(method, -1)]
         base = self.trajectory[0]
         self.check_start(base)
@@ -206,6 +214,8 @@ class TargetController:
             return (step - self._refine_from) % self._refine_every == 0
         if self.every is not None:
             return (step + 1) % self.every == 0
+        if step - self.trajectory[-1]["step"] >= self._floor_every:
+            return True
         # one more evaluation, costing about the last one, keeps the total share <= max_share
         elapsed = time.perf_counter() - self._started
         return self._eval_time + self._last_eval_s <= self.max_share * (elapsed + self._last_eval_s)
