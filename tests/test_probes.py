@@ -194,7 +194,8 @@ def test_the_first_crossing_is_walked_again_from_the_point_before_it():
 
 @pytest.mark.parametrize("after, best_step", [((0.25, 0.96), 79),    # reaches, keeps less: the first stays
                                               ((0.5, 0.5), 79),      # breaks retain: the reached point stands
-                                              ((0.30, 1.0), 89)])    # keeps as much, nearer the target: saved
+                                              ((0.30, 1.0), 89),     # keeps as much, nearer the target: saved
+                                              ((0.2, 1.0), 89)])     # a tie: the walk's point, nearer the crossing
 def test_the_walk_ends_at_its_first_measured_point_that_reaches_or_breaks_retain(after, best_step):
     method = Scripted([(1.0, 1.0), (0.8, 1.0), (0.2, 1.0), after])
     summary = drive(ScriptedTarget(SETS, target=0.3, every=40), method, 400)

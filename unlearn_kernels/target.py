@@ -175,14 +175,17 @@ class TargetController:
     def better(self, point: dict, best: dict) -> bool:
         """Whether ``point`` (which keeps retain) replaces ``best`` as the point to save: a point
         that reaches beats one that does not; of two that reach, the one that keeps more, then
-        the one nearer the target; of two that do not, the lower forget accuracy."""
+        the one nearer the target, then the walk's (fewer steps past the crossing); of two that
+        do not, the lower forget accuracy."""
         if self.reaches(point) != self.reaches(best):
             return self.reaches(point)
         if self.reaches(point):
             kept, kept_best = self.kept(point), self.kept(best)
             if abs(kept - kept_best) > 1e-12:
                 return kept > kept_best
-            return self.score(point) > self.score(best) + 1e-12
+            if abs(self.score(point) - self.score(best)) > 1e-12:
+                return self.score(point) > self.score(best)
+            return self._refined      # a tie: the walk's point is the nearer the crossing
         return self.score(point) < self.score(best) - 1e-12
 
     # --- the monitor protocol of UnlearningMethod.fit ----------------------------------------
