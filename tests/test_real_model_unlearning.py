@@ -21,10 +21,10 @@ The test split measures the same kind of fact with other questions (every capita
 ``forget.txt``; the split decides which questions score the run), so its forget accuracy differs
 from the controller's by sampling noise: 32 test questions at p = 0.3 have a binomial standard
 error of 0.08 (three questions), and the controller stops at the first measured point under the
-target, so the val number is biased low. RMU measured 0.238 on val and 0.375 (12/32) on test;
-``FORGET_BOUND`` = chance + 0.15 = 0.40 is the target (0.30) plus a little more than one
-standard error, and far below the base model's 1.0; chance + 0.10 (0.35) fails on RMU's 12/32
-by one question.
+target, so the val number is biased low. RMU measured 0.238 on val and 0.344 (11/32) on test,
+SRMU 0.286 and 0.375 (12/32); ``FORGET_BOUND`` = chance + 0.15 = 0.40 is the target (0.30) plus
+a little more than one standard error, and far below the base model's 1.0; chance + 0.10 (0.35)
+fails on SRMU's 12/32 by one question.
 
 Base accuracy on every question file is 1.0 by construction (``assets/real-knowledge/README.md``:
 a question is kept only when the base model answers it with a margin; measured there with
@@ -38,7 +38,9 @@ it; on the test split it is the number to watch, not a pass/fail line.
 
 Cost, measured 2026-12-06 as CPU time of one thread on a shared 2-core machine (README, "A
 real pretrained model"): RMU 291 s run + 36 s lm-eval, SRMU 131 s + 35 s, NPO 111 s + 30 s,
-about 630 s in all. That machine's load (8-12 on 2 cores) made wall times 4-5 x longer, so the
+about 630 s in all, before the controller walked the crossing again (RMU now stops at step 335
+instead of 299, SRMU at 135 instead of 99, each with three or four more evaluations: about
++150 s). That machine's load (8-12 on 2 cores) made wall times 4-5 x longer, so the
 tier's 6-minute bound on an idle 2-core runner is an estimate here, not a measurement. One
 evaluation of the 69 val questions costs about 28 s, as much as 120 RMU steps, hence
 ``val_every=50``: the adaptive schedule (evaluations <= 15 % of the time) would measure only the
