@@ -44,8 +44,9 @@ reach the target, the one that keeps the most (the lowest of its retain and enta
 as a share of base; then the forget accuracy nearest the target); before any point reaches, the
 lowest forget accuracy among the points that keep the retain set (the starting model counts as
 a point, so a run that never kept retain while forgetting returns the model it started from,
-and says so) — never simply the last. :attr:`TargetController.summary` holds the trajectory, the reason and the best
-point; ``reached`` is False unless the target was measured to be reached.
+and says so) — never simply the last. :attr:`TargetController.summary` holds the trajectory,
+the reason and the best point; ``reached`` is False unless the target was measured to be
+reached.
 
 Evaluation costs at most ``max_share`` (15 %) of the run's time, with a floor: with
 ``every=None`` the controller times every evaluation and evaluates again when one more, costing
@@ -53,8 +54,8 @@ what the last one did, keeps the time spent evaluating (the base evaluation incl
 ``max_share`` of the time since the start — or when ``1 / min_evals`` (1/8) of the planned
 steps has passed since the last one, whatever it costs. Without the floor a short run whose
 evaluation is dear measured only its last step: SRMU on SmolLM2-135M (an evaluation of 69
-questions cost as much as 130 steps) went 600 steps unmeasured, past the target and the entangled limit, and
-kept the starting model. A fixed ``every`` evaluates every ``every`` steps. The last step is
+questions cost as much as 130 steps) went 600 steps unmeasured, past the target and the
+entangled limit, and kept the starting model. A fixed ``every`` evaluates every ``every`` steps. The last step is
 always measured (the saved point must be a measured one), so a short run may exceed the share
 by that one evaluation; the share actually spent is reported (``eval_share``).
 """
