@@ -142,6 +142,16 @@ def test_demos_check_their_outputs_before_loading(tmp_path, no_loading, monkeypa
     assert (tmp_path / "results.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize("track,where", [("llm", ""), ("classifier", "classifier")])
+def test_demo_command_refuses_before_any_work(capsys, tmp_path, no_loading, track, where):
+    (tmp_path / where).mkdir(exist_ok=True)
+    (tmp_path / where / "results.json").write_text("{}")
+    code = cli.main(["demo", "--track", track, "--out", str(tmp_path), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2 and "results.json exists and is not an output" in captured.err
+    assert "Self-check" not in captured.out and (tmp_path / where / "results.json").read_text() == "{}"
+
+
 # --- the Python API ------------------------------------------------------------------------------
 @pytest.fixture()
 def model_copy(tmp_path):

@@ -83,6 +83,14 @@ def _demo(args) -> int:
     # The embedded models are far too small to gain from intra-op threads, and spinning
     # OpenMP threads slow down badly when anything else shares the cores.
     torch.set_num_threads(args.threads)
+    if args.track == "classifier":     # every output, before any work
+        from .classifier.demo import check_outputs
+
+        check_outputs(Path(args.out) / "classifier", args.overwrite)
+    else:
+        from .demo import check_outputs
+
+        check_outputs(args.out, args.methods, args.full, overwrite=args.overwrite)
     _info(args)
     print("\nSelf-check of the kernels against the plain-PyTorch reference:")
     ok = selfcheck.run()

@@ -79,22 +79,11 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
         model_path: Path | str = tiny.ASSET_DIR, oracle_path: Path | str | None = tiny.ORACLE_DIR,
         progress: bool = True, out=print, overwrite: bool = False) -> list[dict]:
     """Every run of the module docstring; returns the table rows (also in ``results.json``).
-    Every output in ``out_dir`` must be new or, with ``overwrite``, a previous output of ours
-    (checked before any model is loaded)."""
+    The outputs are checked first (:func:`check_outputs`)."""
     methods = list(DEMO_SETTINGS) if methods is None else list(methods)
-    unknown = [m for m in methods if m not in DEMO_SETTINGS]
-    if unknown:
-        raise UserError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
     overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
     out_dir = Path(out_dir)
-    inputs = [p for p in (model_path, oracle_path) if p is not None]
-    for overlap in overlaps:   # before any model is loaded: nothing in the way that is not ours to replace
-        for name, knob, value in runs(methods, full):
-            check_output_path(_run_folder(out_dir, overlap, name, knob, value), inputs, overwrite=overwrite)
-        for name in ("forget", "retain"):
-            check_output_file(_data_folder(out_dir, overlap) / f"{name}.jsonl", inputs, overwrite=overwrite)
-    for name in ("results.json", "tradeoff.png"):
-        check_output_file(out_dir / name, inputs, overwrite=overwrite)
+    check_outputs(out_dir, methods, full, overlaps, overwrite, inputs=[model_path, oracle_path])
     base, tokenizer = tiny.load(model_path)
     oracle_model = tiny.load(oracle_path)[0] if oracle_path is not None else None
     rows = []
@@ -125,6 +114,26 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
     plot(rows, out_dir / "tradeoff.png", overwrite)
     out(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'tradeoff.png'}")
     return rows
+
+
+def check_outputs(out_dir: Path | str, methods=None, full: bool = False, overlaps=None, overwrite: bool = False,
+                  inputs=(tiny.ASSET_DIR, tiny.ORACLE_DIR)) -> None:
+    """UserError for an unknown method, or an output in ``out_dir`` that is not new and not,
+    with ``overwrite``, a previous output of ours (``models.output_dir``, ``models.output_file``);
+    the CLI calls it before any work."""
+    methods = list(DEMO_SETTINGS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in DEMO_SETTINGS]
+    if unknown:
+        raise UserError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
+    overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
+    out_dir, inputs = Path(out_dir), [p for p in inputs if p is not None]
+    for overlap in overlaps:
+        for name, knob, value in runs(methods, full):
+            check_output_path(_run_folder(out_dir, overlap, name, knob, value), inputs, overwrite=overwrite)
+        for name in ("forget", "retain"):
+            check_output_file(_data_folder(out_dir, overlap) / f"{name}.jsonl", inputs, overwrite=overwrite)
+    for name in ("results.json", "tradeoff.png"):
+        check_output_file(out_dir / name, inputs, overwrite=overwrite)
 
 
 def _data_folder(out_dir: Path, overlap: float) -> Path:

