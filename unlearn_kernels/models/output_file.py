@@ -18,6 +18,9 @@ How a file is recognised as ours — by its content, whatever its name:
   rows stay rows; with no rows the file is that one marker row);
 - PNG: a ``Software`` text chunk starting with ``unlearn_kernels`` (matplotlib's ``metadata``).
 
+At most the first 64 MiB of a file are read to tell (a JSON file larger than that is not
+recognised, so it is refused).
+
 Other files (plain text) carry no marker: they are written only where they are new.
 Refusals are :class:`~unlearn_kernels.models.output_dir.OutputPathError` (a UserError, one line
 naming the path). Check all outputs of a command with :func:`check_output_file` before any
@@ -35,6 +38,7 @@ from pathlib import Path
 from .output_dir import MARKER, OutputPathError, _fsync_dir, _overlaps, marker, umask
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+READ_LIMIT = 64 << 20     # a JSON output larger than this is not recognised (refused), JSON lines are
 
 
 def is_our_file(path: Path | str) -> bool:
@@ -44,8 +48,8 @@ def is_our_file(path: Path | str) -> bool:
             head = f.read(len(PNG_SIGNATURE))
             if head == PNG_SIGNATURE:
                 return _png_software(f).startswith(MARKER)
-            text = (head + f.read()).decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+            text = (head + f.read(READ_LIMIT)).decode("utf-8", errors="replace")   # never a whole model
+    except OSError:
         return False
     for candidate in (text, text.split("\n", 1)[0]):     # JSON, then the first row of JSON lines
         try:
