@@ -83,6 +83,14 @@ def _demo(args) -> int:
     # The embedded models are far too small to gain from intra-op threads, and spinning
     # OpenMP threads slow down badly when anything else shares the cores.
     torch.set_num_threads(args.threads)
+    if args.track == "classifier":     # every output, before any work
+        from .classifier.demo import check_outputs
+
+        check_outputs(Path(args.out) / "classifier", args.overwrite)
+    else:
+        from .demo import check_outputs
+
+        check_outputs(args.out, args.methods, args.full, overwrite=args.overwrite)
     _info(args)
     print("\nSelf-check of the kernels against the plain-PyTorch reference:")
     ok = selfcheck.run()
@@ -90,13 +98,14 @@ def _demo(args) -> int:
         from .classifier import demo
 
         print("\nClass-wise unlearning of the embedded digits CNN:")
-        demo.run(Path(args.out) / "classifier", methods=args.methods, progress=not args.quiet)
+        demo.run(Path(args.out) / "classifier", methods=args.methods, progress=not args.quiet,
+                 overwrite=args.overwrite)
     else:
         from . import demo
 
         print("\nUnlearning the embedded model (entangled-knowledge benchmark, chance = 0.25):")
         demo.run(args.out, methods=args.methods, relearn_steps=args.relearn_steps, full=args.full,
-                 progress=not args.quiet)
+                 progress=not args.quiet, overwrite=args.overwrite)
     return 0 if ok else 1
 
 
@@ -218,6 +227,8 @@ def _eval(args) -> int:
     from .models.io import write_json_atomic, write_jsonl_atomic
 
     files.check_device(args.device)
+    check_outputs(args, {"--json": args.json, "--log-samples": args.log_samples},
+                  [args.model, *args.questions, args.mia_forget, args.mia_holdout, args.mia_reference, args.oracle])
     if not args.questions and not args.mia_forget:
         raise UserError("eval needs --questions FILE (or --mia-forget/--mia-holdout)")
     if bool(args.mia_forget) != bool(args.mia_holdout):
@@ -271,7 +282,7 @@ def _eval(args) -> int:
             raise UserError("--oracle compares answers to --questions: give the forget questions")
         payload["oracle"] = _against_oracle(model, tokenizer, *others[args.oracle], args, question_sets)
     if args.log_samples:
-        write_jsonl_atomic(args.log_samples, samples)
+        write_jsonl_atomic(args.log_samples, samples, overwrite=args.overwrite)
     if quiet:
         print(json.dumps(payload, indent=2, default=str))
         return 0
@@ -283,7 +294,7 @@ def _eval(args) -> int:
         print(f"{name}: acc {r['acc']:.3f} vs oracle {r['oracle_acc']:.3f}; forget quality (KS p of the truth "
               f"ratios against the oracle's) {r['forget_quality']:.3g}")
     if args.json:
-        write_json_atomic(args.json, payload)
+        write_json_atomic(args.json, payload, overwrite=args.overwrite)
         print(f"wrote {args.json}")
     if args.log_samples:
         print(f"wrote {len(samples)} samples to {args.log_samples}")
@@ -319,6 +330,7 @@ def _relearn(args) -> int:
     from .models.io import save_figure_atomic, write_json_atomic
 
     files.check_device(args.device)
+    check_outputs(args, {"--json": args.json, "--plot": args.plot}, [args.model, args.train, args.questions])
     texts = read_texts(args.train, args.text_field)
     questions = read_multiple_choice(args.questions, limit=args.limit)
     model, tokenizer = files.load_model(args.model, args.device, args.dtype, args.trust_remote_code)
@@ -338,12 +350,28 @@ def _relearn(args) -> int:
     print(f"held-out accuracy {result['initial_acc']:.3f} before the attack, at most {result['max_acc']:.3f} after "
           f"(lr {result['best_lr']:g}, {len(questions)} questions, {len(texts)} attack texts)")
     if args.json:
-        write_json_atomic(args.json, payload)
+        write_json_atomic(args.json, payload, overwrite=args.overwrite)
         print(f"wrote {args.json}")
     if args.plot:
-        save_figure_atomic(_relearn_figure(result), args.plot)
+        save_figure_atomic(_relearn_figure(result), args.plot, overwrite=args.overwrite)
         print(f"wrote {args.plot}")
     return 0
+
+
+def check_outputs(args, outputs: dict, inputs) -> None:
+    """Every output file of a command (flag -> path; '-' is stdout) may be written
+    (``models.output_file``: not an input, new or ours with ``--overwrite``, each its own path);
+    checked before any model is loaded."""
+    from .models.output_dir import OutputPathError
+    from .models.output_file import check_output_file
+
+    seen = {}
+    for flag, path in outputs.items():
+        if path and path != "-":
+            out = check_output_file(path, [p for p in inputs if p], overwrite=args.overwrite, flag=flag)
+            if out in seen:
+                raise OutputPathError(f"{flag} {out} is also {seen[out]}: give each output its own path")
+            seen[out] = flag
 
 
 def _relearn_figure(result: dict):
@@ -400,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                            "(about 45 min on 2 cores)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a previous demo's outputs in --out")
     demo.set_defaults(func=_demo)
     methods = sub.add_parser("methods", help="list the methods, or one method's settings")
     methods.add_argument("name", nargs="?")
@@ -479,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--mia-reference", help="reference model directory (the retrained one) for PrivLeak")
     evaluate.add_argument("--oracle", help="the model retrained without the forget data: its accuracy beside the "
                                            "model's and the forget quality (KS p-value of their truth ratios)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace output files that hold a previous output of unlearn_kernels")
     evaluate.set_defaults(func=_eval)
     relearn = sub.add_parser("relearn", help="relearning attack (RTT): fine-tune on some facts, score held-out ones")
     _model_options(relearn)
@@ -492,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     relearn.add_argument("--limit", type=int, help="first N questions")
     relearn.add_argument("--json", help="write the curves as JSON here ('-': print only the JSON)")
     relearn.add_argument("--plot", help="write the curves as a PNG here")
+    relearn.add_argument("--overwrite", action="store_true",
+                         help="replace output files that hold a previous output of unlearn_kernels")
     relearn.set_defaults(func=_relearn)
     args = parser.parse_args(argv)
     return _run(args, debug=args.debug or bool(os.environ.get("UNLEARN_KERNELS_TRACEBACK")))

@@ -33,6 +33,7 @@ from .eval.suite import Split, compare, evaluate, measure
 from .methods import registry
 from .models import tiny
 from .models.output_dir import check_output_path
+from .models.output_file import check_output_file
 from .models.io import load_local, save_figure_atomic, write_json_atomic, write_jsonl_atomic
 from .pipeline import RunConfig
 from .pipeline import run as unlearn
@@ -76,17 +77,13 @@ def runs(methods, full: bool) -> list[tuple[str, str, object]]:
 
 def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_steps: int = 30, full: bool = False,
         model_path: Path | str = tiny.ASSET_DIR, oracle_path: Path | str | None = tiny.ORACLE_DIR,
-        progress: bool = True, out=print) -> list[dict]:
-    """Every run of the module docstring; returns the table rows (also in ``results.json``)."""
+        progress: bool = True, out=print, overwrite: bool = False) -> list[dict]:
+    """Every run of the module docstring; returns the table rows (also in ``results.json``).
+    The outputs are checked first (:func:`check_outputs`)."""
     methods = list(DEMO_SETTINGS) if methods is None else list(methods)
-    unknown = [m for m in methods if m not in DEMO_SETTINGS]
-    if unknown:
-        raise UserError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
     overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
     out_dir = Path(out_dir)
-    for overlap in overlaps:   # before any model is loaded: a folder in the way is not ours to replace
-        for name, knob, value in runs(methods, full):
-            check_output_path(_run_folder(out_dir, overlap, name, knob, value), [model_path], overwrite=True)
+    check_outputs(out_dir, methods, full, overlaps, overwrite, inputs=[model_path, oracle_path])
     base, tokenizer = tiny.load(model_path)
     oracle_model = tiny.load(oracle_path)[0] if oracle_path is not None else None
     rows = []
@@ -100,12 +97,12 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
         if oracle is not None:
             rows.append({"overlap": overlap, "method": "oracle", "knob": None, "value": None, "time_s": 0.0,
                          **compare(oracle, oracle, base_result)})
-        data = _write_split(split, out_dir / "data" / f"overlap-{overlap:g}")
+        data = _write_split(split, _data_folder(out_dir, overlap), overwrite)
         for name, knob, value in runs(methods, full):
             result = unlearn(RunConfig(model=str(model_path), method=name, out=str(_run_folder(out_dir, overlap, name,
                                                                                                knob, value)),
                                        settings={**DEMO_SETTINGS[name], knob: value, "progress": progress},
-                                       stop="fixed", device="cpu", overwrite=True, **data))
+                                       stop="fixed", device="cpu", overwrite=overwrite, **data))
             model = load_local(result.out)[0]
             rows.append({"overlap": overlap, "method": name, "knob": knob, "value": value,
                          "time_s": result.report["wall_time_s"], "folder": str(result.out),
@@ -113,18 +110,43 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
                                     base=base_result)})
     out(table(rows))
     out(verdict(rows))
-    write_json_atomic(out_dir / "results.json", {"rows": rows, "chance": 0.25})
-    plot(rows, out_dir / "tradeoff.png")
+    write_json_atomic(out_dir / "results.json", {"rows": rows, "chance": 0.25}, overwrite=overwrite)
+    plot(rows, out_dir / "tradeoff.png", overwrite)
     out(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'tradeoff.png'}")
     return rows
 
 
-def _write_split(split: Split, folder: Path) -> dict:
+def check_outputs(out_dir: Path | str, methods=None, full: bool = False, overlaps=None, overwrite: bool = False,
+                  inputs=(tiny.ASSET_DIR, tiny.ORACLE_DIR)) -> None:
+    """UserError for an unknown method, or an output in ``out_dir`` that is not new and not,
+    with ``overwrite``, a previous output of ours (``models.output_dir``, ``models.output_file``);
+    the CLI calls it before any work."""
+    methods = list(DEMO_SETTINGS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in DEMO_SETTINGS]
+    if unknown:
+        raise UserError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
+    overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
+    out_dir, inputs = Path(out_dir), [p for p in inputs if p is not None]
+    for overlap in overlaps:
+        for name, knob, value in runs(methods, full):
+            check_output_path(_run_folder(out_dir, overlap, name, knob, value), inputs, overwrite=overwrite)
+        for name in ("forget", "retain"):
+            check_output_file(_data_folder(out_dir, overlap) / f"{name}.jsonl", inputs, overwrite=overwrite)
+    for name in ("results.json", "tradeoff.png"):
+        check_output_file(out_dir / name, inputs, overwrite=overwrite)
+
+
+def _data_folder(out_dir: Path, overlap: float) -> Path:
+    return out_dir / "data" / f"overlap-{overlap:g}"
+
+
+def _write_split(split: Split, folder: Path, overwrite: bool = False) -> dict:
     """The split's forget and retain texts as JSON-lines files (the ``text`` field) in
     ``folder``: the pipeline's ``forget`` and ``retain`` arguments."""
     files = {}
     for name, texts in (("forget", split.forget_texts), ("retain", split.retain_texts)):
-        files[name] = [str(write_jsonl_atomic(folder / f"{name}.jsonl", [{"text": t} for t in texts]))]
+        files[name] = [str(write_jsonl_atomic(folder / f"{name}.jsonl", [{"text": t} for t in texts],
+                                                          overwrite=overwrite))]
     return files
 
 
@@ -207,7 +229,7 @@ def _srmu_vs_rmu(at: list[dict], overlap: float) -> list[str]:
             f"RMU: {'; '.join(parts)}."]
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, overwrite: bool = False) -> None:
     """Per split: forget vs retain accuracy and forget accuracy vs recovery (or relearned
     accuracy where there is no oracle), one curve per method through its sweep, the oracle as a
     star and the base model (forget 1.0, off to the right) as a dotted line (atomic write)."""
@@ -250,4 +272,4 @@ def plot(rows: list[dict], path: Path) -> None:
                    else "relearned held-out forget accuracy",
                    title=f"{overlap:.0%} overlap: forget vs " + ("recovery" if with_oracle else "relearning"))
     fig.tight_layout()
-    save_figure_atomic(fig, path, dpi=100)
+    save_figure_atomic(fig, path, dpi=100, overwrite=overwrite)

