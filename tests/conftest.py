@@ -78,3 +78,15 @@ def wait_for_checkpoint_step(run, state, step: int, timeout: float = 300.0) -> N
             pass
         time.sleep(0.05)
 
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Any model load fails the test: refusals must come before it (``models.io._load_local`` is
+    what every loader ends in)."""
+    import unlearn_kernels.models.io as io
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(io, "_load_local", fail)

@@ -31,17 +31,6 @@ def unlearn(capsys, data, out, *extra, model=MODEL, method="GradAscent"):
     return code, captured.err
 
 
-@pytest.fixture()
-def no_loading(monkeypatch):
-    """Any attempt to load the model fails the test: refusals must come first."""
-    import unlearn_kernels.models.io as io
-
-    def fail(*a, **k):
-        raise AssertionError("the model was loaded before the output path was checked")
-
-    monkeypatch.setattr(io, "load_local", fail)
-
-
 def test_a_folder_of_user_files_is_refused_before_any_work(capsys, data, no_loading):
     out = data / "notes"
     out.mkdir()

@@ -58,17 +58,6 @@ def run(capsys, argv):
     return code, captured.err
 
 
-@pytest.fixture()
-def no_loading(monkeypatch):
-    """Any model load fails the test: refusals come first."""
-    import unlearn_kernels.models.io as io
-
-    def fail(*a, **k):
-        raise AssertionError("a model was loaded before the outputs were checked")
-
-    monkeypatch.setattr(io, "_load_local", fail)
-
-
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("flag", COMMANDS)
 def test_refused_targets_stay_as_they_were(capsys, inputs, no_loading, flag, target):

@@ -30,7 +30,6 @@ from pathlib import Path
 from .data import entangled
 from .errors import UserError
 from .eval.suite import Split, compare, evaluate, measure
-from .methods import registry
 from .models import tiny
 from .models.output_dir import check_output_path
 from .models.output_file import check_output_file
@@ -81,7 +80,7 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
     """Every run of the module docstring; returns the table rows (also in ``results.json``).
     The outputs are checked first (:func:`check_outputs`)."""
     methods = list(DEMO_SETTINGS) if methods is None else list(methods)
-    overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
+    overlaps = _splits(full, overlaps)
     out_dir = Path(out_dir)
     check_outputs(out_dir, methods, full, overlaps, overwrite, inputs=[model_path, oracle_path])
     base, tokenizer = tiny.load(model_path)
@@ -125,15 +124,19 @@ def check_outputs(out_dir: Path | str, methods=None, full: bool = False, overlap
     unknown = [m for m in methods if m not in DEMO_SETTINGS]
     if unknown:
         raise UserError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
-    overlaps = tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
     out_dir, inputs = Path(out_dir), [p for p in inputs if p is not None]
-    for overlap in overlaps:
+    for overlap in _splits(full, overlaps):
         for name, knob, value in runs(methods, full):
             check_output_path(_run_folder(out_dir, overlap, name, knob, value), inputs, overwrite=overwrite)
         for name in ("forget", "retain"):
             check_output_file(_data_folder(out_dir, overlap) / f"{name}.jsonl", inputs, overwrite=overwrite)
     for name in ("results.json", "tradeoff.png"):
         check_output_file(out_dir / name, inputs, overwrite=overwrite)
+
+
+def _splits(full: bool, overlaps=None) -> tuple:
+    """The overlaps a demo runs: those given, else every one with ``full``, else the default."""
+    return tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
 
 
 def _data_folder(out_dir: Path, overlap: float) -> Path:
@@ -145,8 +148,8 @@ def _write_split(split: Split, folder: Path, overwrite: bool = False) -> dict:
     ``folder``: the pipeline's ``forget`` and ``retain`` arguments."""
     files = {}
     for name, texts in (("forget", split.forget_texts), ("retain", split.retain_texts)):
-        files[name] = [str(write_jsonl_atomic(folder / f"{name}.jsonl", [{"text": t} for t in texts],
-                                                          overwrite=overwrite))]
+        rows = [{"text": t} for t in texts]
+        files[name] = [str(write_jsonl_atomic(folder / f"{name}.jsonl", rows, overwrite=overwrite))]
     return files
 
 

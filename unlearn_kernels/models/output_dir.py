@@ -88,19 +88,21 @@ def weights_size(model_dir: Path | str) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
+def refuse_inputs(out: Path, inputs, flag: str, advice: str) -> None:
+    """OutputPathError when the resolved output ``out`` is, contains or sits inside one of
+    ``inputs`` (``flag`` and ``advice`` word the one line)."""
+    for item in inputs:
+        source = Path(item).expanduser().resolve()
+        if out == source or out in source.parents or source in out.parents:
+            where = "is" if out == source else "contains" if out in source.parents else "sits inside"
+            raise OutputPathError(f"{flag} {out} {where} the input {source}: {advice}")
 
 
 def check_output_path(out: Path | str, inputs=(), *, overwrite: bool = False,
                       needed_bytes: int | None = None) -> Path:
     """The resolved output path, or :class:`OutputPathError` saying why it may not be written."""
     out = Path(out).expanduser().resolve()
-    for item in inputs:
-        source = Path(item).expanduser().resolve()
-        if _overlaps(out, source):
-            where = ("is" if out == source else "contains" if out in source.parents else "sits inside")
-            raise OutputPathError(f"--out {out} {where} the input {source}: choose a separate output folder")
+    refuse_inputs(out, inputs, "--out", "choose a separate output folder")
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise OutputPathError(f"--out {out} exists and is not a folder: refusing to replace it")

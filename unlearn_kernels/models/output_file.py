@@ -35,7 +35,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from .output_dir import MARKER, OutputPathError, _fsync_dir, _overlaps, marker, umask
+from .output_dir import MARKER, OutputPathError, _fsync_dir, marker, refuse_inputs, umask
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 READ_LIMIT = 64 << 20     # a JSON output larger than this is not recognised (refused), JSON lines are
@@ -78,11 +78,7 @@ def check_output_file(path: Path | str, inputs=(), *, overwrite: bool = False, f
     may not be written: it overlaps an input, is a folder, or exists and is not a previous
     output of ours, or is one and ``overwrite`` is false."""
     out = Path(path).expanduser().resolve()
-    for item in inputs:
-        source = Path(item).expanduser().resolve()
-        if _overlaps(out, source):
-            where = "is" if out == source else "contains" if out in source.parents else "sits inside"
-            raise OutputPathError(f"{flag} {out} {where} the input {source}: choose another output path")
+    refuse_inputs(out, inputs, flag, "choose another output path")
     if out.is_dir():
         raise OutputPathError(f"{flag} {out} is a folder: give a file path")
     if out.exists() or Path(path).is_symlink():
