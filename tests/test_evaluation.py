@@ -85,6 +85,39 @@ def test_shared_context_equals_full_forwards(shipped, family, format):
         assert a == pytest.approx(b, abs=2e-5)
 
 
+def test_the_sharing_check_runs_once_per_model_and_its_verdict_sticks(shipped, monkeypatch):
+    """The first shared batch of a model is checked against full forwards once; later evaluations
+    of the same model object (its weights changed in between, as in a run) trust the verdict, a
+    new model object is checked again, and a failed check keeps that model on full forwards."""
+    from unlearn_kernels.eval import multiple_choice as mc
+
+    tokenizer = shipped[1]
+    qs = multi_token_questions() + bench_questions(12)
+    requests = build_requests(tokenizer, qs, "cloze")
+    calls = []
+    full = mc._Scorer.full
+    monkeypatch.setattr(mc._Scorer, "full", lambda self, pairs: calls.append(len(pairs)) or full(self, pairs))
+
+    model = random_model("llama", len(tokenizer))
+    first = score_requests(model, tokenizer, requests, batch_size=7)
+    assert len(calls) == 1                              # the check: one batch of full forwards
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    stats = {}
+    again = score_requests(model, tokenizer, requests, batch_size=7, stats=stats)
+    assert len(calls) == 1 and stats["shared_batches"] == stats["batches"] > 1   # trusted, still shared
+    assert again != first                                # the new weights were scored
+    score_requests(random_model("llama", len(tokenizer)), tokenizer, requests, batch_size=7)
+    assert len(calls) == 2                               # another model object: checked again
+
+    other = random_model("gpt2", len(tokenizer))
+    mc._SHARING_VERDICTS[other] = {(torch.float32, "cpu"): False}
+    stats = {}
+    score_requests(other, tokenizer, requests, batch_size=7, stats=stats)
+    assert stats["shared_batches"] == 0 and len(calls) == 2 + stats["batches"]
+
+
 def test_batch_size_and_order_do_not_change_scores(shipped):
     model, tokenizer = shipped
     qs = multi_token_questions() + bench_questions(20)

@@ -30,8 +30,11 @@ model's device and dtype); the choices of a question
 share one forward of their context (extended by the tokens all choices start with; its
 key/value cache is copied to each choice and the choices' remaining tokens run after it with
 explicit positions), and the first own token of every choice is read from that same forward,
-so choices that differ only in their last token (the ``mmlu`` letters) cost no second forward. The first shared batch is checked against a plain full
-forward; a model whose cache cannot be shared this way falls back to the full forwards.
+so choices that differ only in their last token (the ``mmlu`` letters) cost no second forward.
+The first shared batch a model (object, dtype and device) scores is checked against plain full
+forwards, once: the verdict is remembered for that model object, whose weights may change
+between evaluations (a run measures the same model many times) while its attention code does
+not. A model whose cache cannot be shared this way falls back to the full forwards.
 ``bfloat16``/``float16`` models run in their dtype; log-probabilities are taken in fp32
 (lm-eval takes them in the model's dtype, so its low-precision numbers are slightly noisier).
 """
@@ -41,6 +44,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,6 +58,8 @@ from .prompts import FORMATS, request
 DEFAULT_MAX_LENGTH = 2048
 TOKENIZER_INFINITY = 1000000000000000019884624838656
 _SHARING_TOLERANCE = 1e-3
+# model -> {(dtype, device): whether its shared-context scores matched full forwards}
+_SHARING_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # --- lm-eval's encoding rules ---------------------------------------------------------------
@@ -204,7 +210,11 @@ class _Scorer:
         # the key/value cache argument is ``cache`` from transformers 5.2x, ``past_key_values`` before
         self.cache_arg = next((n for n in ("cache", "past_key_values") if _accepts(model, n)), None)
         self.share = _accepts(model, "position_ids") and self.cache_arg is not None
-        self.checked = False
+        first = next(model.parameters())
+        self.setup = (first.dtype, str(first.device))
+        verdict = _SHARING_VERDICTS.get(model, {}).get(self.setup)
+        self.share = self.share and verdict is not False
+        self.checked = verdict is True
         self.shared_batches = 0
         self.keep_logits = _accepts(model, "logits_to_keep")  # the LM head only where it is read
 
@@ -271,21 +281,25 @@ class _Scorer:
             except (TypeError, AttributeError, ValueError, RuntimeError) as error:
                 warnings.warn(f"the context cache of {type(self.model).__name__} cannot be shared ({error}); "
                               "scoring every choice with its own forward", stacklevel=3)
-                self.share = False
+                self._remember(False)
             else:
                 self.shared_batches += 1
                 if self.checked:
                     return scores
                 reference = self._full_batch(batch)
                 worst = max(abs(a - b) / max(1.0, abs(b)) for s, t in zip(scores, reference) for a, b in zip(s, t))
-                self.checked = True
-                if worst <= _SHARING_TOLERANCE:
+                self._remember(worst <= _SHARING_TOLERANCE)
+                if self.share:
                     return scores
                 warnings.warn(f"sharing the context cache of {type(self.model).__name__} changes log-likelihoods "
                               f"by {worst:.2g}; scoring every choice with its own forward", stacklevel=3)
-                self.share = False
                 return reference
         return self._full_batch(batch)
+
+    def _remember(self, shares: bool) -> None:
+        """Whether this model (in this dtype, on this device) shares its context cache correctly."""
+        self.share, self.checked = shares, True
+        _SHARING_VERDICTS.setdefault(self.model, {})[self.setup] = shares
 
     def _full_batch(self, batch: list[Request]) -> list[list[float]]:
         flat = self.full([(r.context_ids, cont) for r in batch for cont in r.continuation_ids])
