@@ -2,6 +2,11 @@
 
 Without a GPU the Triton kernels run under the interpreter, which must be switched on
 before triton is imported; it handles fp32 only, so Triton is tested in fp32 on the CPU.
+
+Tiers (markers declared in pyproject.toml): ``gpu`` tests skip without CUDA; ``slow`` tests run
+only with ``--slow`` (``bash scripts/test.sh --slow``) or ``UNLEARN_KERNELS_SLOW=1``, so the
+default run (CI) stays within its time; ``distributed``, ``cuda_sim`` and ``real_model`` run by
+default and can be picked or left out with ``-m``.
 """
 
 import os
@@ -16,6 +21,21 @@ import pytest  # noqa: E402
 from unlearn_kernels.ops import _backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = config.getoption("--slow") or os.environ.get("UNLEARN_KERNELS_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow tier: run with --slow (bash scripts/test.sh --slow)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
 
 # Tolerances (atol, rtol) against the fp32 reference, per dtype of the inputs.
 TOLERANCES = {
@@ -38,10 +58,10 @@ def backend_cases():
         cases.append(("cuda", torch.device("cuda"), dtype))
     return [
         pytest.param(b, dev, dt, id=f"{b}-{str(dt).split('.')[-1]}",
-                     marks=pytest.mark.skipif(
+                     marks=([pytest.mark.gpu] if dev.type == "cuda" else []) + [pytest.mark.skipif(
                          not (dev.type != "cuda" or torch.cuda.is_available())
                          or not _backend.available(b, dev, dt),
-                         reason=f"backend {b} unavailable on {dev.type} here"))
+                         reason=f"backend {b} unavailable on {dev.type} here")])
         for b, dev, dt in cases
     ]
 
@@ -58,8 +78,9 @@ def device_of(backend: str) -> torch.device:
 
 
 # Every backend in fp32 (the dtype Triton's interpreter handles), skipped where it cannot run.
-FP32_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _backend.available(b, device_of(b), torch.float32),
-                                                          reason=f"{b} unavailable here"))
+FP32_BACKENDS = [pytest.param(b, marks=([pytest.mark.gpu] if b == "cuda" else []) + [
+                     pytest.mark.skipif(not _backend.available(b, device_of(b), torch.float32),
+                                        reason=f"{b} unavailable here")])
                  for b in ("cpu", "torch", "triton", "cuda")]
 
 

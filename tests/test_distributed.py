@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 METHODS = ["RMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+pytestmark = pytest.mark.distributed
 
 
 # --standalone: torchrun binds a free port for its rendezvous itself (no pick-then-bind race)

@@ -12,7 +12,7 @@ from unlearn_kernels.methods import registry
 from unlearn_kernels.models import tiny
 from unlearn_kernels.ops import _backend
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 # each method's fused ops: RMU-family misdirection (+ moments/importance), MRP Gram + projection,
 # SIMU Hessian EMA + neuron scores + masked Sophia, SO-GradDiff masked Sophia

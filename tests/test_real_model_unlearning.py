@@ -73,6 +73,8 @@ VAL_EVERY = 50               # one evaluation of the val_* files (69 questions) 
 RUNS = {"RMU": {"val_every": VAL_EVERY}, "SRMU": {"val_every": VAL_EVERY},
         "NPO": {"val_every": VAL_EVERY, "settings": {"epochs": NPO_EPOCHS}}}
 REACHES = {"RMU": True, "SRMU": True, "NPO": False}
+# RMU runs in the default tier; SRMU and NPO (about 6 more minutes on 2 cores) in the slow one.
+SLOW = {"SRMU", "NPO"}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def lm_eval_accuracy(path, questions) -> dict:
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("method", list(RUNS))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=[pytest.mark.slow] if m in SLOW else []) for m in RUNS])
 def test_unlearns_target_driven_checked_by_lm_eval(method, folder, test_questions, tmp_path,
                                                    record_property):
     from unlearn_kernels.pipeline import RunConfig, run
