@@ -11,20 +11,15 @@ curve ``[(step, acc)]`` and the highest held-out accuracy reached: the attacker'
 
 Each rate starts from the same model with the same batches (``random.Random(seed)`` draws
 ``batch_size`` texts per step), so the step-0 accuracy is measured once for all rates; the
-attack texts are tokenised once (the tokenizer's default special tokens) and padded on the
-right per batch, and the held-out questions are tokenised once for every checkpoint.
+held-out questions are tokenised once for every checkpoint. The training loop is
+:func:`.attacks.attack_curve`'s (RTT is the ``rtt@LR`` rows of the attack suite).
 """
 
 from __future__ import annotations
 
-import copy
-import random
-
-import torch
-
 from ..errors import UserError
 from . import scores
-from .multiple_choice import pad_rows
+from .attacks import attack_curve, rtt
 
 DEFAULT_LRS = (1e-5, 1e-4, 1e-3)
 
@@ -37,11 +32,6 @@ def _check_attack(train_texts, heldout_questions, steps, every, lrs, batch_size,
                         f"(got steps={steps}, every={every}, lrs={lrs}, batch_size={batch_size})")
     if metric not in ("acc", "acc_norm"):
         raise UserError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
-
-
-def _batch(rows: list[list[int]], pad: int, device) -> dict:
-    ids, mask = pad_rows(rows, pad, device)
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def relearn_curves(model, tokenizer, train_texts: list[str], heldout_questions, *, lrs=DEFAULT_LRS,
@@ -58,37 +48,10 @@ def relearn_curves(model, tokenizer, train_texts: list[str], heldout_questions, 
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no pad token: the attack pads its batches")
     heldout = scores.prepare(tokenizer, heldout_questions, format)
-    rows = [list(ids) for ids in tokenizer(list(train_texts))["input_ids"]]
-    device = next(model.parameters()).device
-
-    def accuracy(m) -> float:
-        return float(scores.score(m, tokenizer, heldout)[metric].mean())
-
-    initial = accuracy(model)
-    curves = {}
-    for lr in lrs:
-        attacked = copy.deepcopy(model)
-        for p in attacked.parameters():
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(attacked.parameters(), lr=lr)
-        rng = random.Random(seed)
-        torch.manual_seed(seed)
-        curve = [(0, initial)]
-        for step in range(1, steps + 1):
-            attacked.train()
-            picked = rng.sample(range(len(rows)), min(batch_size, len(rows)))
-            loss = attacked(**_batch([rows[i] for i in picked], tokenizer.pad_token_id, device)).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"relearning loss is {float(loss)} at step {step} (lr {lr}): the model "
-                                         "produces non-finite logits")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % every == 0 or step == steps:
-                curve.append((step, accuracy(attacked)))
-        curves[lr] = curve
-        del attacked, optimizer
-    return curves
+    initial = float(scores.score(model, tokenizer, heldout)[metric].mean())
+    return {lr: attack_curve(model, tokenizer, rtt(lr, steps), train_texts, heldout, every=every,
+                             batch_size=batch_size, seed=seed, initial=initial, format=format, metric=metric)
+            for lr in lrs}
 
 
 def relearn_curve(model, tokenizer, train_texts: list[str], heldout_questions, *, steps: int = 30,
