@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from unlearn_kernels.classifier import (CMFHead, ClassSplit, FineTune, MeGU, NegGradPlus, RandomLabel, Retrain, SalUn,
                                         SmallCNN, digits_split, load_digits_cnn, rebuild_cmf_head, registry, to_cmf,
                                         torchvision_split, transition_matrix)
-from unlearn_kernels.classifier import demo, metrics
+from unlearn_kernels.classifier import demo
 from unlearn_kernels.classifier.megu import confusion_similarity, embedding_available
 from unlearn_kernels.classifier.model import accuracy, features_of, train_supervised
+from unlearn_kernels.eval import classifier as metrics
 from unlearn_kernels.models.io import save_pretrained_atomic
 
 

@@ -67,28 +67,42 @@ def relearn_curves(model, tokenizer, train_texts: list[str], heldout_questions, 
     initial = accuracy(model)
     curves = {}
     for lr in lrs:
-        attacked = copy.deepcopy(model)
-        for p in attacked.parameters():
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(attacked.parameters(), lr=lr)
         rng = random.Random(seed)
         torch.manual_seed(seed)
-        curve = [(0, initial)]
-        for step in range(1, steps + 1):
-            attacked.train()
+
+        def loss_at(attacked, step):
             picked = rng.sample(range(len(rows)), min(batch_size, len(rows)))
-            loss = attacked(**_batch([rows[i] for i in picked], tokenizer.pad_token_id, device)).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"relearning loss is {float(loss)} at step {step} (lr {lr}): the model "
-                                         "produces non-finite logits")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % every == 0 or step == steps:
-                curve.append((step, accuracy(attacked)))
-        curves[lr] = curve
-        del attacked, optimizer
+            return attacked(**_batch([rows[i] for i in picked], tokenizer.pad_token_id, device)).loss
+
+        curves[lr] = attack_curve(model, loss_at, accuracy, lambda params: torch.optim.AdamW(params, lr=lr),
+                                  steps=steps, every=every, initial=initial, where=f" (lr {lr})")
     return curves
+
+
+def attack_curve(model, loss_at, measure, optimizer, *, steps: int, every: int, initial: float | None = None,
+                 where: str = "") -> list[tuple[int, float]]:
+    """The attack loop every relearning metric shares (LLM and classifier): a deep copy of
+    ``model``, every weight trainable, takes ``steps`` steps of ``loss_at(copy, step)`` (in train
+    mode) with ``optimizer(parameters)``; returns ``[(step, measure(copy))]`` at step 0
+    (``initial`` when given), every ``every`` steps and at ``steps``. A non-finite loss raises
+    FloatingPointError naming the step (and ``where``). ``model`` itself is left untouched."""
+    attacked = copy.deepcopy(model)
+    for p in attacked.parameters():
+        p.requires_grad_(True)
+    opt = optimizer(attacked.parameters())
+    curve = [(0, measure(attacked) if initial is None else initial)]
+    for step in range(1, steps + 1):
+        attacked.train()
+        loss = loss_at(attacked, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"relearning loss is {float(loss)} at step {step}{where}: the model "
+                                     "produces non-finite logits")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            curve.append((step, measure(attacked)))
+    return curve
 
 
 def relearn_curve(model, tokenizer, train_texts: list[str], heldout_questions, *, steps: int = 30,
