@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MissingFileError, UserError
+from ..methods.base import check_finite
 from ..ops import class_means
 from .data import digits_split
 
@@ -177,27 +178,29 @@ def train_supervised(model: SmallCNN, x: Tensor, y: Tensor, *, epochs: int, lr: 
                      seed: int = 0, progress: bool = True, desc: str = "training",
                      refresh: Callable[[], None] | None = None) -> list[dict]:
     """Cross-entropy training of every trainable parameter with Adam; ``refresh`` (e.g. a CMF
-    head rebuild) runs at the start and after every epoch. Returns the per-epoch loss log."""
+    head rebuild) runs at the start and after every epoch. Returns the per-epoch loss log.
+    A loss or weight that is not finite raises ``NonFiniteError`` naming the step."""
     from tqdm import tqdm
 
     if len(x) == 0:
         raise UserError(f"{desc}: no training data")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    history = []
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    history, steps_per_epoch = [], -(-len(x) // batch_size)
     model.train()
     if refresh:
         refresh()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         total, count = 0.0, 0
-        for idx in shuffled_batches(len(x), batch_size, generator):
+        for step, idx in enumerate(shuffled_batches(len(x), batch_size, generator), epoch * steps_per_epoch):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            check_finite(desc, step, {"ce": loss}, params)
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         history.append({"epoch": epoch, "loss": total / count})
         bar.set_postfix(loss=f"{total / count:.3g}")

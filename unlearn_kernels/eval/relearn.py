@@ -95,7 +95,7 @@ def attack_curve(model, loss_at, measure, optimizer, *, steps: int, every: int, 
         attacked.train()
         loss = loss_at(attacked, step)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"relearning loss is {float(loss)} at step {step}{where}: the model "
+            raise FloatingPointError(f"relearning loss is {float(loss.detach())} at step {step}{where}: the model "
                                      "produces non-finite logits")
         opt.zero_grad(set_to_none=True)
         loss.backward()
