@@ -158,20 +158,24 @@ def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 512) ->
     return torch.cat([fn(chunk) for chunk in x.split(batch_size)]) if len(x) else fn(x)
 
 
-def logits_of(model: nn.Module, x: Tensor) -> Tensor:
+def _in_eval_mode(model: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``batched(fn, x)`` with ``model`` in eval mode, its mode restored afterwards."""
     was_training = model.training
     model.eval()
-    out = batched(model, x)
-    model.train(was_training)
-    return out
+    try:
+        return batched(fn, x)
+    finally:
+        model.train(was_training)
+
+
+def logits_of(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` in eval mode, without gradients, in batches."""
+    return _in_eval_mode(model, model, x)
 
 
 def features_of(model: SmallCNN, x: Tensor) -> Tensor:
-    was_training = model.training
-    model.eval()
-    out = batched(model.features, x)
-    model.train(was_training)
-    return out
+    """``model.features(x)`` in eval mode, without gradients, in batches."""
+    return _in_eval_mode(model, model.features, x)
 
 
 def train_supervised(model: SmallCNN, x: Tensor, y: Tensor, *, epochs: int, lr: float, batch_size: int = 64,

@@ -72,6 +72,7 @@ def svc_mia(member: np.ndarray, nonmember: np.ndarray, target: np.ndarray) -> fl
 
 
 def mia_efficacy(model, split: ClassSplit, seed: int = 0) -> float:
+    """MIA-efficacy (module docstring): the share of forget images :func:`svc_mia` calls non-members."""
     (xr, yr), (xt, yt), (xf, yf) = split.retain, (split.x_test, split.y_test), split.forget
     n = min(len(yt), len(yr))
     pick = torch.randperm(len(yr), generator=torch.Generator().manual_seed(seed))[:n]

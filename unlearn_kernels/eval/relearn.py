@@ -13,6 +13,9 @@ Each rate starts from the same model with the same batches (``random.Random(seed
 ``batch_size`` texts per step), so the step-0 accuracy is measured once for all rates; the
 attack texts are tokenised once (the tokenizer's default special tokens) and padded on the
 right per batch, and the held-out questions are tokenised once for every checkpoint.
+
+The loop itself, :func:`attack_curve`, is the classifier track's relearning attack too
+(``eval.classifier.relearn_curve``): only the loss and the measurement differ.
 """
 
 from __future__ import annotations
