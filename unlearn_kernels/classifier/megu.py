@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import MissingPackageError, UserError
+from ..methods.base import check_finite
 from .data import ClassSplit
 from .methods import ClassifierConfig, ClassifierMethod
 from .model import features_of, logits_of
@@ -182,7 +183,7 @@ class MeGU(ClassifierMethod):
         optimizer = torch.optim.Adam([neg, pos], lr=self.config.noise_lr)
         lam = self.config.noise_penalty / self.scale
         self.noise_log = {}
-        for _ in range(self.config.noise_steps):
+        for step in range(self.config.noise_steps):
             logits_neg = head(z0 + neg[c])
             others = logits_neg.masked_fill(F.one_hot(c, logits_neg.shape[1]).bool(), float("-inf"))
             loss_neg = (logits_neg.logsumexp(1) - others.logsumexp(1)).mean() + lam * neg[c].pow(2).sum(1).mean()
@@ -191,6 +192,8 @@ class MeGU(ClassifierMethod):
             grads = torch.autograd.grad(loss_neg + loss_pos, [neg, pos])
             neg.grad, pos.grad = grads
             optimizer.step()
+            check_finite(f"{self.name} noise", step, {"suppress": loss_neg, "align": loss_pos},
+                         {"negative": neg, "positive": pos})
             self.noise_log = {"suppress": float(loss_neg.detach()), "align": float(loss_pos.detach())}
         self.noise_neg, self.noise_pos = neg.detach(), pos.detach()
 

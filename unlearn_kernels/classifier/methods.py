@@ -3,6 +3,9 @@
 ``Method(model, config, **overrides).fit(split)`` unlearns ``split.forget_classes`` from
 ``model`` in place (a ``SmallCNN`` or any module with ``features(x)`` and ``head``), logs the
 losses per step in ``history`` and returns the method; ``report()`` says what was done.
+A step ends as the LLM methods' do (``methods.base.optimizer_step``, ``log_step``): a loss
+term or a weight that is not finite raises ``NonFiniteError`` naming the step; a non-finite
+number in the config is refused (``UserError``) before any work.
 Training data: retain ∪ forget training images (``uses_forget``) or the retain images only,
 shuffled per epoch, Adam without weight decay (so a parameter whose gradient is always
 masked to zero never moves). ``F = forget`` and ``R = retain`` below; ``CE`` is cross-entropy
@@ -30,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..methods.base import check_finite, check_finite_config, log_step, optimizer_step
+from ..models.output_dir import marker
 from .data import ClassSplit
 from .model import TRAIN_RECIPE, accuracy, shuffled_batches
 
@@ -79,6 +84,7 @@ class ClassifierMethod:
 
     def check_config(self) -> None:
         c = self.config
+        check_finite_config(c)
         if c.epochs < 1:
             raise UserError(f"{self.name}: epochs must be >= 1, got {c.epochs}")
         if not c.lr > 0:
@@ -111,6 +117,7 @@ class ClassifierMethod:
             p.requires_grad_(True)
         self.model.train()
         self.setup(split)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = self.make_optimizer()
         steps_per_epoch = math.ceil(len(self.y) / self.config.batch_size)
         bar = tqdm(total=self.config.epochs * steps_per_epoch, desc=self.name, disable=not self.config.progress,
@@ -118,16 +125,14 @@ class ClassifierMethod:
         for epoch in range(self.config.epochs):
             self.start_epoch(epoch)
             for idx in shuffled_batches(len(self.y), self.config.batch_size, self.generator):
+                step = len(self.history)
                 losses = self.loss(self.x[idx], self.y[idx], self.is_forget[idx], idx)
-                total = sum(losses.values())
+                check_finite(self.name, step, losses)
                 self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                self.before_step()
-                self.optimizer.step()
-                record = {k: float(v.detach()) for k, v in losses.items()}
-                self.history.append({"epoch": epoch, "step": len(self.history), **record})
+                sum(losses.values()).backward()
+                optimizer_step(self, step, self.params)
                 bar.update()
-                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()})
+                log_step(self, bar, {k: float(v.detach()) for k, v in losses.items()}, epoch=epoch, step=step)
             self.end_epoch(epoch)
             self.epochs_run = epoch + 1
             if self.forgotten(split):
@@ -151,7 +156,7 @@ class ClassifierMethod:
         """Work before the first step."""
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.config.lr)
+        return torch.optim.Adam(list(self.params.values()), lr=self.config.lr)
 
     def start_epoch(self, epoch: int) -> None:
         """Called before each epoch's first batch."""
@@ -166,8 +171,8 @@ class ClassifierMethod:
         raise NotImplementedError
 
     def report(self) -> dict:
-        return {"method": self.name, "config": dataclasses.asdict(self.config), "data": self.data,
-                "time_s": self.time_s, "epochs_run": self.epochs_run, "steps": len(self.history),
+        return {"unlearn_kernels": marker(), "method": self.name, "config": dataclasses.asdict(self.config),
+                "data": self.data, "time_s": self.time_s, "epochs_run": self.epochs_run, "steps": len(self.history),
                 "final_losses": self.history[-1] if self.history else None}
 
 

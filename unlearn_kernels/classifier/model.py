@@ -1,8 +1,11 @@
-"""The small CNN of the classifier track, its supervised training loop and the shipped weights.
+"""The small CNN of the classifier track, its heads, its supervised training loop and the
+shipped weights.
 
 ``SmallCNN`` = ``features`` (three 3×3 conv layers, max-pool, adaptive average pool to 2×2,
 a fully connected layer; ReLU after each: the penultimate representation ``z``, ``[n, d]``)
-followed by ``head`` (``nn.Linear(d, C)``, or a ``CMFHead``). ``model(x) = head(features(x))``.
+followed by ``head`` (``nn.Linear(d, C)``, or a ``CMFHead``: the cosine nearest-class-mean
+head, its math in :mod:`.cmf`). ``model(x) = head(features(x))``. This module is the bottom
+of the classifier track: it imports none of the others but :mod:`.data`.
 
 ``python -m unlearn_kernels.classifier.model`` trains it on the digits training split (Adam,
 deterministic, ~98 % test accuracy) and saves ``config.json`` + ``model.safetensors``
@@ -21,10 +24,50 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MissingFileError, UserError
+from ..methods.base import check_finite
+from ..ops import class_means
+from .data import digits_split
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits-cnn"
 WEIGHTS = "model.safetensors"
 TRAIN_RECIPE = dict(epochs=30, lr=2e-3, batch_size=64)   # the shipped model's and Retrain's recipe
+
+
+CENTERS = ("classes", "samples")
+
+
+class CMFHead(nn.Module):
+    """Cosine nearest-class-mean head; ``rebuild(features, labels)`` sets it from data."""
+
+    def __init__(self, feature_dim: int, num_classes: int, tau: float = 16.0, center: str = "classes"):
+        super().__init__()
+        if not tau > 0:
+            raise UserError(f"tau must be > 0, got {tau}")
+        if center not in CENTERS:
+            raise UserError(f"center must be one of {CENTERS}, got {center!r}")
+        self.tau, self.center_mode, self.num_classes = float(tau), center, num_classes
+        self.register_buffer("weight", torch.zeros(num_classes, feature_dim))
+        self.register_buffer("center", torch.zeros(feature_dim))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64))
+
+    @torch.no_grad()
+    def rebuild(self, features: Tensor, labels: Tensor) -> "CMFHead":
+        unit = F.normalize(features.detach().float(), dim=-1)
+        means, counts = class_means(unit, labels, self.num_classes)
+        present = counts > 0
+        center = means[present].mean(0) if self.center_mode == "classes" else unit.mean(0)
+        self.weight.copy_(F.normalize(means - center, dim=-1) * present[:, None])
+        self.center.copy_(center)
+        self.counts.copy_(counts)
+        return self
+
+    def forward(self, z: Tensor) -> Tensor:
+        direction = F.normalize(F.normalize(z, dim=-1) - self.center, dim=-1)
+        logits = self.tau * direction @ self.weight.T
+        return logits.masked_fill(self.counts == 0, -self.tau)
+
+    def extra_repr(self) -> str:
+        return f"classes={self.num_classes}, tau={self.tau}, center={self.center_mode!r}"
 
 
 class SmallCNN(nn.Module):
@@ -64,8 +107,6 @@ class SmallCNN(nn.Module):
 
     # --- saving ---------------------------------------------------------------------------
     def head_config(self) -> dict:
-        from .cmf import CMFHead
-
         if isinstance(self.head, CMFHead):
             return {"type": "cmf", "tau": self.head.tau, "center": self.head.center_mode}
         return {"type": "linear"}
@@ -86,8 +127,6 @@ class SmallCNN(nn.Module):
     @classmethod
     def from_pretrained(cls, path: Path | str) -> "SmallCNN":
         from safetensors.torch import load_file
-
-        from .cmf import CMFHead
 
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
@@ -119,47 +158,53 @@ def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 512) ->
     return torch.cat([fn(chunk) for chunk in x.split(batch_size)]) if len(x) else fn(x)
 
 
-def logits_of(model: nn.Module, x: Tensor) -> Tensor:
+def _in_eval_mode(model: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``batched(fn, x)`` with ``model`` in eval mode, its mode restored afterwards."""
     was_training = model.training
     model.eval()
-    out = batched(model, x)
-    model.train(was_training)
-    return out
+    try:
+        return batched(fn, x)
+    finally:
+        model.train(was_training)
+
+
+def logits_of(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` in eval mode, without gradients, in batches."""
+    return _in_eval_mode(model, model, x)
 
 
 def features_of(model: SmallCNN, x: Tensor) -> Tensor:
-    was_training = model.training
-    model.eval()
-    out = batched(model.features, x)
-    model.train(was_training)
-    return out
+    """``model.features(x)`` in eval mode, without gradients, in batches."""
+    return _in_eval_mode(model, model.features, x)
 
 
 def train_supervised(model: SmallCNN, x: Tensor, y: Tensor, *, epochs: int, lr: float, batch_size: int = 64,
                      seed: int = 0, progress: bool = True, desc: str = "training",
                      refresh: Callable[[], None] | None = None) -> list[dict]:
     """Cross-entropy training of every trainable parameter with Adam; ``refresh`` (e.g. a CMF
-    head rebuild) runs at the start and after every epoch. Returns the per-epoch loss log."""
+    head rebuild) runs at the start and after every epoch. Returns the per-epoch loss log.
+    A loss or weight that is not finite raises ``NonFiniteError`` naming the step."""
     from tqdm import tqdm
 
     if len(x) == 0:
         raise UserError(f"{desc}: no training data")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    history = []
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    history, steps_per_epoch = [], -(-len(x) // batch_size)
     model.train()
     if refresh:
         refresh()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         total, count = 0.0, 0
-        for idx in shuffled_batches(len(x), batch_size, generator):
+        for step, idx in enumerate(shuffled_batches(len(x), batch_size, generator), epoch * steps_per_epoch):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            check_finite(desc, step, {"ce": loss}, params)
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         history.append({"epoch": epoch, "loss": total / count})
         bar.set_postfix(loss=f"{total / count:.3g}")
@@ -180,7 +225,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def train_digits(out_dir: Path | str = ASSET_DIR, seed: int = 0, progress: bool = True) -> dict:
     """Train the default CNN on the digits training split and save it atomically."""
     from ..models.io import save_pretrained_atomic
-    from .data import digits_split
 
     split = digits_split()
     model = SmallCNN(num_classes=split.num_classes)

@@ -121,30 +121,49 @@ def attack_curve(model, tokenizer, attack: Attack, texts: list[str], heldout, *,
     def accuracy(m) -> float:
         return float(scores.score(m, tokenizer, heldout)[metric].mean())
 
-    curve = [(0, accuracy(model) if initial is None else initial)]
-    torch.manual_seed(seed)
-    attacked = copy.deepcopy(model)
-    for p in attacked.parameters():
-        p.requires_grad_(attack.lora_rank is None)
-    if attack.lora_rank is not None:
-        attacked = _with_lora(attacked, attack.lora_rank)
-    optimizer = torch.optim.AdamW([p for p in attacked.parameters() if p.requires_grad], lr=attack.lr)
-    scheduler = _scheduler(optimizer, attack)
-    rng = random.Random(seed)
-    for step in range(1, attack.steps + 1):
-        attacked.train()
+    def loss_at(attacked, step):
         picked = rng.sample(range(len(rows)), min(batch_size, len(rows)))
         ids, mask = pad_rows([rows[i] for i in picked], tokenizer.pad_token_id, device)
-        loss = attacked(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        return attacked(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    return finetune_curve(model, loss_at, accuracy, lambda params: torch.optim.AdamW(params, lr=attack.lr),
+                          steps=attack.steps, every=every, initial=initial, where=f" of attack {attack.name}",
+                          wrap=(lambda m: _with_lora(m, attack.lora_rank)) if attack.lora_rank is not None else None,
+                          schedule=lambda optimizer: _scheduler(optimizer, attack))
+
+
+def finetune_curve(model, loss_at, measure, optimizer, *, steps: int, every: int, initial: float | None = None,
+                   where: str = "", wrap=None, schedule=None) -> list[tuple[int, float]]:
+    """The fine-tuning loop every attack shares (LLM and classifier tracks): a deep copy of
+    ``model`` — every weight trainable, or ``wrap(copy)`` (which freezes what it does not train,
+    as LoRA does) — takes ``steps`` steps of ``loss_at(copy, step)`` (train mode) with
+    ``optimizer(trainable parameters)`` and ``schedule(optimizer)``'s learning rates (constant
+    without); returns ``[(step, measure(copy))]`` at step 0 (``initial`` when given), every
+    ``every`` steps and at ``steps``. A non-finite loss raises FloatingPointError naming the step
+    (and ``where``). ``model`` itself is left untouched."""
+    attacked = copy.deepcopy(model)
+    for p in attacked.parameters():
+        p.requires_grad_(True)
+    if wrap is not None:
+        attacked = wrap(attacked)
+    opt = optimizer([p for p in attacked.parameters() if p.requires_grad])
+    scheduler = schedule(opt) if schedule is not None else None
+    curve = [(0, measure(attacked) if initial is None else initial)]
+    for step in range(1, steps + 1):
+        attacked.train()
+        loss = loss_at(attacked, step)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"attack {attack.name}: loss is {float(loss)} at step {step}: the model "
+            raise FloatingPointError(f"relearning loss is {float(loss.detach())} at step {step}{where}: the model "
                                      "produces non-finite logits")
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % every == 0 or step == attack.steps:
-            curve.append((step, accuracy(attacked)))
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        if step % every == 0 or step == steps:
+            curve.append((step, measure(attacked)))
     return curve
 
 

@@ -38,10 +38,20 @@ def question_features(model, tokenizer, questions, layer: int, batch_size: int =
     return np.concatenate(out)
 
 
-def probe_accuracy(model, tokenizer, train_questions, test_questions, layer: int, seed: int = 0) -> float:
-    """Accuracy of per-attribute linear probes fitted on ``train_questions``, on ``test_questions``."""
+def linear_probe(x_train: np.ndarray, labels, seed: int = 0):
+    """The linear probe of both tracks: a multinomial logistic regression (``max_iter=2000``,
+    seeded) on ``x_train`` standardised per feature by its training mean and std + 1e-6;
+    returns ``predict(x)``, which standardises ``x`` the same way."""
     from sklearn.linear_model import LogisticRegression
 
+    mean, scale = x_train.mean(0), x_train.std(0) + 1e-6
+    clf = LogisticRegression(max_iter=2000, random_state=seed).fit((x_train - mean) / scale, labels)
+    return lambda x: clf.predict((x - mean) / scale)
+
+
+def probe_accuracy(model, tokenizer, train_questions, test_questions, layer: int, seed: int = 0) -> float:
+    """Accuracy of per-attribute linear probes (:func:`linear_probe`) fitted on ``train_questions``,
+    on ``test_questions``."""
     if not train_questions or not test_questions:
         raise UserError("probe_accuracy needs training and test questions")
     groups = defaultdict(lambda: ([], []))
@@ -56,11 +66,7 @@ def probe_accuracy(model, tokenizer, train_questions, test_questions, layer: int
             raise UserError(f"probe for {attribute!r} has fewer than two answer classes to learn from")
         x_train = question_features(model, tokenizer, train, layer)
         x_test = question_features(model, tokenizer, test, layer)
-        scale = x_train.std(0) + 1e-6
-        mean = x_train.mean(0)
-        clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
-        clf.fit((x_train - mean) / scale, [q.fact.value for q in train])
-        pred = clf.predict((x_test - mean) / scale)
+        pred = linear_probe(x_train, [q.fact.value for q in train], seed)(x_test)
         correct += int(sum(p == q.fact.value for p, q in zip(pred, test)))
         total += len(test)
     return correct / total

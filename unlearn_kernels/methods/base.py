@@ -1,4 +1,6 @@
-"""The shared interface of the LLM unlearning methods.
+"""The shared interface of the LLM unlearning methods, and the end of a step that every method
+shares, the classifier track's too (``check_finite``, ``optimizer_step``, ``log_step``:
+NonFiniteError naming the step, the update, the loss log and the progress bar).
 
 A method is made from a model, its tokenizer and a config dataclass; ``fit(forget, retain)``
 runs the unlearning (progress bar, loss log in ``history``) and returns the method;
@@ -227,6 +229,21 @@ def check_finite(method: str, step: int, losses: dict[str, torch.Tensor], params
                                  "aborting without saving")
 
 
+def optimizer_step(method, step: int, params) -> None:
+    """The end of every method's step, LLM and classifier alike, after the backward pass:
+    ``method.before_step()`` (gradient edits), ``method.optimizer.step()``, then NonFiniteError
+    naming ``step`` and the first of ``params`` (name → tensor) that is no longer finite."""
+    method.before_step()
+    method.optimizer.step()
+    check_finite(method.name, step, {}, params)
+
+
+def log_step(method, bar, values: dict[str, float], **where) -> None:
+    """``{**where, **values}`` appended to ``method.history``; ``values`` shown on the progress bar."""
+    method.history.append({**where, **values})
+    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
+
+
 def check_finite_config(config) -> None:
     """UserError naming the first config field holding a non-finite number."""
     for f in dataclasses.fields(config):
@@ -435,9 +452,8 @@ class UnlearningMethod:
         ``grad_accum``, so the gradient is their mean), finiteness checks, update, history.
         Distributed, the loss terms are each rank's share of the global mean: their sum over the
         ranks is checked and logged, and the gradients are summed before the update."""
-        optimizer = self.optimizer
         masters = self.optimized is not self.params
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         if masters:                       # the model's own weights collect the gradients
             for p in self.params.values():
                 p.grad = None
@@ -465,15 +481,12 @@ class UnlearningMethod:
         if masters:
             for name, p in self.params.items():
                 self.optimized[name].grad = None if p.grad is None else p.grad.to(torch.float32)
-        self.before_step()
-        optimizer.step()
+        optimizer_step(self, step, self.optimized)
         if masters:
             with torch.no_grad():
                 for name, p in self.params.items():
                     p.copy_(self.optimized[name])
-        check_finite(self.name, step, {}, self.optimized)
-        self.history.append({"step": step, **totals})
-        bar.set_postfix({k: f"{v:.3g}" for k, v in totals.items()})
+        log_step(self, bar, totals, step=step)
 
     def _master_copies(self) -> dict[str, torch.Tensor]:
         """What the optimizer updates: the selected weights themselves, or with

@@ -36,7 +36,7 @@ from ..models.layers import check_layer, decoder_layers, layer_output
 from ..ops import forget_basis, grow_basis, masked_gram, projection_hook
 from ..ops.low_rank_basis import retain_subspace
 from . import distributed
-from .base import MethodConfig, UnlearningMethod, check_finite
+from .base import MethodConfig, UnlearningMethod, check_finite, optimizer_step
 from .loss_based import nll
 from .settings import check_ranges
 
@@ -172,8 +172,7 @@ class MRP(UnlearningMethod):
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             distributed.sum_gradients([basis])
-            optimizer.step()
-            check_finite(self.name, step, {}, {"basis": basis})
+            optimizer_step(self, step, {"basis": basis})
             with torch.no_grad():
                 q, r = torch.linalg.qr(basis)
                 basis.copy_(q * torch.sign(torch.diagonal(r)))

@@ -1,7 +1,8 @@
-"""Metrics of class-wise unlearning: output level, membership inference, representation level
-and relearning.
+"""Metrics of class-wise unlearning (the classifier track): output level, membership
+inference, representation level and relearning.
 
-Output level (``acc`` = top-1 accuracy of the model's own head):
+Output level (``acc`` = top-1 accuracy of the model's own head, ``classifier.model.accuracy``,
+which the training loop and the methods' stopping rule use too):
 - ``UA = 1 − acc(forget training images)``, ``RA = acc(retain training images)``,
   ``TA = acc(test images of the retain classes)``; ``forget_acc = 1 − UA`` and
   ``test_forget_acc`` (test images of the forgotten classes) are kept too.
@@ -16,8 +17,8 @@ attack almost no low-confidence non-member otherwise, and the RBF SVM's answer f
 data is then its intercept, not a measurement.
 
 Representation level, on the frozen penultimate features ``f(x)``:
-- linear probe: a multinomial logistic regression on standardised features of the training
-  images (retain and forget, true labels: the CMF paper's probe training set), scored on the
+- linear probe (``eval.probe.linear_probe``, the LLM track's probe): a multinomial logistic
+  regression on standardised features of the training images (retain and forget, true labels: the CMF paper's probe training set), scored on the
   forget set as in the paper, but cross-validated so that the probe never scores an image it
   was fitted on: the forget images are cut into ``probe_folds`` seeded folds, each scored by a
   probe fitted on every retain image and the other folds (``probe_forget_acc``, pooled over
@@ -26,28 +27,27 @@ Representation level, on the frozen penultimate features ``f(x)``:
 - nearest class mean: the CMF cosine head built from the training features (true labels),
   scored on the forget images (``ncm_forget_acc``).
 
-Relearning: a copy of the model is fine-tuned (Adam, every weight, full batches; a CMF head
-keeps its prototypes, which are buffers) on ``relearn_samples`` forget training images with
-their true labels; ``relearn_acc`` is its
-accuracy on the held-out forget test images after ``relearn_steps`` steps (``relearn_curve``
-along the way).
+Relearning (``eval.attacks.finetune_curve``, the LLM track's attack loop): a copy of the model
+is fine-tuned (Adam, every weight, full batches; a CMF head keeps its prototypes, which are
+buffers) on ``relearn_samples`` forget training images with their true labels;
+``relearn_acc`` is its accuracy on the held-out forget test images after ``relearn_steps``
+steps (``relearn_curve`` along the way).
 
 ``add_gaps(rows, reference)`` adds ``|metric − metric(Retrain)|`` per row and their mean.
 """
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..classifier.data import ClassSplit
+from ..classifier.model import CMFHead, accuracy, features_of, logits_of
 from ..errors import UserError
-from .cmf import CMFHead
-from .data import ClassSplit
-from .model import accuracy, features_of, logits_of
+from .probe import linear_probe
+from .attacks import finetune_curve
 
 GAP_METRICS = ("UA", "RA", "TA", "MIA", "probe_forget_acc", "ncm_forget_acc")
 
@@ -72,6 +72,7 @@ def svc_mia(member: np.ndarray, nonmember: np.ndarray, target: np.ndarray) -> fl
 
 
 def mia_efficacy(model, split: ClassSplit, seed: int = 0) -> float:
+    """MIA-efficacy (module docstring): the share of forget images :func:`svc_mia` calls non-members."""
     (xr, yr), (xt, yt), (xf, yf) = split.retain, (split.x_test, split.y_test), split.forget
     n = min(len(yt), len(yr))
     pick = torch.randperm(len(yr), generator=torch.Generator().manual_seed(seed))[:n]
@@ -79,18 +80,14 @@ def mia_efficacy(model, split: ClassSplit, seed: int = 0) -> float:
 
 
 def fit_probe(train_features: Tensor, train_labels: Tensor, seed: int = 0):
-    """A logistic regression on standardised ``train_features``; returns ``accuracy(features, labels)``."""
-    from sklearn.linear_model import LogisticRegression
-
-    x_train = train_features.double().numpy()
-    mean, scale = x_train.mean(0), x_train.std(0) + 1e-6
-    clf = LogisticRegression(max_iter=2000, random_state=seed).fit((x_train - mean) / scale, train_labels.numpy())
+    """The linear probe (``eval.probe.linear_probe``) on ``train_features`` in float64; returns
+    ``accuracy(features, labels)`` (nan for no samples)."""
+    predict = linear_probe(train_features.double().numpy(), train_labels.numpy(), seed)
 
     def score(features: Tensor, labels: Tensor) -> float:
         if len(labels) == 0:
             return float("nan")
-        pred = clf.predict((features.double().numpy() - mean) / scale)
-        return float((pred == labels.numpy()).mean())
+        return float((predict(features.double().numpy()) == labels.numpy()).mean())
 
     return score
 
@@ -112,20 +109,9 @@ def relearn_curve(model, split: ClassSplit, *, samples: int = 16, steps: int = 2
     if samples < 1 or steps < 0:
         raise UserError(f"relearning needs samples >= 1 and steps >= 0, got {samples} and {steps}")
     pick = torch.randperm(len(yf), generator=torch.Generator().manual_seed(seed))[:samples]
-    attacked = copy.deepcopy(model)
-    for p in attacked.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(attacked.parameters(), lr=lr)
-    curve = [(0, accuracy(attacked, x_test, y_test))]
-    attacked.train()
-    for step in range(1, steps + 1):
-        loss = F.cross_entropy(attacked(xf[pick]), yf[pick])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % every == 0 or step == steps:
-            curve.append((step, accuracy(attacked, x_test, y_test)))
-    return curve
+    return finetune_curve(model, lambda attacked, step: F.cross_entropy(attacked(xf[pick]), yf[pick]),
+                          lambda attacked: accuracy(attacked, x_test, y_test),
+                          lambda params: torch.optim.Adam(params, lr=lr), steps=steps, every=every)
 
 
 def cross_validated_probe(features: Tensor, labels: Tensor, held: Tensor, folds: int = 3, seed: int = 0) -> float:
