@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingFileError, UserError
+from .integrity import check_depth_stored, check_finite, check_loading_info, check_stored_finite, group_by_shard
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -44,15 +45,6 @@ def checkpoint_keys(path: Path | str) -> dict[str, str] | None:
         with safe_open(str(path / SINGLE), "pt") as f:
             return {key: SINGLE for key in f.keys()}
     return None
-
-
-def group_by_shard(keys: dict[str, str], names) -> dict[str, list[str]]:
-    """``{shard: [tensor names]}`` of ``names`` under the checkpoint index ``keys`` (name → shard),
-    shards in sorted order: each shard is then opened once."""
-    grouped: dict[str, list[str]] = {}
-    for name in names:
-        grouped.setdefault(keys[name], []).append(name)
-    return dict(sorted(grouped.items()))
 
 
 def check_shards(path: Path | str) -> None:
@@ -100,7 +92,6 @@ def load_prefix(path: Path | str, layers: int, dtype=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .export import layers_module_name
-    from .integrity import check_depth_stored, check_finite, check_loading_info, check_stored_finite
     from .io import check_causal_lm, quiet_transformers
 
     path = Path(path)
