@@ -16,7 +16,7 @@ import torch
 
 from unlearn_kernels.data import entangled
 from unlearn_kernels.eval.multiple_choice import accuracy
-from unlearn_kernels.eval.prompts import cloze_context
+from unlearn_kernels.data.prompts import cloze_context
 from unlearn_kernels.eval.suite import Split
 from unlearn_kernels.models import tiny
 

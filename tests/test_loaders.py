@@ -112,7 +112,7 @@ def test_loaders_round_trip_and_errors(tmp_path):
     path = tmp_path / "q.jsonl"
     write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 1}])
     assert read_multiple_choice(path)[0].choices == ["a", "b"]
-    write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 2}])
+    write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 2}], overwrite=True)
     with pytest.raises(ValueError, match=r"q.jsonl:1: field 'answer' must be an integer index"):
         read_multiple_choice(path)
     texts = tmp_path / "t.jsonl"
@@ -122,6 +122,21 @@ def test_loaders_round_trip_and_errors(tmp_path):
     assert read_texts(tmp_path / "t.txt") == ["a", "b"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_texts(tmp_path / "nope.txt")
+
+
+def test_write_jsonl_never_replaces_a_file_that_is_not_ours(tmp_path):
+    from unlearn_kernels.models.output_dir import OutputPathError
+
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text('{"question": "mine"}\n')
+    with pytest.raises(OutputPathError, match="is not an output of unlearn_kernels"):
+        write_jsonl(theirs, ROWS)
+    assert theirs.read_text() == '{"question": "mine"}\n'
+    ours = write_jsonl(tmp_path / "ours.jsonl", ROWS)
+    with pytest.raises(OutputPathError, match="pass --overwrite"):
+        write_jsonl(ours, ROWS)
+    assert read_multiple_choice(write_jsonl(ours, ROWS, overwrite=True)) == EXPECTED
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temporary file left
 
 
 def test_dataset_dict_split_choice(tmp_path):
@@ -141,7 +156,7 @@ def test_a_changed_file_gives_its_new_content(tmp_path):
     assert read_multiple_choice(path) == EXPECTED
     stat = os.stat(path)
     changed = [dict(r, answer=0) for r in ROWS]
-    write_jsonl(path, changed)
+    write_jsonl(path, changed, overwrite=True)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))   # even with the same mtime
     assert [q.answer for q in read_multiple_choice(path)] == [0, 0, 0]
     texts = tmp_path / "t.csv"

@@ -2,7 +2,7 @@
 
 Each questions file becomes a local lm-eval task (a YAML in a temporary folder, the data read
 by ``datasets``' json builder from a copy of the rows), whose templates render exactly the
-prompts of :mod:`.prompts`:
+prompts of ``data.prompts``:
 
 - ``cloze``: ``doc_to_text: "Question: {{question}}\\nAnswer:"``, ``doc_to_choice: "{{choices}}"``;
 - ``mmlu``: lm-eval's own ``wmdp``/``mmlu`` template generalised to any number of choices
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import MissingPackageError, UserError
-from .prompts import FORMATS, LETTERS, mmlu_description
+from ..data.prompts import FORMATS, LETTERS, mmlu_description
 
 CLOZE_TEXT = "Question: {{question}}\nAnswer:"
 MMLU_TEXT = ("{{question.strip()}}{% for c in choices %}\n{{ '" + LETTERS + "'[loop.index0] }}. {{c}}"
