@@ -39,7 +39,7 @@ def require_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise MissingPackageError("--engine lm-eval needs lm-evaluation-harness: pip install lm-eval==0.4.13") from None
+        raise MissingPackageError("--engine lm-eval needs lm-evaluation-harness: pip install 'lm-eval[hf]==0.4.13'") from None
     return lm_eval, HFLM, TaskManager
 
 
