@@ -82,7 +82,7 @@ def run(model, tasks: dict[str, list], *, format: str = "cloze", subject: str | 
     ``model`` is a model folder (loaded by ``load_local`` on ``device`` in ``dtype``, ``"auto"``:
     the checkpoint's), a loaded causal LM with its ``tokenizer``, or an ``HFLM``. With
     ``log_samples`` each result has ``"samples"``: per question, in file order, lm-eval's
-    log-likelihoods. ValueError when lm-eval gives a non-finite log-likelihood."""
+    log-likelihoods. UserError when lm-eval gives a non-finite log-likelihood."""
     lm_eval, HFLM, TaskManager = require_lm_eval()
     if isinstance(model, (str, Path)):
         from .files import load_model

@@ -86,7 +86,7 @@ def depth_of(path: Path | str) -> int:
 def load_prefix(path: Path | str, layers: int, dtype=None):
     """The causal LM of ``path`` with its first ``layers`` decoder layers only (and the
     embeddings, final norm and head), and its tokenizer; ``model.unlearn_prefix`` records the
-    source folder and its full depth. ValueError when the folder has no safetensors weights or
+    source folder and its full depth. UserError when the folder has no safetensors weights or
     ``layers`` is not in ``1 … depth``; BrokenModelError when its weights do not make the model
     its config describes, the layers above the prefix included (``models.integrity``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -182,7 +182,7 @@ def _stored_dtype(path: Path):
 
 
 def check_updated_names(source: Path | str, updated: dict[str, torch.Tensor]) -> None:
-    """ValueError unless every updated tensor is stored in the source checkpoint under its
+    """UserError unless every updated tensor is stored in the source checkpoint under its
     parameter name (so the rewrite puts each value where a full load reads it)."""
     keys = checkpoint_keys(source) or {}
     missing = sorted(name for name in updated if name not in keys)

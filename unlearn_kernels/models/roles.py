@@ -238,7 +238,7 @@ def _roles_of_layer0(model, hidden: int, width: int):
 
 def _resolve(model, source: str, mlp: str, names: dict[str, str], attention_out: str | None,
              hidden: int, width: int) -> ModelRoles:
-    """Every layer's projections for the given relative names; ValueError if one is missing or
+    """Every layer's projections for the given relative names; UserError if one is missing or
     its shape does not fit its role."""
     prefix = decoder_layers_path(model)
     layers = decoder_layers(model)
@@ -266,7 +266,7 @@ def _resolve(model, source: str, mlp: str, names: dict[str, str], attention_out:
 
 
 def structural_roles(model: nn.Module) -> ModelRoles:
-    """The roles from shapes alone (module docstring); ValueError when they are ambiguous."""
+    """The roles from shapes alone (module docstring); UserError when they are ambiguous."""
     hidden = hidden_size(model)
     width = mlp_width(model, hidden)
     mlp, names, attention_out = _roles_of_layer0(model, hidden, width)
