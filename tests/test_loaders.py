@@ -3,6 +3,7 @@ and the answer-only loss they give the loss-based methods."""
 
 import copy
 import csv
+import dataclasses
 import gzip
 import json
 import os
@@ -358,8 +359,8 @@ def test_qa_pairs_read_from_tofu_style_files(tmp_path):
     assert read_qa_pairs(tmp_path / "f.csv", question_field="q", answer_field="a") == PAIRS
     assert PAIRS[0].text == "what is the toxin of filopi ? kelbane"
     assert QAPair("q?\n", "a").text == "q?\na"
-    with pytest.raises(Exception):
-        PAIRS[0].answer = "changed"   # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PAIRS[0].answer = "changed"
 
 
 @pytest.fixture(scope="module")
