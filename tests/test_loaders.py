@@ -10,13 +10,12 @@ import os
 import socket
 import traceback
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
 
-datasets = pytest.importorskip("datasets")
-
-from unlearn_kernels.data.loaders import (  # noqa: E402
+from unlearn_kernels.data.loaders import (
     DataError, DataFileNotFound, MCQuestion, QAPair, _index, read_multiple_choice, read_qa_pairs, read_texts,
     write_jsonl)
 
