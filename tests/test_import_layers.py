@@ -2,7 +2,7 @@
 
 Every import counts: at module level and inside functions (a lazy import is still a
 dependency), relative ones resolved. A module may import modules of its own layer or of a
-lower one, never of a higher one, and no import may close a cycle. The layers, lowest first
+lower one, never of a higher one, and no import may close a cycle. The layers, highest first
 (``a -> b``: ``a`` imports ``b``)::
 
     cli                                            the command line
