@@ -17,15 +17,13 @@ the same run; GB/s is floor bytes over the kernel's time. The goal column marks
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from unlearn_kernels import _extension
-from unlearn_kernels.benchmark import copy_bandwidth, format_table
+from unlearn_kernels.benchmark import copy_bandwidth, format_table, time_interleaved
 from unlearn_kernels.ops.class_means import _class_means_torch
 from unlearn_kernels.ops.hessian import _hessian_ema_torch
 from unlearn_kernels.ops.low_rank import _gram_torch, _project_torch
@@ -111,21 +109,6 @@ def cases(n: int, d: int, dtype: torch.dtype) -> list[Case]:
     return out
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms of each call, the calls interleaved round by round (rotating order)."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    names = list(calls)
-    samples = {k: [] for k in names}
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            calls[k]()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def run(shapes: list[tuple[int, int]], dtypes: list[torch.dtype], repeats: int, out=print) -> list[dict]:
     if not _extension.compiled():
         raise SystemExit("the compiled extension (unlearn_kernels._C) is not built")
@@ -137,7 +120,7 @@ def run(shapes: list[tuple[int, int]], dtypes: list[torch.dtype], repeats: int, 
         for dtype in dtypes:
             for case in cases(n, d, dtype):
                 ms = time_interleaved({"cpu": case.kernel, "eager": case.reference,
-                                       "compile": case.compiled_reference}, repeats)
+                                       "compile": case.compiled_reference}, torch.device("cpu"), repeats, warmup=2)
                 x_eager, x_compile = ms["eager"] / ms["cpu"], ms["compile"] / ms["cpu"]
                 rows.append({"op": case.name, "dtype": str(dtype).split(".")[-1], "shape": f"{n}x{d}",
                              "floor ms": case.nbytes / bandwidth * 1e3, "cpu ms": ms["cpu"],

@@ -101,6 +101,20 @@ def wait_for_checkpoint_step(run, state, step: int, timeout: float = 300.0) -> N
 
 
 
+
+def our_png_size(path) -> tuple[int, int]:
+    """``(width, height)`` of the plot at ``path``, after checking that it is a PNG carrying our
+    ``Software: unlearn_kernels <version>`` marker (read by PIL, not by the code under test)."""
+    from PIL import Image
+
+    import unlearn_kernels
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", image.format
+        assert image.info.get("Software") == f"unlearn_kernels {unlearn_kernels.__version__}", image.info
+        image.load()                 # the whole image decodes: the file is complete
+        return image.size
+
 @pytest.fixture()
 def no_loading(monkeypatch):
     """Any model load fails the test: refusals must come before it (``models.io._load_local`` is

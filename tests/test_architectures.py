@@ -135,7 +135,7 @@ def test_every_method_runs_with_defaults(models, tokenizer, data, family, method
     out = save_pretrained_atomic(model, tokenizer, tmp_path / "out", report, runner.projections(),
                                  runner.saved_masks())
     if method == "MRP":
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):   # never the original, silently
             tf.AutoModelForCausalLM.from_pretrained(out)
         reloaded = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     else:

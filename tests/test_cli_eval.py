@@ -10,6 +10,8 @@ from unlearn_kernels.data.loaders import write_jsonl
 from unlearn_kernels.eval.multiple_choice import evaluate_multiple_choice
 from unlearn_kernels.models import tiny
 
+from conftest import our_png_size
+
 MODEL = str(tiny.ASSET_DIR)
 
 
@@ -82,7 +84,7 @@ def test_relearn_command(capsys, files, tmp_path):
     assert code == 0 and "held-out accuracy" in out
     payload = json.loads((tmp_path / "rl.json").read_text())
     assert set(payload["curves"]) == {"0.0001", "0.001"} and len(payload["curves"]["0.001"]) == 3
-    assert (tmp_path / "rl.png").stat().st_size > 0
+    assert our_png_size(tmp_path / "rl.png") == (600, 400)                 # 6 x 4 inches at 100 dpi
 
 
 def bad_rows(tmp_path, name, rows):

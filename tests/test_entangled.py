@@ -16,7 +16,7 @@ import torch
 
 from unlearn_kernels.data import entangled
 from unlearn_kernels.eval.multiple_choice import accuracy
-from unlearn_kernels.eval.prompts import cloze_context
+from unlearn_kernels.data.prompts import cloze_context
 from unlearn_kernels.eval.suite import Split
 from unlearn_kernels.models import tiny
 
@@ -157,14 +157,16 @@ def test_the_recipe_is_bit_for_bit_reproducible():
         tiny.fit(tiny.build_model(tokenizer, hidden=16, layers=1), tokenizer, corpus, steps=1, batch_size=61, lr=1e-3)
 
 
-def test_bad_recipe_settings_raise():
+def test_bad_recipe_settings_raise(capsys):
     tokenizer = tiny.build_bpe_tokenizer(["a b c"], vocab_size=260)
     with pytest.raises(ValueError, match="multiple of 4"):
         tiny.build_model(tokenizer, hidden=10)
     with pytest.raises(ValueError, match="steps"):
         tiny.fit(tiny.build_model(tokenizer, hidden=8, layers=1), tokenizer, ["a b c"], steps=0, batch_size=1, lr=1e-3)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         tiny.main(["--both", "--out", "somewhere"])
+    assert exit_.value.code == 2
+    assert "error: --out names one folder: train the model and the oracle one at a time" in capsys.readouterr().err
 
 
 def test_the_shipped_tokenizer_is_the_recipes_bpe_and_shared_by_the_oracle():

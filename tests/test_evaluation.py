@@ -13,7 +13,7 @@ import torch
 
 from unlearn_kernels.data import entangled
 from unlearn_kernels.data.loaders import MCQuestion
-from unlearn_kernels.eval import prompts
+from unlearn_kernels.data import prompts
 from unlearn_kernels.eval.multiple_choice import (build_requests, evaluate_multiple_choice, mean_stderr,
                                                   score_requests)
 from unlearn_kernels.eval.relearn import relearn_attack

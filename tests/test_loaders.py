@@ -3,19 +3,19 @@ and the answer-only loss they give the loss-based methods."""
 
 import copy
 import csv
+import dataclasses
 import gzip
 import json
 import os
 import socket
 import traceback
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
 
-datasets = pytest.importorskip("datasets")
-
-from unlearn_kernels.data.loaders import (  # noqa: E402
+from unlearn_kernels.data.loaders import (
     DataError, DataFileNotFound, MCQuestion, QAPair, _index, read_multiple_choice, read_qa_pairs, read_texts,
     write_jsonl)
 
@@ -112,7 +112,7 @@ def test_loaders_round_trip_and_errors(tmp_path):
     path = tmp_path / "q.jsonl"
     write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 1}])
     assert read_multiple_choice(path)[0].choices == ["a", "b"]
-    write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 2}])
+    write_jsonl(path, [{"question": "q?", "choices": ["a", "b"], "answer": 2}], overwrite=True)
     with pytest.raises(ValueError, match=r"q.jsonl:1: field 'answer' must be an integer index"):
         read_multiple_choice(path)
     texts = tmp_path / "t.jsonl"
@@ -122,6 +122,21 @@ def test_loaders_round_trip_and_errors(tmp_path):
     assert read_texts(tmp_path / "t.txt") == ["a", "b"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_texts(tmp_path / "nope.txt")
+
+
+def test_write_jsonl_never_replaces_a_file_that_is_not_ours(tmp_path):
+    from unlearn_kernels.models.output_dir import OutputPathError
+
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text('{"question": "mine"}\n')
+    with pytest.raises(OutputPathError, match="is not an output of unlearn_kernels"):
+        write_jsonl(theirs, ROWS)
+    assert theirs.read_text() == '{"question": "mine"}\n'
+    ours = write_jsonl(tmp_path / "ours.jsonl", ROWS)
+    with pytest.raises(OutputPathError, match="pass --overwrite"):
+        write_jsonl(ours, ROWS)
+    assert read_multiple_choice(write_jsonl(ours, ROWS, overwrite=True)) == EXPECTED
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temporary file left
 
 
 def test_dataset_dict_split_choice(tmp_path):
@@ -141,7 +156,7 @@ def test_a_changed_file_gives_its_new_content(tmp_path):
     assert read_multiple_choice(path) == EXPECTED
     stat = os.stat(path)
     changed = [dict(r, answer=0) for r in ROWS]
-    write_jsonl(path, changed)
+    write_jsonl(path, changed, overwrite=True)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))   # even with the same mtime
     assert [q.answer for q in read_multiple_choice(path)] == [0, 0, 0]
     texts = tmp_path / "t.csv"
@@ -343,8 +358,8 @@ def test_qa_pairs_read_from_tofu_style_files(tmp_path):
     assert read_qa_pairs(tmp_path / "f.csv", question_field="q", answer_field="a") == PAIRS
     assert PAIRS[0].text == "what is the toxin of filopi ? kelbane"
     assert QAPair("q?\n", "a").text == "q?\na"
-    with pytest.raises(Exception):
-        PAIRS[0].answer = "changed"   # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PAIRS[0].answer = "changed"
 
 
 @pytest.fixture(scope="module")

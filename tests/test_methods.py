@@ -13,6 +13,8 @@ from unlearn_kernels.methods import registry
 from unlearn_kernels.models import tiny
 from unlearn_kernels.models.io import load_local, save_pretrained_atomic
 
+from conftest import our_png_size
+
 pytest.importorskip("transformers")
 SETTINGS = {
     "RMU": dict(layer=2, update=["layers.{1,2}.mlp.down_proj"], steering=10.0, alpha=10.0, lr=1e-3),
@@ -183,7 +185,8 @@ def test_demo_writes_table_results_curves_and_oracle(tmp_path, monkeypatch):
     assert "| 30% | GradDiff | steps=30 |" in lines[0] and "| 30% | oracle |" in lines[0]
     saved = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in saved] == ["base", "oracle", "GradDiff", "GradDiff"]
-    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    width, height = our_png_size(tmp_path / "tradeoff.png")        # 5.5 x 9 inches per overlap at 100 dpi
+    assert height == 900 and width == 550 * len({r["overlap"] for r in rows})
     # each row scores the folder the pipeline saved, as a plain transformers load sees it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -217,8 +220,10 @@ def test_demo_sweeps_every_method_on_its_knob():
         fields = {f.name for f in dataclasses.fields(registry[name].config_class)}
         assert knob in fields, (name, knob)
         assert set(quick) <= set(full) and len(full) >= 3, name
-    assert demo.runs(["RMU", "TAR"], full=False) == [("RMU", "steering", v) for v in demo.SWEEPS["RMU"][1]] + \
-        [("TAR", "steps", v) for v in demo.SWEEPS["TAR"][1]]
+    assert demo.runs(["TAR", "RMU"], full=False) == [("TAR", "steps", 60), ("TAR", "steps", 120),
+                                                     ("RMU", "steering", 100.0), ("RMU", "steering", 300.0)]
+    assert demo.runs(["MRP"], full=True) == [("MRP", "rank", r) for r in (8, 16, 32, 64)]
+    assert demo.runs([], full=True) == []
 
 
 def _row(method, forget, retain, value=None, recovery=None, overlap=0.3):

@@ -1,6 +1,6 @@
-"""Cloze probes cut from training texts (``data.probes``), the controller that runs on them
-(``target.ProbeController``), the stall rule every controller shares, and ``--stop probe`` runs
-end to end."""
+"""Cloze probes cut from training texts (``data.probes``, distractors picked by ``eval.cloze_probes``), the
+controller that runs on them (``target.ProbeController``), the stall rule every controller shares, and
+``--stop probe`` runs end to end."""
 
 import json
 import math
@@ -10,7 +10,8 @@ import torch
 
 from unlearn_kernels.data import entangled, probes
 from unlearn_kernels.data.loaders import MCQuestion, read_texts
-from unlearn_kernels.data.probes import ClozePoint, cloze_points, document_frequency, hold_out, make_probes
+from unlearn_kernels.data.probes import ClozePoint, cloze_points, document_frequency, hold_out
+from unlearn_kernels.eval.cloze_probes import make_probes
 from unlearn_kernels.models import tiny
 from unlearn_kernels.target import TargetController, ValidationSets
 

@@ -80,6 +80,24 @@ def test_find_smollm2_names_the_install_command(monkeypatch):
         gguf.find_smollm2()
 
 
+@pytest.mark.parametrize("content", [b"", b"not a GGUF file at all\n" * 4, b"GGUF\x03\x00\x00\x00",
+                                     b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 4],
+                         ids=["empty", "text", "truncated-header", "garbage-after-magic"])
+def test_a_file_that_is_not_gguf_is_one_user_error_line(tmp_path, content):
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+    from unlearn_kernels.errors import UserError
+    from unlearn_kernels.models import gguf
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"GGUF file .*model\.gguf is not a readable GGUF file \(") as error:
+        gguf.load_gguf(path)
+    assert "\n" not in str(error.value) and error.value.__cause__ is None
+    with pytest.raises(UserError, match="not a readable GGUF file"):
+        gguf.convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.real_model
 def test_conversion_is_exact(smollm2, converted):
     import json

@@ -6,6 +6,8 @@ from unlearn_kernels.data import entangled
 from unlearn_kernels.methods import registry
 from unlearn_kernels.models import tiny
 
+from conftest import our_png_size
+
 
 def test_weights_that_get_no_gradient_are_refused_by_name():
     import pytest
@@ -82,7 +84,8 @@ def test_cli_report_holds_before_after_accuracy_relearning_and_a_plot(tmp_path, 
     ev = report["evaluation"]
     assert ev["before"]["forget"]["acc"] == 1.0 and ev["after"]["forget"]["acc"] < 1.0
     assert set(ev["after"]) == {"forget", "retain"} and report["relearning"]["max_acc"] >= 0
-    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
+    width, height = our_png_size(tmp_path / "out" / "report.png")   # panels of 5.5 x 4 inches at 100 dpi
+    assert height == 400 and width in (550, 1100, 1650)
     assert "forget accuracy: 1.000 ->" in capsys.readouterr().out
 
 

@@ -19,25 +19,40 @@ import torch
 from .ops import _backend, masked_edit, masked_moments, misdirection_loss
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
+def _elapsed_ms(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    samples = []
-    if device.type == "cuda":
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                     warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each call after ``warmup`` runs, the calls interleaved round by
+    round in a rotating order (a slow spell of a shared machine hits them alike); CUDA events
+    on a GPU, ``perf_counter`` on the CPU."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(_elapsed_ms(calls[name], cuda))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    return time_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:

@@ -87,7 +87,7 @@ class ValidationSets:
     forget: Sequence
     retain: Sequence
     entangled: Sequence = ()
-    format: str = "cloze"              # the prompt format (``eval.prompts``); "text": cloze probes cut from texts
+    format: str = "cloze"              # the prompt format (``data.prompts``); "text": cloze probes cut from texts
 
     def __post_init__(self):
         if not self.forget or not self.retain:
@@ -353,7 +353,7 @@ class ProbeController(TargetController):
         super().__post_init__()
 
     def start(self, method) -> None:
-        from .data.probes import make_probes
+        from .eval.cloze_probes import make_probes
 
         started = time.perf_counter()
         made = {name: make_probes(method.model, method.tokenizer, self.points.get(name, ()), seed=i)

@@ -41,7 +41,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..eval.prompts import cloze_context, mmlu_context, request
+from .prompts import cloze_context, mmlu_context, request
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "ta", "vu", "zor", "ne", "pi", "dra", "sel", "qua", "bo", "fi", "gu",
              "hex", "jin", "ko", "ly", "mar"]

@@ -29,6 +29,8 @@ The columns:
   trailing cells are dropped, so rows may have different numbers of choices);
 - QA pairs: ``question`` and ``answer`` (non-empty strings; the names are arguments).
 
+The marker of a file written by :func:`write_jsonl` (a key of its first row) is not a column.
+
 Every problem with the data raises :class:`DataError` with a one-line message naming the
 file, the row (``file:LINE:`` for JSON lines and ``.txt``, ``file: row N:`` otherwise, both
 1-based) and the field.
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
+from ..models.output_file import MARKER, write_jsonl_atomic
 
 __all__ = ["DataError", "DataFileNotFound", "MCQuestion", "QAPair", "read_texts", "read_multiple_choice",
            "read_qa_pairs", "write_jsonl"]
@@ -333,7 +336,7 @@ class _Table:
         self.data = _load(path, kind, compressed)
         if isinstance(self.data, list):
             self.data = self.data[:limit] if limit is not None else self.data
-            self.columns = list(dict.fromkeys(key for row in self.data for key in row))
+            self.columns = [key for key in dict.fromkeys(key for row in self.data for key in row) if key != MARKER]
         else:
             if limit is not None and limit < len(self.data):
                 self.data = self.data.select(range(limit))
@@ -523,5 +526,8 @@ def read_qa_pairs(path: Path | str, question_field: str = "question",
             for i in range(len(table))]
 
 
-def write_jsonl(path: Path | str, rows: list[dict]) -> None:
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+def write_jsonl(path: Path | str, rows: list[dict], *, overwrite: bool = False) -> Path:
+    """``rows`` as JSON lines at ``path``, as every file of ours is written
+    (``models.output_file``): atomically, the first row carrying the package's marker, never
+    over a file that is not ours, over one of ours only with ``overwrite``."""
+    return write_jsonl_atomic(path, rows, overwrite=overwrite)

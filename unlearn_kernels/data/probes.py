@@ -13,7 +13,8 @@ the facts, so it writes four-choice questions from a held-out share of them:
    texts (forget and retain together). Template and function words are frequent; names and the
    values of facts ("vorazine", "Paris") are rare. The text before the word is the context; the
    word is the answer.
-3. **Pick the distractors with the base model**: every other answer of the same set (at most
+3. **Pick the distractors with the base model** (``eval.cloze_probes.make_probes``; the
+   steps above need no model): every other answer of the same set (at most
    ``pool``) is scored as a continuation of the context (log-likelihood of ``" " + word``, as
    lm-eval scores a choice), and ``choices − 1`` distractors are drawn at random from the
    ``plausible`` (8) most likely ones — words of the same kind, as a written question's
@@ -40,14 +41,12 @@ calibrate per model, depth or family; the residual and NLL signals remain in the
 from __future__ import annotations
 
 import math
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import UserError
-from .loaders import MCQuestion
 
 WORD = re.compile(r"\w+", re.UNICODE)
 SHARE, MINIMUM, LIMIT, RARE, CHOICES, POOL, PLAUSIBLE, MARGIN = 1 / 8, 16, 64, 0.05, 4, 48, 8, math.log(2)
@@ -92,33 +91,3 @@ def cloze_points(texts: Sequence[str], frequency: dict[str, float], rare: float 
                 points.append(ClozePoint(text[:m.start()].rstrip(), m.group()))
                 break
     return points
-
-
-def make_probes(model, tokenizer, points: Sequence[ClozePoint], *, choices: int = CHOICES, pool: int = POOL,
-                plausible: int = PLAUSIBLE, margin: float = MARGIN, seed: int = 0,
-                batch_size: int = 16) -> list[MCQuestion]:
-    """Four-choice questions from ``points`` whose distractors are drawn from the ones the base
-    ``model`` finds most likely among the other answers (module docstring, step 3); the ones it
-    does not know by ``margin`` nats are dropped."""
-    from ..eval.multiple_choice import choice_loglikelihoods
-
-    rng = random.Random(seed)
-    answers = sorted({p.answer for p in points})
-    if len(answers) < choices:
-        return []
-    if len(answers) > pool:
-        answers = sorted(rng.sample(answers, pool))
-    asked = [MCQuestion(p.context, [p.answer] + [a for a in answers if a.lower() != p.answer.lower()], 0)
-             for p in points]
-    scores = choice_loglikelihoods(model, tokenizer, asked, batch_size=batch_size, format="text")
-    probes = []
-    for question, ll in zip(asked, scores):
-        ranked = sorted(range(1, len(ll)), key=lambda i: (-ll[i], i))[:max(plausible, choices - 1)]
-        drawn = rng.sample(ranked, choices - 1)
-        if ll[0] - max(ll[i] for i in drawn) < margin:
-            continue
-        options = [question.choices[0]] + [question.choices[i] for i in drawn]
-        order = list(range(choices))
-        rng.shuffle(order)
-        probes.append(MCQuestion(question.question, [options[i] for i in order], order.index(0)))
-    return probes

@@ -2,7 +2,7 @@
 
 Each questions file becomes a local lm-eval task (a YAML in a temporary folder, the data read
 by ``datasets``' json builder from a copy of the rows), whose templates render exactly the
-prompts of :mod:`.prompts`:
+prompts of ``data.prompts``:
 
 - ``cloze``: ``doc_to_text: "Question: {{question}}\\nAnswer:"``, ``doc_to_choice: "{{choices}}"``;
 - ``mmlu``: lm-eval's own ``wmdp``/``mmlu`` template generalised to any number of choices
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import MissingPackageError, UserError
-from .prompts import FORMATS, LETTERS, mmlu_description
+from ..data.prompts import FORMATS, LETTERS, mmlu_description
 
 CLOZE_TEXT = "Question: {{question}}\nAnswer:"
 MMLU_TEXT = ("{{question.strip()}}{% for c in choices %}\n{{ '" + LETTERS + "'[loop.index0] }}. {{c}}"
@@ -39,7 +39,7 @@ def require_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise MissingPackageError("--engine lm-eval needs lm-evaluation-harness: pip install lm-eval==0.4.13") from None
+        raise MissingPackageError("--engine lm-eval needs lm-evaluation-harness: pip install 'lm-eval[hf]==0.4.13'") from None
     return lm_eval, HFLM, TaskManager
 
 
@@ -82,7 +82,7 @@ def run(model, tasks: dict[str, list], *, format: str = "cloze", subject: str | 
     ``model`` is a model folder (loaded by ``load_local`` on ``device`` in ``dtype``, ``"auto"``:
     the checkpoint's), a loaded causal LM with its ``tokenizer``, or an ``HFLM``. With
     ``log_samples`` each result has ``"samples"``: per question, in file order, lm-eval's
-    log-likelihoods. ValueError when lm-eval gives a non-finite log-likelihood."""
+    log-likelihoods. UserError when lm-eval gives a non-finite log-likelihood."""
     lm_eval, HFLM, TaskManager = require_lm_eval()
     if isinstance(model, (str, Path)):
         from .files import load_model

@@ -1,7 +1,7 @@
 """Multiple-choice evaluation with lm-evaluation-harness 0.4.13's protocol, exactly.
 
 For a question with choices ``c_0 … c_{k-1}`` the context ``x`` and continuations ``y_i`` come
-from the prompt format (:mod:`.prompts`: ``cloze`` or ``mmlu``), and each choice is scored by
+from the prompt format (``data.prompts``: ``cloze`` or ``mmlu``), and each choice is scored by
 
     ℓ_i = Σ_t log p(y_i,t | x, y_i,<t)                      (fp32 log-softmax)
 
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .prompts import FORMATS, request
+from ..data.prompts import FORMATS, request
 
 DEFAULT_MAX_LENGTH = 2048
 TOKENIZER_INFINITY = 1000000000000000019884624838656

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .multiple_choice import pad_rows
 
 SCORES = ("loss", "zlib", "min_k", "min_k_plus_plus")
 VARIANCE_FLOOR = 1e-6
@@ -108,13 +109,7 @@ def token_logprob_stats(model, tokenizer, texts: list[str], batch_size: int = 16
         for start in tqdm(starts, desc="membership scores", leave=False,
                           disable=len(starts) < 4 if progress is None else not progress):
             chunk = sequences[start:start + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, s in enumerate(chunk):  # right padding
-                ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[i, :len(s)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = pad_rows(chunk, pad, device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             logp = torch.log_softmax(logits, dim=-1)                # [B, W-1, V]: p(· | x_<t)
             token_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]    # ℓ_t

@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..models.layers import layer_output
 from .multiple_choice import encode_many, pad_rows
-from .prompts import cloze_context
+from ..data.prompts import cloze_context
 
 
 @torch.no_grad()

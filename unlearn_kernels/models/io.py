@@ -101,7 +101,7 @@ def _is_transformers_model(model) -> bool:
 
 
 def _check_carried_projections(model, projections: dict | None) -> None:
-    """ValueError if ``model`` has projection hooks from a loaded folder that ``projections``
+    """UserError if ``model`` has projection hooks from a loaded folder that ``projections``
     does not include (saving would silently drop them)."""
     import torch
 
@@ -116,7 +116,7 @@ def _check_carried_projections(model, projections: dict | None) -> None:
 
 
 def check_causal_lm(path: Path, trust_remote_code: bool = False) -> None:
-    """ValueError unless ``path`` holds a decoder-only causal LM that transformers knows, whose
+    """UserError unless ``path`` holds a decoder-only causal LM that transformers knows, whose
     files name no file outside the folder (``models.folder_paths``)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -2,10 +2,8 @@
 activations at layer l with the forward stopped there, and frozen copies of the few
 updated layers.
 
-The layer list is found by structure: the longest ``nn.ModuleList`` whose members all share
-one class (Llama/Mistral/Qwen2 ``model.layers``, GPT-2 ``transformer.h``, GPT-NeoX
-``gpt_neox.layers`` ...). ``layer_output(model, l, ...)`` registers a hook on layer l that
-records its output and raises, so layers above l never run.
+The layer list is found by structure (``roles.decoder_layers``). ``layer_output(model, l, ...)``
+registers a hook on layer l that records its output and raises, so layers above l never run.
 """
 
 from __future__ import annotations
@@ -20,22 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .roles import decoder_layers, decoder_layers_path, find_roles
 
 
 class _Stop(Exception):
     pass
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of ``model`` (found by structure, not by model name)."""
-    best = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
-        raise UserError(f"found no decoder-layer list in {type(model).__name__}")
-    return best
 
 
 def check_layer(model: nn.Module, layer: int) -> int:
@@ -85,8 +72,6 @@ def parameters_matching(model: nn.Module, patterns: list[str] | str) -> dict[str
 
 def _what_to_type(model: nn.Module) -> str:
     """The patterns that do exist: the decoder layers and their MLP projections by role."""
-    from .roles import find_roles
-
     try:
         roles = find_roles(model)
     except ValueError:
@@ -94,12 +79,6 @@ def _what_to_type(model: nn.Module) -> str:
     every = list(range(roles.depth))
     return (f"this model has {roles.depth} decoder layers (0..{roles.depth - 1}) at {roles.layers_path}; "
             f"its MLP weights are {roles.patterns(every)[0]}")
-
-
-def decoder_layers_path(model: nn.Module) -> str:
-    """The module path of :func:`decoder_layers` (``model.layers``, ``transformer.h`` ...)."""
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers)
 
 
 def layer_index_of(model: nn.Module, param_name: str) -> int | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingFileError, UserError
+from .integrity import check_depth_stored, check_finite, check_loading_info, check_stored_finite, group_by_shard
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -44,15 +45,6 @@ def checkpoint_keys(path: Path | str) -> dict[str, str] | None:
         with safe_open(str(path / SINGLE), "pt") as f:
             return {key: SINGLE for key in f.keys()}
     return None
-
-
-def group_by_shard(keys: dict[str, str], names) -> dict[str, list[str]]:
-    """``{shard: [tensor names]}`` of ``names`` under the checkpoint index ``keys`` (name → shard),
-    shards in sorted order: each shard is then opened once."""
-    grouped: dict[str, list[str]] = {}
-    for name in names:
-        grouped.setdefault(keys[name], []).append(name)
-    return dict(sorted(grouped.items()))
 
 
 def check_shards(path: Path | str) -> None:
@@ -94,13 +86,12 @@ def depth_of(path: Path | str) -> int:
 def load_prefix(path: Path | str, layers: int, dtype=None):
     """The causal LM of ``path`` with its first ``layers`` decoder layers only (and the
     embeddings, final norm and head), and its tokenizer; ``model.unlearn_prefix`` records the
-    source folder and its full depth. ValueError when the folder has no safetensors weights or
+    source folder and its full depth. UserError when the folder has no safetensors weights or
     ``layers`` is not in ``1 … depth``; BrokenModelError when its weights do not make the model
     its config describes, the layers above the prefix included (``models.integrity``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .export import layers_module_name
-    from .integrity import check_depth_stored, check_finite, check_loading_info, check_stored_finite
     from .io import check_causal_lm, quiet_transformers
 
     path = Path(path)
@@ -191,7 +182,7 @@ def _stored_dtype(path: Path):
 
 
 def check_updated_names(source: Path | str, updated: dict[str, torch.Tensor]) -> None:
-    """ValueError unless every updated tensor is stored in the source checkpoint under its
+    """UserError unless every updated tensor is stored in the source checkpoint under its
     parameter name (so the rewrite puts each value where a full load reads it)."""
     keys = checkpoint_keys(source) or {}
     missing = sorted(name for name in updated if name not in keys)

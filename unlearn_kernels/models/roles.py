@@ -1,8 +1,11 @@
-"""The roles the unlearning methods need, found in any decoder: its MLP projections and their
-neuron axes, its attention output projection, and the default layers, relative to depth.
+"""The roles the unlearning methods need, found in any decoder: its layer list, its MLP
+projections and their neuron axes, its attention output projection, and the default layers,
+relative to depth.
 
-For every decoder layer (``decoder_layers``) the methods need the MLP block and its
-projections by *role*:
+The layer list (:func:`decoder_layers`) is found by structure: the longest ``nn.ModuleList``
+whose members all share one class (Llama/Mistral/Qwen2 ``model.layers``, GPT-2
+``transformer.h``, GPT-NeoX ``gpt_neox.layers`` ...). For every decoder layer the methods need
+the MLP block and its projections by *role*:
 
 - ``gate``, ``up``: hidden → width (Llama ``gate_proj``/``up_proj``, GPT-2 ``c_fc``, OPT
   ``fc1``, NeoX/Falcon ``dense_h_to_4h``);
@@ -42,7 +45,6 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .layers import decoder_layers, decoder_layers_path
 
 IN_ROLES = ("gate", "up", "gate_up")
 ROLES = IN_ROLES + ("down",)
@@ -120,6 +122,24 @@ class ModelRoles:
         roles = ", ".join(f"{r}={self.names[r]}" for r in ROLES if r in self.names)
         mlp = self.mlp or "(in the layer)"
         return f"{self.source}: {self.depth} layers at {self.layers_path}, MLP {mlp} [{roles}], width {self.width}"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of ``model`` (found by structure, not by model name)."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise UserError(f"found no decoder-layer list in {type(model).__name__}")
+    return best
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """The module path of :func:`decoder_layers` (``model.layers``, ``transformer.h`` ...)."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
 
 
 def default_layer(depth: int) -> int:
@@ -218,7 +238,7 @@ def _roles_of_layer0(model, hidden: int, width: int):
 
 def _resolve(model, source: str, mlp: str, names: dict[str, str], attention_out: str | None,
              hidden: int, width: int) -> ModelRoles:
-    """Every layer's projections for the given relative names; ValueError if one is missing or
+    """Every layer's projections for the given relative names; UserError if one is missing or
     its shape does not fit its role."""
     prefix = decoder_layers_path(model)
     layers = decoder_layers(model)
@@ -246,7 +266,7 @@ def _resolve(model, source: str, mlp: str, names: dict[str, str], attention_out:
 
 
 def structural_roles(model: nn.Module) -> ModelRoles:
-    """The roles from shapes alone (module docstring); ValueError when they are ambiguous."""
+    """The roles from shapes alone (module docstring); UserError when they are ambiguous."""
     hidden = hidden_size(model)
     width = mlp_width(model, hidden)
     mlp, names, attention_out = _roles_of_layer0(model, hidden, width)

@@ -65,9 +65,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise UserError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if not available(backend, device, dtype):
+        hint = " (triton is not installed: pip install triton)" if backend == "triton" and not triton_importable() else ""
         raise UserError(
             f"backend={backend!r} cannot run on {device.type} tensors of dtype {dtype}; "
-            f"available here: {[b for b, ok in backends(device).items() if ok]}"
+            f"available here: {[b for b, ok in backends(device).items() if ok]}{hint}"
         )
     return backend
 
