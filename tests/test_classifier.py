@@ -19,7 +19,8 @@ from unlearn_kernels.classifier import (CMFHead, ClassSplit, FineTune, MeGU, Neg
                                         torchvision_split, transition_matrix)
 from unlearn_kernels.classifier import demo
 from unlearn_kernels.classifier.megu import confusion_similarity, embedding_available
-from unlearn_kernels.classifier.model import accuracy, features_of, train_supervised
+from unlearn_kernels.classifier.model import train_supervised
+from unlearn_kernels.eval.classifier import accuracy, features_of
 from unlearn_kernels.errors import MissingFileError, UserError
 from unlearn_kernels.eval import classifier as metrics
 from unlearn_kernels.methods.base import NonFiniteError

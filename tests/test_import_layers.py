@@ -68,7 +68,6 @@ LAYERS = [                        # lowest first; a module's layer is its longes
 REASON = "issue 22: being removed by the parallel rework of the config system / of the classifier"
 PENDING = {
     ("unlearn_kernels.plan", "unlearn_kernels.cli"),                        # cli <-> plan
-    ("unlearn_kernels.classifier.model", "unlearn_kernels.classifier.cmf"),  # cmf -> methods -> model -> cmf
 }
 
 # import name -> distribution name, where they differ

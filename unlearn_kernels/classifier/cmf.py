@@ -40,10 +40,12 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..data.class_split import ClassSplit
 from ..errors import UserError
-from .data import ClassSplit
+from ..eval.classifier import features_of
+from ..models.cmf_head import CENTERS, CMFHead
 from .methods import NegGradPlus, NegGradPlusConfig, RandomLabel, RandomLabelConfig
-from .model import CENTERS, CMFHead, SmallCNN, features_of, train_supervised
+from .model import SmallCNN, train_supervised
 
 def rebuild_cmf_head(model: SmallCNN, x: Tensor, y: Tensor) -> CMFHead:
     """Rebuild ``model.head`` (a CMFHead) from the model's current features of ``x``."""

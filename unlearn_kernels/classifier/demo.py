@@ -29,12 +29,12 @@ import copy
 import time
 from pathlib import Path
 
+from ..data.class_split import FORGET_CLASS, FORGET_SET, digits_split
 from ..errors import UserError
 from ..eval.classifier import add_gaps, evaluate
 from ..models.output_file import check_output_file, save_figure_atomic, write_json_atomic
 from . import registry
 from .cmf import to_cmf
-from .data import FORGET_CLASS, FORGET_SET, digits_split
 from .megu import embedding_available
 from .model import ASSET_DIR, load_digits_cnn
 

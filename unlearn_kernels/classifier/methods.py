@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.class_split import ClassSplit
 from ..errors import UserError
+from ..eval.classifier import accuracy
 from ..methods.base import check_finite, check_finite_config, log_step, optimizer_step
 from ..models.output_dir import marker
-from .data import ClassSplit
-from .model import TRAIN_RECIPE, accuracy, shuffled_batches
+from .model import TRAIN_RECIPE, shuffled_batches
 
 
 @dataclass

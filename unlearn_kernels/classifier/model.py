@@ -4,8 +4,10 @@ shipped weights.
 ``SmallCNN`` = ``features`` (three 3×3 conv layers, max-pool, adaptive average pool to 2×2,
 a fully connected layer; ReLU after each: the penultimate representation ``z``, ``[n, d]``)
 followed by ``head`` (``nn.Linear(d, C)``, or a ``CMFHead``: the cosine nearest-class-mean
-head, its math in :mod:`.cmf`). ``model(x) = head(features(x))``. This module is the bottom
-of the classifier track: it imports none of the others but :mod:`.data`.
+head of :mod:`unlearn_kernels.models.cmf_head`). ``model(x) = head(features(x))``. This module
+is the bottom of the classifier track: it imports none of the others; its data
+(:mod:`unlearn_kernels.data.class_split`) and the evaluation helpers it shares with the metrics
+(:mod:`unlearn_kernels.eval.classifier`) live in the layers below.
 
 ``python -m unlearn_kernels.classifier.model`` trains it on the digits training split (Adam,
 deterministic, ~98 % test accuracy) and saves ``config.json`` + ``model.safetensors``
@@ -23,51 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.class_split import digits_split
 from ..errors import MissingFileError, UserError
+from ..eval.classifier import accuracy
 from ..methods.base import check_finite
-from ..ops import class_means
-from .data import digits_split
+from ..models.cmf_head import CMFHead
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits-cnn"
 WEIGHTS = "model.safetensors"
 TRAIN_RECIPE = dict(epochs=30, lr=2e-3, batch_size=64)   # the shipped model's and Retrain's recipe
-
-
-CENTERS = ("classes", "samples")
-
-
-class CMFHead(nn.Module):
-    """Cosine nearest-class-mean head; ``rebuild(features, labels)`` sets it from data."""
-
-    def __init__(self, feature_dim: int, num_classes: int, tau: float = 16.0, center: str = "classes"):
-        super().__init__()
-        if not tau > 0:
-            raise UserError(f"tau must be > 0, got {tau}")
-        if center not in CENTERS:
-            raise UserError(f"center must be one of {CENTERS}, got {center!r}")
-        self.tau, self.center_mode, self.num_classes = float(tau), center, num_classes
-        self.register_buffer("weight", torch.zeros(num_classes, feature_dim))
-        self.register_buffer("center", torch.zeros(feature_dim))
-        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64))
-
-    @torch.no_grad()
-    def rebuild(self, features: Tensor, labels: Tensor) -> "CMFHead":
-        unit = F.normalize(features.detach().float(), dim=-1)
-        means, counts = class_means(unit, labels, self.num_classes)
-        present = counts > 0
-        center = means[present].mean(0) if self.center_mode == "classes" else unit.mean(0)
-        self.weight.copy_(F.normalize(means - center, dim=-1) * present[:, None])
-        self.center.copy_(center)
-        self.counts.copy_(counts)
-        return self
-
-    def forward(self, z: Tensor) -> Tensor:
-        direction = F.normalize(F.normalize(z, dim=-1) - self.center, dim=-1)
-        logits = self.tau * direction @ self.weight.T
-        return logits.masked_fill(self.counts == 0, -self.tau)
-
-    def extra_repr(self) -> str:
-        return f"classes={self.num_classes}, tau={self.tau}, center={self.center_mode!r}"
 
 
 class SmallCNN(nn.Module):
@@ -153,31 +119,6 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
     yield from order.split(batch_size)
 
 
-@torch.no_grad()
-def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 512) -> Tensor:
-    return torch.cat([fn(chunk) for chunk in x.split(batch_size)]) if len(x) else fn(x)
-
-
-def _in_eval_mode(model: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``batched(fn, x)`` with ``model`` in eval mode, its mode restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        return batched(fn, x)
-    finally:
-        model.train(was_training)
-
-
-def logits_of(model: nn.Module, x: Tensor) -> Tensor:
-    """``model(x)`` in eval mode, without gradients, in batches."""
-    return _in_eval_mode(model, model, x)
-
-
-def features_of(model: SmallCNN, x: Tensor) -> Tensor:
-    """``model.features(x)`` in eval mode, without gradients, in batches."""
-    return _in_eval_mode(model, model.features, x)
-
-
 def train_supervised(model: SmallCNN, x: Tensor, y: Tensor, *, epochs: int, lr: float, batch_size: int = 64,
                      seed: int = 0, progress: bool = True, desc: str = "training",
                      refresh: Callable[[], None] | None = None) -> list[dict]:
@@ -212,13 +153,6 @@ def train_supervised(model: SmallCNN, x: Tensor, y: Tensor, *, epochs: int, lr: 
             refresh()
     model.eval()
     return history
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Top-1 accuracy (nan for no samples)."""
-    if len(y) == 0:
-        return float("nan")
-    return float((logits_of(model, x).argmax(-1) == y).float().mean())
 
 
 # --- the shipped model ---------------------------------------------------------------------

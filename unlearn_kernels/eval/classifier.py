@@ -38,18 +38,53 @@ steps (``relearn_curve`` along the way).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..classifier.data import ClassSplit
-from ..classifier.model import CMFHead, accuracy, features_of, logits_of
+from ..data.class_split import ClassSplit
 from ..errors import UserError
-from .probe import linear_probe
+from ..models.cmf_head import CMFHead
 from .attacks import finetune_curve
+from .probe import linear_probe
 
 GAP_METRICS = ("UA", "RA", "TA", "MIA", "probe_forget_acc", "ncm_forget_acc")
+
+
+
+@torch.no_grad()
+def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 512) -> Tensor:
+    return torch.cat([fn(chunk) for chunk in x.split(batch_size)]) if len(x) else fn(x)
+
+
+def _in_eval_mode(model: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``batched(fn, x)`` with ``model`` in eval mode, its mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return batched(fn, x)
+    finally:
+        model.train(was_training)
+
+
+def logits_of(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` in eval mode, without gradients, in batches."""
+    return _in_eval_mode(model, model, x)
+
+
+def features_of(model: nn.Module, x: Tensor) -> Tensor:
+    """``model.features(x)`` in eval mode, without gradients, in batches."""
+    return _in_eval_mode(model, model.features, x)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy (nan for no samples)."""
+    if len(y) == 0:
+        return float("nan")
+    return float((logits_of(model, x).argmax(-1) == y).float().mean())
 
 
 def confidences(model, x: Tensor, y: Tensor) -> np.ndarray:
