@@ -192,6 +192,13 @@ def masks_for(x):
 
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def with_fp32(dtype):
+    """dtype and fp32, in a fixed order (a set of dtypes iterates in an order that differs
+    between processes, and so would the random draws)."""
+    return (dtype,) if dtype == torch.float32 else (dtype, torch.float32)
+
 for n, d in ((203, 77), (61, 5), (47, 300)):   # 77 = 4*16+13, 5 < 16, 300 = 18*16+12
     for dtype in FLOATS:
         tag = f"{n}x{d}/{str(dtype)[6:]}"
@@ -228,7 +235,7 @@ for n, d in ((203, 77), (61, 5), (47, 300)):   # 77 = 4*16+13, 5 < 16, 300 = 18*
         keep(f"feature_scores/{tag}", ops.feature_scores(fm, rm, backend="cpu"))
         keep(f"feature_importance/{tag}", ops.feature_importance(fm, rm, 0.3, backend="cpu"))
         # Hessian EMA: state in a's dtype and (for reduced a) fp32; b absent or present.
-        for hdtype in {dtype, torch.float32}:
+        for hdtype in with_fp32(dtype):
             for bname in ("b", "nob"):
                 a = rnd(n, d, dtype=dtype)
                 b = rnd(n, d, dtype=dtype) if bname == "b" else None
@@ -238,7 +245,7 @@ for n, d in ((203, 77), (61, 5), (47, 300)):   # 77 = 4*16+13, 5 < 16, 300 = 18*
         # neuron scores: rows and columns, Hessians in w's dtype or fp32, retain or not, strided w.
         for wshape in ((n, d), (d, n)):
             w = rnd(*wshape, dtype=dtype)
-            for hdtype in {dtype, torch.float32} if dtype != torch.float64 else {dtype}:
+            for hdtype in with_fp32(dtype) if dtype != torch.float64 else (dtype,):
                 hf = torch.rand(*wshape, generator=g).to(hdtype)
                 hr = torch.rand(*wshape, generator=g).to(hdtype)
                 for dim in (0, 1):
@@ -249,7 +256,7 @@ for n, d in ((203, 77), (61, 5), (47, 300)):   # 77 = 4*16+13, 5 < 16, 300 = 18*
                     keep(f"neuron_scores_t/{wshape}/{str(hdtype)[6:]}/dim{dim}/{tag}",
                          ops.neuron_scores(w.t(), hf.t(), hr.t(), dim=dim, backend="cpu"))
         if dtype != torch.float64:
-            for sdtype in {dtype, torch.float32}:
+            for sdtype in with_fp32(dtype):
                 shapes = [(n, d), (d, n), (n * d + 3,)]
                 base = [(rnd(*s, dtype=dtype), rnd(*s, dtype=dtype, scale=1e-2), rnd(*s, dtype=sdtype, scale=1e-3),
                          (torch.rand(*s, generator=g) * 1e-2).to(sdtype)) for s in shapes]
