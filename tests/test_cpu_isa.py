@@ -183,12 +183,14 @@ def views(n, d, dtype):
             "transposed": rnd(d, n, dtype=dtype).t(), "3d": rnd(3, n // 3, d, dtype=dtype)}
 
 
-def masks_for(x):
+def token_mask(x):
+    """About 60 % of the tokens kept, a run of dropped rows longer than a kernel's row chunk
+    (half the rows at most), and the last token kept (so a mean over tokens exists)."""
     lead = x.shape[:-1]
-    drop = torch.rand(lead, generator=g) < 0.4
-    flat = drop.reshape(-1).clone()
-    flat[: min(40, flat.numel())] = False   # a run of dropped rows longer than a chunk
-    return {"mask": flat.reshape(lead)}
+    flat = (torch.rand(lead, generator=g) >= 0.4).reshape(-1)
+    flat[3:3 + min(40, flat.numel() // 2)] = False
+    flat[-1] = True
+    return flat.reshape(lead)
 
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -205,7 +207,7 @@ for n, d in ((203, 77), (61, 5), (47, 300)):   # 77 = 4*16+13, 5 < 16, 300 = 18*
         control, importance = rnd(d), torch.rand(d, generator=g)
         for vname, h in views(n, d, dtype).items():
             anchor = rnd(*h.shape, dtype=dtype)
-            mask = masks_for(h)["mask"]
+            mask = token_mask(h)
             for kname, kw in (("c", {"control": control}),
                               ("cia", {"control": control, "importance": importance, "anchor": anchor}),
                               ("a", {"anchor": anchor}),

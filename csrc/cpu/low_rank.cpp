@@ -6,17 +6,16 @@
 // an AVX-512 machine. Arithmetic is fp32 (fp64 for fp64 x) in blocks of kLanes = 16 lanes,
 // each product rounded before its add.
 //
-// low_rank_project: y = x - s (x U) U^T, row by row (rows in parallel; each row's result
-// depends on that row only). The basis is copied once per call as U^T [r][dp] in the
-// accumulation type, zero-padded to dp = d rounded up to whole blocks; a row is widened into
-// a zero-padded buffer, then
+// low_rank_project: y = x - s (x U) U^T, rows in parallel, kRowTile rows at a time (each
+// row's result depends on that row only). The basis is copied once per call as U^T [r][dp]
+// in the accumulation type, zero-padded to dp = d rounded up to whole blocks; the rows are
+// widened into zero-padded buffers, then
 //   c_k = sum_j x_j U_jk      16-lane dot product (element j in lane j mod 16), the lanes
-//                             added in cpu_vec.h's fixed tree; four k at a time share the
-//                             loads of x
+//                             added in cpu_vec.h's fixed tree
 //   t_j = sum_k c_k U_jk      k in increasing order, element-wise along j
 //   y_j = x_j - s t_j         (s t_j rounded first)
-// The row and U^T (r dp values, 32 KiB per 8 basis vectors of a 1024-wide row in fp32) stay in
-// the core's cache, so x is read from memory once and y written once.
+// Each block of U^T read serves the kRowTile rows; the rows stay in the core's cache, so x
+// is read from memory once and y written once.
 //
 // masked_gram: G = sum over kept rows of x_i^T x_i, each entry summed over the kept rows in
 // their original order. Kept rows are widened kGramChunkRows at a time into a zero-padded
@@ -37,6 +36,7 @@ namespace uk::cpu::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kRowGrain = 16;        // rows per parallel task at least (projection)
+constexpr int64_t kRowTile = 4;          // rows projected together (projection)
 constexpr int64_t kGramChunkRows = 128;  // kept rows widened at once by masked_gram
 constexpr int64_t kGramStrip = 4;        // rows of G per register tile
 
@@ -48,50 +48,67 @@ void project_impl(const at::Tensor& x, const at::Tensor& basis, double scale,
   constexpr auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t n = x.size(0), d = x.size(1), r = basis.size(1);
   const int64_t dp = padded_length(d);
+  const int64_t ld = dp + kLanes;  // U^T's row stride: one spare block, so that the r rows of
+                                   // a column block do not all fall in one L1 cache set
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t xs = x.stride(0);
   scalar_t* yp = y.data_ptr<scalar_t>();
   acc_t* cp = coeffs.defined() ? coeffs.data_ptr<acc_t>() : nullptr;
   const at::Tensor u = basis.to(acc).contiguous();
   const acc_t* up = u.data_ptr<acc_t>();
-  std::vector<acc_t> ut(r * dp, acc_t(0));  // U^T, rows zero-padded to dp
+  std::vector<acc_t> ut(r * ld, acc_t(0));  // U^T, rows zero-padded
   for (int64_t j = 0; j < d; ++j)
-    for (int64_t k = 0; k < r; ++k) ut[k * dp + j] = up[j * r + k];
+    for (int64_t k = 0; k < r; ++k) ut[k * ld + j] = up[j * r + k];
   const acc_t* utp = ut.data();
   const L s(static_cast<acc_t>(scale));
 
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(dp, acc_t(0)), c(r);
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* xi = xp + i * xs;
-      for (int64_t j = 0; j < d; j += kLanes) store_block(row.data() + j, d - j, load_block(xi + j, d - j));
-      int64_t k = 0;
-      for (; k + 4 <= r; k += 4) {
-        const acc_t* u0 = utp + k * dp;
+  // Rows in groups of kRowTile, so that each block of U^T read from the cache serves
+  // kRowTile rows; a short last group computes on zero rows and stores nothing for them.
+  const int64_t groups = (n + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, groups, std::max<int64_t>(1, kRowGrain / kRowTile), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rows(kRowTile * dp), c(kRowTile * r);
+    for (int64_t grp = begin; grp < end; ++grp) {
+      const int64_t i0 = grp * kRowTile, live = std::min(kRowTile, n - i0);
+      std::fill(rows.begin(), rows.end(), acc_t(0));
+      for (int64_t q = 0; q < live; ++q) {
+        const scalar_t* xi = xp + (i0 + q) * xs;
+        for (int64_t j = 0; j < d; j += kLanes)
+          store_block(rows.data() + q * dp + j, d - j, load_block(xi + j, d - j));
+      }
+      const acc_t* x0 = rows.data();
+      const acc_t* x1 = x0 + dp;
+      const acc_t* x2 = x0 + 2 * dp;
+      const acc_t* x3 = x0 + 3 * dp;
+      for (int64_t k = 0; k < r; ++k) {  // c_k = sum_j x_j U_jk, four rows at once
+        const acc_t* uk = utp + k * ld;
         L a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
         for (int64_t j = 0; j < dp; j += kLanes) {
-          const L xv = L::load(row.data() + j);
-          a0 = a0 + xv * L::load(u0 + j);
-          a1 = a1 + xv * L::load(u0 + dp + j);
-          a2 = a2 + xv * L::load(u0 + 2 * dp + j);
-          a3 = a3 + xv * L::load(u0 + 3 * dp + j);
+          const L uv = L::load(uk + j);
+          a0 = a0 + L::load(x0 + j) * uv;
+          a1 = a1 + L::load(x1 + j) * uv;
+          a2 = a2 + L::load(x2 + j) * uv;
+          a3 = a3 + L::load(x3 + j) * uv;
         }
         c[k] = reduce_lanes(a0);
-        c[k + 1] = reduce_lanes(a1);
-        c[k + 2] = reduce_lanes(a2);
-        c[k + 3] = reduce_lanes(a3);
+        c[r + k] = reduce_lanes(a1);
+        c[2 * r + k] = reduce_lanes(a2);
+        c[3 * r + k] = reduce_lanes(a3);
       }
-      for (; k < r; ++k) {
-        L a(acc_t(0));
-        for (int64_t j = 0; j < dp; j += kLanes) a = a + L::load(row.data() + j) * L::load(utp + k * dp + j);
-        c[k] = reduce_lanes(a);
-      }
-      if (cp) std::copy(c.begin(), c.end(), cp + i * r);
-      scalar_t* yi = yp + i * d;
-      for (int64_t j = 0; j < d; j += kLanes) {
-        L t(acc_t(0));
-        for (int64_t q = 0; q < r; ++q) t = t + L(c[q]) * L::load(utp + q * dp + j);
-        store_block(yi + j, d - j, L::load(row.data() + j) - s * t);
+      if (cp)
+        for (int64_t q = 0; q < live; ++q) std::copy(c.begin() + q * r, c.begin() + (q + 1) * r, cp + (i0 + q) * r);
+      const acc_t* c0 = c.data();
+      for (int64_t j = 0; j < d; j += kLanes) {  // t_j = sum_k c_k U_jk; y = x - s t
+        L t0(acc_t(0)), t1(acc_t(0)), t2(acc_t(0)), t3(acc_t(0));
+        for (int64_t k = 0; k < r; ++k) {
+          const L uv = L::load(utp + k * ld + j);
+          t0 = t0 + L(c0[k]) * uv;
+          t1 = t1 + L(c0[r + k]) * uv;
+          t2 = t2 + L(c0[2 * r + k]) * uv;
+          t3 = t3 + L(c0[3 * r + k]) * uv;
+        }
+        const L* t[kRowTile] = {&t0, &t1, &t2, &t3};
+        for (int64_t q = 0; q < live; ++q)
+          store_block(yp + (i0 + q) * d + j, d - j, L::load(rows.data() + q * dp + j) - s * *t[q]);
       }
     }
   });
