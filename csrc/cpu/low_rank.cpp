@@ -37,6 +37,7 @@ namespace {
 
 constexpr int64_t kRowGrain = 16;        // rows per parallel task at least (projection)
 constexpr int64_t kRowTile = 4;          // rows projected together (projection)
+static_assert(kRowTile == 4, "project_impl spells out its four rows");
 constexpr int64_t kGramChunkRows = 128;  // kept rows widened at once by masked_gram
 constexpr int64_t kGramStrip = 4;        // rows of G per register tile
 
