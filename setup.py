@@ -8,7 +8,8 @@ Environment: ``UNLEARN_KERNELS_CUDA=auto|0|1`` (CUDA kernels), ``TORCH_CUDA_ARCH
 baseline is always built).
 
 The CPU kernels are compiled once per instruction set (baseline, AVX2+FMA, AVX-512 on x86-64;
-never ``-march=native``) and the best one the CPU supports is picked at import time. At run
+never ``-march=native``) and the best one the CPU supports is picked at import time; every
+variant gives the same bits (``csrc/include/cpu_vec.h``), so the choice changes speed only. At run
 time ``UNLEARN_KERNELS_CPU_CAPABILITY=default|avx2|avx512`` (or ATen's own
 ``ATEN_CPU_CAPABILITY``) caps the choice; ``unlearn_kernels._extension.cpu_capability()`` tells
 which one is active.

@@ -1,8 +1,13 @@
 // CPU kernel of the per-class feature means and counts.
 //
+// The same bits on every instruction set and thread count (rules in cpu_vec.h): every mean is
+// a per-feature sum over the rows in their original order of x * (1 / count), the product
+// rounded before the add (never fused); the vector width and the column tiling only decide
+// how many features are worked on at once.
+//
 // Counts in one sequential pass over the labels (checking their range). The sums run in
-// parallel over column tiles (a multiple of the vector step wide), one per thread, on at::vec
-// vectors (bf16/fp16 converted to fp32 on load): a task walks every row in order and adds
+// parallel over column tiles (whole kLanes blocks wide), one per thread, in blocks of kLanes
+// lanes (bf16/fp16 converted to fp32 on load): a task walks every row in order and adds
 // the row's slice, times 1 / count of its label, to its label's accumulator row
 // ([classes][width] for the tile): scaling before summing keeps every partial sum within the
 // range of the values (a convex combination), so a mean that fits in fp32 is finite even
@@ -26,16 +31,13 @@ constexpr int64_t kMinWidth = 64;  // columns per task, at least
 template <typename scalar_t>
 void means_impl(const at::Tensor& x, const int64_t* label, const int64_t* count,
                 int64_t classes, const at::Tensor& means_out) {
-  using IO = Io<scalar_t>;
-  using acc_t = typename IO::A;
-  using V = typename IO::V;
-  static_assert(Io<acc_t>::kStep == IO::kStep, "rows and accumulators move in steps of one size");
+  using acc_t = typename Io<scalar_t>::A;
+  using L = Lanes<acc_t>;
   const int64_t n = x.size(0), d = x.size(1), xs = x.stride(0);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   acc_t* means = means_out.data_ptr<acc_t>();
   const int64_t threads = at::get_num_threads();
-  const int64_t width = (std::max(kMinWidth, (d + threads - 1) / threads) + IO::kStep - 1) /
-                        IO::kStep * IO::kStep;
+  const int64_t width = padded_length(std::max(kMinWidth, (d + threads - 1) / threads));
   const int64_t tiles = (d + width - 1) / width;
   std::vector<acc_t> inv(classes);
   for (int64_t c = 0; c < classes; ++c)
@@ -48,14 +50,9 @@ void means_impl(const at::Tensor& x, const int64_t* label, const int64_t* count,
       for (int64_t i = 0; i < n; ++i) {
         const scalar_t* row = xp + i * xs + c0;
         acc_t* a = acc.data() + label[i] * width;
-        const V s(inv[label[i]]);
-        for (int64_t j = 0; j < w; j += IO::kStep) {
-          const int64_t m = std::min<int64_t>(IO::kStep, w - j);
-          V x0, x1, a0, a1;
-          load2(row + j, m, x0, x1);
-          Io<acc_t>::load(a + j, a0, a1);  // the accumulator rows are padded to kStep
-          Io<acc_t>::store(a + j, at::vec::fmadd(x0, s, a0), at::vec::fmadd(x1, s, a1));
-        }
+        const L s(inv[label[i]]);
+        for (int64_t j = 0; j < w; j += kLanes)  // the accumulator rows are whole blocks
+          (L::load(a + j) + load_block(row + j, w - j) * s).store(a + j);
       }
       for (int64_t c = 0; c < classes; ++c)
         for (int64_t j = 0; j < w; ++j) means[c * d + c0 + j] = acc[c * width + j];

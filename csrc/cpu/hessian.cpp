@@ -1,7 +1,10 @@
 // CPU kernel of the Hessian-diagonal EMA, in place:
 //   hess_i <- beta * hess_i + (1 - beta) * a_i * b_i        (b = a when absent)
 // One pass over the flat elements in parallel ranges; each element is independent, so the
-// result does not depend on the thread count.
+// result does not depend on the thread count, and computed as the same IEEE operations on
+// every instruction set (rules in cpu_vec.h): beta * hess + (1 - beta) * (a * b), each
+// product rounded before the add (never fused), in blocks of kLanes lanes (fp32, or fp64 when
+// anything is fp64; bf16/fp16 converted on load and store).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,27 +27,20 @@ void ema_impl(const at::Tensor& hess, const at::Tensor& a, const at::Tensor& b, 
   const A* bp = b.defined() ? b.data_ptr<A>() : ap;
   const acc_t keep = static_cast<acc_t>(beta);
   const acc_t mix = static_cast<acc_t>(1.0 - beta);
-  // fp32 arithmetic on at::vec vectors (bf16/fp16 converted on load and store); anything
-  // with fp64 stays a scalar loop.
-  constexpr bool kVector = std::is_same_v<acc_t, float>;
   at::parallel_for(0, hess.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    if constexpr (kVector) {
-      using V = Vectorized<float>;
-      const V vkeep(keep), vmix(mix);
-      for (; i < end; i += Io<H>::kStep) {
-        const int64_t m = std::min<int64_t>(Io<H>::kStep, end - i);
-        V h0, h1, x0, x1, y0, y1;
-        load2(hp + i, m, h0, h1);
-        load2(ap + i, m, x0, x1);
-        load2(bp + i, m, y0, y1);
-        store2(hp + i, m, vkeep * h0 + vmix * (x0 * y0), vkeep * h1 + vmix * (x1 * y1));
+    if constexpr (std::is_same_v<acc_t, typename Io<H>::A> && std::is_same_v<acc_t, typename Io<A>::A>) {
+      using L = Lanes<acc_t>;
+      const L vkeep(keep), vmix(mix);
+      for (int64_t i = begin; i < end; i += kLanes) {
+        const int64_t m = end - i;
+        store_block(hp + i, m, vkeep * load_block(hp + i, m) + vmix * (load_block(ap + i, m) * load_block(bp + i, m)));
       }
-    }
-    for (; i < end; ++i) {
-      const acc_t x = static_cast<acc_t>(ap[i]);
-      const acc_t y = static_cast<acc_t>(bp[i]);
-      hp[i] = static_cast<H>(keep * static_cast<acc_t>(hp[i]) + mix * (x * y));
+    } else {  // fp32 state of fp64 a (or the reverse): element by element
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t x = static_cast<acc_t>(ap[i]);
+        const acc_t y = static_cast<acc_t>(bp[i]);
+        hp[i] = static_cast<H>(keep * static_cast<acc_t>(hp[i]) + mix * (x * y));
+      }
     }
   });
 }

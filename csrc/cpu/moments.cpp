@@ -1,5 +1,11 @@
 // CPU kernels of the statistics family (semantics in cuda_launchers.h).
 //
+// The same bits on every instruction set and thread count (rules in cpu_vec.h): every sum
+// below is per feature, over rows in a fixed order, so the vector width only decides how
+// many features are worked on at once; the kernel sources are compiled with
+// -ffp-contract=off, so the compiler's vectorisation of the fp64 loops never fuses a
+// multiply-add, and the ranges and tiles are functions of the shape only.
+//
 // masked_moments splits the rows into kParts fixed ranges (so the result does not depend on
 // the thread count). Everything is accumulated in fp64 (whatever the input type) and rounded
 // to fp32 once at the end: at mean/sigma = 1e6 an fp32 tile mean would lose the variance, and
@@ -45,8 +51,9 @@ struct Running {
 };
 
 // Rows as F (float, or double for fp64 input): fp32/fp64 rows are read in place, bf16/fp16
-// rows are converted into `buf` first (at::vec). The fp64 sums below are plain loops over
-// contiguous F rows that the compiler vectorises for the ISA of this variant.
+// rows are converted (exactly) into `buf` first. The fp64 sums below are plain element-wise
+// loops over contiguous F rows that the compiler vectorises for the ISA of this variant
+// (the same IEEE operations per element whatever the width).
 template <typename scalar_t>
 using row_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -55,14 +62,7 @@ const row_t<scalar_t>* row_as_float(const scalar_t* row, int64_t d, row_t<scalar
   if constexpr (std::is_same_v<scalar_t, row_t<scalar_t>>) {
     return row;
   } else {
-    using IO = Io<scalar_t>;
-    using V = typename IO::V;
-    for (int64_t j = 0; j < d; j += IO::kStep) {
-      const int64_t m = std::min<int64_t>(IO::kStep, d - j);
-      V a, b;
-      load2(row + j, m, a, b);
-      store2(buf + j, m, a, b);
-    }
+    for (int64_t j = 0; j < d; j += kLanes) store_block(buf + j, d - j, load_block(row + j, d - j));
     return buf;
   }
 }

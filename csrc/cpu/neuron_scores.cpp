@@ -1,11 +1,14 @@
 // CPU kernel of the Optimal-Brain-Damage neuron scores, forget and retain in one pass:
 //   dim 0: s_i = 1/2 sum_j h_ij w_ij^2      dim 1: s_j = 1/2 sum_i h_ij w_ij^2
 //
-// dim 0: rows in parallel; a row is summed in the lanes of two at::vec vectors (kLanes
-// interleaved scalar accumulators for fp64) combined in a fixed order. dim 1: the matrix is cut into
-// fixed row parts x column tiles (a function of the shape only); a task adds its rows into
-// its part's partial columns, vectorised along the row (at::vec); the parts are then added in
-// order. Both orders are fixed, so the result does not depend on the thread count.
+// The same bits on every instruction set and thread count (rules in cpu_vec.h): fp32
+// arithmetic (fp64 for fp64 weights) in blocks of kLanes = 16 lanes, bf16/fp16 converted on
+// load, every h w^2 computed as (w * w) then h * that then an add, never fused.
+// dim 0: rows in parallel; a row is summed lane by lane (element j in lane j mod 16, the tail
+// block zero-filled) and the 16 lanes are added in cpu_vec.h's fixed tree. dim 1: the matrix
+// is cut into fixed row parts x column tiles (a function of the shape only); a task adds its
+// rows in order into its part's partial columns, block by block along the row (element-wise,
+// so the width does not matter); the parts are then added in order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -18,7 +21,6 @@ namespace uk::cpu::CPU_CAPABILITY {
 
 namespace {
 
-constexpr int kLanes = 8;
 constexpr int64_t kRowGrainElems = 1 << 15;  // dim 0: elements per parallel task at least
 constexpr int64_t kTileCols = 512;           // dim 1: columns per task
 constexpr int64_t kPartRows = 256;           // dim 1: rows per part at least
@@ -31,74 +33,41 @@ struct Sums {
   double forget, retain;
 };
 
-// sum_j h_j w_j^2 over one row for hf and (if hr) hr: at::vec lanes for fp32 arithmetic
-// (bf16/fp16 converted on load; two vectors of lanes combined in a fixed order at the end),
-// kLanes interleaved scalar accumulators for fp64.
-template <typename W, typename H>
-Sums row_sums(const W* w, const H* hf, const H* hr, int64_t n) {
-  using acc_t = acc_of<W, H>;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    static_assert(Io<W>::kStep == Io<H>::kStep, "weights and Hessians move in steps of one size");
-    using V = Vectorized<float>;
-    V f0(0.f), f1(0.f), r0(0.f), r1(0.f);
-    for (int64_t j = 0; j < n; j += Io<W>::kStep) {
-      const int64_t k = std::min<int64_t>(Io<W>::kStep, n - j);
-      V w0, w1, h0, h1;
-      load2(w + j, k, w0, w1);
-      load2(hf + j, k, h0, h1);
-      const V q0 = w0 * w0, q1 = w1 * w1;
-      f0 = at::vec::fmadd(h0, q0, f0);
-      f1 = at::vec::fmadd(h1, q1, f1);
-      if (hr) {
-        load2(hr + j, k, h0, h1);
-        r0 = at::vec::fmadd(h0, q0, r0);
-        r1 = at::vec::fmadd(h1, q1, r1);
-      }
-    }
-    return {static_cast<double>(sum_lanes(f0 + f1)), static_cast<double>(sum_lanes(r0 + r1))};
+// A block of T as lanes of acc_t: in place when T's arithmetic type is acc_t, else (fp32
+// Hessians of fp64 weights) widened element by element (exact).
+template <typename acc_t, typename T>
+inline Lanes<acc_t> load_as(const T* p, int64_t remaining) {
+  if constexpr (std::is_same_v<typename Io<T>::A, acc_t>) {
+    return load_block(p, remaining);
   } else {
-    acc_t f[kLanes] = {}, r[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      for (int k = 0; k < kLanes; ++k) {
-        const acc_t x = static_cast<acc_t>(w[j + k]);
-        const acc_t x2 = x * x;
-        f[k] += static_cast<acc_t>(hf[j + k]) * x2;
-        if (hr) r[k] += static_cast<acc_t>(hr[j + k]) * x2;
-      }
-    }
-    for (; j < n; ++j) {
-      const acc_t x = static_cast<acc_t>(w[j]);
-      f[0] += static_cast<acc_t>(hf[j]) * x * x;
-      if (hr) r[0] += static_cast<acc_t>(hr[j]) * x * x;
-    }
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int k = 0; k < width; ++k) {
-        f[k] += f[k + width];
-        r[k] += r[k + width];
-      }
-    }
-    return {static_cast<double>(f[0]), static_cast<double>(r[0])};
+    acc_t tmp[kLanes] = {};
+    for (int64_t e = 0; e < std::min<int64_t>(remaining, kLanes); ++e) tmp[e] = static_cast<acc_t>(p[e]);
+    return Lanes<acc_t>::load(tmp);
   }
 }
 
-// acc[j] += h[j] * w[j]^2 for j in [0, n) (fp32 lanes; scalar for fp64).
+// sum_j h_j w_j^2 over one row for hf and (if hr) hr, in 16 lanes added in the fixed tree.
+template <typename W, typename H>
+Sums row_sums(const W* w, const H* hf, const H* hr, int64_t n) {
+  using acc_t = acc_of<W, H>;
+  using L = Lanes<acc_t>;
+  L f(acc_t(0)), r(acc_t(0));
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const L x = load_block(w + j, n - j);
+    const L q = x * x;
+    f = f + load_as<acc_t>(hf + j, n - j) * q;
+    if (hr) r = r + load_as<acc_t>(hr + j, n - j) * q;
+  }
+  return {static_cast<double>(reduce_lanes(f)), static_cast<double>(reduce_lanes(r))};
+}
+
+// acc[j] += h[j] * w[j]^2 for j in [0, n).
 template <typename W, typename H, typename acc_t>
 void add_scores(acc_t* __restrict acc, const W* __restrict w, const H* __restrict h, int64_t n) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    using V = Vectorized<float>;
-    for (; j + Io<W>::kStep <= n; j += Io<W>::kStep) {
-      V w0, w1, h0, h1, a0, a1;
-      Io<W>::load(w + j, w0, w1);
-      Io<H>::load(h + j, h0, h1);
-      Io<float>::load(acc + j, a0, a1);
-      Io<float>::store(acc + j, at::vec::fmadd(h0, w0 * w0, a0), at::vec::fmadd(h1, w1 * w1, a1));
-    }
-  }
-  for (; j < n; ++j) {
-    const acc_t x = static_cast<acc_t>(w[j]);
-    acc[j] += static_cast<acc_t>(h[j]) * (x * x);
+  using L = Lanes<acc_t>;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const L x = load_block(w + j, n - j);
+    store_block(acc + j, n - j, load_block(acc + j, n - j) + load_as<acc_t>(h + j, n - j) * (x * x));
   }
 }
 

@@ -1,9 +1,14 @@
 // CPU kernel of the fused masked Sophia-G step (math in sophia.h).
 //
+// The same bits on every instruction set (rules in cpu_vec.h): the update is element-wise
+// IEEE arithmetic on fp32 lanes, each operation rounded on its own (never fused), the clamp a
+// compare-and-select that keeps a NaN ratio's own bits (at::vec::minimum would not: it makes
+// every NaN all-ones on AVX2/AVX-512 only).
+//
 // The tensors are cut into chunks of kGrain elements, numbered across the whole list, and
 // one at::parallel_for runs over all the chunks, so small and large tensors share the
-// threads. Within a chunk the elements are walked row segment by row segment on at::vec
-// fp32 vectors: a kRows segment is skipped or updated whole, a kCols segment is updated whole
+// threads. Within a chunk the elements are walked row segment by row segment in blocks of
+// kLanes fp32 lanes: a kRows segment is skipped or updated whole, a kCols segment is updated whole
 // and blended with its old values by the column mask (precomputed once per call as fp32
 // blend lanes). Per element: read p, g, m, h; write p, m.
 #include <ATen/Parallel.h>
@@ -23,48 +28,43 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 
-// The Sophia-G element update (sophia.h) on vectors of fp32 lanes.
+// The Sophia-G element update (sophia.h) on one vector of fp32 lanes.
 inline void sophia_vector(Vectorized<float>& p, const Vectorized<float>& g, Vectorized<float>& m,
                           const Vectorized<float>& h, const SophiaHyper& hp) {
   using V = Vectorized<float>;
-  const V one(1.f);
+  const V one(1.f), zero(0.f);
   p = p * V(hp.decay);
   m = V(hp.beta1) * m + V(hp.one_minus_beta1) * g;
-  const V ratio = at::vec::minimum(m.abs() / (V(hp.rho_bs) * h + V(hp.eps)), one);
-  const V sign = ((m > V(0.f)) & one) - ((m < V(0.f)) & one);
+  const V raw = m.abs() / (V(hp.rho_bs) * h + V(hp.eps));
+  const V ratio = V::blendv(raw, one, raw > one);  // min(raw, 1); NaN stays
+  const V sign = ((m > zero) & one) - ((m < zero) & one);
   p = p - V(hp.lr) * sign * ratio;
 }
 
-// n consecutive elements on at::vec vectors (bf16/fp16 converted on load and store); with
-// `keep` (fp32 lanes, all bits set where the element is selected, 0 elsewhere) the new p and
-// m are blended with the old ones, so unselected elements keep their exact values.
+// n consecutive elements in blocks of kLanes fp32 lanes (bf16/fp16 converted on load and
+// store); with `keep` (fp32 lanes, all bits set where the element is selected, 0 elsewhere)
+// the new p and m are blended with the old ones, so unselected elements keep their exact
+// values.
 template <typename P, typename S>
 void update_run(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m,
                 const S* __restrict__ h, const float* __restrict__ keep, int64_t n,
                 const SophiaHyper& hp) {
-  using V = Vectorized<float>;
-  constexpr int64_t L = V::size();
-  static_assert(Io<P>::kStep == Io<S>::kStep, "params and state move in steps of one size");
-  for (int64_t j = 0; j < n; j += Io<P>::kStep) {
-    const int64_t k = std::min<int64_t>(Io<P>::kStep, n - j);
-    V p0, p1, g0, g1, m0, m1, h0, h1;
-    load2(p + j, k, p0, p1);
-    load2(g + j, k, g0, g1);
-    load2(m + j, k, m0, m1);
-    load2(h + j, k, h0, h1);
-    V q0 = p0, q1 = p1, s0 = m0, s1 = m1;
-    sophia_vector(q0, g0, s0, h0, hp);
-    sophia_vector(q1, g1, s1, h1, hp);
+  using L = Lanes<float>;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t k = n - j;
+    const L p0 = load_block(p + j, k), g0 = load_block(g + j, k);
+    const L m0 = load_block(m + j, k), h0 = load_block(h + j, k);
+    L q = p0, s = m0;
+    for (int v = 0; v < L::kVecs; ++v) sophia_vector(q.v[v], g0.v[v], s.v[v], h0.v[v], hp);
     if (keep != nullptr) {
-      const V k0 = V::loadu(keep + j, std::min<int64_t>(k, L));
-      const V k1 = k > L ? V::loadu(keep + j + L, k - L) : V(0.f);
-      q0 = V::blendv(p0, q0, k0);
-      q1 = V::blendv(p1, q1, k1);
-      s0 = V::blendv(m0, s0, k0);
-      s1 = V::blendv(m1, s1, k1);
+      const L sel = load_block(keep + j, k);
+      for (int v = 0; v < L::kVecs; ++v) {
+        q.v[v] = Vectorized<float>::blendv(p0.v[v], q.v[v], sel.v[v]);
+        s.v[v] = Vectorized<float>::blendv(m0.v[v], s.v[v], sel.v[v]);
+      }
     }
-    store2(p + j, k, q0, q1);
-    store2(m + j, k, s0, s1);
+    store_block(p + j, k, q);
+    store_block(m + j, k, s);
   }
 }
 

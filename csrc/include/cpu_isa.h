@@ -8,7 +8,9 @@
 // active_isa(): the best set this CPU supports (__builtin_cpu_supports), or the one asked for
 // by UNLEARN_KERNELS_CPU_CAPABILITY, else ATEN_CPU_CAPABILITY (default | avx2 | avx512; a set
 // the CPU lacks falls back to the best it has). Never -march=native: the flags are fixed per
-// variant, so one build runs on any x86-64 CPU.
+// variant, so one build runs on any x86-64 CPU. Every variant gives the same bits (the rules
+// are in cpu_vec.h: 16 lanes whatever the vector width, no fused multiply-add, one
+// implementation of every function), so the choice changes speed only.
 #pragma once
 
 namespace uk::cpu {

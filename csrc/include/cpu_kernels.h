@@ -1,4 +1,5 @@
-// CPU kernels (at::parallel_for, fp32 accumulation). Inputs arrive validated by the ops
+// CPU kernels (at::parallel_for, fp32 accumulation; the same bits on every instruction set and
+// thread count, see cpu_vec.h). Inputs arrive validated by the ops
 // layer: 2-D [n, d] activations with unit column stride, contiguous fp32 [d] vectors and
 // a contiguous bool [n] mask (or undefined). Semantics as in cuda_launchers.h.
 #pragma once
