@@ -154,6 +154,38 @@ def _unknown(cls, names: list[str]) -> SettingError:
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
+def _range_of(bounds: dict) -> str:
+    """``>= 0``, ``> 0``, or ``in (0, 1]`` for a lower and an upper bound."""
+    bounds = {k: v for k, v in bounds.items() if k in _BOUNDS and v is not None}
+    low = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    high = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]:g}, {high[1]:g}{']' if high[0] == 'le' else ')'}"
+    return " and ".join(f"{_BOUNDS[k]} {v:g}" for k, v in bounds.items())
+
+
+def _range(node) -> str:
+    """The range a field's type declares (its innermost bounds, e.g. each value of a pair), or ""."""
+    found = {}
+    for item in getattr(node, "metadata", ()) or ():
+        found.update({k: getattr(item, k) for k in _BOUNDS if getattr(item, k, None) is not None})
+    if found:
+        return _range_of(found)
+    args = typing.get_args(getattr(node, "annotation", node))
+    return next((r for r in (_range(_Node(a)) for a in args) if r), "")
+
+
+class _Node:
+    """An annotation seen as a field: its metadata (``Annotated`` extras, ``Field`` constraints flattened)."""
+
+    def __init__(self, annotation):
+        self.annotation, self.metadata = annotation, []
+        if typing.get_origin(annotation) is Annotated:
+            self.annotation = typing.get_args(annotation)[0]
+            for extra in annotation.__metadata__:
+                self.metadata += getattr(extra, "metadata", None) or [extra]
+
+
 def _setting_error(cls, error: ValidationError, given: dict) -> SettingError:
     """The first error of ``error`` as one line (module docstring)."""
     errors = error.errors(include_url=False)
@@ -180,9 +212,8 @@ def _setting_error(cls, error: ValidationError, given: dict) -> SettingError:
         problem = f"expects a number, got {value!r}"
     elif kind in ("bool_parsing", "bool_type"):
         problem = f"expects true or false, got {value!r}"
-    elif kind in _BOUNDS or kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bounds = [f"{_BOUNDS[k]} {v:g}" for k, v in ctx.items() if k in _BOUNDS]
-        problem = f"must be {' and '.join(bounds)}, got {value!r}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        problem = f"must be {_range(cls.__pydantic_fields__[name]) or _range_of(ctx)}, got {value!r}"
     elif kind == "finite_number":
         problem = f"must be a finite number, got {value!r}"
     elif kind == "literal_error":
