@@ -164,26 +164,16 @@ def _range_of(bounds: dict) -> str:
     return " and ".join(f"{_BOUNDS[k]} {v:g}" for k, v in bounds.items())
 
 
-def _range(node) -> str:
-    """The range a field's type declares (its innermost bounds, e.g. each value of a pair), or ""."""
+def _bounds(annotation, metadata=()) -> dict:
+    """The bounds (``ge``, ``gt``, ``le``, ``lt``) a type declares: its own, else the first found
+    inside it (through Optional and Annotated, e.g. each value of a pair)."""
     found = {}
-    for item in getattr(node, "metadata", ()) or ():
-        found.update({k: getattr(item, k) for k in _BOUNDS if getattr(item, k, None) is not None})
-    if found:
-        return _range_of(found)
-    args = typing.get_args(getattr(node, "annotation", node))
-    return next((r for r in (_range(_Node(a)) for a in args) if r), "")
-
-
-class _Node:
-    """An annotation seen as a field: its metadata (``Annotated`` extras, ``Field`` constraints flattened)."""
-
-    def __init__(self, annotation):
-        self.annotation, self.metadata = annotation, []
-        if typing.get_origin(annotation) is Annotated:
-            self.annotation = typing.get_args(annotation)[0]
-            for extra in annotation.__metadata__:
-                self.metadata += getattr(extra, "metadata", None) or [extra]
+    for extra in [*metadata, *getattr(annotation, "__metadata__", ())]:
+        for item in getattr(extra, "metadata", None) or [extra]:
+            found.update({k: getattr(item, k) for k in _BOUNDS if getattr(item, k, None) is not None})
+    for arg in typing.get_args(annotation):
+        found = found or _bounds(arg)
+    return found
 
 
 def _setting_error(cls, error: ValidationError, given: dict) -> SettingError:
@@ -200,8 +190,7 @@ def _setting_error(cls, error: ValidationError, given: dict) -> SettingError:
     value = given.get(name, e["input"])
     if kind == "missing" and len(e["loc"]) == 1:
         return SettingError(_label(cls, name), name, "is required")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    expected = type_name(cls.__pydantic_fields__[name].annotation) if name in fields else ""
+    expected = type_name(cls.__pydantic_fields__[name].annotation) if name in cls.__pydantic_fields__ else ""
     if value is None:
         problem = f"expects {expected}, got None"
     elif kind == "value_error":                     # a validator of ours: its text says what is valid
@@ -213,7 +202,8 @@ def _setting_error(cls, error: ValidationError, given: dict) -> SettingError:
     elif kind in ("bool_parsing", "bool_type"):
         problem = f"expects true or false, got {value!r}"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        problem = f"must be {_range(cls.__pydantic_fields__[name]) or _range_of(ctx)}, got {value!r}"
+        info = cls.__pydantic_fields__[name]
+        problem = f"must be {_range_of(_bounds(info.annotation, info.metadata) or ctx)}, got {value!r}"
     elif kind == "finite_number":
         problem = f"must be a finite number, got {value!r}"
     elif kind == "literal_error":
