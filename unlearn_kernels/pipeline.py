@@ -40,7 +40,8 @@ from pydantic import BeforeValidator, Field
 
 from . import parallel
 from .errors import UserError
-from .methods.settings import Auto, Count, Fraction, NonNegativeInt, Number, Share, config_dataclass
+from .methods import registry
+from .methods.settings import Auto, Count, Fraction, NonNegativeInt, Number, Share, config_dataclass, make_config
 
 
 def _fspath(value):
@@ -49,8 +50,6 @@ def _fspath(value):
 
 def _method_name(value):
     """A registered method's name (``unlearn_kernels.methods.registry``)."""
-    from .methods import registry
-
     if not isinstance(value, str) or not value:
         raise ValueError("must be a method name")
     if value not in registry:
@@ -58,8 +57,8 @@ def _method_name(value):
     return value
 
 
-Path_ = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]
-Paths = Annotated[list[Path_], BeforeValidator(lambda v: [v] if isinstance(v, (str, os.PathLike)) else v)]
+File = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]        # a path (str or os.PathLike)
+Files = Annotated[list[File], BeforeValidator(lambda v: [v] if isinstance(v, (str, os.PathLike)) else v)]
 
 
 @config_dataclass
@@ -68,12 +67,12 @@ class RunConfig:
     for ``eval_forget``; ``--set`` fills ``settings``, ``--config`` names ``config_file``) and the keys of
     its YAML config; typed and checked when it is made (``methods.settings``)."""
 
-    model: Annotated[Path_, Field(description="local model directory (save_pretrained format)")]
+    model: Annotated[File, Field(description="local model directory (save_pretrained format)")]
     method: Annotated[str, BeforeValidator(_method_name), Field(description=(
         "the method (unlearn-kernels methods lists them; methods NAME: a method's settings)"))]
-    forget: Annotated[Paths, Field(description=".txt (a text per line) or .jsonl ('text') files")]
-    out: Annotated[Path_, Field(description="output directory (written atomically)")]
-    retain: Annotated[Paths, Field(description="same formats as --forget (not needed by GradAscent)")] = \
+    forget: Annotated[Files, Field(description=".txt (a text per line) or .jsonl ('text') files")]
+    out: Annotated[File, Field(description="output directory (written atomically)")]
+    retain: Annotated[Files, Field(description="same formats as --forget (not needed by GradAscent)")] = \
         dataclasses.field(default_factory=list)
     settings: Annotated[dict[str, Any], Field(description=(
         "the method's settings (--set KEY=VALUE, values as YAML; unlearn-kernels methods NAME lists them)"))] = \
@@ -81,16 +80,16 @@ class RunConfig:
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto"
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(description=(
         "auto: bfloat16 on GPUs that support it, else the checkpoint's dtype"))] = "auto"
-    eval_forget: Annotated[Path_ | None, Field(description=(
+    eval_forget: Annotated[File | None, Field(description=(
         "questions file: accuracy before/after goes into the report"))] = None
-    eval_retain: Annotated[Path_ | None, Field(description=(
+    eval_retain: Annotated[File | None, Field(description=(
         "questions file: accuracy before/after goes into the report"))] = None
-    relearn: Annotated[Path_ | None, Field(description=(
+    relearn: Annotated[File | None, Field(description=(
         "attack texts: relearning attack on --eval-forget after unlearning"))] = None
-    val_forget: Annotated[Path_ | None, Field(description=(
+    val_forget: Annotated[File | None, Field(description=(
         "validation questions on the forget facts (kept apart from --eval-*): a target-driven run"))] = None
-    val_retain: Annotated[Path_ | None, Field(description="validation questions the model must keep answering")] = None
-    val_entangled: Annotated[Path_ | None, Field(description=(
+    val_retain: Annotated[File | None, Field(description="validation questions the model must keep answering")] = None
+    val_entangled: Annotated[File | None, Field(description=(
         "validation questions on facts entangled with the forget facts (same entities), to keep too"))] = None
     target: Annotated[Auto[Share], Field(description=(
         "forget accuracy that means done (default: chance + 0.05)"))] = None
@@ -121,7 +120,7 @@ class RunConfig:
         "layers 0..l alone; default: on when l is below the top and no --eval-*/--val-* is asked)"))] = None
     parallel: Annotated[Literal["none", "ddp", "fsdp"] | None, Field(description=(
         "under torchrun: ddp (the default there) splits each global batch over the ranks"))] = None
-    config_file: Annotated[Path_ | None, Field(description=(
+    config_file: Annotated[File | None, Field(description=(
         "the YAML config it came from (--config; an input: never a target)"))] = None
 
     title: ClassVar[str] = "unlearn"
@@ -154,8 +153,6 @@ def run(config: RunConfig) -> RunResult:
     """Run ``config`` (module docstring); a UserError (``unlearn_kernels.errors``) for what the user gave."""
     from .data.loaders import read_multiple_choice, read_texts
     from .eval import files
-    from .methods import registry
-    from .methods.settings import make_config
     from .models.io import save_figure_atomic, save_pretrained_atomic
     from .models.output_dir import check_output_path, weights_size
     from .models.prefix import check_shards, unfit_source
@@ -413,8 +410,6 @@ def _prefix_plan(config: RunConfig, method_class, method_config, wants_full: boo
         return method_config, None
     runs_prefix = method_class.spec.prefix == "auto"
     if asked and not runs_prefix:
-        from .methods import registry
-
         alone = [name for name, cls in registry.items() if cls.spec.prefix == "auto"]
         raise UserError(f"--prefix-only: {method_class.name} runs the whole model; only {', '.join(alone)} "
                         "run layers 0..l alone")
