@@ -1,7 +1,8 @@
 """One unlearning run, start to finish: ``pipeline.run(RunConfig(...)) -> RunResult``.
 
-The command line (``unlearn-kernels unlearn``), the Python API and the demo all call this. In
-order, before any model is loaded: the output path (new or a previous output of ours, not an
+The command line (``unlearn-kernels unlearn``), the Python API and the demo all call this with
+one type, :class:`RunConfig`, whose fields are checked when it is made. Then, in order, before
+any model is loaded: the output path (new or a previous output of ours, not an
 input), the data files, the method's settings (typed, finite), the checkpoint folder (ours
 only), the model folder's names (inside it) and shards. Then the model is loaded — whole, or
 only layers ``0…l`` when the method runs no further (``models.prefix``) — and checked

@@ -287,7 +287,7 @@ class UnlearningMethod:
 
     def check_config(self) -> None:
         """UserError on a config that cannot run on this model or launch (before any work); the
-        ranges of the settings are checked when the config is built (``MethodConfig.validate``)."""
+        types and ranges of the settings are checked when the config is built (``methods.settings``)."""
         distributed.check_batch_size(self.name, self.config.batch_size)
         if hasattr(self.config, "layer"):
             check_layer(self.model, self.config.layer)
