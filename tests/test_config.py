@@ -98,7 +98,7 @@ def test_every_setting_refuses_bad_values_naming_itself(method, name, value):
     ("RMU", dict(stats_batches=True), "RMU has no setting stats_batches"),
     ("RMU", dict(update=[""]), "setting update expects a list of non-empty strings"),
     ("RMU", dict(update=5), "setting update expects a list of non-empty strings"),
-    ("RMU", dict(lr=float("inf")), "setting lr must be a finite number, got inf"),
+    ("RMU", dict(lr=float("inf")), "setting lr is not a finite number: inf"),
     ("RMU", dict(backend="gpu"), "setting backend must be auto, cuda, triton, cpu or torch, got 'gpu'"),
 ])
 def test_the_table_of_bad_settings(method, settings, words):

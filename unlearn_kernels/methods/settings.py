@@ -205,7 +205,7 @@ def _setting_error(cls, error: ValidationError, given: dict) -> SettingError:
         info = cls.__pydantic_fields__[name]
         problem = f"must be {_range_of(_bounds(info.annotation, info.metadata) or ctx)}, got {value!r}"
     elif kind == "finite_number":
-        problem = f"must be a finite number, got {value!r}"
+        problem = f"is not a finite number: {value!r}"
     elif kind == "literal_error":
         problem = f"must be {ctx['expected'].replace(chr(39), '')}, got {value!r}"
     elif expected.startswith("list"):
