@@ -60,7 +60,8 @@ def main() -> None:
     model, tokenizer = load_local(args.model)
     method_class = registry[args.method]
     settings = {"progress": False, **{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}}
-    settings[method_class.length_setting or "steps"] = args.steps
+    length = method_class.spec.length
+    settings["steps" if length == "epochs" else length] = args.steps   # a length in steps
     method = method_class(model, tokenizer, **settings)
     monitor = TargetController(sets, target=0.0, keep=1e-9, every=args.every, backtracks=0)
     started = time.perf_counter()

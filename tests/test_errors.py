@@ -126,12 +126,12 @@ def test_user_errors_are_one_line_and_exit_2(files, capsys, argv, words):
 
 
 def test_an_internal_error_shows_its_traceback_and_asks_for_a_report(files, capsys, monkeypatch):
-    from unlearn_kernels.methods import settings
+    from unlearn_kernels import pipeline
 
     def broken(*a, **k):
         raise ValueError("an internal invariant broke")
 
-    monkeypatch.setattr(settings, "make_config", broken)
+    monkeypatch.setattr(pipeline, "make_config", broken)
     assert cli.main(run_args(files)) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ValueError: an internal invariant broke" in err

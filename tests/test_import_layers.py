@@ -24,10 +24,7 @@ lower one, never of a higher one, and no import may close a cycle. The layers, h
     _extension · triton                            the compiled module, the Triton kernels
     errors                                         the error model (imports nothing)
 
-A module not in this table fails the test: give it a layer. ``PENDING`` lists the edges that
-other work on issue 22 is removing (the ``cli``/``plan`` cycle, the classifier's
-``cmf``/``methods``/``model`` cycle); they are skipped with that reason until then, and the
-set is emptied when that work is merged — nothing else goes there.
+A module not in this table fails the test: give it a layer. There are no exceptions.
 
 The second half checks that every third-party package the code imports is declared in
 ``pyproject.toml``: required, or in an extra when every import of it is guarded (inside a
@@ -64,11 +61,6 @@ LAYERS = [                        # lowest first; a module's layer is its longes
     {"demo", "plan", "benchmark", "selfcheck", "classifier"},
     {"cli"},
 ]
-
-REASON = "issue 22: being removed by the parallel rework of the config system / of the classifier"
-PENDING = {
-    ("unlearn_kernels.plan", "unlearn_kernels.cli"),                        # cli <-> plan
-}
 
 # import name -> distribution name, where they differ
 DISTRIBUTIONS = {"yaml": "pyyaml", "sklearn": "scikit-learn", "lm_eval": "lm-eval",
@@ -197,7 +189,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_no_import_cycle():
-    cycle = _cycle(set(EDGES) - PENDING)
+    cycle = _cycle(set(EDGES))
     assert cycle is None, f"import cycle:\n{_show(cycle)}"
 
 
@@ -213,15 +205,8 @@ def test_every_module_has_a_layer():
 
 def test_no_module_imports_a_layer_above_its_own():
     upward = [f"  {a} (layer {_layer_name(a)}) -> {b} (layer {_layer_name(b)})  ({where})"
-              for (a, b), where in sorted(EDGES.items()) if (a, b) not in PENDING and layer_of(b) > layer_of(a)]
+              for (a, b), where in sorted(EDGES.items()) if layer_of(b) > layer_of(a)]
     assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
-
-
-@pytest.mark.parametrize("edge", sorted(PENDING), ids="->".join)
-def test_pending_edges(edge):
-    """Skipped while the edge exists; once the work removing it is merged, empty it from PENDING."""
-    assert edge in EDGES, f"{edge[0]} -> {edge[1]} is gone: remove it from PENDING"
-    pytest.skip(f"{edge[0]} -> {edge[1]}: {REASON}")
 
 
 # --- declared dependencies ---------------------------------------------------------------------

@@ -138,8 +138,8 @@ def test_tamper_points_read_only_the_last_attack_steps(base, texts):
 @pytest.mark.parametrize("settings, message", [
     (dict(adversary_steps=-1), "adversary_steps must be >= 0"),
     (dict(adversary_lrs=(1e-3, 1e-4)), "0 < low <= high"),
-    (dict(adversary_lrs=(0.0, 1e-3)), "0 < low <= high"),
-    (dict(tamper_loss="kl"), "tamper_loss must be one of nll, entropy"),
+    (dict(adversary_lrs=(0.0, 1e-3)), r"adversary_lrs must be > 0, got \(0.0, 0.001\)"),
+    (dict(tamper_loss="kl"), "tamper_loss must be nll or entropy, got 'kl'"),
     (dict(adversary_steps=2, tamper_points=3), "tamper_points must be in 0..adversary_steps=2"),
     (dict(tamper_weight=-1.0), "tamper_weight must be >= 0"),
     (dict(retain_weight=-1.0), "retain_weight must be >= 0"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from unlearn_kernels.data import entangled
+from unlearn_kernels.errors import UserError
 from unlearn_kernels.methods import registry
 from unlearn_kernels.methods.settings import make_config
 from unlearn_kernels.methods.rmu import RMUConfig
@@ -34,13 +35,13 @@ def test_settings_arrive_typed():
     (dict(lr="fast"), "setting lr expects a number, got 'fast'"),
     (dict(steps=1.5), "setting steps expects an integer"),
     (dict(steps=True), "setting steps expects an integer"),
-    (dict(update=[1]), "setting update expects a list of patterns"),
+    (dict(update=[1]), r"setting update expects a list of non-empty strings \(one string is a list of one\), got \[1\]"),
     (dict(progress="maybe"), "setting progress expects true or false"),
     (dict(alpha=None), "setting alpha expects float, got None"),
     (dict(stering=1.0), r"RMU has no setting stering \(did you mean steering\?\); its settings: .*alpha=100.0"),
 ])
 def test_bad_settings_name_the_field(settings, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         make_config(RMUConfig, **settings)
 
 

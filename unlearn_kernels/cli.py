@@ -14,9 +14,11 @@
     unlearn-kernels selfcheck             every kernel backend against the reference
     unlearn-kernels info                  which backends run here
 
-A YAML config for ``unlearn`` holds the same keys as the flags (model, method, forget,
-retain, out) plus ``settings:``, the method's config fields (e.g. layer, steering, lr);
-``--set key=value`` overrides one setting (values parsed as YAML).
+The ``unlearn`` flags are the fields of ``pipeline.RunConfig`` (one type for the flags, the YAML
+config, the Python API and the demo): a YAML config for ``unlearn`` holds the same keys (model,
+method, forget, retain, out, eval_forget, ...) plus ``settings:``, the method's config fields
+(e.g. layer, steering, lr); flags given override the file, ``--set key=value`` overrides one
+setting (values parsed as YAML).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -109,13 +112,9 @@ def _demo(args) -> int:
     return 0 if ok else 1
 
 
-RUN_KEYS = {"model": "a model folder", "method": "a method name", "forget": "a data file or a list of them",
-            "retain": "a data file or a list of them", "out": "an output folder"}
-
-
 def _read_run_config(path: Path) -> dict:
-    """The YAML config of ``unlearn``: the RUN_KEYS and ``settings`` (a mapping of the method's
-    settings); UserError naming the file and the key otherwise."""
+    """The mapping in the YAML config of ``unlearn`` (its keys are :class:`~unlearn_kernels.pipeline.RunConfig`'s
+    fields, typed when the run config is made); UserError naming the file otherwise."""
     import yaml
 
     from .errors import MissingFileError, path_error
@@ -131,67 +130,58 @@ def _read_run_config(path: Path) -> dict:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or error
         raise UserError(f"--config {path} is not valid YAML ({where}{problem})") from None
-    keys = f"{', '.join(RUN_KEYS)} and settings"
     if not isinstance(config, dict):
-        raise UserError(f"--config {path} must hold a mapping of {keys}, got a {type(config).__name__}")
-    for key, value in config.items():
-        if key == "settings":
-            if not isinstance(value or {}, dict):
-                raise UserError(f"--config {path}: settings must be a mapping (setting: value), got {value!r}")
-            continue
-        if key not in RUN_KEYS:
-            raise UserError(f"--config {path}: unknown key {key!r}; the keys are {keys}")
-        items = value if key in ("forget", "retain") and isinstance(value, list) else [value]
-        if not all(isinstance(item, str) and item for item in items):
-            raise UserError(f"--config {path}: {key} must be {RUN_KEYS[key]}, got {value!r}")
+        raise UserError(f"--config {path} must hold a mapping of the unlearn options (model, method, forget, retain, "
+                        f"out, settings, ...), got a {type(config).__name__}")
     return config
 
 
-def _load_run_config(args) -> dict:
+def _load_run_config(args):
+    """The :class:`~unlearn_kernels.pipeline.RunConfig` of the YAML file (``--config``) with the flags given
+    over it and ``--set KEY=VALUE`` over its ``settings``; an error in a value of the file names the file."""
     import yaml
 
-    config = _read_run_config(Path(args.config)) if args.config else {}
-    for key in RUN_KEYS:
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    settings = dict(config.get("settings") or {})
+    from .methods import registry
+    from .methods.settings import SettingError
+    from .pipeline import RunConfig
+
+    given = {name: getattr(args, name) for name in _run_fields() if hasattr(args, name)}
+    from_file = _read_run_config(Path(args.config)) if args.config else {}
+    values = {**from_file, **given, "config_file": args.config}
+    sets = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set takes key=value, got {item!r}")
         try:
-            settings[key] = yaml.safe_load(value)
+            sets[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise UserError(f"--set {item}: the value is not valid YAML") from None
-    config["settings"] = settings
-    from .methods import registry
-
-    needed = ("model", "method", "forget", "out")
-    if config.get("method") not in registry or registry[config["method"]].needs_retain:
-        needed += ("retain",)
-    missing = [k for k in needed if not config.get(k)]
+    settings = values.get("settings") or {}
+    values["settings"] = {**settings, **sets} if isinstance(settings, dict) else settings
+    method = registry.get(values.get("method")) if isinstance(values.get("method"), str) else None
+    needed = ("model", "method", "forget", "out") + (("retain",) if method is None or method.spec.needs_retain else ())
+    missing = [k for k in needed if not values.get(k)]
     if missing:
         raise UserError(f"unlearn needs {', '.join(missing)} (flags or --config)")
-    return config
+    try:
+        return RunConfig(**values)
+    except SettingError as error:
+        if error.field not in from_file or error.field in given:
+            raise
+        label = "unknown key" if error.unknown else error.field
+        raise SettingError(f"--config {args.config}: {label}", error.field, error.problem) from None
 
 
 def _unlearn(args) -> int:
     """``pipeline.run`` on the flags and YAML; exit 3 when a target- or rule-driven run missed its target."""
-    from .pipeline import RunConfig, run
+    from .pipeline import run
 
     config = _load_run_config(args)
-    result = run(RunConfig(
-        model=config["model"], method=config["method"], forget=config["forget"], retain=config.get("retain") or [],
-        out=config["out"], settings=config["settings"], device=args.device, dtype=args.dtype,
-        eval_forget=args.eval_forget, eval_retain=args.eval_retain, relearn=args.relearn,
-        val_forget=args.val_forget, val_retain=args.val_retain, val_entangled=args.val_entangled,
-        target=args.target, keep=args.keep, val_every=args.val_every, budget=args.budget, stop=args.stop,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
-        text_field=args.text_field, qa=args.qa, question_field=args.question_field, answer_field=args.answer_field,
-        prefix_only=args.prefix_only, parallel=args.parallel, config_file=args.config))
+    result = run(config)
     if result.out is None:      # a rank other than 0
         return 0
-    print(f"saved the unlearned model, report.json and report.png to {config['out']}")
+    print(f"saved the unlearned model, report.json and report.png to {config.out}")
     evaluation = result.report.get("evaluation", {})
     for split, values in evaluation.get("before", {}).items():
         print(f"{split} accuracy: {values['acc']:.3f} -> {evaluation['after'][split]['acc']:.3f}")
@@ -225,10 +215,12 @@ def _eval(args) -> int:
     from .eval import files
     from .eval.multiple_choice import evaluate_multiple_choice
     from .models.io import write_json_atomic, write_jsonl_atomic
+    from .models.output_file import check_output_files
 
     files.check_device(args.device)
-    check_outputs(args, {"--json": args.json, "--log-samples": args.log_samples},
-                  [args.model, *args.questions, args.mia_forget, args.mia_holdout, args.mia_reference, args.oracle])
+    check_output_files({"--json": args.json, "--log-samples": args.log_samples},
+                       [args.model, *args.questions, args.mia_forget, args.mia_holdout, args.mia_reference, args.oracle],
+                       overwrite=args.overwrite)
     if not args.questions and not args.mia_forget:
         raise UserError("eval needs --questions FILE (or --mia-forget/--mia-holdout)")
     if bool(args.mia_forget) != bool(args.mia_holdout):
@@ -328,9 +320,11 @@ def _relearn(args) -> int:
     from .eval import files
     from .eval.relearn import relearn_attack
     from .models.io import save_figure_atomic, write_json_atomic
+    from .models.output_file import check_output_files
 
     files.check_device(args.device)
-    check_outputs(args, {"--json": args.json, "--plot": args.plot}, [args.model, args.train, args.questions])
+    check_output_files({"--json": args.json, "--plot": args.plot}, [args.model, args.train, args.questions],
+                       overwrite=args.overwrite)
     texts = read_texts(args.train, args.text_field)
     questions = read_multiple_choice(args.questions, limit=args.limit)
     model, tokenizer = files.load_model(args.model, args.device, args.dtype, args.trust_remote_code)
@@ -358,22 +352,6 @@ def _relearn(args) -> int:
     return 0
 
 
-def check_outputs(args, outputs: dict, inputs) -> None:
-    """Every output file of a command (flag -> path; '-' is stdout) may be written
-    (``models.output_file``: not an input, new or ours with ``--overwrite``, each its own path);
-    checked before any model is loaded."""
-    from .models.output_dir import OutputPathError
-    from .models.output_file import check_output_file
-
-    seen = {}
-    for flag, path in outputs.items():
-        if path and path != "-":
-            out = check_output_file(path, [p for p in inputs if p], overwrite=args.overwrite, flag=flag)
-            if out in seen:
-                raise OutputPathError(f"{flag} {out} is also {seen[out]}: give each output its own path")
-            seen[out] = flag
-
-
 def _relearn_figure(result: dict):
     import matplotlib
 
@@ -388,6 +366,46 @@ def _relearn_figure(result: dict):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+TARGET_OPTIONS = ("val_forget", "val_retain", "val_entangled", "target", "keep", "val_every", "budget", "stop")
+
+
+def _run_fields() -> dict:
+    """``RunConfig``'s fields that are flags of their own (``settings`` is ``--set``, ``config_file`` ``--config``)."""
+    from .pipeline import RunConfig
+
+    return {name: info for name, info in RunConfig.__pydantic_fields__.items()
+            if name not in ("settings", "config_file")}
+
+
+def _run_options(parser) -> None:
+    """The ``unlearn`` flags, one per :class:`~unlearn_kernels.pipeline.RunConfig` field: ``--kebab-name``, its
+    description as help, a ``Literal``'s values as choices, a bool a switch (``--x/--no-x`` when it may be
+    None), a list one or more values. A flag not given is left out, so the YAML file's value or the field's
+    default holds; the values are typed by ``RunConfig``."""
+    import typing
+
+    parser.add_argument("--config", help="YAML file with the options below as keys (model, method, forget, ...) "
+                                         "and settings: (the method's settings)")
+    target = parser.add_argument_group(
+        "target-driven runs", "with validation questions the run measures as it goes, stops at the target, saves the "
+                              "best point of its trajectory and exits 3 when the target was not reached")
+    for name, info in _run_fields().items():
+        kind = info.annotation
+        options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        given = [option for option in options if option is not type(None)]
+        literal = next((o for o in given if typing.get_origin(o) is typing.Literal), None)
+        spec = {"help": info.description.replace("%", "%%"), "default": argparse.SUPPRESS}
+        if given == [bool]:
+            spec["action"] = argparse.BooleanOptionalAction if len(options) > 1 else "store_true"
+        elif literal is not None:
+            spec["choices"] = typing.get_args(literal)
+        elif typing.get_origin(given[0]) is list:
+            spec["nargs"] = "+"
+        (target if name in TARGET_OPTIONS else parser).add_argument(f"--{name.replace('_', '-')}", **spec)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a method setting (unlearn-kernels methods NAME lists them)")
 
 
 def _model_options(parser) -> None:
@@ -434,58 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     methods.add_argument("name", nargs="?")
     methods.set_defaults(func=_methods)
     unlearn = sub.add_parser("unlearn", help="unlearn a local HF model and save it with a report")
-    unlearn.add_argument("--config", help="YAML file with the keys below and settings:")
-    unlearn.add_argument("--model", help="local model directory (save_pretrained format)")
-    from .methods import registry
-
-    unlearn.add_argument("--method", help=f"one of {', '.join(registry)} (unlearn-kernels methods NAME: its settings)")
-    unlearn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                         help="auto: CUDA when present")
-    unlearn.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                         help="auto: bfloat16 on GPUs that support it, else the checkpoint's dtype")
-    unlearn.add_argument("--forget", nargs="+", help=".txt (a text per line) or .jsonl ('text') files")
-    unlearn.add_argument("--retain", nargs="+", help="same formats as --forget (not needed by GradAscent)")
-    unlearn.add_argument("--out", help="output directory (written atomically)")
-    unlearn.add_argument("--eval-forget", help="questions file: accuracy before/after goes into the report")
-    unlearn.add_argument("--eval-retain", help="questions file: accuracy before/after goes into the report")
-    unlearn.add_argument("--relearn", help="attack texts: relearning attack on --eval-forget after unlearning")
-    target = unlearn.add_argument_group(
-        "target-driven runs", "with validation questions the run measures as it goes, stops at the target, saves the "
-                              "best point of its trajectory and exits 3 when the target was not reached")
-    target.add_argument("--val-forget", help="validation questions on the forget facts (kept apart from --eval-*)")
-    target.add_argument("--val-retain", help="validation questions the model must keep answering")
-    target.add_argument("--val-entangled", help="validation questions on facts entangled with the forget facts "
-                                                "(same entities), to keep too")
-    target.add_argument("--target", type=float, help="forget accuracy that means done (default: chance + 0.05)")
-    target.add_argument("--keep", type=float, default=0.95,
-                        help="retain and entangled accuracy must stay >= KEEP x their starting value (default 0.95)")
-    target.add_argument("--val-every", type=int, metavar="N",
-                        help="evaluate every N steps (default: adaptive, at most 15%% of the run's time)")
-    target.add_argument("--budget", type=float, default=4.0,
-                        help="at most BUDGET x the method's own steps (or epochs) unless --set gives them "
-                             "(default 4; the run stops at the target or when the stopping rule is met)")
-    target.add_argument("--stop", default="auto", choices=["auto", "probe", "rule", "fixed"],
-                        help="without --val-*: probe = target-driven on cloze questions cut from held-out "
-                             "training texts, rule = stop on the method's validation-free stopping rule, "
-                             "fixed = run the method's length (probe and rule exit 3 when not reached); auto "
-                             "(default) = probe, unless --set gives the length, the run checkpoints, resumes or "
-                             "is distributed (fixed), or the texts are too few or --qa pairs (the rule)")
-    unlearn.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                         help="write a resumable checkpoint to OUT.checkpoint every N steps (and on Ctrl-C)")
-    unlearn.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")
-    unlearn.add_argument("--overwrite", action="store_true",
-                         help="replace --out when it holds a previous output of unlearn_kernels")
-    unlearn.add_argument("--text-field", default="text", help="column holding the text in data files")
-    unlearn.add_argument("--qa", action="store_true",
-                         help="data files hold question/answer pairs (TOFU style): loss on the answer tokens")
-    unlearn.add_argument("--question-field", default="question")
-    unlearn.add_argument("--answer-field", default="answer")
-    unlearn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method setting")
-    unlearn.add_argument("--prefix-only", action=argparse.BooleanOptionalAction, default=None,
-                         help="load embeddings and layers 0..l only, write the full checkpoint shard by shard "
-                              "(RMU, AdaptiveRMU, SRMU; default: on when l is below the top and no --eval-* is asked)")
-    unlearn.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
-                         help="under torchrun: ddp (the default there) splits each global batch over the ranks")
+    _run_options(unlearn)
     unlearn.set_defaults(func=_unlearn)
     from . import plan
 

@@ -1,7 +1,8 @@
 """One unlearning run, start to finish: ``pipeline.run(RunConfig(...)) -> RunResult``.
 
-The command line (``unlearn-kernels unlearn``), the Python API and the demo all call this. In
-order, before any model is loaded: the output path (new or a previous output of ours, not an
+The command line (``unlearn-kernels unlearn``), the Python API and the demo all call this with
+one type, :class:`RunConfig`, whose fields are checked when it is made. Then, in order, before
+any model is loaded: the output path (new or a previous output of ours, not an
 input), the data files, the method's settings (typed, finite), the checkpoint folder (ours
 only), the model folder's names (inside it) and shards. Then the model is loaded — whole, or
 only layers ``0…l`` when the method runs no further (``models.prefix``) — and checked
@@ -31,55 +32,104 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import BeforeValidator, Field
 
 from . import parallel
 from .errors import UserError
+from .methods import registry
+from .methods.settings import Auto, Count, Fraction, NonNegativeInt, Number, Share, config_dataclass, make_config
 
 
-@dataclass
+def _fspath(value):
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _method_name(value):
+    """A registered method's name (``unlearn_kernels.methods.registry``)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a method name")
+    if value not in registry:
+        raise ValueError(f"must be a method name: unknown method; choose from {', '.join(registry)}")
+    return value
+
+
+File = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]        # a path (str or os.PathLike)
+Files = Annotated[list[File], BeforeValidator(lambda v: [v] if isinstance(v, (str, os.PathLike)) else v)]
+
+
+@config_dataclass
 class RunConfig:
-    """Everything one run needs (the flags of ``unlearn-kernels unlearn``)."""
+    """Everything one run needs. Its fields are the flags of ``unlearn-kernels unlearn`` (``--eval-forget``
+    for ``eval_forget``; ``--set`` fills ``settings``, ``--config`` names ``config_file``) and the keys of
+    its YAML config; typed and checked when it is made (``methods.settings``)."""
 
-    model: str
-    method: str
-    forget: list[str]
-    out: str
-    retain: list[str] = field(default_factory=list)
-    settings: dict = field(default_factory=dict)   # the method's config fields
-    device: str = "auto"                # auto: CUDA when present
-    dtype: str = "auto"                 # auto: bfloat16 on GPUs that support it, else the checkpoint's
-    eval_forget: str | None = None      # final evaluation (before/after in the report)
-    eval_retain: str | None = None
-    relearn: str | None = None          # attack texts: relearning attack on eval_forget after unlearning
-    val_forget: str | None = None       # validation questions: a target-driven run
-    val_retain: str | None = None
-    val_entangled: str | None = None
-    target: float | None = None         # forget accuracy that means done; None: chance + 0.05
-    keep: float = 0.95                  # retain (and entangled) accuracy kept, as a share of base
-    val_every: int | None = None        # evaluate every N steps; None: adaptive (<= 15 % of the time)
-    budget: float = 4.0                 # target- or rule-driven: the method's length (steps/epochs) times this, unless set
-    stop: str = "auto"                  # without validation: "probe" (target-driven on cloze probes cut from
-                                        # held-out training texts), "rule" (the method's stopping rule), "fixed"
-                                        # (its length), "auto" (probe unless the length is set, the run resumes,
-                                        # checkpoints or runs distributed, or the data are too few or QA pairs)
-    checkpoint_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    text_field: str = "text"
-    qa: bool = False
-    question_field: str = "question"
-    answer_field: str = "answer"
-    prefix_only: bool | None = None
-    parallel: str | None = None
-    config_file: str | None = None      # the YAML it came from (an input: never a target)
+    model: Annotated[File, Field(description="local model directory (save_pretrained format)")]
+    method: Annotated[str, BeforeValidator(_method_name), Field(description=(
+        "the method (unlearn-kernels methods lists them; methods NAME: a method's settings)"))]
+    forget: Annotated[Files, Field(description=".txt (a text per line) or .jsonl ('text') files")]
+    out: Annotated[File, Field(description="output directory (written atomically)")]
+    retain: Annotated[Files, Field(description="same formats as --forget (not needed by GradAscent)")] = \
+        dataclasses.field(default_factory=list)
+    settings: Annotated[dict[str, Any], Field(description=(
+        "the method's settings (--set KEY=VALUE, values as YAML; unlearn-kernels methods NAME lists them)"))] = \
+        dataclasses.field(default_factory=dict)
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto"
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(description=(
+        "auto: bfloat16 on GPUs that support it, else the checkpoint's dtype"))] = "auto"
+    eval_forget: Annotated[File | None, Field(description=(
+        "questions file: accuracy before/after goes into the report"))] = None
+    eval_retain: Annotated[File | None, Field(description=(
+        "questions file: accuracy before/after goes into the report"))] = None
+    relearn: Annotated[File | None, Field(description=(
+        "attack texts: relearning attack on --eval-forget after unlearning"))] = None
+    val_forget: Annotated[File | None, Field(description=(
+        "validation questions on the forget facts (kept apart from --eval-*): a target-driven run"))] = None
+    val_retain: Annotated[File | None, Field(description="validation questions the model must keep answering")] = None
+    val_entangled: Annotated[File | None, Field(description=(
+        "validation questions on facts entangled with the forget facts (same entities), to keep too"))] = None
+    target: Annotated[Auto[Share], Field(description=(
+        "forget accuracy that means done (default: chance + 0.05)"))] = None
+    keep: Annotated[Fraction, Field(description=(
+        "retain and entangled accuracy must stay >= KEEP x their starting value (default 0.95)"))] = 0.95
+    val_every: Annotated[Auto[Count], Field(description=(
+        "evaluate every N steps (default: adaptive, at most 15 % of the run's time)"))] = None
+    budget: Annotated[Number, Field(ge=1, description=(
+        "at most BUDGET x the method's own length (steps, epochs, MRP's train_steps) unless --set gives it "
+        "(default 4; the run stops at the target or when the stopping rule is met)"))] = 4.0
+    stop: Annotated[Literal["auto", "probe", "rule", "fixed"], Field(description=(
+        "without --val-*: probe = target-driven on cloze questions cut from held-out training texts, rule = "
+        "stop on the method's validation-free stopping rule, fixed = run the method's length (probe and rule "
+        "exit 3 when not reached); auto (default) = probe, unless --set gives the length, the run checkpoints, "
+        "resumes or is distributed (fixed), or the texts are too few or --qa pairs (the rule)"))] = "auto"
+    checkpoint_every: Annotated[NonNegativeInt, Field(description=(
+        "write a resumable checkpoint to OUT.checkpoint every N steps (and on Ctrl-C); 0: none"))] = 0
+    resume: Annotated[bool, Field(description="continue from OUT.checkpoint")] = False
+    overwrite: Annotated[bool, Field(description=(
+        "replace --out when it holds a previous output of unlearn_kernels"))] = False
+    text_field: Annotated[str, Field(description="column holding the text in data files")] = "text"
+    qa: Annotated[bool, Field(description=(
+        "data files hold question/answer pairs (TOFU style): loss on the answer tokens"))] = False
+    question_field: Annotated[str, Field(description="column holding the question (--qa)")] = "question"
+    answer_field: Annotated[str, Field(description="column holding the answer (--qa)")] = "answer"
+    prefix_only: Annotated[bool | None, Field(description=(
+        "load embeddings and layers 0..l only, write the full checkpoint shard by shard (methods that run "
+        "layers 0..l alone; default: on when l is below the top and no --eval-*/--val-* is asked)"))] = None
+    parallel: Annotated[Literal["none", "ddp", "fsdp"] | None, Field(description=(
+        "under torchrun: ddp (the default there) splits each global batch over the ranks"))] = None
+    config_file: Annotated[File | None, Field(description=(
+        "the YAML config it came from (--config; an input: never a target)"))] = None
 
-    def __post_init__(self):
-        self.forget = _as_list(self.forget)
-        self.retain = _as_list(self.retain or [])
+    title: ClassVar[str] = "unlearn"
+
+    @staticmethod
+    def label(name: str) -> str:
+        """How an error names a field: by its flag."""
+        return {"settings": "--set", "config_file": "--config"}.get(name, f"--{name.replace('_', '-')}")
 
     @property
     def validation(self) -> bool:
@@ -104,21 +154,17 @@ def run(config: RunConfig) -> RunResult:
     """Run ``config`` (module docstring); a UserError (``unlearn_kernels.errors``) for what the user gave."""
     from .data.loaders import read_multiple_choice, read_texts
     from .eval import files
-    from .methods import registry
-    from .methods.settings import make_config
     from .models.io import save_figure_atomic, save_pretrained_atomic
     from .models.output_dir import check_output_path, weights_size
     from .models.prefix import check_shards, unfit_source
 
-    if config.method not in registry:
-        raise UserError(f"unknown method {config.method!r}; choose from {sorted(registry)}")
-    method_class = registry[config.method]
-    if config.retain == [] and method_class.needs_retain:
+    method_class = registry[config.method]     # a registered name (RunConfig checks it)
+    if config.retain == [] and method_class.spec.needs_retain:
         raise UserError(f"{config.method} needs retain data")
     if config.relearn and not config.eval_forget:
         raise UserError("--relearn scores the held-out facts of --eval-forget: give --eval-forget too")
     defaults = RunConfig.__dataclass_fields__
-    stray = [f"--{name.replace('_', '-')}" for name in ("target", "keep", "val_every")
+    stray = [RunConfig.label(name) for name in ("target", "keep", "val_every")
              if getattr(config, name) != defaults[name].default]
     if config.validation and not (config.val_forget and config.val_retain):
         raise UserError("a target-driven run needs both --val-forget and --val-retain (--val-entangled is optional)")
@@ -236,8 +282,6 @@ def _stopping(config: RunConfig, method_class) -> str:
     method's own length). ``auto`` without validation questions: probe, unless the length is set,
     the run checkpoints, resumes or is distributed (fixed), or the data are question/answer pairs
     (the method's rule when it has one, else fixed)."""
-    if config.stop not in ("auto", "probe", "rule", "fixed"):
-        raise UserError(f"--stop must be auto, probe, rule or fixed, got {config.stop!r}")
     if config.validation:
         if config.stop != "auto":
             raise UserError(f"--stop {config.stop}: a run with validation questions stops at its target; drop --stop")
@@ -257,8 +301,7 @@ def _stopping(config: RunConfig, method_class) -> str:
 
 def _length_reason(config: RunConfig, method_class) -> str | None:
     """Why a run without validation questions keeps its fixed length (None: it may stop on its own)."""
-    length = method_class.length_setting or ("steps" if getattr(method_class.config_class(), "steps", 0) else "epochs")
-    for name in ("steps", "epochs", length):
+    for name in dict.fromkeys(("steps", "epochs", method_class.spec.length)):
         if name in config.settings:
             return f"the run's length is set ({name}={config.settings[name]})"
     if config.resume or config.checkpoint_every:
@@ -315,14 +358,12 @@ def _controller(config: RunConfig, method_class, stopping: str, points: dict | N
 
 def _budget(method_class, settings: dict, factor: float | None) -> tuple[dict, dict | None]:
     """(settings, budget): a target-driven run may go ``factor`` times the method's own length
-    (``steps``, else ``epochs``; MRP's ``train_steps``) — it stops at the target, so the extra
-    length is spent only when needed — unless the user set that length."""
+    (``MethodSpec.length``) — it stops at the target, so the extra length is spent only when
+    needed — unless the user set that length."""
     if not factor:
         return settings, None
-    if factor < 1:
-        raise UserError(f"--budget multiplies the method's length and must be >= 1, got {factor}")
     defaults = method_class.config_class()
-    name = method_class.length_setting or ("steps" if getattr(defaults, "steps", 0) else "epochs")
+    name = method_class.spec.length
     if name in settings:
         return settings, {"setting": name, "value": settings[name], "set_by": "user"}
     value = max(1, round(getattr(defaults, name) * factor))
@@ -356,14 +397,10 @@ def _training_data(path, config: RunConfig) -> list:
     return read_texts(path, config.text_field)
 
 
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def _prefix_plan(config: RunConfig, method_class, method_config, wants_full: bool):
     """(config, plan): with prefix-only loading (``models.prefix``) the loss layer is fixed from
     the full depth here and the plan records it; plan is None for a full load. Auto (None):
-    on for the methods that run only layers 0…l (``runs_prefix``) when l is below the top, the
+    on for the methods that run only layers 0…l (``MethodSpec.prefix == "auto"``) when l is below the top, the
     folder can be rewritten shard by shard (``models.prefix.unfit_source``) and no evaluation
     needs the whole model."""
     from .models.prefix import depth_of, unfit_source
@@ -372,9 +409,10 @@ def _prefix_plan(config: RunConfig, method_class, method_config, wants_full: boo
     asked = config.prefix_only
     if asked is False:
         return method_config, None
-    runs_prefix = getattr(method_class, "runs_prefix", False)
+    runs_prefix = method_class.spec.prefix == "auto"
     if asked and not runs_prefix:
-        raise UserError(f"--prefix-only: {method_class.name} runs the whole model; only RMU, AdaptiveRMU and SRMU "
+        alone = [name for name, cls in registry.items() if cls.spec.prefix == "auto"]
+        raise UserError(f"--prefix-only: {method_class.name} runs the whole model; only {', '.join(alone)} "
                         "run layers 0..l alone")
     if asked and wants_full:
         raise UserError("--prefix-only loads layers 0..l only; --eval-forget/--eval-retain/--relearn/--val-* need "
@@ -403,8 +441,6 @@ def _checkpointer(out: Path, config: RunConfig):
 
     if not config.checkpoint_every and not config.resume:
         return None
-    if config.checkpoint_every < 0:
-        raise UserError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
     path = out.with_name(out.name + ".checkpoint")
     if (path.exists() or path.is_symlink()) and not is_checkpoint(path):
         raise NotACheckpointError(path)

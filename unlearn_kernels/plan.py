@@ -12,15 +12,18 @@ per rank and pass (each rank takes ``batch`` texts: the global batch is ``batch 
           + 2d                  [+ 2hd (Qwen3's q/k norms)]
     total = V·d + L·layer + d + (0 if tie_word_embeddings else V·d)
 
-**What each method runs** (``l = min(L−1, max(2, round(7L/32)))``, ``models.roles.default_layer``;
-the band ``k = l−2 … l``): RMU, AdaptiveRMU, SRMU update the band's down projections
-(``3·d·w``), keep a frozen copy of them and run layers ``0 … l`` only (layers ``0 … k−1`` once per
-batch without a graph, then the live and the frozen pass branch); MRP trains a basis ``U``
-(``d × 32``, fp32, replicated: a hook, not a sharded weight) through the whole model;
-SIMU, SO-GradDiff, GradDiff and NPO update the band's gate/up/down (``9·d·w``) with an NLL at the
-head (two graphs: forget and retain; NPO adds a no-grad reference pass and a frozen copy).
-With prefix-only loading (RMU, AdaptiveRMU, SRMU; MRP with ``train_steps=0``, its statistics
-only) a rank holds the embedding and layers ``0 … l``: ``V·d + (l+1)·layer``.
+**What each method runs** is its memory model (``MethodSpec.memory``, declared in the method's
+own file; a method without one, TAR, is not planned). With ``l = min(L−1, max(2, round(7L/32)))``
+(``models.roles.default_layer``) and the band ``k = l−2 … l``: a representation loss at layer l
+(``loss="layer"``: RMU, AdaptiveRMU, SRMU) updates the band's down projections (``3·d·w``), keeps
+a frozen copy of them and runs layers ``0 … l`` only (layers ``0 … k−1`` once per batch without a
+graph, then the live and the frozen pass branch); a projection (``loss="projection"``: MRP) trains
+a basis ``U`` (``d × 32``, fp32, replicated: a hook, not a sharded weight) through the whole model;
+an NLL at the head (``loss="head"``: SIMU, SO-GradDiff, GradAscent, GradDiff, NPO) updates the
+band's gate/up/down (``9·d·w``) with ``graphs`` live graphs (forget and retain; GradAscent's one);
+``reference_pass`` (NPO) adds a no-grad reference pass, ``frozen_copy`` a frozen copy. With
+prefix-only loading (``prefix="auto"``; ``"statistics"``, MRP with ``train_steps=0``, on request)
+a rank holds the embedding and layers ``0 … l``: ``V·d + (l+1)·layer``.
 
 **Memory per GPU** (bytes; FSDP2 ``fully_shard`` per decoder layer, on the embedding and on the
 head, each parameter sharded on dim 0 over the N ranks; N = 1 is plain single-GPU)::
@@ -58,16 +61,15 @@ each buffer)::
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MissingFileError, UserError, path_error
+from .methods import registry
 from .models.roles import default_layer
 
-METHODS = ("RMU", "AdaptiveRMU", "SRMU", "MRP", "SIMU", "GradDiff", "NPO", "SO-GradDiff")
-REPRESENTATION = ("RMU", "AdaptiveRMU", "SRMU")
-SOPHIA = ("SIMU", "SO-GradDiff")
+# the methods with a memory model (``MethodSpec.memory``), in the registry's order
+METHODS = tuple(name for name, cls in registry.items() if cls.spec.memory is not None)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MRP_RANK = 32
 GIB = 2 ** 30
@@ -159,28 +161,24 @@ def _first_band_layer(shape: Shape, e: int, updated: str) -> float:
     return w * e if updated == "down" else (d + 4 * w) * e
 
 
-def _method_shape(name: str, shape: Shape, counts: dict, prefix_only: bool) -> dict:
-    """What ``name`` updates, copies, runs and loads (module docstring)."""
+def _method_shape(mem, shape: Shape, counts: dict, prefix_only: bool) -> dict:
+    """What a method of memory model ``mem`` updates, copies, runs and loads (module docstring)."""
     L = shape.layers
     l = default_layer(L)
     k = max(0, l - 2)
     band = list(range(k, l + 1))
-    if name in REPRESENTATION:
-        updated, per_layer = "down", counts["down"]
-    elif name == "MRP":
-        updated, per_layer = None, 0
-    else:
-        updated, per_layer = "mlp", counts["down"] + counts["gate_up"]
+    updated = mem.updates
+    per_layer = {"down": counts["down"], "mlp": counts["down"] + counts["gate_up"], None: 0}[updated]
     loaded_layers = l + 1 if prefix_only else L
     loaded = counts["embedding"] + loaded_layers * counts["layer"] + (0 if prefix_only else
                                                                       counts["final_norm"] + counts["head"])
-    return {"layer": l, "band": band, "shared_prefix": k if name in REPRESENTATION else 0, "updated_kind": updated,
+    return {"layer": l, "band": band, "shared_prefix": k if mem.loss == "layer" else 0, "updated_kind": updated,
             "updated_params": per_layer * len(band), "updated_per_layer": per_layer,
-            "frozen_copy": name in REPRESENTATION or name == "NPO", "loaded_layers": loaded_layers,
+            "frozen_copy": mem.frozen_copy, "loaded_layers": loaded_layers,
             "loaded_params": loaded, "head_loaded": not prefix_only and not shape.tied}
 
 
-def _activations(name: str, shape: Shape, m: dict, e: int, tokens: int, seq: int, checkpointing: bool,
+def _activations(mem, shape: Shape, m: dict, e: int, tokens: int, seq: int, checkpointing: bool,
                  prefix_only: bool) -> tuple[float, float]:
     """(saved bytes of the live graphs at backward, transient bytes on top) for one rank."""
     d, w, V = shape.hidden, shape.intermediate, shape.vocab
@@ -188,21 +186,20 @@ def _activations(name: str, shape: Shape, m: dict, e: int, tokens: int, seq: int
     workspace = (2 * w + shape.q + 2 * shape.kv + 2 * d) * e * tokens
     rope = 2 * seq * shape.head_dim * e
     head = (4 * d + 4) + (4 * V + 9)
-    if name == "MRP" and prefix_only:          # statistics only: two Gram matrices, no graph
+    passes, kind = mem.graphs, mem.updates
+    if mem.loss == "projection" and prefix_only:   # statistics only: two Gram matrices, no graph
         return 0.0, workspace + 2 * 4 * d * d
-    if name in REPRESENTATION:
-        kind, first, graph_layers = "down", k, list(range(k + 1, l + 1))
-        top, passes = 0.0, 2
+    if mem.loss == "layer":
+        first, graph_layers, top = k, list(range(k + 1, l + 1)), 0.0
         transient = k * d * e * tokens                           # the shared prefix's layer outputs
-    elif name == "MRP":
-        kind, first, graph_layers = None, None, list(range(l + 1, L))
-        top, passes = head + d * e + 4 * MRP_RANK, 2
+    elif mem.loss == "projection":
+        first, graph_layers = None, list(range(l + 1, L))
+        top = head + d * e + 4 * MRP_RANK
         transient = V * e * tokens + (4 * V * tokens if e != 4 else 0)
     else:
-        kind, first, graph_layers = "mlp", k, list(range(k + 1, L))
-        top, passes = head, 2
+        first, graph_layers, top = k, list(range(k + 1, L)), head
         transient = V * e * tokens + (4 * V * tokens if e != 4 else 0)
-        if name == "NPO":                          # the reference pass's logits and log-probs
+        if mem.reference_pass:                     # the reference pass's logits and log-probs
             transient += V * e * tokens + 4 * V * tokens
     band = set(m["band"])
     if checkpointing:
@@ -213,30 +210,30 @@ def _activations(name: str, shape: Shape, m: dict, e: int, tokens: int, seq: int
         per_token = top + (_first_band_layer(shape, e, kind) if first is not None else 0.0)
         per_token += sum(_graph_layer(shape, e, kind if i in band else None) for i in graph_layers)
     saved = passes * (per_token * tokens + (rope if graph_layers else 0))
-    if name in REPRESENTATION:   # the fused loss keeps h and its precomputed ∂h per pass, + the retain anchor
+    if mem.loss == "layer":   # the fused loss keeps h and its precomputed ∂h per pass, + the retain anchor
         saved += 5 * d * e * tokens
     return saved, transient + workspace
 
 
-def _communication(name: str, shape: Shape, counts: dict, m: dict, e: int, gpus: int, prefix_only: bool) -> dict:
+def _communication(mem, shape: Shape, counts: dict, m: dict, e: int, gpus: int, prefix_only: bool) -> dict:
     """All-gather and reduce-scatter bytes per rank and step (module docstring)."""
     share = (gpus - 1) / gpus
     L, l, k = shape.layers, m["layer"], m["band"][0]
     layer, embed, head = counts["layer"], counts["embedding"], counts["head"]
-    if name in REPRESENTATION:
+    projection = mem.loss == "projection"
+    if mem.loss == "layer":
         prefix_passes = 2 if k else 0
         forward = (prefix_passes + 3) * embed + prefix_passes * k * layer + 3 * len(m["band"]) * layer
         backward = 2 * len(m["band"]) * layer
-    elif name == "MRP" and prefix_only:
+    elif projection and prefix_only:
         forward, backward = 2 * (embed + (l + 1) * layer), 0
     else:
-        passes = 3 if name == "NPO" else 2
-        forward = passes * (embed + L * layer + head)
-        above = L - (l + 1) if name == "MRP" else L - k
-        backward = 2 * (above * layer + head)
+        forward = (mem.graphs + mem.reference_pass) * (embed + L * layer + head)
+        above = L - (l + 1) if projection else L - k
+        backward = mem.graphs * (above * layer + head)
     gather = share * e * (forward + backward)
     reduce = share * e * m["updated_params"]
-    extra = 2 * share * 4 * shape.hidden * MRP_RANK if name == "MRP" and not prefix_only else 0.0
+    extra = 2 * share * 4 * shape.hidden * MRP_RANK if projection and not prefix_only else 0.0
     return {"all_gather": gather, "reduce_scatter": reduce, "all_reduce": extra, "total": gather + reduce + extra}
 
 
@@ -264,19 +261,21 @@ def plan(config, gpus: int, method: str | None = None, batch: int = 4, seq: int 
     masters = master_fp32 and e != 4
     rows = {}
     for name in names:
-        can_prefix = name in REPRESENTATION + ("MRP",) and default_layer(shape.layers) < shape.layers - 1
-        use_prefix = (can_prefix and name != "MRP") if prefix_only is None else bool(prefix_only) and can_prefix
-        m = _method_shape(name, shape, counts, use_prefix)
+        spec = registry[name].spec
+        mem = spec.memory
+        can_prefix = spec.prefix != "never" and default_layer(shape.layers) < shape.layers - 1
+        use_prefix = (can_prefix and spec.prefix == "auto") if prefix_only is None else bool(prefix_only) and can_prefix
+        m = _method_shape(mem, shape, counts, use_prefix)
         U = m["updated_params"]
         notes = []
-        ckpt, fp32 = checkpointing, masters
-        if name == "MRP" and (checkpointing or masters):      # MRP refuses both settings
-            notes.append("MRP refuses checkpointing and master_dtype: planned without them")
-            ckpt, fp32 = False, False
-        if name == "MRP" and use_prefix:
-            notes.append("prefix-only MRP: statistics only (train_steps=0); basis training runs the whole model")
-        saved, transient = _activations(name, shape, m, e, tokens, seq, ckpt, use_prefix)
-        state_bytes = 4 if (name in SOPHIA or fp32) else e
+        ckpt = checkpointing and "checkpointing" not in spec.refuses
+        fp32 = masters and "master_dtype" not in spec.refuses
+        if (ckpt, fp32) != (checkpointing, masters):
+            notes.append(f"{name} refuses checkpointing and master_dtype: planned without them")
+        if use_prefix and spec.prefix == "statistics":
+            notes.append(f"prefix-only {name}: statistics only (train_steps=0); basis training runs the whole model")
+        saved, transient = _activations(mem, shape, m, e, tokens, seq, ckpt, use_prefix)
+        state_bytes = 4 if (mem.optimizer == "Sophia" or fp32) else e
         unit = max(counts["layer"], counts["embedding"], counts["head"] if m["head_loaded"] else 0)
         memory = {
             "weights": m["loaded_params"] * e / gpus,
@@ -288,22 +287,22 @@ def plan(config, gpus: int, method: str | None = None, batch: int = 4, seq: int 
             "activations": saved,
             "transient": transient + (m["updated_per_layer"] * e if gpus > 1 else 0.0),
         }
-        if name == "MRP" and not use_prefix:
+        if mem.loss == "projection" and not use_prefix:
             memory["optimizer"] = 3 * 4 * shape.hidden * MRP_RANK     # U, Adam's two moments (fp32, replicated)
             memory["grads"] = 4 * shape.hidden * MRP_RANK
         memory["total"] = sum(memory.values())
         rows[name] = {**m, "prefix_only": use_prefix, "memory": memory, "notes": notes,
-                      "communication": _communication(name, shape, counts, m, e, gpus, use_prefix),
-                      "ranks": _ranks(name, m, gpus, use_prefix)}
+                      "communication": _communication(mem, shape, counts, m, e, gpus, use_prefix),
+                      "ranks": _ranks(mem, m, gpus, use_prefix)}
     return {"shape": shape.__dict__, "parameters": counts, "gpus": gpus, "batch_per_rank": batch, "seq": seq,
             "dtype": dtype, "checkpointing": checkpointing, "master_fp32": masters, "methods": rows}
 
 
-def _ranks(name: str, m: dict, gpus: int, prefix_only: bool) -> str:
+def _ranks(mem, m: dict, gpus: int, prefix_only: bool) -> str:
     """Which ranks hold what, in one line."""
     what = f"embedding + layers 0..{m['loaded_layers'] - 1}" + ("" if prefix_only else " + norm + head")
-    state = "basis U, its Adam state (replicated)" if name == "MRP" else \
-        f"1/{gpus} of the {'Sophia' if name in SOPHIA else 'AdamW'} state of layers {m['band'][0]}..{m['band'][-1]}"
+    state = "basis U, its Adam state (replicated)" if mem.loss == "projection" else \
+        f"1/{gpus} of the {mem.optimizer} state of layers {m['band'][0]}..{m['band'][-1]}"
     frozen = f", 1/{gpus} of the frozen copy" if m["frozen_copy"] else ""
     return f"every rank: 1/{gpus} of {what}, {state}{frozen}; rank 0 also writes the output"
 
@@ -368,10 +367,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """Print the plan (and write it as JSON with ``--json``); OSError/ValueError on bad input,
     which ``unlearn-kernels`` prints as one line with exit status 2."""
-    from .cli import check_outputs
     from .models.io import write_json_atomic
+    from .models.output_file import check_output_files
 
-    check_outputs(args, {"--json": args.json}, [args.config])
+    check_output_files({"--json": args.json}, [args.config], overwrite=args.overwrite)
     prefix = {"auto": None, "on": True, "off": False}[args.prefix_only]
     result = plan(read_config(args.config), args.gpus, method=args.method, batch=args.batch, seq=args.seq,
                   dtype=args.dtype, prefix_only=prefix, checkpointing=args.checkpointing,
@@ -382,12 +381,3 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    """``python -m unlearn_kernels.plan --config ... --gpus N``: ``unlearn-kernels plan``."""
-    from .cli import main as cli_main
-
-    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,9 @@
 """LLM unlearning methods: one small class each over the fused ops, one shared interface
-(``Method(model, tokenizer, config, **overrides).fit(forget_texts, retain_texts)``)."""
+(``Method(model, tokenizer, config, **overrides).fit(forget_texts, retain_texts)``).
+
+Each class declares its :class:`~unlearn_kernels.methods.spec.MethodSpec` (``cls.spec``: its typed
+config, length and knobs, prefix-only running, what it saves, its memory model); ``registry``
+maps the names to the classes, and the rest of the package reads the specs through it."""
 
 from .base import MethodConfig, UnlearningMethod
 from .loss_based import NPO, GradAscent, GradDiff, LossConfig, NPOConfig

@@ -26,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import time
 import random
+import time
 import warnings
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Annotated, Iterator, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..data.loaders import QAPair
@@ -41,7 +41,8 @@ from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
 from ..ops._backend import BACKENDS
 from . import distributed
-from .settings import check_ranges, make_config
+from .spec import MethodSpec
+from .settings import Auto, Count, Integer, NonNegativeInt, Patterns, Positive, config_dataclass, make_config
 
 MODEL_KEYS = ("input_ids", "attention_mask")
 
@@ -59,34 +60,26 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-@dataclass
+@config_dataclass
 class MethodConfig:
     """Fields every method has. ``None`` (``auto`` on the command line) is chosen from the model
     when the method is built (``models.roles``) and recorded in the report."""
 
-    update: list[str] | None = None  # weights to change (glob/brace patterns); auto: the method's MLP band by structure
-    lr: float | None = None   # learning rate; auto: the method's 7B rate x 4096 / hidden size
-    batch_size: int = 4       # texts per batch (each of forget and retain)
-    max_length: int = 512     # tokens per text (longer ones are truncated)
-    steps: int = 0            # optimizer steps; 0: epochs passes over the forget set
-    epochs: int = 1           # passes over the forget set when steps is 0
-    grad_accum: int = 1       # batches per optimizer step (gradients averaged)
-    master_dtype: str | None = None  # float32: fp32 master copies of the updated weights of a bf16/fp16 model
-    checkpointing: bool = False  # activation checkpointing: decoder layers recompute their activations in backward
-    seed: int = 0             # seeds the batch order and every random draw
-    backend: str = "auto"     # fused-op backend
-    progress: bool = True     # progress bar
-
-    def validate(self) -> None:
-        """UserError naming the first setting out of its range (``settings.make_config`` calls it
-        on every config it builds, before any model is loaded); subclasses add theirs."""
-        check_finite_config(self)
-        check_ranges(self, lr="> 0", batch_size=">= 1", max_length=">= 1", steps=">= 0", epochs=">= 1",
-                     grad_accum=">= 1")
-        if self.master_dtype not in (None, "float32"):
-            raise UserError(f"setting master_dtype must be float32 or unset, got {self.master_dtype!r}")
-        if self.backend not in ("auto",) + BACKENDS:
-            raise UserError(f"setting backend must be one of {', '.join(('auto',) + BACKENDS)}, got {self.backend!r}")
+    update: Annotated[Auto[Patterns], Field(description=(
+        "weights to change (glob/brace patterns); auto: the method's MLP band by structure"))] = None
+    lr: Annotated[Auto[Positive], Field(description="learning rate; auto: the method's 7B rate x 4096 / hidden size")] = None
+    batch_size: Annotated[Count, Field(description="texts per batch (each of forget and retain)")] = 4
+    max_length: Annotated[Count, Field(description="tokens per text (longer ones are truncated)")] = 512
+    steps: Annotated[NonNegativeInt, Field(description="optimizer steps; 0: epochs passes over the forget set")] = 0
+    epochs: Annotated[Count, Field(description="passes over the forget set when steps is 0")] = 1
+    grad_accum: Annotated[Count, Field(description="batches per optimizer step (gradients averaged)")] = 1
+    master_dtype: Annotated[Auto[Literal["float32"]], Field(description=(
+        "float32: fp32 master copies of the updated weights of a bf16/fp16 model"))] = None
+    checkpointing: Annotated[bool, Field(description=(
+        "activation checkpointing: decoder layers recompute their activations in backward"))] = False
+    seed: Annotated[Integer, Field(description="seeds the batch order and every random draw")] = 0
+    backend: Annotated[Literal[("auto",) + BACKENDS], Field(description="fused-op backend")] = "auto"
+    progress: Annotated[bool, Field(description="progress bar")] = True
 
 
 def fingerprint(items: list) -> str:
@@ -100,7 +93,10 @@ def fingerprint(items: list) -> str:
 
 
 def data_kind(items: list, what: str = "data") -> str:
-    """``"text"`` for a list of strings, ``"qa"`` for a list of QA pairs; UserError otherwise."""
+    """``"text"`` for a list of strings, ``"qa"`` for a list of QA pairs; UserError otherwise (one
+    string is refused: it is not a list of texts)."""
+    if isinstance(items, str):
+        raise UserError(f"{what} must be a list of texts or QA pairs, got one string ({items[:40]!r})")
     if all(isinstance(item, str) for item in items):
         return "text"
     if all(isinstance(item, QAPair) for item in items):
@@ -258,7 +254,12 @@ class UnlearningMethod:
     """Base class: parameter selection, batching, the training loop and the report."""
 
     name = "method"
-    config_class = MethodConfig
+    spec = MethodSpec(config=MethodConfig, length="steps")   # each method declares its own (``methods.spec``)
+    config_class = MethodConfig                             # ``spec.config``, set for every subclass
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.config_class = cls.spec.config
 
     def __init__(self, model: nn.Module, tokenizer, config: MethodConfig | None = None, **overrides):
         self.config = make_config(self.config_class, config, **overrides)
@@ -308,13 +309,13 @@ class UnlearningMethod:
 
     def _refuse_unused(self) -> None:
         defaults = self.config_class()
-        for name, why in self.unused_settings.items():
+        for name, why in self.spec.refuses.items():
             if getattr(self.config, name) != getattr(defaults, name):
                 raise UserError(f"{self.name} does not use the setting {name} ({why}); leave it out")
 
     def check_config(self) -> None:
         """UserError on a config that cannot run on this model or launch (before any work); the
-        ranges of the settings are checked when the config is built (``MethodConfig.validate``)."""
+        types and ranges of the settings are checked when the config is built (``methods.settings``)."""
         distributed.check_batch_size(self.name, self.config.batch_size)
         if hasattr(self.config, "layer"):
             check_layer(self.model, self.config.layer)
@@ -389,7 +390,7 @@ class UnlearningMethod:
         if monitor is not None and (resume or distributed.active()):
             raise UserError(f"{self.name}: target-driven runs (validation questions) cannot resume a checkpoint or "
                             "run under torch.distributed yet; drop --resume/--parallel or the --val-* files")
-        if not retain and self.needs_retain:
+        if not retain and self.spec.needs_retain:
             raise UserError(f"{self.name}: the retain set is empty")
         self.prepare(forget, retain)
         forget_batches = self.batches(forget)
@@ -580,10 +581,7 @@ class UnlearningMethod:
         return {}
 
     # --- hooks for subclasses ------------------------------------------------------------
-    needs_retain = True
-    length_setting: str | None = None      # the setting a target-driven budget multiplies; None: steps, else epochs
     stopping_rule = None                   # a stopping.StoppingRule: validation-free runs stop on it
-    unused_settings: dict[str, str] = {}   # inherited fields a method ignores: setting one is refused
 
     def setup(self, forget: list, retain: list) -> None:
         """Work before the first step (frozen copies, statistics)."""

@@ -49,16 +49,18 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..models.layers import FrozenCopy, layer_index_of, prefix_outputs, replayed
 from ..stopping import StoppingRule
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, model_inputs
-from .settings import check_ranges
+from .settings import Count, NonNegative, Positive, config_dataclass
+from .spec import Memory, MethodSpec
 
 
 def loss_positions(batch) -> torch.Tensor:
@@ -160,14 +162,10 @@ def nll(model, batch) -> torch.Tensor:
     return distributed.global_mean(-lp.sum() / count.clamp(min=1), count)
 
 
-@dataclass
+@config_dataclass
 class LossConfig(MethodConfig):
-    retain_weight: float = 1.0   # γ: weight of the retain NLL
-    epochs: int = 5           # passes over the forget set when steps is 0 (TOFU's 5)
-
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, retain_weight=">= 0")
+    retain_weight: Annotated[NonNegative, Field(description="γ: weight of the retain NLL")] = 1.0
+    epochs: Annotated[Count, Field(description="passes over the forget set when steps is 0 (TOFU's 5)")] = 5
 
 
 # Validation-free stopping (``unlearn_kernels.stopping``): the forget NLL up by at least 1 nat per
@@ -193,8 +191,8 @@ class GradAscent(_LossMethod):
     """``L = −NLL(forget)``."""
 
     name = "GradAscent"
-    config_class = LossConfig
-    needs_retain = False
+    spec = MethodSpec(config=LossConfig, length="epochs", knobs=("lr",), needs_retain=False,
+                      memory=Memory(loss="head", updates="mlp", graphs=1))
 
     def loss(self, forget_batch, retain_batch, step):
         return {"forget": -nll(self.model, forget_batch)}
@@ -204,27 +202,24 @@ class GradDiff(_LossMethod):
     """``L = −NLL(forget) + γ · NLL(retain)``."""
 
     name = "GradDiff"
-    config_class = LossConfig
+    spec = MethodSpec(config=LossConfig, length="epochs", knobs=("lr",), memory=Memory(loss="head", updates="mlp"))
 
     def loss(self, forget_batch, retain_batch, step):
         return {"forget": -nll(self.model, forget_batch),
                 "retain": self.config.retain_weight * nll(self.model, retain_batch)}
 
 
-@dataclass
+@config_dataclass
 class NPOConfig(LossConfig):
-    beta: float = 0.1          # NPO's inverse temperature
-
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, beta="> 0")
+    beta: Annotated[Positive, Field(description="NPO's inverse temperature")] = 0.1
 
 
 class NPO(_LossMethod):
     """Negative preference optimisation against the frozen reference (+ retain NLL)."""
 
     name = "NPO"
-    config_class = NPOConfig
+    spec = MethodSpec(config=NPOConfig, length="epochs", knobs=("lr",),
+                      memory=Memory(loss="head", updates="mlp", frozen_copy=True, reference_pass=True))
 
     def setup(self, forget, retain):
         self.reference = FrozenCopy(self.model, self.params)

@@ -27,9 +27,10 @@ re-attached by ``models.io.load_local``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from ..errors import UserError
 from ..models.layers import check_layer, decoder_layers, layer_output
@@ -38,41 +39,43 @@ from ..ops.low_rank_basis import retain_subspace
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, check_finite, optimizer_step
 from .loss_based import nll
-from .settings import check_ranges
+from .settings import (Auto, Count, Integer, NonNegative, NonNegativeInt, Patterns, Positive, Share,
+                       config_dataclass)
+from .spec import Memory, MethodSpec
 
 
 AUTO_RANK = 32   # directions of an auto rank (on the embedded 128-wide model: forget 0.72, retain 0.98)
 
 
-@dataclass
+@config_dataclass
 class MRPConfig(MethodConfig):
-    layer: int | None = None   # decoder layer whose output is projected; auto: max(2, round(7/32 · depth))
-    update: list[str] | None = field(default_factory=list)   # MRP changes no weight
-    rank: int | None = None    # directions removed per request; auto: 32, fewer if the retain subspace leaves less
-    retain_energy: float = 0.95  # share of the retain Gram trace kept out of the basis
-    stats_batches: int = 16    # batches per set for the Gram matrices
-    train_steps: int = 80      # GradDiff steps training the basis (0: none)
-    retain_weight: float = 1.0  # γ of the basis training
-    lr: float = 1e-3           # learning rate of the basis training
-
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, rank=">= 1", retain_energy="in [0, 1]", stats_batches=">= 1", train_steps=">= 0",
-                     retain_weight=">= 0")
+    layer: Annotated[Auto[Integer], Field(description=(
+        "decoder layer whose output is projected; auto: max(2, round(7/32 · depth))"))] = None
+    update: Annotated[Auto[Patterns], Field(description="MRP changes no weight")] = dataclasses.field(
+        default_factory=list)
+    rank: Annotated[Auto[Count], Field(description=(
+        "directions removed per request; auto: 32, fewer if the retain subspace leaves less"))] = None
+    retain_energy: Annotated[Share, Field(description="share of the retain Gram trace kept out of the basis")] = 0.95
+    stats_batches: Annotated[Count, Field(description="batches per set for the Gram matrices")] = 16
+    train_steps: Annotated[NonNegativeInt, Field(description="GradDiff steps training the basis (0: none)")] = 80
+    retain_weight: Annotated[NonNegative, Field(description="γ of the basis training")] = 1.0
+    lr: Annotated[Positive, Field(description="learning rate of the basis training")] = 1e-3
 
 
 class MRP(UnlearningMethod):
     """Project a forget subspace out of layer l's output (see module)."""
 
     name = "MRP"
-    config_class = MRPConfig
-    length_setting = "train_steps"   # what a target-driven run's budget multiplies
-    unused_settings = {"steps": "the basis comes from statistics; train_steps trains it",
-                       "update": "MRP changes no weight, only adds a projection",
-                       "grad_accum": "the basis training takes one batch per step",
-                       "epochs": "the basis comes from statistics; train_steps trains it",
-                       "master_dtype": "MRP changes no weight; the basis is kept in fp32",
-                       "checkpointing": "the statistics run without gradients and the basis training is short"}
+    spec = MethodSpec(
+        config=MRPConfig, length="train_steps", knobs=("lr",), saves=("projections",),
+        prefix="statistics",     # with train_steps=0 only the statistics run, on layers 0..l
+        memory=Memory(loss="projection", updates=None),
+        refuses={"steps": "the basis comes from statistics; train_steps trains it",
+                 "update": "MRP changes no weight, only adds a projection",
+                 "grad_accum": "the basis training takes one batch per step",
+                 "epochs": "the basis comes from statistics; train_steps trains it",
+                 "master_dtype": "MRP changes no weight; the basis is kept in fp32",
+                 "checkpointing": "the statistics run without gradients and the basis training is short"})
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)

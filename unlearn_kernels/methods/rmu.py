@@ -61,29 +61,32 @@ under the relearning attack). ``demo --full`` gives the curves at 0–30 % overl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from ..models.layers import FrozenCopy, layer_index_of, layer_output, prefix_outputs, replayed
 from ..ops import Moments, feature_importance, masked_moments, misdirection_loss
 from . import distributed
 from ..stopping import StoppingRule
 from .base import MethodConfig, UnlearningMethod
-from .settings import check_ranges
+from .settings import Auto, Count, Fraction, Integer, NonNegative, NonNegativeInt, Positive, config_dataclass
+from .spec import Memory, MethodSpec
 
 
-@dataclass
+@config_dataclass
 class RMUConfig(MethodConfig):
-    layer: int | None = None   # decoder layer whose output the loss reads; auto: max(2, round(7/32 · depth))
-    steering: float | None = None  # c; auto: 5 x mean ‖h_forget‖ at the layer (published: 6.5 Zephyr-7B, 300 Mixtral)
-    alpha: float = 100.0       # retain weight (published 1200 at 7B stops all forgetting on small models)
-    steps: int = 150           # optimizer steps (WMDP's max_num_batches)
-    share_prefix: bool = True  # run the layers below the lowest updated one once per batch, for the live and frozen passes
-
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, steering="> 0", alpha=">= 0")
+    layer: Annotated[Auto[Integer], Field(description=(
+        "decoder layer whose output the loss reads; auto: max(2, round(7/32 · depth))"))] = None
+    steering: Annotated[Auto[Positive], Field(description=(
+        "c; auto: 5 x mean ‖h_forget‖ at the layer (published: 6.5 Zephyr-7B, 300 Mixtral)"))] = None
+    alpha: Annotated[NonNegative, Field(description=(
+        "retain weight (published 1200 at 7B stops all forgetting on small models)"))] = 100.0
+    steps: Annotated[NonNegativeInt, Field(description="optimizer steps (WMDP's max_num_batches)")] = 150
+    share_prefix: Annotated[bool, Field(description=(
+        "run the layers below the lowest updated one once per batch, for the live and frozen passes"))] = True
 
 
 AUTO_STEERING = 5.0   # c = 5 · mean ‖h_forget‖ when steering is auto (Adaptive RMU's β = 5 rule, once)
@@ -96,9 +99,9 @@ class RMU(UnlearningMethod):
     """RMU: push forget activations at layer l to ``c·u``, keep retain activations (see module)."""
 
     name = "RMU"
-    config_class = RMUConfig
+    spec = MethodSpec(config=RMUConfig, length="steps", knobs=("lr",), prefix="auto",   # runs layers 0..l only
+                      memory=Memory(loss="layer", updates="down", frozen_copy=True))
     reads_layer = True
-    runs_prefix = True            # runs and changes only layers 0..l (``models.prefix`` loads just those)
     default_roles = ("down",)     # the MLP output projections of the loss layer and the two below
     reference_lr = 5e-5       # WMDP's RMU rate at 7B
     stopping_rule = RMU_RULE
@@ -203,44 +206,37 @@ class RMU(UnlearningMethod):
         return {**super().report(), "control_norm": float(self.control.norm())}
 
 
-@dataclass
+@config_dataclass
 class AdaptiveRMUConfig(RMUConfig):
-    beta: float = 5.0          # c = beta · mean ‖h_forget‖
-
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, beta="> 0")
+    beta: Annotated[Positive, Field(description="c = beta · mean ‖h_forget‖")] = 5.0
 
 
 class AdaptiveRMU(RMU):
     """RMU with ``c = β · mean‖h_f‖`` measured on the first forget batch (see module)."""
 
     name = "AdaptiveRMU"
-    config_class = AdaptiveRMUConfig
-    unused_settings = {"steering": "c = beta · mean ‖h_forget‖ replaces it"}
+    spec = dataclasses.replace(RMU.spec, config=AdaptiveRMUConfig,
+                               refuses={"steering": "c = beta · mean ‖h_forget‖ replaces it"})
 
     @torch.no_grad()
     def control_scale(self, forget_batch) -> float:
         return self.config.beta * self._forget_norm(forget_batch)
 
 
-@dataclass
+@config_dataclass
 class SRMUConfig(AdaptiveRMUConfig):
-    sparsity: float = 0.4      # fraction of features the misdirection acts on
-    temperature: float = 0.1   # softness of the importance map (0: hard top-k)
-    stats_batches: int = 16    # batches per set for the moments
-    anchor_forget: bool = False  # anchor the unselected features of forget tokens to the frozen model
-
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, sparsity="in (0, 1]", temperature=">= 0", stats_batches=">= 1")
+    sparsity: Annotated[Fraction, Field(description="fraction of features the misdirection acts on")] = 0.4
+    temperature: Annotated[NonNegative, Field(description="softness of the importance map (0: hard top-k)")] = 0.1
+    stats_batches: Annotated[Count, Field(description="batches per set for the moments")] = 16
+    anchor_forget: Annotated[bool, Field(description=(
+        "anchor the unselected features of forget tokens to the frozen model"))] = False
 
 
 class SRMU(AdaptiveRMU):
     """Selective RMU: misdirect only the features that separate forget from retain (see module)."""
 
     name = "SRMU"
-    config_class = SRMUConfig
+    spec = dataclasses.replace(AdaptiveRMU.spec, config=SRMUConfig, selective_of="RMU")
 
     @torch.no_grad()
     def _moments(self, texts, offset) -> Moments:

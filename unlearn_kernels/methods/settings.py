@@ -1,162 +1,279 @@
-"""A method's settings as people write and read them: typed, checked, and described.
+"""Typed settings: the one configuration type of a run and of every method, validated once.
 
-:func:`make_config` builds a method's config from settings as they arrive (Python values,
-YAML, ``--set KEY=VALUE`` strings), converting each to its field's declared type (``"5e-5"``
-is a float, ``"true"`` a bool, one pattern a list of one) and refusing, with the field's
-name and the expected type, what cannot be converted; an unknown key lists the valid ones
-with their defaults, and the closest match. Fields typed ``X | None`` accept ``none``/``auto``
-for "chosen from the model" (the default layer, update band and learning rate).
+A config class is a pydantic v2 dataclass made by :func:`config_dataclass`: each field has a
+type that holds its range (``NonNegative``, ``Positive``, ``Count`` ...), a default and a
+``Field(description=...)`` — the one place its meaning is written, read by ``methods NAME``
+(:func:`describe`) and the command line's help. Pydantic *dataclasses* rather than
+``BaseModel``: the package and its users handle configs with ``dataclasses.fields``,
+``replace`` and ``asdict`` (reports, checkpoints, the target controller), which keep working
+unchanged, while pydantic does the typing and the checks (``extra="forbid"``, every assignment
+validated, no NaN or infinity).
 
-:func:`make_config` also checks the ranges: each config class has a ``validate()`` (built
-from :func:`check_ranges`) that it calls, so an out-of-range value fails before any model is
-loaded, naming the setting and its valid range.
+Settings arrive as Python values, YAML, or ``--set KEY=VALUE`` strings; the types convert what
+people write: ``"5e-5"`` is a float, ``"10"`` or ``"1e1"`` an int (a bool is never a number),
+``"true"``/``"off"`` a bool, ``"auto"``/``"none"`` None for an optional field (chosen from the
+model), one string a list of one, ``"0.9,0.95"`` a pair.
 
-:func:`describe` is what ``unlearn-kernels methods NAME`` prints: every setting, its type,
-default and one line of meaning — the comment written beside the field in its config
-dataclass (the one place it is kept), inherited fields included, in declaration order.
+Every validation error becomes, here and only here, a :class:`SettingError` (a
+``UserError``): one line naming the setting, the value and what is valid; an unknown key lists
+the valid ones with their defaults and the closest match. So an invalid value fails when the
+config is built — before any model is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
-import math
+import functools
 import re
+import types
+import typing
+from typing import Annotated, Literal, TypeVar, Union
+
+import pydantic
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
 
-_FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=#]+(?:=[^#]*)?#\s*(.+)$")
+__all__ = ["Auto", "Count", "Fraction", "Integer", "NonNegative", "NonNegativeInt", "Number", "Pair", "Patterns",
+           "Positive", "SettingError", "Share", "config_dataclass", "describe", "field_description", "make_config",
+           "type_name"]
+
 _NONE = ("none", "null", "auto", "")
-_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
-def field_comments(config_class) -> dict[str, str]:
-    """``{field: comment}`` from the source of ``config_class`` and its bases."""
-    comments: dict[str, str] = {}
-    for cls in reversed(config_class.__mro__):
-        if not dataclasses.is_dataclass(cls):
-            continue
+def _integer(value):
+    """``"10"``, ``"1e1"``, ``10.0`` -> 10; a bool or a fraction stays as is (and is refused)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
         try:
-            lines = inspect.getsource(cls).splitlines()
-        except (OSError, TypeError):
-            continue
-        for line in lines:
-            match = _FIELD.match(line)
-            if match:
-                comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
-def _annotation(f: dataclasses.Field) -> str:
-    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-
-
-def _number(name: str, value, kind: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise UserError(f"setting {name} expects {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
-    try:
-        number = float(value) if kind == "float" else (int(value) if not isinstance(value, float) and
-                                                        re.fullmatch(r"\s*[+-]?\d+\s*", str(value)) else float(value))
-    except ValueError:
-        raise UserError(f"setting {name} expects {'an integer' if kind == 'int' else 'a number'}, "
-                        f"got {value!r}") from None
-    if kind == "int":
-        if isinstance(number, float):
-            if not (math.isfinite(number) and number.is_integer()):
-                raise UserError(f"setting {name} expects an integer, got {value!r}")
-            number = int(number)
-    return number
-
-
-def coerce(name: str, annotation: str, value):
-    """``value`` converted to the type ``annotation`` names; ValueError naming ``name`` otherwise."""
-    kind = annotation.replace(" ", "")
-    optional = kind.endswith("|None")
-    kind = kind.removesuffix("|None")
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
-        if optional:
-            return None
-        raise UserError(f"setting {name} expects {kind}, got None")
-    if kind in ("float", "int"):
-        return _number(name, value, kind)
-    if kind == "bool":
-        if isinstance(value, bool):
+            value = float(text)
+        except ValueError:
             return value
-        if isinstance(value, (str, int)) and str(value).strip().lower() in _BOOLS:
-            return _BOOLS[str(value).strip().lower()]
-        raise UserError(f"setting {name} expects true or false, got {value!r}")
-    if kind == "str":
-        if not isinstance(value, str):
-            raise UserError(f"setting {name} expects a string, got {value!r}")
-        return value
-    if kind == "list[str]":
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-            raise UserError(f"setting {name} expects a list of patterns (strings), got {value!r}")
-        return list(items)
-    match = re.fullmatch(r"tuple\[(\w+)(?:,(\w+))*\]", kind)
-    if match:
-        parts = kind[len("tuple["):-1].split(",")
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or len(items) != len(parts):
-            raise UserError(f"setting {name} expects {len(parts)} values ({', '.join(parts)}), got {value!r}")
-        return tuple(coerce(name, part, item) for part, item in zip(parts, items))
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 
-def make_config(config_class, config=None, **settings):
-    """``config`` (default: ``config_class()``) with ``settings`` applied, every field typed."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(settings) - set(fields))
+def _refuse_bool(what: str):
+    def check(value):
+        if isinstance(value, bool):
+            raise ValueError(f"expects {what}, not true/false")
+        return value
+    return BeforeValidator(check)
+
+
+def _auto(value):
+    """``auto``/``none``/``null``/empty -> None (an optional field chosen from the model)."""
+    return None if isinstance(value, str) and value.strip().lower() in _NONE else value
+
+
+def _one_or_list(value):
+    return [value] if isinstance(value, str) else value
+
+
+def _pair(value):
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+
+
+Integer = Annotated[int, BeforeValidator(_integer), _refuse_bool("an integer")]   # validators run last first
+Number = Annotated[float, _refuse_bool("a number")]
+NonNegativeInt = Annotated[Integer, Field(ge=0)]
+Count = Annotated[Integer, Field(ge=1)]
+NonNegative = Annotated[Number, Field(ge=0)]
+Positive = Annotated[Number, Field(gt=0)]
+Share = Annotated[Number, Field(ge=0, le=1)]         # in [0, 1]
+Fraction = Annotated[Number, Field(gt=0, le=1)]      # in (0, 1]
+Patterns = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_one_or_list)]
+T = TypeVar("T")
+Pair = Annotated[tuple[T, T], BeforeValidator(_pair)]      # "0.9,0.95" -> (0.9, 0.95)
+Auto = Annotated[Union[T, None], BeforeValidator(_auto)]   # None (auto): chosen when the method is built
+
+CONFIG = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class SettingError(UserError):
+    """An invalid setting: ``field`` names it, ``problem`` says what is wrong with its value."""
+
+    def __init__(self, label: str, field: str | None, problem: str, unknown: bool = False):
+        super().__init__(f"{label} {problem}".strip())
+        self.field, self.problem, self.unknown = field, problem, unknown
+
+
+def config_dataclass(cls=None, **options):
+    """``cls`` as a pydantic dataclass (module docstring) whose construction and assignment raise
+    :class:`SettingError` instead of pydantic's ``ValidationError``. A class may define
+    ``label(name)`` (how a message names a field; default ``setting NAME``) and ``title`` (what
+    has the settings, for an unknown key; default the class name without ``Config``)."""
+    if cls is None:
+        return functools.partial(config_dataclass, **options)
+    cls = pydantic.dataclasses.dataclass(cls, config=CONFIG, **options)
+    init, assign = cls.__init__, cls.__setattr__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as error:
+            raise _setting_error(type(self), error, kwargs) from None
+
+    @functools.wraps(assign)
+    def __setattr__(self, name, value):
+        try:
+            assign(self, name, value)
+        except ValidationError as error:
+            raise _setting_error(type(self), error, {name: value}) from None
+
+    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    return cls
+
+
+def _label(cls, name: str) -> str:
+    label = getattr(cls, "label", None)
+    return label(name) if label is not None else f"setting {name}"
+
+
+def _default(cls, f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _unknown(cls, names: list[str]) -> SettingError:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(names[0], fields, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    valid = ", ".join(f"{f.name}={_default(cls, f)!r}" for f in dataclasses.fields(cls))
+    title = getattr(cls, "title", None) or cls.__name__.removesuffix("Config")
+    return SettingError(f"{title} has no setting", names[0], f"{', '.join(names)}{hint}; its settings: {valid}",
+                        unknown=True)
+
+
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _range_of(bounds: dict) -> str:
+    """``>= 0``, ``> 0``, or ``in (0, 1]`` for a lower and an upper bound."""
+    bounds = {k: v for k, v in bounds.items() if k in _BOUNDS and v is not None}
+    low = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    high = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]:g}, {high[1]:g}{']' if high[0] == 'le' else ')'}"
+    return " and ".join(f"{_BOUNDS[k]} {v:g}" for k, v in bounds.items())
+
+
+def _bounds(annotation, metadata=()) -> dict:
+    """The bounds (``ge``, ``gt``, ``le``, ``lt``) a type declares: its own, else the first found
+    inside it (through Optional and Annotated, e.g. each value of a pair)."""
+    found = {}
+    for extra in [*metadata, *getattr(annotation, "__metadata__", ())]:
+        for item in getattr(extra, "metadata", None) or [extra]:
+            found.update({k: getattr(item, k) for k in _BOUNDS if getattr(item, k, None) is not None})
+    for arg in typing.get_args(annotation):
+        found = found or _bounds(arg)
+    return found
+
+
+def _setting_error(cls, error: ValidationError, given: dict) -> SettingError:
+    """The first error of ``error`` as one line (module docstring)."""
+    errors = error.errors(include_url=False)
+    unknown = [str(e["loc"][0]) for e in errors if e["type"] == "unexpected_keyword_argument"]
     if unknown:
-        defaults = config_class()
-        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        valid = ", ".join(f"{k}={getattr(defaults, k)!r}" for k in fields)
-        raise UserError(f"{config_class.__name__.removesuffix('Config')} has no setting "
-                        f"{', '.join(unknown)}{hint}; its settings: {valid}")
-    base = config if config is not None else config_class()
-    if not dataclasses.is_dataclass(base) or isinstance(base, type):
-        raise TypeError(f"config must be a {config_class.__name__}, got {type(base).__name__}")
-    merged = {f.name: settings.get(f.name, getattr(base, f.name)) for f in dataclasses.fields(base)}
-    annotations = {f.name: _annotation(f) for f in dataclasses.fields(base)}
-    typed = {k: coerce(k, annotations[k], v) for k, v in merged.items()}
-    config = dataclasses.replace(base, **typed)
-    if hasattr(config, "validate"):
-        config.validate()
-    return config
+        return _unknown(cls, unknown)
+    e = errors[0]
+    kind, ctx = e["type"], e.get("ctx", {})
+    if not e["loc"]:                                  # a check across fields (a model validator)
+        return SettingError("", None, str(ctx.get("error", e["msg"])))
+    name = str(e["loc"][0])
+    value = given.get(name, e["input"])
+    if kind == "missing" and len(e["loc"]) == 1:
+        return SettingError(_label(cls, name), name, "is required")
+    expected = type_name(cls.__pydantic_fields__[name].annotation) if name in cls.__pydantic_fields__ else ""
+    if value is None:
+        problem = f"expects {expected}, got None"
+    elif kind == "value_error":                     # a validator of ours: its text says what is valid
+        problem = f"{ctx.get('error', e['msg'])}, got {value!r}"
+    elif kind in ("int_parsing", "int_type", "int_from_float"):
+        problem = f"expects an integer, got {value!r}"
+    elif kind in ("float_parsing", "float_type"):
+        problem = f"expects a number, got {value!r}"
+    elif kind in ("bool_parsing", "bool_type"):
+        problem = f"expects true or false, got {value!r}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        info = cls.__pydantic_fields__[name]
+        problem = f"must be {_range_of(_bounds(info.annotation, info.metadata) or ctx)}, got {value!r}"
+    elif kind == "finite_number":
+        problem = f"is not a finite number: {value!r}"
+    elif kind == "literal_error":
+        problem = f"must be {ctx['expected'].replace(chr(39), '')}, got {value!r}"
+    elif expected.startswith("list"):
+        problem = f"expects a list of non-empty strings (one string is a list of one), got {value!r}"
+    elif expected.startswith("tuple"):
+        problem = f"expects {expected} (two values, e.g. 0.9,0.95), got {value!r}"
+    elif kind == "dict_type":
+        problem = f"must be a mapping (setting: value), got {value!r}"
+    elif kind == "string_type":
+        problem = f"expects a string, got {value!r}"
+    else:
+        problem = f"expects {expected}, got {value!r} ({e['msg']})"
+    return SettingError(_label(cls, name), name, problem)
 
 
-RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
-          "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+def type_name(annotation) -> str:
+    """How a field's type reads in tables and messages: ``int``, ``float or None``,
+    ``list[str]``, ``tuple[float, float]``; a ``Literal`` of strings reads ``str``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin in (Union, types.UnionType):
+        kinds = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(kinds) + (" or None" if type(None) in args else "")
+    if origin is Literal:
+        return type_name(type(args[0]))
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
 
 
-def check_ranges(config, **ranges: str) -> None:
-    """UserError naming the first setting of ``config`` outside its range, given as a key of
-    :data:`RANGES` (``check_ranges(c, beta="> 0", stats_batches=">= 1")``). None (auto) passes;
-    each value of a tuple is checked."""
-    for name, valid in ranges.items():
-        value = getattr(config, name)
-        values = value if isinstance(value, tuple) else (value,)
-        if value is not None and not all(RANGES[valid](v) for v in values):
-            raise UserError(f"setting {name} must be {valid}, got {value!r}")
+def field_description(cls, name: str) -> str:
+    """The ``Field(description=...)`` of ``cls``'s field ``name`` ("" when it has none)."""
+    return cls.__pydantic_fields__[name].description or ""
+
+
+def make_config(config_class, config=None, **settings):
+    """``config`` (default: ``config_class()``) with ``settings`` applied, every field typed and
+    checked (a :class:`SettingError` naming the first bad one)."""
+    if config is None:
+        return config_class(**settings)
+    if not isinstance(config, config_class):
+        raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(config)})
+    if unknown:
+        raise _unknown(type(config), unknown)
+    return dataclasses.replace(config, **settings)
 
 
 def describe(method_class) -> str:
-    """A table of every setting of ``method_class`` (what ``unlearn-kernels methods NAME`` prints).
-    A default of None whose meaning says ``auto:`` reads ``auto`` (chosen from the model when
-    the method is built)."""
-    config = method_class.config_class()
-    comments = field_comments(method_class.config_class)
+    """What ``unlearn-kernels methods NAME`` prints: the method's summary, a line from its spec
+    (``methods.spec``), and a table of every setting: name, type, default and the field's
+    description, inherited fields first. A default of None whose description says ``auto:``
+    reads ``auto`` (chosen from the model when the method is built)."""
+    spec = method_class.spec
+    config_class = spec.config
+    config = config_class()
     doc = (method_class.__doc__ or "").strip().splitlines()
     summary = doc[0] if doc else ""
     summary = summary if summary.startswith(method_class.name) else f"{method_class.name}: {summary}"
-    lines = [summary, "", "| setting | type | default | meaning |",
-             "|---|---|---|---|"]
+    prefix = {"auto": "on when the loss layer is below the top", "never": "no",
+              "statistics": "no (unlearn-kernels plan models its statistics alone)"}[spec.prefix]
+    facts = (f"length: {spec.length} (a target-driven run's budget multiplies it); prefix-only loading: {prefix}; "
+             f"saves: {', '.join(spec.saves)}; retain data: {'needed' if spec.needs_retain else 'optional'}")
+    lines = [summary, facts, "", "| setting | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(config):
-        value, comment = getattr(config, f.name), comments.get(f.name, "")
-        shown = "auto" if value is None and "auto:" in comment else repr(value)
-        kind = _annotation(f).replace(" | None", " or None")
-        lines.append(f"| {f.name} | {kind} | {shown} | {comment} |")
+        value, meaning = getattr(config, f.name), field_description(config_class, f.name)
+        shown = "auto" if value is None and "auto:" in meaning else repr(value)
+        lines.append(f"| {f.name} | {type_name(config_class.__pydantic_fields__[f.name].annotation)} | {shown} | "
+                     f"{meaning} |")
     return "\n".join(lines)

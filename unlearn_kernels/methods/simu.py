@@ -22,9 +22,11 @@ SO-GradDiff is GradDiff with the same Sophia optimizer on every selected weight,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 from ..errors import UserError
 from ..ops import hessian_ema_, neuron_scores, select_neurons
@@ -32,27 +34,28 @@ from ..optim import MaskedSophia
 from ..models.roles import hidden_size
 from . import distributed
 from .loss_based import GradDiff, LossConfig, nll
-from .settings import check_ranges
+from .settings import Count, Fraction, NonNegative, Number, Pair, Share, config_dataclass
+from .spec import Memory, MethodSpec
 
 
-@dataclass
+Beta = Annotated[Number, Field(ge=0, lt=1)]   # an EMA factor, in [0, 1)
+
+
+@config_dataclass
 class SOGradDiffConfig(LossConfig):
-    epochs: int = 3            # passes over the forget set when steps is 0
-    betas: tuple[float, float] = (0.965, 0.99)  # Sophia's EMA factors (gradient, Hessian)
-    rho: float = 0.04          # Sophia's clipping scale
-    weight_decay: float = 0.0  # decoupled weight decay
-    hessian_interval: int = 10  # steps between Hessian estimates
-
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, betas="in [0, 1)", rho=">= 0", weight_decay=">= 0", hessian_interval=">= 1")
+    epochs: Annotated[Count, Field(description="passes over the forget set when steps is 0")] = 3
+    betas: Annotated[Pair[Beta], Field(description="Sophia's EMA factors (gradient, Hessian)")] = (0.965, 0.99)
+    rho: Annotated[NonNegative, Field(description="Sophia's clipping scale")] = 0.04
+    weight_decay: Annotated[NonNegative, Field(description="decoupled weight decay")] = 0.0
+    hessian_interval: Annotated[Count, Field(description="steps between Hessian estimates")] = 10
 
 
 class SOGradDiff(GradDiff):
     """GradDiff with the Sophia-G optimizer (SOUL)."""
 
     name = "SO-GradDiff"
-    config_class = SOGradDiffConfig
+    spec = MethodSpec(config=SOGradDiffConfig, length="epochs", knobs=("lr",),
+                      memory=Memory(loss="head", updates="mlp", optimizer="Sophia"))
     reference_lr = 3e-5        # 7B-equivalent Sophia rate (1e-3 on the 128-wide embedded model; SOUL's 1e-4
                                # scaled to that width moved retain accuracy to 0.74)
 
@@ -77,26 +80,21 @@ class SOGradDiff(GradDiff):
         self._steps = int(state["hessian_steps"])
 
 
-@dataclass
+@config_dataclass
 class SIMUConfig(SOGradDiffConfig):
-    fraction: float = 0.1          # neurons kept per weight (per expert of an MoE weight)
-    scorer: str = "obd"            # neuron scores: "obd" or "integrated_gradients"
-    score_batches: int = 8         # batches per set for the neuron scores
-    score_beta: float = 0.9        # EMA factor of the Hessian diagonals while scoring
-    ig_steps: int = 4              # integrated-gradient steps (scorer integrated_gradients)
-
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, fraction="in (0, 1]", score_batches=">= 1", score_beta="in [0, 1]", ig_steps=">= 1")
-        if self.scorer not in ("obd", "integrated_gradients"):
-            raise UserError(f"setting scorer must be 'obd' or 'integrated_gradients', got {self.scorer!r}")
+    fraction: Annotated[Fraction, Field(description="neurons kept per weight (per expert of an MoE weight)")] = 0.1
+    scorer: Annotated[Literal["obd", "integrated_gradients"], Field(description=(
+        'neuron scores: "obd" or "integrated_gradients"'))] = "obd"
+    score_batches: Annotated[Count, Field(description="batches per set for the neuron scores")] = 8
+    score_beta: Annotated[Share, Field(description="EMA factor of the Hessian diagonals while scoring")] = 0.9
+    ig_steps: Annotated[Count, Field(description="integrated-gradient steps (scorer integrated_gradients)")] = 4
 
 
 class SIMU(SOGradDiff):
     """Score MLP neurons on forget vs retain, then masked Sophia GradDiff on the top ones."""
 
     name = "SIMU"
-    config_class = SIMUConfig
+    spec = dataclasses.replace(SOGradDiff.spec, config=SIMUConfig, saves=("weights", "masks"))
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)

@@ -68,10 +68,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch.func import functional_call
 
 from ..errors import UserError
@@ -79,7 +80,8 @@ from ..models.layers import parameters_matching
 from . import distributed
 from .base import MethodConfig, UnlearningMethod, model_inputs
 from .loss_based import nll
-from .settings import check_ranges
+from .settings import Auto, NonNegative, NonNegativeInt, Pair, Patterns, Positive, config_dataclass
+from .spec import MethodSpec
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -87,27 +89,30 @@ TAMPER_LOSSES = ("nll", "entropy")
 ATTACK_LR_RATIO = 3.0   # auto adversary_lrs: the attack fine-tunes at 3 x the unlearning rate
 
 
-@dataclass
+@config_dataclass
 class TARConfig(MethodConfig):
-    steps: int = 80            # outer (unlearning) steps
-    adversary_steps: int = 4   # K: fine-tuning steps of the simulated attack per outer step (0: no attack)
-    adversary_lrs: tuple[float, float] | None = None  # the attack's Adam rate, log-uniform in [low, high]; auto: 3 x lr
-    adversary_update: list[str] | None = None  # weights the simulated attack fine-tunes; auto: every weight
-    tamper_points: int = 1       # the tamper loss is read after each of the last this many attack steps (0: all K)
-    tamper_loss: str = "nll"     # post-attack loss: nll (T = −NLL, ascent) or entropy (T = −H)
-    tamper_weight: float = 1.0   # w_t: weight of the post-attack tamper loss
-    retain_weight: float = 1.0   # γ: weight of the retain NLL
+    steps: Annotated[NonNegativeInt, Field(description="outer (unlearning) steps")] = 80
+    adversary_steps: Annotated[NonNegativeInt, Field(description=(
+        "K: fine-tuning steps of the simulated attack per outer step (0: no attack)"))] = 4
+    adversary_lrs: Annotated[Auto[Pair[Positive]], Field(description=(
+        "the attack's Adam rate, log-uniform in [low, high]; auto: 3 x lr"))] = None
+    adversary_update: Annotated[Auto[Patterns], Field(description=(
+        "weights the simulated attack fine-tunes; auto: every weight"))] = None
+    tamper_points: Annotated[NonNegativeInt, Field(description=(
+        "the tamper loss is read after each of the last this many attack steps (0: all K)"))] = 1
+    tamper_loss: Annotated[Literal[TAMPER_LOSSES], Field(description=(
+        "post-attack loss: nll (T = −NLL, ascent) or entropy (T = −H)"))] = "nll"
+    tamper_weight: Annotated[NonNegative, Field(description="w_t: weight of the post-attack tamper loss")] = 1.0
+    retain_weight: Annotated[NonNegative, Field(description="γ: weight of the retain NLL")] = 1.0
 
-    def validate(self) -> None:
-        super().validate()
-        check_ranges(self, adversary_steps=">= 0", tamper_weight=">= 0", retain_weight=">= 0")
-        if self.adversary_lrs is not None and not 0 < self.adversary_lrs[0] <= self.adversary_lrs[1]:
-            raise UserError(f"setting adversary_lrs must be a range 0 < low <= high, got {self.adversary_lrs}")
-        if self.tamper_loss not in TAMPER_LOSSES:
-            raise UserError(f"setting tamper_loss must be one of {', '.join(TAMPER_LOSSES)}, got {self.tamper_loss!r}")
-        if not 0 <= self.tamper_points <= self.adversary_steps:
-            raise UserError(f"setting tamper_points must be in 0..adversary_steps={self.adversary_steps}, "
-                            f"got {self.tamper_points}")
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.adversary_lrs is not None and not self.adversary_lrs[0] <= self.adversary_lrs[1]:
+            raise ValueError(f"setting adversary_lrs must be a range 0 < low <= high, got {self.adversary_lrs}")
+        if self.tamper_points > self.adversary_steps:
+            raise ValueError(f"setting tamper_points must be in 0..adversary_steps={self.adversary_steps}, "
+                             f"got {self.tamper_points}")
+        return self
 
 
 def entropy(logits: torch.Tensor, batch) -> torch.Tensor:
@@ -156,7 +161,7 @@ class TAR(UnlearningMethod):
     """TAR: unlearn so that the forget text stays unpredicted after a simulated fine-tuning attack (see module)."""
 
     name = "TAR"
-    config_class = TARConfig
+    spec = MethodSpec(config=TARConfig, length="steps", knobs=("lr",), tamper_resistant=True)   # plan: no model yet
     reference_lr = 1e-5       # the loss-based methods' 7B rate (AdamW)
 
     def resolve_defaults(self) -> dict:

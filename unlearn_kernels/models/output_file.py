@@ -23,7 +23,7 @@ recognised, so it is refused).
 
 Other files (plain text) carry no marker: they are written only where they are new.
 Refusals are :class:`~unlearn_kernels.models.output_dir.OutputPathError` (a UserError, one line
-naming the path). Check all outputs of a command with :func:`check_output_file` before any
+naming the path). Check all outputs of a command with :func:`check_output_files` before any
 model is loaded.
 """
 
@@ -89,6 +89,19 @@ def check_output_file(path: Path | str, inputs=(), *, overwrite: bool = False, f
             raise OutputPathError(f"{flag} {out} holds a previous output of unlearn_kernels: pass --overwrite "
                                   "to replace it")
     return out
+
+
+def check_output_files(outputs: dict, inputs=(), *, overwrite: bool = False) -> None:
+    """Every output file of a command (``{flag: path}``; None or '-' for stdout is skipped) may
+    be written (:func:`check_output_file`), each to its own path; checked before any model is
+    loaded."""
+    seen = {}
+    for flag, path in outputs.items():
+        if path and path != "-":
+            out = check_output_file(path, [p for p in inputs if p], overwrite=overwrite, flag=flag)
+            if out in seen:
+                raise OutputPathError(f"{flag} {out} is also {seen[out]}: give each output its own path")
+            seen[out] = flag
 
 
 def write_atomic(path: Path | str, write, *, overwrite: bool = False) -> Path:
