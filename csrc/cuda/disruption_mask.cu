@@ -6,13 +6,13 @@
 // test compares signs (exact: no product that could underflow; NaN agrees with nothing) and
 // scale * g_i is one fp32 multiply rounded once to T, as on every other backend. Elements
 // are taken in packs of V = 16 bytes (4 fp32, 8 bf16/fp16) when grad, retain and out are all
-// 16-byte aligned, else V = 1. A grid of about kBlocksPerSM blocks per SM strides over the
-// packs, each thread issuing the loads of kUnroll packs before any arithmetic; the n % V
-// elements past the last pack are done by the first threads of block 0 after the loop. Each
-// thread counts its agreeing elements; a warp sums them by shuffles and its lane 0 adds the
-// sum to *kept with one 64-bit atomic (integer addition: exact in any order, so the count
-// does not depend on the schedule). In place (out == grad) is safe: a thread reads its
-// elements before it writes them, and no thread touches another's.
+// 16-byte aligned, else V = 1. A grid of kBlocksPerSM blocks per SM (one resident wave; fewer
+// for small n) strides over the packs, each thread issuing the loads of kUnroll packs before
+// any arithmetic; the n % V elements past the last pack are done by the first threads of
+// block 0 after the loop. Each thread counts its agreeing elements; a warp sums them by
+// shuffles and its lane 0 adds the sum to *kept with one 64-bit atomic (integer addition:
+// exact in any order, so the count does not depend on the schedule). In place (out == grad)
+// is safe: a thread reads its elements before it writes them, and no thread touches another's.
 #include "cuda_launch.cuh"
 #include "disruption_mask_cuda.h"
 #include "scores_common.cuh"
@@ -24,7 +24,7 @@ using namespace scores;
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;
-constexpr int kBlocksPerSM = 8;
+constexpr int kBlocksPerSM = 4;  // all resident at once (<= 64 registers a thread): one wave
 
 struct MaskArgs {
   const void* grad;
@@ -40,7 +40,7 @@ __device__ __forceinline__ bool agree(float g, float r) {
 }
 
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) disruption_mask_kernel(const MaskArgs a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) disruption_mask_kernel(const MaskArgs a) {
   const T* grad = static_cast<const T*>(a.grad);
   const T* retain = static_cast<const T*>(a.retain);
   T* out = static_cast<T*>(a.out);
@@ -92,7 +92,8 @@ void launch(const MaskArgs& a, cudaStream_t stream) {
   const bool vec = aligned16(a.grad) && aligned16(a.retain) && aligned16(a.out);
   const int64_t items = vec ? a.n / V : a.n;  // packs (each thread also may take a tail element)
   const int64_t wanted = ceil_div(ceil_div(items, kUnroll), kThreads);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t{sm_count()} * kBlocksPerSM));
+  const int64_t resident = int64_t{sm_count()} * kBlocksPerSM;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(wanted, resident));
   if (vec)
     UK_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, disruption_mask_kernel<T, V>)(a);
   else

@@ -24,13 +24,15 @@ void check_pair(const at::Tensor& grad, const at::Tensor& retain) {
   TORCH_CHECK(retain.is_contiguous(), "retain_grad must be contiguous");
   TORCH_CHECK(retain.sizes() == grad.sizes(), "retain_grad must have the shape of grad ",
               grad.sizes(), ", got ", retain.sizes());
-  TORCH_CHECK(retain.scalar_type() == grad.scalar_type(), "retain_grad must have the dtype of grad (",
-              grad.scalar_type(), "), got ", retain.scalar_type());
+  TORCH_CHECK(retain.scalar_type() == grad.scalar_type(),
+              "retain_grad must have the dtype of grad (", grad.scalar_type(), "), got ",
+              retain.scalar_type());
   TORCH_CHECK(retain.device() == grad.device(), "retain_grad must be on ", grad.device());
 }
 
 // Runs the kernel of grad's device with `out` as the output (out may be grad); returns kept.
-at::Tensor run(const at::Tensor& grad, const at::Tensor& retain, double scale, const at::Tensor& out) {
+at::Tensor run(const at::Tensor& grad, const at::Tensor& retain, double scale,
+               const at::Tensor& out) {
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   if (grad.is_cpu()) {
     TORCH_CHECK(grad.scalar_type() == at::kDouble || grad.scalar_type() == at::kFloat ||
