@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn_kernels.ops import (_backend, class_means, disruption_mask, disruption_mask_, low_rank_project, masked_edit,
-                                 masked_gram, masked_moments)
+from unlearn_kernels.ops import (_backend, class_means, disruption_mask, disruption_mask_, low_rank_project,
+                                 masked_edit, masked_gram, masked_moments)
 
 CPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _backend.available(b, torch.device("cpu"), torch.float32),
                                                          reason=f"{b} unavailable here"))
