@@ -25,6 +25,7 @@ import torch
 from unlearn_kernels import _extension
 from unlearn_kernels.benchmark import copy_bandwidth, format_table, time_interleaved
 from unlearn_kernels.ops.class_means import _class_means_torch
+from unlearn_kernels.ops.disruption_mask import _disruption_mask_inplace_torch, _disruption_mask_torch
 from unlearn_kernels.ops.hessian import _hessian_ema_torch
 from unlearn_kernels.ops.low_rank import _gram_torch, _project_torch
 from unlearn_kernels.ops.misdirection import _masked_edit_torch, _misdirection_torch
@@ -91,6 +92,11 @@ def cases(n: int, d: int, dtype: torch.dtype) -> list[Case]:
     add("class_means (10 classes)", ops.class_means, _class_means_torch, (h, labels, 10), size + 8 * n)
     add("neuron_scores dim 0 (forget+retain)", ops.neuron_scores, _neuron_scores_torch, (h, hf, hr, 0), 3 * size)
     add("neuron_scores dim 1 (forget+retain)", ops.neuron_scores, _neuron_scores_torch, (h, hf, hr, 1), 3 * size)
+    add("disruption_mask (+count)", ops.disruption_mask, _disruption_mask_torch, (h, anchor, 0.5), 3 * size)
+    # in place with scale 1: after the first call the masked entries are 0 and every call
+    # writes the same values (the kernels' work does not depend on them)
+    add("disruption_mask_ in place (+count)", ops.disruption_mask_, _disruption_mask_inplace_torch,
+        (h.clone(), anchor, 1.0), 3 * size)
     add("hessian_ema_ (a⊙a)", ops.hessian_ema_, _hessian_ema_torch, (hess_buf, grad_flat, None, 0.99), 3 * size)
 
     # Sophia: two tensors [n/2, d] (row mask) and [d, n/2] (column mask), state in the param dtype.

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn_kernels.ops import _backend, class_means, low_rank_project, masked_edit, masked_gram, masked_moments
+from unlearn_kernels.ops import (_backend, class_means, disruption_mask, disruption_mask_, low_rank_project,
+                                 masked_edit, masked_gram, masked_moments)
 
 CPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _backend.available(b, torch.device("cpu"), torch.float32),
                                                          reason=f"{b} unavailable here"))
@@ -25,6 +26,9 @@ def test_zero_rows_with_a_strided_last_dim(backend):
     assert low_rank_project(x, u, backend=backend).shape == (0, 6)
     means, counts = class_means(x, torch.zeros(0, dtype=torch.long), 3, backend=backend)
     assert means.shape == (3, 6) and int(counts.sum()) == 0
+    out, kept = disruption_mask(x, x, 2.0, return_kept=True, backend=backend)
+    assert out.shape == (0, 6) and int(kept) == 0
+    assert int(disruption_mask_(x, x, 2.0, return_kept=True, backend=backend)[1]) == 0
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if _backend.available(b, torch.device("cpu"),

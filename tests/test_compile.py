@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn_kernels.ops import _backend, masked_edit, misdirection_loss
+from unlearn_kernels.ops import _backend, disruption_mask, disruption_mask_, masked_edit, misdirection_loss
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _backend.available(b, torch.device("cpu"), torch.float32),
                                                      reason=f"{b} unavailable here"))
@@ -94,3 +94,22 @@ def test_class_means_keeps_its_label_check_under_compile():
                                class_means(x, torch.tensor([0, 1, 2, 0, 1, 2]), 3)[0])
     with pytest.raises(ValueError, match="labels must lie in"):
         compiled(x, torch.tensor([0, 1, 5, 0, 1, 2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disruption_mask_compiles_both_variants(backend):
+    torch._dynamo.reset()
+
+    def step(g, r):
+        out, kept = disruption_mask(g, r, 0.5, return_kept=True, backend=backend)
+        _, kept_in_place = disruption_mask_(g, r, 2.0, return_kept=True, backend=backend)
+        return out, kept, kept_in_place, g.sum()
+
+    gen = torch.Generator().manual_seed(4)
+    g, r = torch.randn(6, 7, generator=gen), torch.randn(6, 7, generator=gen)
+    g_eager, g_graph = g.clone(), g.clone()
+    eager = step(g_eager, r)
+    graph = torch.compile(step, backend="aot_eager", fullgraph=True)(g_graph, r)
+    for a, b in zip(graph, eager):
+        assert torch.equal(a, b)
+    assert torch.equal(g_graph, g_eager)

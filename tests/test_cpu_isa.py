@@ -100,6 +100,11 @@ for dtype in (torch.float32, torch.bfloat16):
         for bk, buf in acc.items():
             ops.hessian_ema_(buf, h, b_arg, beta=0.97, backend=bk)
         close(acc["cpu"], acc["torch"], dtype, "hessian_ema_")
+    for scale in (0.37, -2.0):  # elementwise, one multiply: the same bits on every instruction set
+        (out_c, kept_c), (out_t, kept_t) = (ops.disruption_mask(h, anchor, scale, return_kept=True, backend=bk)
+                                            for bk in ("cpu", "torch"))
+        assert torch.equal(out_c.view(torch.uint8), out_t.view(torch.uint8)), f"disruption_mask {dtype}"
+        assert int(kept_c) == int(kept_t)
     shapes = [(37, 53), (53, 37), (129,)]
     base = [(rnd(*s, dtype=dtype), rnd(*s, dtype=dtype) * 1e-2, rnd(*s) * 1e-3, torch.rand(*s, generator=g) * 1e-2)
             for s in shapes]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unlearn_kernels.ops.class_means import _class_means_torch
+from unlearn_kernels.ops.disruption_mask import _disruption_mask_torch
 from unlearn_kernels.ops.hessian import _hessian_ema_torch
 from unlearn_kernels.ops.low_rank import _project_torch
 from unlearn_kernels.ops.misdirection import _masked_edit_torch, _misdirection_torch
@@ -16,7 +17,7 @@ from unlearn_kernels.ops.neuron_scores import _neuron_scores_torch
 from unlearn_kernels.ops.sophia import _sophia_torch
 
 from conftest import TOLERANCES
-from cuda_sim.fixtures import WORST, both_schedules, sim  # noqa: F401  (fixture)
+from cuda_sim.fixtures import WORST, bits, both_schedules, sim  # noqa: F401  (fixture)
 from cuda_sim.ops import guarded_input, strided_rows
 
 pytestmark = pytest.mark.cuda_sim
@@ -258,6 +259,48 @@ def test_hessian_ema(sim, numel, with_b, hess_kind, dtype, offset):  # noqa: F81
     check("hessian_ema_kernel", got, ref, dtype, exact=True)
 
 
+# ---- disruption_mask.cu: disruption_mask_kernel ----------------------------------------------
+
+# Sizes: below one pack, packs with and without a tail, one and several blocks, a grid-stride
+# loop on 3 SMs (8198 elements / 256 threads / 2 packs in flight), empty.
+MASK_SIZES = [1, 7, 8, 9, 105, 1029, 2112, 0, 8198, 50001]
+
+
+def mask_inputs(numel: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    grad, retain = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
+    grad[torch.rand(numel, generator=g) < 0.05] = 0.0
+    retain[torch.rand(numel, generator=g) < 0.05] = float("nan")
+    return grad.to(dtype), retain.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("numel", MASK_SIZES)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("grid", GRIDS)
+def test_disruption_mask(sim, numel, dtype, offset, grid):  # noqa: F811
+    grad0, retain0 = mask_inputs(numel, dtype, numel + offset)
+    grad, retain = guarded_input(grad0, offset), guarded_input(retain0, offset)
+    ref, ref_kept = _disruption_mask_torch(grad0, retain0, 0.37)
+    out, kept = both_schedules(sim, lambda: sim.disruption_mask(grad, retain, 0.37), grid)
+    assert torch.equal(bits(out), bits(ref)) and int(kept) == int(ref_kept)
+
+    def in_place():
+        g = grad0.clone()
+        return g, sim.disruption_mask_(g, retain, 0.37, offset)
+
+    g, kept = both_schedules(sim, in_place, grid)
+    assert torch.equal(bits(g), bits(ref)) and int(kept) == int(ref_kept)
+
+
+def test_disruption_mask_in_place_on_itself(sim):  # noqa: F811
+    grad0, _ = mask_inputs(1029, torch.bfloat16, 3)
+    g = grad0.clone()
+    kept = sim.disruption_mask_(g, None, -2.0)
+    ref, ref_kept = _disruption_mask_torch(grad0, grad0, -2.0)
+    assert torch.equal(bits(g), bits(ref)) and int(kept) == int(ref_kept) == int((grad0 != 0).sum())
+
+
 # ---- neuron_scores.cu: row_scores_kernel, col_scores_kernel, col_merge_kernel ---------------
 
 SCORE_SHAPES = [(37, 53), (12, 1029), (5, 1), (1, 7), (300, 16), (3, 4104), (1000, 24), (2, 2048)]
@@ -394,6 +437,7 @@ def test_every_kernel_runs(sim):  # noqa: F811
     sim.low_rank_project(x, basis, 1.0, True, "generic")
     hess = x.float().reshape(-1).clone()
     sim.hessian_ema_(hess, x.reshape(-1), None, 0.9)
+    sim.disruption_mask(x.reshape(-1), x.reshape(-1), 0.5)
     w = guarded_input(torch.randn(300, 16, generator=g))
     sim.neuron_scores(w, w, w, 0)
     sim.neuron_scores(w, w, w, 1)
@@ -506,7 +550,8 @@ def representative_calls(sim):  # noqa: F811
         sim.masked_sophia_step_(params, grads, exp_avgs, hessians, masks, dims, **HYPER)
         hess = hess0.clone()
         sim.hessian_ema_(hess, xf.reshape(-1)[:2112], None, 0.5)
-        return out + params + exp_avgs + [hess]
+        masked = list(sim.disruption_mask(xf.reshape(-1), x.reshape(-1)[:77 * 131].float(), 0.25))
+        return out + params + exp_avgs + [hess] + masked
 
     return run
 

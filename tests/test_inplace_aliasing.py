@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FP32_BACKENDS as BACKENDS, device_of
-from unlearn_kernels.ops import hessian_ema_, masked_sophia_step_
+from unlearn_kernels.ops import disruption_mask_, hessian_ema_, masked_sophia_step_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -18,6 +18,18 @@ def test_hessian_ema_bumps_the_version_counter(backend):
     loss = (w * w).sum()                       # saves w
     version = w._version
     hessian_ema_(w.detach(), torch.ones(4, 3, device=dev), beta=0.5, backend=backend)
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disruption_mask_bumps_the_version_counter(backend):
+    dev = device_of(backend)
+    w = torch.randn(4, 3, device=dev, requires_grad=True)
+    loss = (w * w).sum()                       # saves w
+    version = w._version
+    disruption_mask_(w.detach(), torch.ones(4, 3, device=dev), 0.5, backend=backend)
     assert w._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

@@ -121,3 +121,18 @@ def test_mutating_kernels(prefix):
     masks = [torch.tensor([True, False, True, True, False, True], device=dev), None]
     args = (params, grads, exp_avgs, hessians, masks, [0, 0], 1e-2, 0.9, 0.05, 0.01, 1e-12, 1.0)
     torch.library.opcheck(op(prefix, "masked_sophia_step_"), args)
+
+
+@pytest.mark.parametrize("prefix", KINDS)
+def test_disruption_mask_kernels(prefix):
+    """Not differentiable (its inputs are gradients): opcheck on inputs that do not require
+    grad, every dtype of the backend, the in-place variant and an empty tensor."""
+    dev = device(prefix)
+    dtypes = [torch.float32] if prefix == "triton_" and dev.type == "cpu" else \
+        [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if prefix == "" else [])
+    for dtype in dtypes:
+        g, r = rows(9, 13, dev, grad=False).to(dtype), rows(13, 9, dev, grad=False).t().contiguous().to(dtype)
+        torch.library.opcheck(op(prefix, "disruption_mask"), (g, r, 0.25))
+        torch.library.opcheck(op(prefix, "disruption_mask_"), (g.clone(), r, -1.5))
+    empty = torch.ones(0, device=dev)
+    torch.library.opcheck(op(prefix, "disruption_mask"), (empty, empty, 1.0))

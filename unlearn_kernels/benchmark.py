@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .ops import _backend, masked_edit, masked_moments, misdirection_loss
+from .ops import _backend, disruption_mask, masked_edit, masked_moments, misdirection_loss
 
 
 def _elapsed_ms(fn: Callable[[], object], cuda: bool) -> float:
@@ -94,6 +94,10 @@ def _edit_eager(h, importance, control, alpha):
     return (x + alpha * importance * (control - x)).to(h.dtype)
 
 
+def _mask_eager(grad, retain, scale):
+    return torch.where(grad * retain > 0, grad * scale, 0)
+
+
 def _cases(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(n, d, device=device, dtype=dtype, generator=g).requires_grad_(True)
@@ -120,6 +124,8 @@ def _cases(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list[Cas
              lambda: _moments_eager(h.detach()), size),
         Case("masked_edit", lambda b: lambda: masked_edit(h.detach(), importance, control, 0.5, backend=b),
              lambda: _edit_eager(h.detach(), importance, control, 0.5), 2 * size),
+        Case("disruption_mask", lambda b: lambda: disruption_mask(h.detach(), anchor, 0.5, backend=b),
+             lambda: _mask_eager(h.detach(), anchor, 0.5), 3 * size),
     ]
 
 

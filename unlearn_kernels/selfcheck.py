@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops import (_backend, class_means, hessian_ema_, low_rank_project, masked_edit, masked_gram,
-                  masked_moments, masked_sophia_step_, misdirection_loss, neuron_scores)
+from .ops import (_backend, class_means, disruption_mask, hessian_ema_, low_rank_project, masked_edit,
+                  masked_gram, masked_moments, masked_sophia_step_, misdirection_loss, neuron_scores)
 
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -58,6 +58,9 @@ def _errors(backend: str, device: torch.device, dtype: torch.dtype, seed: int) -
     hessian_ema_(ema[0], weight, beta=0.9, backend=backend)
     hessian_ema_(ema[1], weight, beta=0.9, backend="torch")
     results["hessian_ema_"] = rel(ema[0], ema[1])
+    retain = (h_f - 0.5).to(dtype)
+    results["disruption_mask"] = rel(disruption_mask(weight, retain, 0.3, backend=backend),
+                                     disruption_mask(weight, retain, 0.3, backend="torch"))
     labels = torch.randint(0, 5, (h.shape[0] * h.shape[1],), generator=g).to(device)
     results["class_means"] = rel(class_means(h.reshape(-1, 131), labels, 6, backend=backend)[0],
                                  class_means(h.reshape(-1, 131), labels, 6, backend="torch")[0])

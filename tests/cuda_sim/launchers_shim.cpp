@@ -5,6 +5,7 @@
 
 #include "class_means_cuda.h"
 #include "cuda_launchers.h"
+#include "disruption_mask_cuda.h"
 #include "hessian_cuda.h"
 #include "low_rank_cuda.h"
 #include "neuron_scores_cuda.h"
@@ -73,6 +74,11 @@ void uks_hessian_ema(int hess_dt, void* hess, int ab_dt, const void* a, const vo
                      float beta, float one_minus_beta) {
   kc::hessian_ema(static_cast<DType>(hess_dt), hess, static_cast<DType>(ab_dt), a, b, n, beta,
                   one_minus_beta, nullptr);
+}
+
+void uks_disruption_mask(int dt, const void* grad, const void* retain, float scale, void* out,
+                         int64_t n, int64_t* kept) {
+  kc::disruption_mask(static_cast<DType>(dt), grad, retain, scale, out, n, kept, nullptr);
 }
 
 int64_t uks_neuron_scores_workspace_floats(int64_t rows, int64_t cols, int dim) {

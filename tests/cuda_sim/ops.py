@@ -76,6 +76,7 @@ _SIGNATURES = {
     "uks_low_rank_project_tensor_core": (None, [INT, P, I64, P, I64, I64, I64, I64, F32, P, P]),
     "uks_low_rank_project_generic": (None, [INT, P, I64, P, I64, I64, I64, F32, P, P]),
     "uks_hessian_ema": (None, [INT, P, INT, P, P, I64, F32, F32]),
+    "uks_disruption_mask": (None, [INT, P, P, F32, P, I64, P]),
     "uks_neuron_scores_workspace_floats": (I64, [I64, I64, INT]),
     "uks_neuron_scores": (None, [INT, P, I64, INT, P, I64, P, I64, I64, I64, INT, P, P, P]),
     "uks_class_means_workspace_bytes": (I64, [I64, I64, I64]),
@@ -224,6 +225,30 @@ class Sim:
                                  _ptr(b), a.numel(), beta, 1.0 - beta)
         self._done(h)
         hess.copy_(h.view)
+
+    # ---- disruption_mask.cu --------------------------------------------------------------
+
+    def disruption_mask(self, grad: Tensor, retain: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """Out of place: a NaN-guarded output; ``kept`` starts as garbage (0xff bytes)."""
+        out = _guarded(grad.shape, grad.dtype)
+        kept = _guarded((), torch.int64)
+        self.lib.uks_disruption_mask(DTYPES[grad.dtype], _ptr(grad), _ptr(retain), scale,
+                                     _ptr(out.view), grad.numel(), _ptr(kept.view))
+        self._done(out, kept)
+        return out.view.clone(), kept.view.clone()
+
+    def disruption_mask_(self, grad: Tensor, retain: Optional[Tensor], scale: float,
+                         offset: int = 0) -> Tensor:
+        """In place into ``grad`` (a guarded copy shifted by ``offset`` elements, copied back);
+        ``retain`` None: grad itself."""
+        g = _guarded(grad.shape, grad.dtype, grad, offset=offset)
+        kept = _guarded((), torch.int64)
+        r = g.view if retain is None else retain
+        self.lib.uks_disruption_mask(DTYPES[grad.dtype], _ptr(g.view), _ptr(r), scale,
+                                     _ptr(g.view), grad.numel(), _ptr(kept.view))
+        self._done(g, kept)
+        grad.copy_(g.view)
+        return kept.view.clone()
 
     # ---- neuron_scores.cu ---------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Every op takes ``backend="auto" | "cuda" | "triton" | "cpu" | "torch"``.
 
 from ._backend import backends
 from .class_means import class_means
+from .disruption_mask import disruption_mask, disruption_mask_
 from .hessian import gauss_newton_pairs, hessian_ema_, hutchinson_pairs
 from .low_rank import low_rank_project, masked_gram, projection_hook
 from .low_rank_basis import forget_basis, grow_basis, retain_subspace
@@ -17,6 +18,8 @@ __all__ = [
     "Moments",
     "backends",
     "class_means",
+    "disruption_mask",
+    "disruption_mask_",
     "feature_importance",
     "feature_scores",
     "forget_basis",
