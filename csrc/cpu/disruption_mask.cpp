@@ -5,7 +5,8 @@
 // for tiny g and r); NaN agrees with nothing. scale * g_i is one multiply in the arithmetic
 // type (fp32 for fp32 / bf16 / fp16, fp64 for fp64), rounded once to the storage type, so
 // every instruction set gives the same bits. The count is an integer sum (exact, any order).
-// at::vec over the body (Io<T>: two vectors of the arithmetic type per step), a scalar tail.
+// at::vec over the body in blocks of kLanes (cpu_vec.h's Lanes, whatever the vector width), a
+// scalar tail; being elementwise, it has no reduction order to fix.
 #include <ATen/Parallel.h>
 
 #include <functional>
@@ -41,24 +42,22 @@ template <typename T>
 int64_t mask_impl(const at::Tensor& grad, const at::Tensor& retain, double scale,
                   const at::Tensor& out) {
   using A = typename Io<T>::A;
-  using V = typename Io<T>::V;
-  constexpr int64_t kStep = Io<T>::kStep;
+  using L = Lanes<A>;
+  using V = Vectorized<A>;
   const T* gp = grad.data_ptr<T>();
   const T* rp = retain.data_ptr<T>();
-  T* op = out.data_ptr<T>();  // may be gp (in place): each step loads before it stores
+  T* op = out.data_ptr<T>();  // may be gp (in place): each block loads before it stores
   const A s = static_cast<A>(scale);
   return at::parallel_reduce(0, grad.numel(), kGrain, int64_t{0},
       [&](int64_t begin, int64_t end, int64_t) {
         int64_t kept = 0;
         int64_t i = begin;
         const V vs(s);
-        for (; i + kStep <= end; i += kStep) {
-          V g0, g1, r0, r1;
-          Io<T>::load(gp + i, g0, g1);
-          Io<T>::load(rp + i, r0, r1);
-          const V o0 = masked(g0, r0, vs, kept);
-          const V o1 = masked(g1, r1, vs, kept);
-          Io<T>::store(op + i, o0, o1);
+        for (; i + kLanes <= end; i += kLanes) {
+          const L g = Io<T>::load(gp + i), r = Io<T>::load(rp + i);
+          L o;
+          for (int k = 0; k < L::kVecs; ++k) o.v[k] = masked(g.v[k], r.v[k], vs, kept);
+          Io<T>::store(op + i, o);
         }
         for (; i < end; ++i) {
           const A g = static_cast<A>(gp[i]);

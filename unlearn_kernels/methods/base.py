@@ -39,6 +39,7 @@ from ..data.loaders import QAPair
 from ..errors import UserError
 from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
+from ..ops import disruption_mask_
 from ..ops._backend import BACKENDS
 from . import distributed
 from .spec import MethodSpec
@@ -80,6 +81,9 @@ class MethodConfig:
     seed: Annotated[Integer, Field(description="seeds the batch order and every random draw")] = 0
     backend: Annotated[Literal[("auto",) + BACKENDS], Field(description="fused-op backend")] = "auto"
     progress: Annotated[bool, Field(description="progress bar")] = True
+    disruption_mask: Annotated[bool, Field(description=(
+        "update a weight only where the unlearning and the retain gradients agree in sign (MUDMAN); "
+        "the retain gradient is added in full"))] = False
 
 
 def fingerprint(items: list) -> str:
@@ -392,6 +396,9 @@ class UnlearningMethod:
                             "run under torch.distributed yet; drop --resume/--parallel or the --val-* files")
         if not retain and self.spec.needs_retain:
             raise UserError(f"{self.name}: the retain set is empty")
+        if self.config.disruption_mask and distributed.active():
+            raise UserError(f"{self.name}: disruption_mask runs in one process (the mask of summed gradients is "
+                            "not the sum of per-rank masks)")
         self.prepare(forget, retain)
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
@@ -459,6 +466,7 @@ class UnlearningMethod:
             for p in self.params.values():
                 p.grad = None
         totals: dict[str, float] = {}
+        split_grads: dict[str, dict] = {"unlearn": {}, "retain": {}}
         for _ in range(self.config.grad_accum):
             losses = self.loss(next(forget_batches), next(retain_batches) if retain_batches else None, step)
             values = distributed.summed_values(losses)
@@ -468,9 +476,14 @@ class UnlearningMethod:
                 raise UserError(f"{self.name}: no selected parameter gets a gradient from the loss "
                                 f"({', '.join(sorted(self.params)) or 'none selected'}): choose weights at or "
                                 "below the loss layer with update=[...]")
-            (total / self.config.grad_accum).backward()
+            if self.config.disruption_mask:
+                self._backward_apart(losses, split_grads)
+            else:
+                (total / self.config.grad_accum).backward()
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v / self.config.grad_accum
+        if self.config.disruption_mask:
+            self._masked_gradients(split_grads)
         distributed.sum_gradients(self.params.values())
         if not self._checked_gradients:
             idle = sorted(n for n, p in self.params.items() if p.grad is None)
@@ -488,6 +501,33 @@ class UnlearningMethod:
                 for name, p in self.params.items():
                     p.copy_(self.optimized[name])
         log_step(self, bar, totals, step=step)
+
+    def _backward_apart(self, losses: dict, grads: dict) -> None:
+        """The gradients of the unlearning terms (every loss but ``retain``) and of the retain
+        term, each divided by ``grad_accum``, accumulated apart into ``grads``."""
+        if "retain" not in losses:
+            raise UserError(f"{self.name}: disruption_mask needs a retain loss term (retain data and a "
+                            "retain weight above 0)")
+        names, params = list(self.params), list(self.params.values())
+        unlearn = sum(v for k, v in losses.items() if k != "retain") / self.config.grad_accum
+        for part, loss, keep in (("unlearn", unlearn, True), ("retain", losses["retain"] / self.config.grad_accum,
+                                                                  False)):
+            for name, g in zip(names, torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)):
+                if g is not None:
+                    grads[part][name] = g if name not in grads[part] else grads[part][name] + g
+
+    def _masked_gradients(self, grads: dict) -> None:
+        """``p.grad = mask(g_unlearn, g_retain) + g_retain`` (``ops.disruption_mask_``): the
+        unlearning gradient kept only where it agrees in sign with the retain gradient."""
+        for name, p in self.params.items():
+            g, r = grads["unlearn"].get(name), grads["retain"].get(name)
+            if g is not None and r is not None:
+                disruption_mask_(g, r, backend=self.config.backend)
+                p.grad = g + r
+            elif g is not None:     # the retain loss does not reach this weight: nothing agrees
+                p.grad = torch.zeros_like(g)
+            else:
+                p.grad = r
 
     def _master_copies(self) -> dict[str, torch.Tensor]:
         """What the optimizer updates: the selected weights themselves, or with

@@ -192,7 +192,8 @@ class GradAscent(_LossMethod):
 
     name = "GradAscent"
     spec = MethodSpec(config=LossConfig, length="epochs", knobs=("lr",), needs_retain=False,
-                      memory=Memory(loss="head", updates="mlp", graphs=1))
+                      memory=Memory(loss="head", updates="mlp", graphs=1),
+                      refuses={"disruption_mask": "it has no retain loss to agree with"})
 
     def loss(self, forget_batch, retain_batch, step):
         return {"forget": -nll(self.model, forget_batch)}

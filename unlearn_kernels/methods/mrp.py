@@ -75,7 +75,8 @@ class MRP(UnlearningMethod):
                  "grad_accum": "the basis training takes one batch per step",
                  "epochs": "the basis comes from statistics; train_steps trains it",
                  "master_dtype": "MRP changes no weight; the basis is kept in fp32",
-                 "checkpointing": "the statistics run without gradients and the basis training is short"})
+                 "checkpointing": "the statistics run without gradients and the basis training is short",
+                 "disruption_mask": "MRP changes no weight; its basis training has no retain gradient to mask"})
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)

@@ -95,12 +95,18 @@ AUTO_STEERING = 5.0   # c = 5 · mean ‖h_forget‖ when steering is auto (Adap
 RMU_RULE = StoppingRule(remaining="residual", done_at=0.6, drift="retain_drift", drift_limit=0.25)
 
 
+# The RMU family's retain loss is the distance to the frozen model: 0, with a 0 gradient, at the
+# start, so no weight's gradients would agree in sign and a disruption-masked run would never move.
+NO_MASK = "its retain loss, the distance to the frozen model, is 0 with a 0 gradient at the start: nothing would agree"
+
+
 class RMU(UnlearningMethod):
     """RMU: push forget activations at layer l to ``c·u``, keep retain activations (see module)."""
 
     name = "RMU"
     spec = MethodSpec(config=RMUConfig, length="steps", knobs=("lr",), prefix="auto",   # runs layers 0..l only
-                      memory=Memory(loss="layer", updates="down", frozen_copy=True))
+                      memory=Memory(loss="layer", updates="down", frozen_copy=True),
+                      refuses={"disruption_mask": NO_MASK})
     reads_layer = True
     default_roles = ("down",)     # the MLP output projections of the loss layer and the two below
     reference_lr = 5e-5       # WMDP's RMU rate at 7B
@@ -216,7 +222,8 @@ class AdaptiveRMU(RMU):
 
     name = "AdaptiveRMU"
     spec = dataclasses.replace(RMU.spec, config=AdaptiveRMUConfig,
-                               refuses={"steering": "c = beta · mean ‖h_forget‖ replaces it"})
+                               refuses={"steering": "c = beta · mean ‖h_forget‖ replaces it",
+                                        "disruption_mask": NO_MASK})
 
     @torch.no_grad()
     def control_scale(self, forget_batch) -> float:
