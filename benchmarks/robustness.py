@@ -60,10 +60,10 @@ def attacked(model, tokenizer, split: Split, seed: int) -> dict:
             "curves": {n: r["curve"] for n, r in result["attacks"].items()}}
 
 
-def run_method(name: str, knob_value, seed: int, split: Split) -> tuple:
+def run_method(name: str, knob_value, seed: int, split: Split, extra: dict) -> tuple:
     model, tokenizer = tiny.load()
     knob = SWEEPS[name][0]
-    settings = {**DEMO_SETTINGS[name], knob: knob_value, "seed": seed, "progress": False}
+    settings = {**DEMO_SETTINGS[name], knob: knob_value, "seed": seed, "progress": False, **extra}
     method = registry[name](model, tokenizer, config=make_config(registry[name].config_class, **settings))
     start = time.perf_counter()
     method.fit(split.forget_texts, split.retain_texts)
@@ -108,6 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--setting", action="append", default=[], metavar="METHOD=VALUE",
                         help="the knob value of METHOD (default: the demo's last value of its sweep)")
+    parser.add_argument("--set", action="append", default=[], dest="extra", metavar="KEY=VALUE",
+                        help="a setting added to every method's run (e.g. disruption_mask=true)")
     parser.add_argument("--out", default="robustness.json")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -115,6 +117,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     values = {m: SWEEPS[m][1][-1] for m in args.methods}
     values.update({k: type(values[k])(float(v)) for k, v in (s.split("=", 1) for s in args.setting)})
+    extra = dict(s.split("=", 1) for s in args.extra)          # typed by the method's config
+    suffix = "".join(f" {k}={v}" for k, v in extra.items())
     split = Split.from_benchmark(entangled.generate(DEFAULT_OVERLAP))
     base, tokenizer = tiny.load()
     oracle = tiny.load(tiny.ORACLE_DIR)[0]
@@ -125,14 +129,14 @@ def main(argv=None) -> None:
         oracle_attack = attacked(oracle, tokenizer, split, seed)
         rows.append({"method": "oracle", "seed": seed, **oracle_acc, **oracle_attack})
         for name in args.methods:
-            model, tokenizer, seconds = run_method(name, values[name], seed, split)
+            model, tokenizer, seconds = run_method(name, values[name], seed, split, extra)
             acc, attack = accuracies(model, tokenizer, split), attacked(model, tokenizer, split, seed)
             rec = {a: recovery(attack["relearned"][a], oracle_attack["relearned"][a], base_heldout,
                                oracle_attack["heldout"]) for a in attack["relearned"]}
             goal = (max(rec.values()) <= GOAL["recovery"]
                     and acc["forget"] <= oracle_acc["forget"] + GOAL["forget_over_oracle"]
                     and acc["retain"] >= GOAL["retain_share"] * base_acc["retain"])
-            rows.append({"method": name, "setting": f"{SWEEPS[name][0]}={values[name]:g}", "seed": seed,
+            rows.append({"method": name, "setting": f"{SWEEPS[name][0]}={values[name]:g}{suffix}", "seed": seed,
                          "time_s": seconds, **acc, **attack, "recovery": rec, "goal_met": goal})
             print(f"seed {seed} {name}: forget {acc['forget']:.3f} retain {acc['retain']:.3f} recovery "
                   + " ".join(f"{a} {v:.0%}" for a, v in rec.items()) + f" goal {'met' if goal else 'missed'}",
@@ -141,7 +145,7 @@ def main(argv=None) -> None:
           f"{oracle_acc['forget']:.3f} retain {oracle_acc['retain']:.3f}; seeds {args.seeds}\n")
     print(table(rows, args.seeds))
     write_json_atomic(Path(args.out), {"rows": rows, "base": base_acc, "oracle": oracle_acc, "seeds": args.seeds,
-                                       "goal": GOAL}, overwrite=args.overwrite)
+                                       "goal": GOAL, "extra": extra}, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
