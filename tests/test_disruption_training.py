@@ -84,3 +84,14 @@ def test_it_needs_a_retain_term(data):
     method = build("NPO", model, tokenizer, disruption_mask=True, retain_weight=0.0)
     with pytest.raises(UserError, match="disruption_mask needs a retain loss term"):
         method.fit(forget, retain)
+
+
+def test_a_run_refuses_it_before_loading_the_model(tmp_path, no_loading):
+    from unlearn_kernels.pipeline import RunConfig, run
+
+    (tmp_path / "f.txt").write_text("a forget text\n")
+    with pytest.raises(UserError, match="RMU does not use the setting disruption_mask"):
+        run(RunConfig(model=str(tiny.ASSET_DIR), method="RMU", forget=[str(tmp_path / "f.txt")],
+                      retain=[str(tmp_path / "f.txt")], out=str(tmp_path / "out"), stop="fixed",
+                      settings={"disruption_mask": True}))
+    assert not (tmp_path / "out").exists()

@@ -206,6 +206,7 @@ def run(config: RunConfig) -> RunResult:
     settings, budget = _budget(method_class, config.settings,
                                config.budget if stopping in ("validation", "rule", "probe") else None)
     method_config = make_config(method_class.config_class, **settings)   # typed, ranges checked
+    method_class.spec.refuse_unused(method_config, method_class.name)    # before any model is loaded
     evals = {name: read_multiple_choice(path) for name, path in (("forget", config.eval_forget),
                                                                   ("retain", config.eval_retain)) if path}
     controller = _controller(config, method_class, stopping, points)

@@ -275,7 +275,7 @@ class UnlearningMethod:
         self.tokenizer = tokenizer
         self.history: list[dict] = []
         self.data: dict = {}
-        self._refuse_unused()
+        self.spec.refuse_unused(self.config, self.name)
         self.chosen = self.resolve_defaults()
         self.check_config()
         self.params = parameters_matching(model, self.config.update) if self.config.update else {}
@@ -310,12 +310,6 @@ class UnlearningMethod:
             chosen["lr"] = float(f"{self.reference_lr * 4096 / hidden_size(self.model):.3g}")
         self.config = dataclasses.replace(config, **chosen)
         return chosen
-
-    def _refuse_unused(self) -> None:
-        defaults = self.config_class()
-        for name, why in self.spec.refuses.items():
-            if getattr(self.config, name) != getattr(defaults, name):
-                raise UserError(f"{self.name} does not use the setting {name} ({why}); leave it out")
 
     def check_config(self) -> None:
         """UserError on a config that cannot run on this model or launch (before any work); the

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class Memory:
@@ -54,6 +56,13 @@ class MethodSpec:
     needs_retain: bool = True
     tamper_resistant: bool = False
     selective_of: str | None = None
+
+    def refuse_unused(self, config, method: str) -> None:
+        """UserError when ``config`` sets a setting this method refuses (one not at its default)."""
+        defaults = self.config()
+        for name, why in self.refuses.items():
+            if getattr(config, name) != getattr(defaults, name):
+                raise UserError(f"{method} does not use the setting {name} ({why}); leave it out")
 
     def __post_init__(self):
         if self.length not in self.knobs:
