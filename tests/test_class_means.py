@@ -157,3 +157,8 @@ def test_opcheck_triton_op():
         pytest.skip("triton does not run here")
     torch.library.opcheck(torch.ops.unlearn_kernels.triton_class_means,
                           (torch.randn(9, 6), torch.randint(0, 3, (9,)), 4))
+
+
+def test_a_bool_is_not_a_class_count():
+    with pytest.raises(TypeError, match="num_classes must be an int, got bool"):
+        class_means(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), True)

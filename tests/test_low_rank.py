@@ -421,3 +421,20 @@ def test_a_trainable_basis_under_no_grad(backend):
     assert not y.requires_grad
     expected = x - (x @ basis.detach()) @ basis.detach().T
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_a_basis_changed_in_place_before_backward_is_refused(contiguous):
+    """Autograd sees an in-place change of a contiguous basis (saved as is); a non-contiguous one
+    is saved as a copy, so the op checks the caller's tensor itself: both refuse."""
+    from unlearn_kernels.ops import low_rank_project
+
+    u, _ = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64))
+    u = u.to(torch.float32)
+    u = u.contiguous() if contiguous else u.T.contiguous().T
+    assert u.is_contiguous() == contiguous
+    h = torch.randn(5, 8, requires_grad=True)
+    out = low_rank_project(h, u, backend="torch")
+    u.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|modified in place"):
+        out.sum().backward()

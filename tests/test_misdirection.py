@@ -256,3 +256,17 @@ def test_masked_edit_bad_alpha(backend):
         with pytest.raises(error, match="alpha"):
             masked_edit(torch.randn(2, 3), torch.rand(3), torch.randn(3), alpha, backend=backend)
 
+
+
+@pytest.mark.parametrize("which", ["control", "anchor", "importance"])
+def test_a_constant_that_requires_grad_is_refused(which):
+    """The loss differentiates h only: a control, anchor or importance that requires grad would get
+    no gradient without a word, so it is refused (detached ones run)."""
+    h = torch.randn(4, 6, requires_grad=True)
+    args = {"control": torch.randn(6), "anchor": torch.randn(4, 6), "importance": torch.rand(6)}
+    args[which].requires_grad_(True)
+    with pytest.raises(ValueError, match=f"no gradient to {which}"):
+        misdirection_loss(h, **args)
+    args[which] = args[which].detach()
+    misdirection_loss(h, **args).backward()
+    assert h.grad is not None

@@ -133,6 +133,8 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int, *,
         ([[3.0, 4.0], [0.0, 0.0], [3.0, 4.0]], [2, 0, 1])
     """
     check.activations("features", features)
+    if isinstance(num_classes, bool):   # operator.index(True) is 1: a flag where a count belongs
+        raise TypeError("num_classes must be an int, got bool")
     try:
         num_classes = operator.index(num_classes)
     except TypeError:

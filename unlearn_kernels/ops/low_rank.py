@@ -144,18 +144,21 @@ def _transposed_product(a: Tensor, b: Tensor) -> Tensor:
 
 class _LowRankProject(torch.autograd.Function):
     @staticmethod
-    def forward(x, rows, basis, scale, kernel, need_basis_grad):
+    def forward(x, rows, basis, scale, kernel, need_basis_grad, given):
         y, coeffs = kernel(rows, basis, scale, need_basis_grad)
         return y.view(x.shape), coeffs
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, _, basis, scale, kernel, need_basis_grad = inputs
+        x, _, basis, scale, kernel, need_basis_grad, given = inputs
         _, coeffs = output
         ctx.mark_non_differentiable(coeffs)
         # x itself (the caller's tensor, no copy) is kept when U needs a gradient: ∂L/∂U reads it
         ctx.save_for_backward(x if need_basis_grad else None, basis, coeffs if need_basis_grad else None)
-        ctx.scale, ctx.kernel = scale, kernel
+        # the caller's basis (a contiguous copy of it is what is saved, so autograd cannot see an
+        # in-place change of the original; this check does, as autograd does for a contiguous one)
+        ctx.scale, ctx.kernel, ctx.given = scale, kernel, given
+        ctx.given_version = given[0]._version if given is not None else None
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -165,12 +168,16 @@ class _LowRankProject(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _unused):
         x, basis, coeffs = ctx.saved_tensors
+        if ctx.given is not None and ctx.given[0]._version != ctx.given_version:
+            raise RuntimeError("low_rank_project: the basis was modified in place between the forward and the "
+                               f"backward (version {ctx.given_version} -> {ctx.given[0]._version}); clone it, or "
+                               "change it after backward")
         need_basis_grad = ctx.needs_input_grad[2] and coeffs is not None
         if torch.is_grad_enabled() or (ctx.needs_input_grad[2] and coeffs is None):
             # create_graph=True: the same formulas in plain torch ops
             grad_x, grad_basis = _project_grads(grad_y, x, basis, ctx.scale, ctx.needs_input_grad[0],
                                                 ctx.needs_input_grad[2])
-            return grad_x, None, grad_basis, None, None, None
+            return grad_x, None, grad_basis, None, None, None, None
         g = check.rows_view(grad_y)
         grad_rows, grad_coeffs = ctx.kernel(g, basis, ctx.scale, need_basis_grad)
         grad_x = grad_rows.view(grad_y.shape) if ctx.needs_input_grad[0] else None
@@ -179,7 +186,7 @@ class _LowRankProject(torch.autograd.Function):
             rows = check.rows_view(x.detach())
             grad_basis = (_transposed_product(rows, grad_coeffs) + _transposed_product(g, coeffs))
             grad_basis = (-ctx.scale * grad_basis).to(basis.dtype)
-        return grad_x, None, grad_basis, None, None, None
+        return grad_x, None, grad_basis, None, None, None, None
 
 
 def _project_grads(grad_y, x, basis, scale, need_x, need_basis, grad_coeffs=None):
@@ -278,13 +285,16 @@ def low_rank_project(x: Tensor, basis: Tensor, scale: float = 1.0, *, assume_ort
         check_orthonormal(basis)
     name = _backend.resolve(backend, x.device, x.dtype)
     kernel = _kernels(name)[0]
+    # the caller's tensor, whose version the backward checks (not traced under torch.compile,
+    # where the check would break the graph)
+    given = None if torch.compiler.is_compiling() else (basis,)
     if x.dtype == torch.float64 and basis.dtype != torch.float64:
         basis = basis.to(torch.float64)     # fp64 activations: every backend projects in fp64
     need_basis_grad = basis.requires_grad and torch.is_grad_enabled()
     if not need_basis_grad:   # a trainable basis under no_grad: the kernels' out= calls refuse it otherwise
         basis = basis.detach()
     return _LowRankProject.apply(x, check.rows_view(x).detach(), basis.contiguous(), scale, kernel,
-                                 need_basis_grad)[0]
+                                 need_basis_grad, given)[0]
 
 
 def projection_hook(basis: Tensor, scale: float = 1.0, *, assume_orthonormal: bool = False,

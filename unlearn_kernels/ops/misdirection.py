@@ -242,6 +242,10 @@ def misdirection_loss(h: Tensor, control: Tensor | None = None, importance: Tens
         raise ValueError("misdirection_loss needs control, anchor or both (got neither)")
     if importance is not None and control is None:
         raise ValueError("importance weights the control term: pass control too")
+    for name, t in (("control", control), ("importance", importance), ("anchor", anchor)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"misdirection_loss gives no gradient to {name}, which requires grad: pass "
+                             f"{name}.detach() (the loss differentiates h only)")
     if control is not None:
         control = check.feature_vector("control", control, h, "h")
     if importance is not None:
