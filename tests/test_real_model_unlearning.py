@@ -36,15 +36,13 @@ Entangled accuracy (the method's collateral damage on the same countries) is rep
 and in the junit properties) and checked on ``val_entangled`` only, where the controller guards
 it; on the test split it is the number to watch, not a pass/fail line.
 
-Cost, measured 2026-12-06 as CPU time of one thread on a shared 2-core machine (README, "A
-real pretrained model"): RMU 291 s run + 36 s lm-eval, SRMU 131 s + 35 s, NPO 111 s + 30 s,
-about 630 s in all, before the controller walked the crossing again (RMU now stops at step 335
-instead of 299, SRMU at 135 instead of 99, each with three or four more evaluations: about
-+150 s). That machine's load (8-12 on 2 cores) made wall times 4-5 x longer, so the
-tier's 6-minute bound on an idle 2-core runner is an estimate here, not a measurement. One
-evaluation of the 69 val questions costs about 28 s, as much as 120 RMU steps, hence
-``val_every=50``: the adaptive schedule (evaluations <= 15 % of the time) would measure only the
-start and the end of the run.
+Cost: RMU's run took 198 s in the fresh-clone CI run of 2026-12-07 (2 cores, no other job at
+that point), after the evaluator's shared-context check became once per model instead of once
+per evaluation (one evaluation of the 69 val questions: 20 s -> 10 s). SRMU and NPO (about 6
+more minutes) are in the ``slow`` tier: ``bash scripts/test.sh --slow``. One
+evaluation of the 69 val questions costs about 10 s, as much as 40 RMU steps, hence
+``val_every=50``: the adaptive schedule (evaluations <= 15 % of the time) would measure far less
+often.
 """
 
 import importlib.util
