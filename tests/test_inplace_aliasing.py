@@ -11,25 +11,19 @@ from conftest import FP32_BACKENDS as BACKENDS, device_of
 from unlearn_kernels.ops import disruption_mask_, hessian_ema_, masked_sophia_step_
 
 
+# the elementwise in-place ops, each writing its first argument from a second of the same shape
+ELEMENTWISE = {"hessian_ema_": lambda t, other, backend: hessian_ema_(t, other, beta=0.5, backend=backend),
+               "disruption_mask_": lambda t, other, backend: disruption_mask_(t, other, 0.5, backend=backend)}
+
+
+@pytest.mark.parametrize("op", list(ELEMENTWISE))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hessian_ema_bumps_the_version_counter(backend):
+def test_elementwise_ops_bump_the_version_counter(backend, op):
     dev = device_of(backend)
     w = torch.randn(4, 3, device=dev, requires_grad=True)
     loss = (w * w).sum()                       # saves w
     version = w._version
-    hessian_ema_(w.detach(), torch.ones(4, 3, device=dev), beta=0.5, backend=backend)
-    assert w._version > version
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_disruption_mask_bumps_the_version_counter(backend):
-    dev = device_of(backend)
-    w = torch.randn(4, 3, device=dev, requires_grad=True)
-    loss = (w * w).sum()                       # saves w
-    version = w._version
-    disruption_mask_(w.detach(), torch.ones(4, 3, device=dev), 0.5, backend=backend)
+    ELEMENTWISE[op](w.detach(), torch.ones(4, 3, device=dev), backend)
     assert w._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

@@ -13,12 +13,18 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def float_tensor(name: str, t) -> torch.Tensor:
+    """A tensor of one of :data:`FLOAT_DTYPES`; TypeError naming ``name`` otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    return t
+
+
 def activations(name: str, x) -> torch.Tensor:
     """A floating tensor ``[..., d]`` with d >= 1."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    float_tensor(name, x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name} must have shape [..., d] with d >= 1, got {tuple(x.shape)}")
     return x

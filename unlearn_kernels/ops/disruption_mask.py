@@ -97,17 +97,9 @@ def _kernels(backend: str):
     return _backend.compiled_op("disruption_mask"), _backend.compiled_op("disruption_mask_")
 
 
-def _gradient(name: str, t) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in check.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-    return t
-
-
 def _checked(grad, retain_grad, scale) -> tuple[Tensor, float]:
-    _gradient("grad", grad)
-    retain_grad = check.matching("retain_grad", _gradient("retain_grad", retain_grad), grad, "grad")
+    check.float_tensor("grad", grad)
+    retain_grad = check.matching("retain_grad", check.float_tensor("retain_grad", retain_grad), grad, "grad")
     return retain_grad, check.finite_scalar("scale", scale)
 
 

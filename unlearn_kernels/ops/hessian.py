@@ -59,14 +59,6 @@ def _kernel(backend: str):
     return _backend.compiled_op("hessian_ema_")
 
 
-def _float_tensor(name: str, t) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in check.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    return t
-
-
 def _flat(t: Tensor) -> Tensor:
     return t.detach().reshape(-1).contiguous()
 
@@ -93,8 +85,8 @@ def hessian_ema_(hess: Tensor, a: Tensor, b: Tensor | None = None, *, beta: floa
         >>> hessian_ema_(hess, g, beta=0.9)[0, 0].item()          # 0.1 * 2 * 2
         0.4000000059604645
     """
-    _float_tensor("hess", hess)
-    _float_tensor("a", a)
+    check.float_tensor("hess", hess)
+    check.float_tensor("a", a)
     if hess.dtype not in (torch.float32, a.dtype):
         raise TypeError(f"hess must be float32 or the dtype of a ({a.dtype}), got {hess.dtype}")
     if a.shape != hess.shape:
@@ -153,7 +145,7 @@ def hutchinson_pairs(loss: Tensor, params: Iterable[Tensor], *,
     for i, p in enumerate(params):
         if not isinstance(p, Tensor) or not p.requires_grad:
             raise ValueError(f"params[{i}] must be a tensor that requires grad")
-        _float_tensor(f"params[{i}]", p)
+        check.float_tensor(f"params[{i}]", p)
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     probes = [_rademacher(p.detach(), generator) for p in params]
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -182,7 +174,7 @@ def gauss_newton_pairs(grads: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
     """
     pairs = []
     for i, g in enumerate(grads):
-        _float_tensor(f"grads[{i}]", g)
+        check.float_tensor(f"grads[{i}]", g)
         g = g.detach()
         pairs.append((g, g))
     return pairs

@@ -142,10 +142,7 @@ def neuron_scores(weight: Tensor, hess_forget: Tensor, hess_retain: Tensor | Non
         >>> s_f.tolist(), s_r.tolist()
         ([2.5, 4.5], [5.0, 9.0])
     """
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in check.FLOAT_DTYPES:
-        raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    check.float_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim not in (0, 1, -1, -2):
