@@ -79,7 +79,7 @@ def spread(values: list[float], percent: bool = False) -> str:
     return f"{mean:{form}} ± {statistics.stdev(values) * scale:{form}}{unit}"
 
 
-def table(rows: list[dict], seeds: list[int]) -> str:
+def table(rows: list[dict]) -> str:
     attacks = [a.name for a in SUITE]
     lines = ["| method | setting | forget | retain | " + " | ".join(f"recovery {a}" for a in attacks)
              + " | worst attack (worst seed) | goal met on seeds |",
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
                   flush=True)
     print(f"\nbase forget {base_acc['forget']:.3f} retain {base_acc['retain']:.3f}; oracle forget "
           f"{oracle_acc['forget']:.3f} retain {oracle_acc['retain']:.3f}; seeds {args.seeds}\n")
-    print(table(rows, args.seeds))
+    print(table(rows))
     write_json_atomic(Path(args.out), {"rows": rows, "base": base_acc, "oracle": oracle_acc, "seeds": args.seeds,
                                        "goal": GOAL, "extra": extra}, overwrite=args.overwrite)
 

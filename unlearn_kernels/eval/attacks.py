@@ -71,6 +71,20 @@ SUITE: tuple[Attack, ...] = (rtt(1e-5), rtt(1e-4), rtt(1e-3),
                              Attack("lora", 1e-3, 100, lora_rank=8))
 
 
+def check_attack(tokenizer, attack: Attack, texts, *, every: int, batch_size: int, metric: str) -> None:
+    """UserError for anything that would stop ``attack`` on ``texts`` (callers check before any
+    scoring): its settings, the texts, ``every``, ``batch_size``, ``metric``, a pad token."""
+    _check(attack)
+    if isinstance(texts, str) or not texts:
+        raise UserError(f"attack {attack.name} needs a list of texts to train on")
+    if every < 1 or batch_size < 1:
+        raise UserError(f"attacks need every >= 1 and batch_size >= 1 (got every={every}, batch_size={batch_size})")
+    if metric not in ("acc", "acc_norm"):
+        raise UserError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
+    if tokenizer.pad_token_id is None:
+        raise UserError("the tokenizer has no pad token: the attack pads its batches")
+
+
 def _check(attack: Attack) -> None:
     if not (attack.lr > 0 and attack.steps >= 0 and 0 <= attack.warmup < 1):
         raise UserError(f"attack {attack.name}: needs lr > 0, steps >= 0 and warmup in [0, 1) "
@@ -104,15 +118,7 @@ def attack_curve(model, tokenizer, attack: Attack, texts: list[str], heldout, *,
     """``[(step, held-out accuracy)]`` of ``attack`` trained on ``texts``: step 0 (``initial``
     when given), every ``every`` steps and the last step. ``heldout`` is a list of questions or
     :func:`.scores.prepare`'s result; ``model`` is left untouched."""
-    _check(attack)
-    if isinstance(texts, str) or not texts:
-        raise UserError(f"attack {attack.name} needs a list of texts to train on")
-    if every < 1 or batch_size < 1:
-        raise UserError(f"attacks need every >= 1 and batch_size >= 1 (got every={every}, batch_size={batch_size})")
-    if metric not in ("acc", "acc_norm"):
-        raise UserError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
-    if tokenizer.pad_token_id is None:
-        raise UserError("the tokenizer has no pad token: the attack pads its batches")
+    check_attack(tokenizer, attack, texts, every=every, batch_size=batch_size, metric=metric)
     if isinstance(heldout, list):
         heldout = scores.prepare(tokenizer, heldout, format)
     rows = [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
@@ -181,6 +187,9 @@ def attack_suite(model, tokenizer, forget_texts: list[str], retain_texts: list[s
         raise UserError(f"attack names repeat: {names}")
     if not heldout_questions:
         raise UserError("the attack suite needs held-out questions")
+    for attack in attacks:
+        check_attack(tokenizer, attack, retain_texts if attack.data == "retain" else forget_texts, every=every,
+                     batch_size=batch_size, metric=metric)
     heldout = scores.prepare(tokenizer, heldout_questions, format)
     initial = float(scores.score(model, tokenizer, heldout)[metric].mean())
     results = {}

@@ -19,19 +19,9 @@ from __future__ import annotations
 
 from ..errors import UserError
 from . import scores
-from .attacks import attack_curve, rtt
+from .attacks import attack_curve, check_attack, rtt
 
 DEFAULT_LRS = (1e-5, 1e-4, 1e-3)
-
-
-def _check_attack(train_texts, heldout_questions, steps, every, lrs, batch_size, metric) -> None:
-    if isinstance(train_texts, str) or not train_texts or not heldout_questions:
-        raise UserError("relearning needs a list of attack texts and held-out questions")
-    if steps < 0 or every < 1 or batch_size < 1 or not all(lr > 0 for lr in lrs):
-        raise UserError(f"relearning needs steps >= 0, every >= 1, lr > 0, batch_size >= 1 "
-                        f"(got steps={steps}, every={every}, lrs={lrs}, batch_size={batch_size})")
-    if metric not in ("acc", "acc_norm"):
-        raise UserError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
 
 
 def relearn_curves(model, tokenizer, train_texts: list[str], heldout_questions, *, lrs=DEFAULT_LRS,
@@ -44,9 +34,10 @@ def relearn_curves(model, tokenizer, train_texts: list[str], heldout_questions, 
         raise UserError("lrs is empty: give at least one learning rate")
     if len(set(lrs)) != len(lrs):
         raise UserError(f"lrs has repeated rates: {lrs}")
-    _check_attack(train_texts, heldout_questions, steps, every, lrs, batch_size, metric)
-    if tokenizer.pad_token_id is None:
-        raise UserError("the tokenizer has no pad token: the attack pads its batches")
+    if isinstance(train_texts, str) or not train_texts or not heldout_questions:
+        raise UserError("relearning needs a list of attack texts and held-out questions")
+    for lr in lrs:
+        check_attack(tokenizer, rtt(lr, steps), train_texts, every=every, batch_size=batch_size, metric=metric)
     heldout = scores.prepare(tokenizer, heldout_questions, format)
     initial = float(scores.score(model, tokenizer, heldout)[metric].mean())
     return {lr: attack_curve(model, tokenizer, rtt(lr, steps), train_texts, heldout, every=every,
