@@ -9,6 +9,8 @@ default run (CI) stays within its time; ``distributed``, ``cuda_sim`` and ``real
 default and can be picked or left out with ``-m``.
 """
 
+import copy
+import functools
 import os
 
 import torch
@@ -114,6 +116,35 @@ def our_png_size(path) -> tuple[int, int]:
         assert image.info.get("Software") == f"unlearn_kernels {unlearn_kernels.__version__}", image.info
         image.load()                 # the whole image decodes: the file is complete
         return image.size
+
+@pytest.fixture(scope="session")
+def shipped():
+    """The shipped tiny model, read once per session: ``shipped()`` gives a fresh copy of
+    ``(model, tokenizer)`` on every call (a test or a module may train it), ``shipped("oracle")``
+    the oracle retrained without the default split's forget facts."""
+    from unlearn_kernels.models import tiny
+
+    @functools.cache
+    def read(which: str):
+        return tiny.load({"model": tiny.ASSET_DIR, "oracle": tiny.ORACLE_DIR}[which])
+
+    def load(which: str = "model"):
+        model, tokenizer = read(which)
+        return copy.deepcopy(model), tokenizer
+    return load
+
+
+@pytest.fixture(scope="session")
+def entangled_bench():
+    """``entangled_bench(overlap)``: the embedded entangled-knowledge benchmark at ``overlap`` (default:
+    the generator's), made once per overlap and session; tests only read it."""
+    from unlearn_kernels.data import entangled
+
+    @functools.cache
+    def generate(overlap: float | None = None):
+        return entangled.generate() if overlap is None else entangled.generate(overlap)
+    return generate
+
 
 @pytest.fixture()
 def no_loading(monkeypatch):

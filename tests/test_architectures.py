@@ -44,8 +44,8 @@ def _configs(vocab: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.load()[1]
+def tokenizer(shipped):
+    return shipped()[1]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def _bad_values(config_class, name: str) -> list:
     elif kind is bool:
         bad = ["maybe", 2, [True]]
     elif "list" in text:
-        bad = [[1], [""], 5]
+        bad = [[1], [""], 5] if "float" not in text else [["fast"], [True], 5]
     elif "tuple" in text:
         bad = ["0.9", (0.1, 0.2, 0.3), ("a", "b")]
     elif "int" in text:
@@ -166,7 +166,7 @@ def test_every_run_config_field_has_a_flag_and_a_description():
         flag = RunConfig.label(f.name)
         assert flag in flags, flag
         if f.name not in ("settings", "config_file"):
-            assert flags[flag].help.replace("%%", "%") == field_description(RunConfig, f.name)
+            assert flags[flag].help.replace("%%", "%").startswith(field_description(RunConfig, f.name))
     args = parser.parse_args(["--model", "m", "--method", "RMU", "--forget", "a", "b", "--qa", "--no-prefix-only",
                               "--stop", "probe"])
     assert (args.forget, args.qa, args.prefix_only, args.stop) == (["a", "b"], True, False, "probe")
@@ -245,3 +245,66 @@ def test_plan_does_not_import_the_command_line():
                 for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names}
     assert not any(module == "cli" or module.endswith(".cli") for module in imported), imported
+
+
+# --- the other commands: their flags are the fields of their configs -------------------------------
+COMMANDS = cli._commands()
+REQUIRED = {"eval": dict(model="m"), "relearn": dict(model="m", train="t.txt", questions="q.jsonl"),
+            "plan": dict(config="c.json", gpus=1), "demo": {}, "bench": {}}
+COMMAND_CASES = [(command, f.name, value) for command, (_, cls, _, _) in COMMANDS.items()
+                 for f in dataclasses.fields(cls) for value in _bad_values(cls, f.name)]
+
+
+def test_every_command_has_its_required_values_listed():
+    assert set(REQUIRED) == set(COMMANDS)
+    for command, (_, cls, _, _) in COMMANDS.items():
+        cls(**REQUIRED[command])
+        for name in REQUIRED[command]:
+            with pytest.raises(SettingError, match=f"^--{name.replace('_', '-')} is required$"):
+                cls(**{k: v for k, v in REQUIRED[command].items() if k != name})
+
+
+@pytest.mark.parametrize("command, name, value", COMMAND_CASES, ids=[f"{c}.{n}={v!r}" for c, n, v in COMMAND_CASES])
+def test_every_command_option_refuses_bad_values_naming_its_flag(command, name, value):
+    cls = COMMANDS[command][1]
+    with pytest.raises(SettingError) as raised:
+        cls(**{**REQUIRED[command], name: value})
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"--{name.replace('_', '-')} "), message
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_option_is_a_flag_with_its_description(command):
+    cls = COMMANDS[command][1]
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {option: action for action in sub.choices[command]._actions for option in action.option_strings}
+    for f in dataclasses.fields(cls):
+        flag = f"--{f.name.replace('_', '-')}"
+        assert field_description(cls, f.name) and flag in flags, (command, flag)
+        assert flags[flag].help.replace("%%", "%").startswith(field_description(cls, f.name)), (command, flag)
+
+
+def test_command_flags_are_typed_by_the_config():
+    from unlearn_kernels.eval.relearn_files import RelearnConfig
+
+    args = cli.build_parser().parse_args(["relearn", "--model", "m", "--train", "t", "--questions", "q",
+                                          "--lrs", "1e-4", "3e-4", "--steps", "5", "--trust-remote-code"])
+    config = RelearnConfig(**cli.flag_values(args, RelearnConfig))
+    assert (config.lrs, config.steps, config.trust_remote_code, config.every) == ([1e-4, 3e-4], 5, True, 10)
+    args = cli.build_parser().parse_args(["eval", "--model", "m", "--questions", "a", "b", "--questions", "c"])
+    assert args.questions == ["a", "b", "c"] and not hasattr(args, "batch_size")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "--model", "m", "--questions", "q.jsonl", "--batch-size", "0"], "--batch-size must be >= 1, got '0'"),
+    (["eval", "--questions", "q.jsonl"], "--model is required"),
+    (["eval", "--model", "m", "--limit", "x"], "--limit expects an integer, got 'x'"),
+    (["relearn", "--model", "m", "--train", "t", "--questions", "q", "--lrs", "-1"], "--lrs must be > 0, got ['-1']"),
+    (["bench", "--shapes", "16x"], "--shapes takes ROWSxFEATURES such as 16384x4096, got ['16x']"),
+    (["demo", "--threads", "0"], "--threads must be >= 1, got '0'"),
+    (["demo", "--full", "--track", "classifier"], "--full sweeps the LLM demo; the classifier demo has no sweep"),
+])
+def test_command_errors_are_one_line_before_any_work(argv, words, capsys, no_loading):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"unlearn-kernels {argv[0]}: error: {words}\n", err

@@ -182,8 +182,8 @@ def test_the_shipped_tokenizer_is_the_recipes_bpe_and_shared_by_the_oracle():
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return entangled.generate()
+def bench(entangled_bench):
+    return entangled_bench()
 
 
 def test_the_shipped_model_knows_both_domains(bench):

@@ -152,3 +152,19 @@ def test_user_error_classes_are_one_family():
                 NotACheckpointError, NonFiniteScoreError, MissingFileError, MissingPackageError):
         assert issubclass(cls, UserError), cls
     assert issubclass(MissingFileError, FileNotFoundError) and issubclass(MissingPackageError, ImportError)
+
+
+def test_output_into_a_reader_that_stops_early_ends_without_a_traceback():
+    """``unlearn-kernels methods RMU | head -1``: the reader is gone before the command writes."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)                      # every write now fails with EPIPE
+    try:
+        run = subprocess.run([sys.executable, "-m", "unlearn_kernels.cli", "methods", "RMU"], stdout=write,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert run.stderr == "" and run.returncode == 1, run.stderr

@@ -17,12 +17,12 @@ from unlearn_kernels.data import prompts
 from unlearn_kernels.eval.multiple_choice import (build_requests, evaluate_multiple_choice, mean_stderr,
                                                   score_requests)
 from unlearn_kernels.eval.relearn import relearn_attack
-from unlearn_kernels.models import tiny
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    return tiny.load()
+def shipped(shipped):
+    """This module's copy of the shipped model (conftest's ``shipped``)."""
+    return shipped()
 
 
 def bench_questions(n=None):

@@ -26,8 +26,8 @@ from unlearn_kernels.ops import projection_hook  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return entangled.generate(0.25)
+def bench(entangled_bench):
+    return entangled_bench(0.25)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ dependency), relative ones resolved. A module may import modules of its own laye
 lower one, never of a higher one, and no import may close a cycle. The layers, highest first
 (``a -> b``: ``a`` imports ``b``)::
 
-    cli                                            the command line
-    demo · plan · benchmark · selfcheck · classifier   programs on top of the library
+    cli                                            the command line: a parser over the commands
+    demo · demo_command · plan · benchmark · selfcheck · classifier
+                                                   programs on top of the library
     pipeline · parallel · report_figure            one run: load, unlearn, measure, save
     methods                                        the unlearning methods
     stopping                                       validation-free stopping (-> target)
@@ -22,6 +23,7 @@ lower one, never of a higher one, and no import may close a cycle. The layers, h
     optim                                          MaskedSophia
     ops                                            the public ops
     _extension · triton                            the compiled module, the Triton kernels
+    config_types                                   typed configs, their errors and flags
     errors                                         the error model (imports nothing)
 
 A module not in this table fails the test: give it a layer. There are no exceptions.
@@ -46,6 +48,7 @@ PACKAGE = "unlearn_kernels"
 
 LAYERS = [                        # lowest first; a module's layer is its longest listed prefix
     {"errors"},
+    {"config_types"},
     {"_extension", "triton"},
     {"ops"},
     {"optim"},
@@ -58,7 +61,7 @@ LAYERS = [                        # lowest first; a module's layer is its longes
     {"stopping"},
     {"methods"},
     {"pipeline", "parallel", "report_figure"},
-    {"demo", "plan", "benchmark", "selfcheck", "classifier"},
+    {"demo", "demo_command", "plan", "benchmark", "selfcheck", "classifier"},
     {"cli"},
 ]
 

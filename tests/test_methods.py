@@ -31,8 +31,8 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def base():
-    return tiny.load()
+def base(shipped):
+    return shipped()
 
 
 @pytest.fixture(scope="module")

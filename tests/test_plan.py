@@ -152,8 +152,8 @@ def test_run_prints_every_method(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (("--config", "/nonexistent/config.json", "--gpus", "8"), "no config file"),
-    (("--config", str(LLAMA_70B), "--gpus", "0"), "gpus must be an integer >= 1"),
-    (("--config", str(LLAMA_70B), "--gpus", "8", "--batch", "0"), "batch and seq must be >= 1"),
+    (("--config", str(LLAMA_70B), "--gpus", "0"), "--gpus must be >= 1, got '0'"),
+    (("--config", str(LLAMA_70B), "--gpus", "8", "--batch", "0"), "--batch must be >= 1, got '0'"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     assert _run(*argv) == 2

@@ -12,15 +12,14 @@ from unlearn_kernels.data import entangled
 from unlearn_kernels.methods import TAR, registry
 from unlearn_kernels.methods.checkpoint import Checkpointer, RunInterrupted
 from unlearn_kernels.methods.tar import adam_update, entropy
-from unlearn_kernels.models import tiny
 
 pytest.importorskip("transformers")
 SMALL = dict(update=["layers.1.mlp.*"], lr=1e-3, batch_size=4, progress=False)
 
 
 @pytest.fixture(scope="module")
-def base():
-    return tiny.load()
+def base(shipped):
+    return shipped()
 
 
 @pytest.fixture(scope="module")

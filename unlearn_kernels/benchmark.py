@@ -9,13 +9,16 @@ same run), the achieved bandwidth and the speedups. GPU timings use CUDA events,
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable, ClassVar, Literal
 
 import torch
+from pydantic import BeforeValidator, Field
 
+from .config_types import Count, config_dataclass, flag_label
 from .ops import _backend, disruption_mask, masked_edit, masked_moments, misdirection_loss
 
 
@@ -177,3 +180,36 @@ def format_table(header: list[str], rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k in header) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _shape(value):
+    """``"16384x4096"`` -> ``(16384, 4096)``."""
+    if isinstance(value, str):
+        if not re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", value):
+            raise ValueError("takes ROWSxFEATURES such as 16384x4096")
+        return tuple(int(v) for v in value.lower().split("x"))
+    return value
+
+
+@config_dataclass(kw_only=True)
+class BenchConfig:
+    """The options of ``unlearn-kernels bench`` (its fields are the flags)."""
+
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto"
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="the inputs' dtype")] = "bfloat16"
+    shapes: Annotated[list[Annotated[tuple[Count, Count], BeforeValidator(_shape)]], Field(
+        min_length=1, description="ROWSxFEATURES, several allowed (default 4096x4096 16384x4096 65536x4096)")] = \
+        Field(default_factory=lambda: [(4096, 4096), (16384, 4096), (65536, 4096)])
+    repeats: Annotated[Count, Field(description="timed runs per figure (median)")] = 50
+    no_compile: Annotated[bool, Field(description="skip the torch.compile baseline")] = False
+
+    label: ClassVar = staticmethod(flag_label)
+
+
+def run_command(config: BenchConfig, out=print) -> list[dict]:
+    """``unlearn-kernels bench``: :func:`run` on the config's shapes, dtype and device."""
+    from .eval.files import check_device
+
+    device = torch.device(check_device(config.device))
+    return run(config.shapes, getattr(torch, config.dtype), device, config.repeats,
+               compile_baseline=not config.no_compile, out=out)

@@ -40,13 +40,11 @@ import torch
 from pydantic import BeforeValidator, Field
 
 from . import parallel
+from .config_types import (Auto, Count, File, Files, Fraction, NonNegativeInt, Number, SettingError, Share,
+                           config_dataclass, flag_label)
 from .errors import UserError
 from .methods import registry
-from .methods.settings import Auto, Count, Fraction, NonNegativeInt, Number, Share, config_dataclass, make_config
-
-
-def _fspath(value):
-    return os.fspath(value) if isinstance(value, os.PathLike) else value
+from .methods.settings import make_config
 
 
 def _method_name(value):
@@ -56,10 +54,6 @@ def _method_name(value):
     if value not in registry:
         raise ValueError(f"must be a method name: unknown method; choose from {', '.join(registry)}")
     return value
-
-
-File = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]        # a path (str or os.PathLike)
-Files = Annotated[list[File], BeforeValidator(lambda v: [v] if isinstance(v, (str, os.PathLike)) else v)]
 
 
 @config_dataclass
@@ -129,7 +123,7 @@ class RunConfig:
     @staticmethod
     def label(name: str) -> str:
         """How an error names a field: by its flag."""
-        return {"settings": "--set", "config_file": "--config"}.get(name, f"--{name.replace('_', '-')}")
+        return {"settings": "--set", "config_file": "--config"}.get(name) or flag_label(name)
 
     @property
     def validation(self) -> bool:
@@ -140,6 +134,66 @@ class RunConfig:
         paths = [self.model, *self.forget, *self.retain, self.config_file, self.eval_forget, self.eval_retain,
                  self.relearn, self.val_forget, self.val_retain, self.val_entangled]
         return [p for p in paths if p]
+
+
+def read_run_file(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML run config (its keys are :class:`RunConfig`'s fields, typed when the run
+    config is made); a UserError naming the file otherwise."""
+    import yaml
+
+    from .errors import MissingFileError, path_error
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"--config {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise path_error(path, error, "--config") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or error
+        raise UserError(f"--config {path} is not valid YAML ({where}{problem})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path} must hold a mapping of the unlearn options (model, method, forget, retain, "
+                        f"out, settings, ...), got a {type(config).__name__}")
+    return config
+
+
+def load_run_config(config_file: str | None = None, given: dict | None = None, sets: list[str] = ()) -> RunConfig:
+    """The :class:`RunConfig` of the YAML file ``config_file`` with the values ``given`` (the flags)
+    over it and ``sets`` (``KEY=VALUE``, values as YAML) over its ``settings``; an error in a value of
+    the file names the file."""
+    import yaml
+
+    given = dict(given or {})
+    from_file = read_run_file(config_file) if config_file else {}
+    values = {**from_file, **given, "config_file": config_file}
+    overrides = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set takes key=value, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item}: the value is not valid YAML") from None
+    settings = values.get("settings") or {}
+    values["settings"] = {**settings, **overrides} if isinstance(settings, dict) else settings
+    method = registry.get(values.get("method")) if isinstance(values.get("method"), str) else None
+    needed = ("model", "method", "forget", "out") + (("retain",) if method is None or method.spec.needs_retain else ())
+    missing = [k for k in needed if not values.get(k)]
+    if missing:
+        raise UserError(f"unlearn needs {', '.join(missing)} (flags or --config)")
+    try:
+        return RunConfig(**values)
+    except SettingError as error:
+        if error.field not in from_file or error.field in given:
+            raise
+        label = "unknown key" if error.unknown else error.field
+        raise SettingError(f"--config {config_file}: {label}", error.field, error.problem) from None
+
 
 
 @dataclass
@@ -380,9 +434,7 @@ def device_and_dtype(device: str, dtype: str) -> tuple[str, str | None]:
     """``auto``: CUDA when present; bf16 on GPUs that support it, else the checkpoint's dtype."""
     from .eval.files import check_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(device)
+    device = check_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else None
     return device, dtype

@@ -63,7 +63,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
+from pydantic import Field
+
+from .config_types import Count, File, config_dataclass, flag_label
 from .errors import MissingFileError, UserError, path_error
 from .methods import registry
 from .models.roles import default_layer
@@ -347,37 +351,38 @@ def markdown(result: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def add_arguments(parser) -> None:
-    """The ``unlearn-kernels plan`` options."""
-    parser.add_argument("--config", required=True, help="a Hugging Face config.json (Llama/Mistral/Qwen-style)")
-    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (FSDP2 ranks)")
-    parser.add_argument("--method", choices=METHODS, help="one method (default: all)")
-    parser.add_argument("--batch", type=int, default=4, help="texts per rank and pass (default 4)")
-    parser.add_argument("--seq", type=int, default=512, help="tokens per text (default 512)")
-    parser.add_argument("--dtype", choices=list(DTYPE_BYTES), help="run dtype (default: the config's, else bfloat16)")
-    parser.add_argument("--prefix-only", choices=["auto", "on", "off"], default="auto",
-                        help="load only embeddings + layers 0..l where the method allows (auto: its default)")
-    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of decoder layers")
-    parser.add_argument("--master-fp32", action="store_true", help="fp32 master copies of the updated weights")
-    parser.add_argument("--json", help="also write the plan as JSON here")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --json when it holds a previous output of unlearn_kernels")
+@config_dataclass(kw_only=True)
+class PlanConfig:
+    """The options of ``unlearn-kernels plan`` (its fields are the flags)."""
+
+    config: Annotated[File, Field(description="a Hugging Face config.json (Llama/Mistral/Qwen-style)")]
+    gpus: Annotated[Count, Field(description="number of GPUs (FSDP2 ranks)")]
+    method: Annotated[Literal[METHODS] | None, Field(description="one method (default: all)")] = None
+    batch: Annotated[Count, Field(description="texts per rank and pass")] = 4
+    seq: Annotated[Count, Field(description="tokens per text")] = 512
+    dtype: Annotated[Literal[tuple(DTYPE_BYTES)] | None, Field(description=(
+        "run dtype (default: the config's, else bfloat16)"))] = None
+    prefix_only: Annotated[Literal["auto", "on", "off"], Field(description=(
+        "load only embeddings + layers 0..l where the method allows (auto: its default)"))] = "auto"
+    checkpointing: Annotated[bool, Field(description="activation checkpointing of decoder layers")] = False
+    master_fp32: Annotated[bool, Field(description="fp32 master copies of the updated weights")] = False
+    json: Annotated[File | None, Field(description="also write the plan as JSON here")] = None
+    overwrite: Annotated[bool, Field(description=(
+        "replace --json when it holds a previous output of unlearn_kernels"))] = False
+
+    label: ClassVar = staticmethod(flag_label)
 
 
-def run(args) -> int:
-    """Print the plan (and write it as JSON with ``--json``); OSError/ValueError on bad input,
-    which ``unlearn-kernels`` prints as one line with exit status 2."""
-    from .models.io import write_json_atomic
-    from .models.output_file import check_output_files
+def run(config: PlanConfig, out=print) -> dict:
+    """Print the plan with ``out`` (and write it as JSON with ``json``); return it."""
+    from .models.output_file import check_output_files, write_json_atomic
 
-    check_output_files({"--json": args.json}, [args.config], overwrite=args.overwrite)
-    prefix = {"auto": None, "on": True, "off": False}[args.prefix_only]
-    result = plan(read_config(args.config), args.gpus, method=args.method, batch=args.batch, seq=args.seq,
-                  dtype=args.dtype, prefix_only=prefix, checkpointing=args.checkpointing,
-                  master_fp32=args.master_fp32)
-    print(markdown(result))
-    if args.json:
-        write_json_atomic(args.json, result, overwrite=args.overwrite)
-    return 0
-
-
+    check_output_files({"--json": config.json}, [config.config], overwrite=config.overwrite)
+    prefix = {"auto": None, "on": True, "off": False}[config.prefix_only]
+    result = plan(read_config(config.config), config.gpus, method=config.method, batch=config.batch,
+                  seq=config.seq, dtype=config.dtype, prefix_only=prefix, checkpointing=config.checkpointing,
+                  master_fp32=config.master_fp32)
+    out(markdown(result))
+    if config.json:
+        write_json_atomic(config.json, result, overwrite=config.overwrite)
+    return result

@@ -94,3 +94,19 @@ def run(out=print, seed: int = 0) -> bool:
                 out(f"| {backend} | {device.type} | {str(dtype).split('.')[-1]} | {len(errors)} | {op} | "
                     f"{worst:.2e} | {_TOLERANCE[dtype]:.0e} | {'ok' if passed else 'FAIL'} |")
     return ok
+
+
+def info(out=print) -> None:
+    """What ``unlearn-kernels info`` prints: versions, whether the C++/CUDA code is compiled, the CPU
+    kernels' instruction set, and the backends usable on each device."""
+    import unlearn_kernels as uk
+
+    out(f"unlearn_kernels {uk.__version__}, torch {torch.__version__}")
+    out(f"compiled C++: {uk.compiled()}, compiled CUDA: {uk.compiled_with_cuda()}")
+    if uk.compiled():
+        from ._extension import cpu_capability
+
+        out(f"CPU kernels: {cpu_capability()} (UNLEARN_KERNELS_CPU_CAPABILITY=default|avx2|avx512 to cap)")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        usable = [name for name, ok in uk.backends(device).items() if ok]
+        out(f"backends on {device}: {', '.join(usable)}")
