@@ -106,7 +106,7 @@ class ClassifierMethod:
         writes a checkpoint after every ``checkpoint.every``-th epoch and, on SIGINT/SIGTERM, after
         the current epoch (then raises ``RunInterrupted``); ``resume=True`` continues from it, on
         the same original model, config and split, and ends bit for bit where an uninterrupted run
-        would."""
+        would. The checkpoint stays until the caller removes it (``checkpoint.remove()``)."""
         from tqdm import tqdm
 
         if resume and checkpoint is None:
@@ -139,18 +139,7 @@ class ClassifierMethod:
                    desc=self.name, disable=not self.config.progress, leave=False)
         with checkpoint if checkpoint is not None else nullcontext():
             for epoch in range(self.epochs_run, self.config.epochs):
-                self.start_epoch(epoch)
-                for idx in shuffled_batches(len(self.y), self.config.batch_size, self.generator):
-                    step = len(self.history)
-                    losses = self.loss(self.x[idx], self.y[idx], self.is_forget[idx], idx)
-                    check_finite(self.name, step, losses)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    sum(losses.values()).backward()
-                    optimizer_step(self, step, self.params)
-                    bar.update()
-                    log_step(self, bar, {k: float(v.detach()) for k, v in losses.items()}, epoch=epoch, step=step)
-                self.end_epoch(epoch)
-                self.epochs_run = epoch + 1
+                self.run_epoch(epoch, bar)
                 if self.forgotten(split):
                     break
                 if checkpoint is not None and checkpoint.due(epoch):
@@ -162,6 +151,21 @@ class ClassifierMethod:
         self.model.eval()
         self.time_s = time.perf_counter() - start
         return self
+
+    def run_epoch(self, epoch: int, bar) -> None:
+        """One shuffled pass over the training data, between ``start_epoch`` and ``end_epoch``."""
+        self.start_epoch(epoch)
+        for idx in shuffled_batches(len(self.y), self.config.batch_size, self.generator):
+            step = len(self.history)
+            losses = self.loss(self.x[idx], self.y[idx], self.is_forget[idx], idx)
+            check_finite(self.name, step, losses)
+            self.optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer_step(self, step, self.params)
+            bar.update()
+            log_step(self, bar, {k: float(v.detach()) for k, v in losses.items()}, epoch=epoch, step=step)
+        self.end_epoch(epoch)
+        self.epochs_run = epoch + 1
 
     def forgotten(self, split: ClassSplit) -> bool:
         """Whether ``stop_at_forget_acc`` is set and reached."""
