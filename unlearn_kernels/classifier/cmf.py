@@ -72,6 +72,8 @@ def to_cmf(model: SmallCNN, x: Tensor, y: Tensor, *, epochs: int = 3, lr: float 
 
 @config_dataclass
 class CMFOptions:
+    """The CMF variants' own settings (module docstring)."""
+
     tau: Annotated[Auto[Positive], Field(description=(
         "cosine-logit scale; None: keep the head's (16 when converting a linear-head model)"))] = None
     center: Annotated[Auto[Literal[CENTERS]], Field(description=(
