@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from unlearn_kernels.eval.classifier import accuracy, features_of
 from unlearn_kernels.errors import MissingFileError, UserError
 from unlearn_kernels.eval import classifier as metrics
 from unlearn_kernels.methods.base import NonFiniteError
+from unlearn_kernels.methods.checkpoint import Checkpointer, RunInterrupted
 from unlearn_kernels.models.io import save_pretrained_atomic
 from unlearn_kernels.models.output_dir import OutputPathError
 from unlearn_kernels.models.output_file import PNG_SIGNATURE, is_our_file
@@ -197,15 +199,57 @@ def test_stop_at_forget_acc_stops_early(small):
     assert method.epochs_run < 30 and accuracy(method.model, *split.forget) <= 0.5
 
 
-@pytest.mark.parametrize("cls, bad, field", [
-    (RandomLabel, {"epochs": 0}, "epochs"), (RandomLabel, {"lr": 0.0}, "lr"), (RandomLabel, {"batch_size": 0}, "batch_size"),
-    (NegGradPlus, {"beta": 1.5}, "beta"), (SalUn, {"fraction": 0.0}, "fraction"), (MeGU, {"oracle": "llm"}, "oracle"),
-    (MeGU, {"temperature": -1.0}, "temperature"), (RandomLabel, {"stop_at_forget_acc": 2.0}, "stop_at_forget_acc"),
-    (registry["CMF-RL"], {"head_data": "forget"}, "head_data"), (registry["CMF-RL"], {"tau": 0.0}, "tau"),
-])
-def test_bad_method_configs_raise(small, cls, bad, field):
-    with pytest.raises(UserError, match=rf"{field} must"):
-        cls(copy.deepcopy(small[1]), progress=False, **bad)
+RESUMABLE = {"Retrain": {}, "FT": {}, "RL": dict(resample_each_epoch=True), "NegGrad+": {}, "SalUn": dict(fraction=0.3),
+             "CMF-RL": dict(convert_epochs=1), "CMF-NegGrad+": dict(convert_epochs=1),
+             "MeGU": dict(oracle="confusion", noise_steps=3, resample_each_epoch=True)}
+EPOCHS, KILL_AFTER = 4, 1
+
+
+class KilledAfter(Checkpointer):
+    """SIGTERM arrives during epoch ``KILL_AFTER``."""
+
+    def due(self, step):
+        if step == KILL_AFTER:
+            signal.raise_signal(signal.SIGTERM)
+        return super().due(step)
+
+
+def test_resume_covers_every_method():
+    assert set(RESUMABLE) == set(registry)
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_resumed_run_equals_uninterrupted(small, name, tmp_path):
+    split, trained = small
+
+    def run(**fit):
+        method = registry[name](copy.deepcopy(trained), epochs=EPOCHS, progress=False, **RESUMABLE[name])
+        return method.fit(split, **fit)
+
+    reference = run()
+    with pytest.raises(RunInterrupted, match=f"stopped after epoch {KILL_AFTER}"):
+        run(checkpoint=KilledAfter(tmp_path / "ckpt", every=0))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # handlers restored
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == KILL_AFTER
+    resumed = run(checkpoint=Checkpointer(tmp_path / "ckpt", every=1), resume=True)
+    weights, expected = resumed.model.state_dict(), reference.model.state_dict()
+    assert weights.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, weights[key]), key
+    assert resumed.history == reference.history and resumed.epochs_run == EPOCHS
+
+
+def test_resume_refuses_other_settings_and_needs_a_checkpoint(small, tmp_path):
+    split, trained = small
+    RandomLabel(copy.deepcopy(trained), epochs=1, progress=False).fit(split, checkpoint=Checkpointer(tmp_path / "c", 1))
+    with pytest.raises(UserError, match="other settings"):
+        RandomLabel(copy.deepcopy(trained), epochs=1, lr=2e-3, progress=False).fit(
+            split, checkpoint=Checkpointer(tmp_path / "c"), resume=True)
+    with pytest.raises(UserError, match="is not a NegGrad\\+ checkpoint"):
+        NegGradPlus(copy.deepcopy(trained), epochs=1, progress=False).fit(
+            split, checkpoint=Checkpointer(tmp_path / "c"), resume=True)
+    with pytest.raises(UserError, match="RL: resume=True needs a checkpoint"):
+        RandomLabel(copy.deepcopy(trained), progress=False).fit(split, resume=True)
 
 
 def test_method_rejects_mismatched_model(small):
@@ -226,7 +270,7 @@ def _fast(name):
 def test_a_nan_learning_rate_raises_naming_the_step(small, name, monkeypatch):
     split, trained = small
     cls = registry[name]
-    with pytest.raises(UserError, match="setting lr=nan is not a finite number"):
+    with pytest.raises(UserError, match="setting lr is not a finite number: nan"):
         cls(copy.deepcopy(trained), lr=float("nan"), progress=False)
     method = cls(copy.deepcopy(trained), **_fast(name))
     make = method.make_optimizer
@@ -253,13 +297,6 @@ def test_a_nan_weight_raises_at_the_first_loss(small):
         train_supervised(copy.deepcopy(model), split.x_train, split.y_train, epochs=1, lr=1e-3, progress=False)
     with pytest.raises(FloatingPointError, match="relearning loss is nan at step 1"):
         metrics.relearn_curve(model, split, steps=1)
-
-
-def test_a_non_finite_setting_is_refused_before_any_work(small):
-    with pytest.raises(UserError, match="setting noise_penalty=nan is not a finite number"):
-        MeGU(copy.deepcopy(small[1]), noise_penalty=float("nan"))
-    with pytest.raises(UserError, match="setting beta=inf is not a finite number"):
-        NegGradPlus(copy.deepcopy(small[1]), beta=float("inf"))
 
 
 # --- MeGU ----------------------------------------------------------------------------------

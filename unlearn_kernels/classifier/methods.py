@@ -3,9 +3,13 @@
 ``Method(model, config, **overrides).fit(split)`` unlearns ``split.forget_classes`` from
 ``model`` in place (a ``SmallCNN`` or any module with ``features(x)`` and ``head``), logs the
 losses per step in ``history`` and returns the method; ``report()`` says what was done.
+Configs are typed as the LLM methods' are (``methods.settings``): a value out of its range
+is a one-line ``SettingError`` naming the setting when the method is made, before any work.
 A step ends as the LLM methods' do (``methods.base.optimizer_step``, ``log_step``): a loss
-term or a weight that is not finite raises ``NonFiniteError`` naming the step; a non-finite
-number in the config is refused (``UserError``) before any work.
+term or a weight that is not finite raises ``NonFiniteError`` naming the step.
+``fit(split, checkpoint=Checkpointer(path, every=k))`` writes a resumable checkpoint
+(``methods.checkpoint``) after every ``k``-th epoch and on SIGINT/SIGTERM, and
+``resume=True`` continues from it bit for bit.
 Training data: retain ∪ forget training images (``uses_forget``) or the retain images only,
 shuffled per epoch, Adam without weight decay (so a parameter whose gradient is always
 masked to zero never moves). ``F = forget`` and ``R = retain`` below; ``CE`` is cross-entropy
@@ -26,31 +30,41 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from ..data.class_split import ClassSplit
 from ..errors import UserError
 from ..eval.classifier import accuracy
-from ..methods.base import check_finite, check_finite_config, log_step, optimizer_step
+from ..methods.base import check_finite, log_step, optimizer_step
+from ..methods.checkpoint import RunInterrupted
+from ..methods.settings import Auto, Count, Fraction, Integer, Positive, Share, config_dataclass, make_config
 from ..models.output_dir import marker
 from .model import TRAIN_RECIPE, shuffled_batches
 
+Epochs = Annotated[Count, Field(description="passes over the training data (fewer when stop_at_forget_acc is met)")]
+LearningRate = Annotated[Positive, Field(description="Adam's learning rate")]
+BatchSize = Annotated[Count, Field(description="images per step")]
+Resample = Annotated[bool, Field(description=(
+    "draw the forget images' new labels anew every epoch (false: once, as a relabelled dataset)"))]
 
-@dataclass
+
+@config_dataclass
 class ClassifierConfig:
     """Fields every classifier method has."""
 
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 64
-    seed: int = 0
-    progress: bool = True
-    # Stop after the first epoch whose forget-set accuracy (eval mode) is <= this; None: run every epoch.
-    stop_at_forget_acc: float | None = None
+    epochs: Epochs = 5
+    lr: LearningRate = 1e-3
+    batch_size: BatchSize = 64
+    seed: Annotated[Integer, Field(description="seeds the batch order and every random draw")] = 0
+    progress: Annotated[bool, Field(description="progress bar")] = True
+    stop_at_forget_acc: Annotated[Auto[Share], Field(description=(
+        "stop after the first epoch whose forget-set accuracy (eval mode) is <= this; None: run every epoch"))] = None
 
 
 def group_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -65,7 +79,7 @@ def random_labels(n: int, classes: tuple[int, ...], generator: torch.Generator) 
 
 
 class ClassifierMethod:
-    """Base class: config checks, the data, the epoch loop and the report."""
+    """Base class: the config, the data, the epoch loop, checkpoints and the report."""
 
     name = "method"
     config_class = ClassifierConfig
@@ -75,7 +89,7 @@ class ClassifierMethod:
         if not (isinstance(model, nn.Module) and hasattr(model, "features") and hasattr(model, "head")):
             raise TypeError(f"{self.name}: model must be an nn.Module with features(x) and a head, "
                             f"got {type(model).__name__}")
-        self.config = dataclasses.replace(config or self.config_class(), **overrides)
+        self.config = make_config(self.config_class, config, **overrides)
         self.model = model
         self.history: list[dict] = []
         self.data: dict = {}
@@ -84,21 +98,19 @@ class ClassifierMethod:
         self.check_config()
 
     def check_config(self) -> None:
-        c = self.config
-        check_finite_config(c)
-        if c.epochs < 1:
-            raise UserError(f"{self.name}: epochs must be >= 1, got {c.epochs}")
-        if not c.lr > 0:
-            raise UserError(f"{self.name}: lr must be > 0, got {c.lr}")
-        if c.batch_size < 1:
-            raise UserError(f"{self.name}: batch_size must be >= 1, got {c.batch_size}")
-        if c.stop_at_forget_acc is not None and not 0.0 <= c.stop_at_forget_acc <= 1.0:
-            raise UserError(f"{self.name}: stop_at_forget_acc must lie in [0, 1] or be None, got {c.stop_at_forget_acc}")
+        """Checks the field types cannot make (the environment, several fields together)."""
 
     # --- the loop ------------------------------------------------------------------------
-    def fit(self, split: ClassSplit) -> "ClassifierMethod":
+    def fit(self, split: ClassSplit, *, checkpoint=None, resume: bool = False) -> "ClassifierMethod":
+        """Unlearn ``split.forget_classes``. ``checkpoint`` (a ``methods.checkpoint.Checkpointer``)
+        writes a checkpoint after every ``checkpoint.every``-th epoch and, on SIGINT/SIGTERM, after
+        the current epoch (then raises ``RunInterrupted``); ``resume=True`` continues from it, on
+        the same original model, config and split, and ends bit for bit where an uninterrupted run
+        would. The checkpoint stays until the caller removes it (``checkpoint.remove()``)."""
         from tqdm import tqdm
 
+        if resume and checkpoint is None:
+            raise UserError(f"{self.name}: resume=True needs a checkpoint")
         if not isinstance(split, ClassSplit):
             raise TypeError(f"{self.name}: split must be a ClassSplit, got {type(split).__name__}")
         classes = getattr(self.model, "num_classes", split.num_classes)
@@ -119,29 +131,41 @@ class ClassifierMethod:
         self.model.train()
         self.setup(split)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimized = self.params        # what the optimizer updates (no master copies here)
         self.optimizer = self.make_optimizer()
+        self.epochs_run = checkpoint.load(self) + 1 if resume else 0
         steps_per_epoch = math.ceil(len(self.y) / self.config.batch_size)
-        bar = tqdm(total=self.config.epochs * steps_per_epoch, desc=self.name, disable=not self.config.progress,
-                   leave=False)
-        for epoch in range(self.config.epochs):
-            self.start_epoch(epoch)
-            for idx in shuffled_batches(len(self.y), self.config.batch_size, self.generator):
-                step = len(self.history)
-                losses = self.loss(self.x[idx], self.y[idx], self.is_forget[idx], idx)
-                check_finite(self.name, step, losses)
-                self.optimizer.zero_grad(set_to_none=True)
-                sum(losses.values()).backward()
-                optimizer_step(self, step, self.params)
-                bar.update()
-                log_step(self, bar, {k: float(v.detach()) for k, v in losses.items()}, epoch=epoch, step=step)
-            self.end_epoch(epoch)
-            self.epochs_run = epoch + 1
-            if self.forgotten(split):
-                break
+        bar = tqdm(total=self.config.epochs * steps_per_epoch, initial=self.epochs_run * steps_per_epoch,
+                   desc=self.name, disable=not self.config.progress, leave=False)
+        with checkpoint if checkpoint is not None else nullcontext():
+            for epoch in range(self.epochs_run, self.config.epochs):
+                self.run_epoch(epoch, bar)
+                if self.forgotten(split):
+                    break
+                if checkpoint is not None and checkpoint.due(epoch):
+                    checkpoint.save(self, epoch)
+                    if checkpoint.stop_requested:
+                        raise RunInterrupted(f"{self.name}: stopped after epoch {epoch}; checkpoint in "
+                                             f"{checkpoint.path} (resume to continue)")
         bar.close()
         self.model.eval()
         self.time_s = time.perf_counter() - start
         return self
+
+    def run_epoch(self, epoch: int, bar) -> None:
+        """One shuffled pass over the training data, between ``start_epoch`` and ``end_epoch``."""
+        self.start_epoch(epoch)
+        for idx in shuffled_batches(len(self.y), self.config.batch_size, self.generator):
+            step = len(self.history)
+            losses = self.loss(self.x[idx], self.y[idx], self.is_forget[idx], idx)
+            check_finite(self.name, step, losses)
+            self.optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer_step(self, step, self.params)
+            bar.update()
+            log_step(self, bar, {k: float(v.detach()) for k, v in losses.items()}, epoch=epoch, step=step)
+        self.end_epoch(epoch)
+        self.epochs_run = epoch + 1
 
     def forgotten(self, split: ClassSplit) -> bool:
         """Whether ``stop_at_forget_acc`` is set and reached."""
@@ -152,9 +176,22 @@ class ClassifierMethod:
         """Positions in the forget set of the batch's forget samples."""
         return idx[forget] - self.n_retain
 
+    def extra_state(self) -> dict:
+        """What a checkpoint carries besides weights and optimizer state: the batch and label
+        generator's state and the model's buffers (a CMF head's, batch-norm statistics)."""
+        return {"generator": self.generator.get_state(),
+                **{f"buffer.{n}": b for n, b in self.model.named_buffers()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        with torch.no_grad():
+            for n, b in self.model.named_buffers():
+                b.copy_(state[f"buffer.{n}"])
+
     # --- hooks for subclasses ------------------------------------------------------------
     def setup(self, split: ClassSplit) -> None:
-        """Work before the first step."""
+        """Work before the first step, a deterministic function of the model, the config and the
+        split (a resumed run repeats it before loading its checkpoint)."""
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(list(self.params.values()), lr=self.config.lr)
@@ -191,11 +228,11 @@ class FineTune(ClassifierMethod):
         return {"retain": F.cross_entropy(self.model(x), y)}
 
 
-@dataclass
+@config_dataclass
 class RetrainConfig(ClassifierConfig):
-    epochs: int = TRAIN_RECIPE["epochs"]
-    lr: float = TRAIN_RECIPE["lr"]
-    batch_size: int = TRAIN_RECIPE["batch_size"]
+    epochs: Epochs = TRAIN_RECIPE["epochs"]
+    lr: LearningRate = TRAIN_RECIPE["lr"]
+    batch_size: BatchSize = TRAIN_RECIPE["batch_size"]
 
 
 class Retrain(FineTune):
@@ -211,11 +248,9 @@ class Retrain(FineTune):
         self.model.reset_parameters(self.config.seed)
 
 
-@dataclass
+@config_dataclass
 class RandomLabelConfig(ClassifierConfig):
-    epochs: int = 5
-    lr: float = 1e-3
-    resample_each_epoch: bool = False   # False: one fixed random label per forget image
+    resample_each_epoch: Resample = False
 
 
 class RandomLabel(ClassifierMethod):
@@ -224,9 +259,15 @@ class RandomLabel(ClassifierMethod):
     name = "RL"
     config_class = RandomLabelConfig
 
+    def draw_targets(self) -> None:
+        self.forget_targets = random_labels(self.n_forget, self.split.retain_classes, self.generator)
+
+    def setup(self, split):
+        self.draw_targets()
+
     def start_epoch(self, epoch):
-        if epoch == 0 or self.config.resample_each_epoch:
-            self.forget_targets = random_labels(self.n_forget, self.split.retain_classes, self.generator)
+        if epoch > 0 and self.config.resample_each_epoch:
+            self.draw_targets()
 
     def loss(self, x, y, forget, idx):
         targets = y.clone()
@@ -234,11 +275,11 @@ class RandomLabel(ClassifierMethod):
         return {"ce": F.cross_entropy(self.model(x), targets)}
 
 
-@dataclass
+@config_dataclass
 class NegGradPlusConfig(ClassifierConfig):
-    epochs: int = 3
-    lr: float = 1e-3
-    beta: float = 0.99    # weight of the retain loss; 1 − beta on the (negated, unbounded) forget loss
+    epochs: Epochs = 3
+    beta: Annotated[Share, Field(description=(
+        "weight of the retain loss; 1 - beta on the (negated, unbounded) forget loss"))] = 0.99
 
 
 class NegGradPlus(ClassifierMethod):
@@ -247,20 +288,16 @@ class NegGradPlus(ClassifierMethod):
     name = "NegGrad+"
     config_class = NegGradPlusConfig
 
-    def check_config(self):
-        super().check_config()
-        if not 0.0 <= self.config.beta <= 1.0:
-            raise UserError(f"{self.name}: beta must lie in [0, 1], got {self.config.beta}")
-
     def loss(self, x, y, forget, idx):
         ce = F.cross_entropy(self.model(x), y, reduction="none")
         return {"retain": self.config.beta * group_mean(ce, ~forget),
                 "forget": -(1.0 - self.config.beta) * group_mean(ce, forget)}
 
 
-@dataclass
+@config_dataclass
 class SalUnConfig(RandomLabelConfig):
-    fraction: float = 0.5   # share of the weights (by |gradient| on the forget loss) that may move
+    fraction: Annotated[Fraction, Field(description=(
+        "share of the weights (by |gradient| of the forget loss) that may move"))] = 0.5
 
 
 def saliency_masks(model: nn.Module, x: Tensor, y: Tensor, fraction: float,
@@ -289,12 +326,8 @@ class SalUn(RandomLabel):
     name = "SalUn"
     config_class = SalUnConfig
 
-    def check_config(self):
-        super().check_config()
-        if not 0.0 < self.config.fraction <= 1.0:
-            raise UserError(f"{self.name}: fraction must lie in (0, 1], got {self.config.fraction}")
-
     def setup(self, split):
+        super().setup(split)
         xf, yf = split.forget
         self.masks = saliency_masks(self.model, xf, yf, self.config.fraction)
         self.masked = [(p, self.masks[n]) for n, p in self.model.named_parameters() if n in self.masks]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import random
 import time
 import warnings
@@ -242,16 +241,6 @@ def log_step(method, bar, values: dict[str, float], **where) -> None:
     """``{**where, **values}`` appended to ``method.history``; ``values`` shown on the progress bar."""
     method.history.append({**where, **values})
     bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
-
-
-def check_finite_config(config) -> None:
-    """UserError naming the first config field holding a non-finite number."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise UserError(f"setting {f.name}={value!r} is not a finite number")
 
 
 class UnlearningMethod:

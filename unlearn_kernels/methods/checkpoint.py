@@ -1,23 +1,31 @@
-"""Checkpoints that make an unlearning run resumable bit for bit.
+"""Checkpoints that make an unlearning run resumable bit for bit, for both tracks: an LLM
+method's ``fit`` writes one every ``every`` steps, a classifier method's every ``every``
+epochs (its ``step`` is then the epoch).
 
-A checkpoint folder holds, after step ``k``:
+What a checkpoint reads of a method: ``name``, ``config``, ``data``, ``model``, ``params``
+(name -> updated weight), ``optimized`` (``params`` or their fp32 masters), ``optimizer``,
+``history`` and ``extra_state()`` / ``load_extra_state(state)``. A checkpoint folder holds,
+after step ``k``:
 
 - ``tensors.safetensors``: the updated weights (``param.<name>``; their fp32 masters
-  ``master.<name>`` with ``master_dtype``), every tensor of the
-  optimizer state (``optim.<index>.<key>``) and the torch RNG state (``rng.cpu``, and
-  ``rng.cuda`` on a GPU);
-- ``state.json``: the step, the optimizer's non-tensor state and param groups, the method's
-  own counters (``extra_state``), the loss history, the fingerprints of the config and
-  the data, which a resume must match, and the package's marker (``"unlearn_kernels"``, as in
-  an output's ``report.json``): only a folder carrying it is taken for a checkpoint of ours,
-  resumed, replaced or removed (:func:`is_checkpoint`); anything else at the path is refused.
+  ``master.<name>`` with ``master_dtype``), every tensor of the optimizer state
+  (``optim.<index>.<key>``), the tensors of the method's own state (``extra.<key>``: e.g. a
+  classifier run's random generator and model buffers) and the torch RNG state
+  (``rng.cpu``, and ``rng.cuda`` on a GPU);
+- ``state.json``: the step, the optimizer's non-tensor state and param groups, the rest of
+  the method's own state (``extra_state``: counters), the loss history, the fingerprints of
+  the config and the data, which a resume must match, and the package's marker
+  (``"unlearn_kernels"``, as in an output's ``report.json``): only a folder carrying it is
+  taken for a checkpoint of ours, resumed, replaced or removed (:func:`is_checkpoint`);
+  anything else at the path is refused.
 
 No pickle is written or read. Everything else a run needs is a deterministic function of
 the original model, the config and the data, and is rebuilt by ``setup`` exactly as in the
 first run (frozen copies, control vector, importance map, neuron masks); the batch order is
-replayed by drawing ``k + 1`` batches of each stream without running them. A checkpoint is
-written through a staging folder and an atomic swap (``models.output_dir``), so a kill
-during the write leaves the previous checkpoint intact.
+replayed by drawing ``k + 1`` batches of each stream without running them (a classifier run
+carries its batch generator's state instead). A checkpoint is written through a staging
+folder and an atomic swap (``models.output_dir``), so a kill during the write leaves the
+previous checkpoint intact.
 
 Under ``torch.distributed`` a checkpoint is *gathered*: with DDP every rank holds the same
 state and rank 0 writes it; with FSDP2 every rank takes part in gathering the sharded weights
@@ -147,7 +155,8 @@ def _gathered_tensors(method) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    """Writes a checkpoint every ``every`` steps (and on SIGINT/SIGTERM) to ``path``."""
+    """Writes a checkpoint every ``every`` steps (epochs for a classifier run; and on
+    SIGINT/SIGTERM) to ``path``."""
 
     def __init__(self, path: Path | str, every: int = 0):
         if every < 0:
@@ -209,8 +218,12 @@ class Checkpointer:
         if (self.path.exists() or self.path.is_symlink()) and not is_checkpoint(self.path):
             raise NotACheckpointError(self.path)       # the swap below would remove it
         opt_plain = _optimizer_structure(method.optimizer.state_dict())
+        extra = method.extra_state()
+        tensors = {**tensors, **{f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra.items()
+                                 if isinstance(v, torch.Tensor)}}
         state = {MARKER: marker(), "format": FORMAT, "method": method.name, "step": step, "optimizer": opt_plain,
-                 "extra_state": method.extra_state(), "history": method.history,
+                 "extra_state": {k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)},
+                 "history": method.history,
                  "config_sha256": config_fingerprint(method.config), "data": method.data}
         staging = make_staging(self.path)
         save_file(tensors, str(staging / TENSORS))
@@ -249,7 +262,8 @@ class Checkpointer:
         tensors.update({k: shard_like(v, by_index[int(k.split(".")[1])]) for k, v in tensors.items()
                         if k.startswith("optim.")})
         method.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-        method.load_extra_state(state["extra_state"])
+        method.load_extra_state({**state["extra_state"], **{k.removeprefix("extra."): v for k, v in tensors.items()
+                                                            if k.startswith("extra.")}})
         method.history = state["history"]
         torch.set_rng_state(tensors["rng.cpu"])
         device = next(method.model.parameters()).device

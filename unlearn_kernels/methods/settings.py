@@ -33,20 +33,23 @@ def make_config(config_class, config=None, **settings):
 
 def describe(method_class) -> str:
     """What ``unlearn-kernels methods NAME`` prints: the method's summary, a line from its spec
-    (``methods.spec``), and a table of every setting: name, type, default and the field's
-    description, inherited fields first. A default of None whose description says ``auto:``
-    reads ``auto`` (chosen from the model when the method is built)."""
-    spec = method_class.spec
-    config_class = spec.config
+    (``methods.spec``; a classifier method has none), and a table of every setting of its
+    ``config_class``: name, type, default and the field's description, inherited fields first.
+    A default of None whose description says ``auto:`` reads ``auto`` (chosen from the model
+    when the method is built)."""
+    spec, config_class = getattr(method_class, "spec", None), method_class.config_class
     config = config_class()
     doc = (method_class.__doc__ or "").strip().splitlines()
     summary = doc[0] if doc else ""
     summary = summary if summary.startswith(method_class.name) else f"{method_class.name}: {summary}"
-    prefix = {"auto": "on when the loss layer is below the top", "never": "no",
-              "statistics": "no (unlearn-kernels plan models its statistics alone)"}[spec.prefix]
-    facts = (f"length: {spec.length} (a target-driven run's budget multiplies it); prefix-only loading: {prefix}; "
-             f"saves: {', '.join(spec.saves)}; retain data: {'needed' if spec.needs_retain else 'optional'}")
-    lines = [summary, facts, "", "| setting | type | default | meaning |", "|---|---|---|---|"]
+    lines = [summary]
+    if spec is not None:
+        prefix = {"auto": "on when the loss layer is below the top", "never": "no",
+                  "statistics": "no (unlearn-kernels plan models its statistics alone)"}[spec.prefix]
+        lines.append(f"length: {spec.length} (a target-driven run's budget multiplies it); prefix-only loading: "
+                     f"{prefix}; saves: {', '.join(spec.saves)}; retain data: "
+                     f"{'needed' if spec.needs_retain else 'optional'}")
+    lines += ["", "| setting | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(config):
         value, meaning = getattr(config, f.name), field_description(config_class, f.name)
         shown = "auto" if value is None and "auto:" in meaning else repr(value)
