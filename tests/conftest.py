@@ -12,6 +12,7 @@ default and can be picked or left out with ``-m``.
 import copy
 import functools
 import os
+import typing
 
 import torch
 
@@ -156,3 +157,41 @@ def no_loading(monkeypatch):
         raise AssertionError("a model was loaded before the outputs were checked")
 
     monkeypatch.setattr(io, "_load_local", fail)
+
+
+def _bounds(node) -> dict:
+    """The bounds (ge, gt, le, lt) a field's type declares, looked for through Optional and Annotated."""
+    found = {}
+    for extra in getattr(node, "__metadata__", ()):
+        for item in getattr(extra, "metadata", None) or [extra]:
+            found.update({k: getattr(item, k) for k in ("ge", "gt", "le", "lt") if getattr(item, k, None) is not None})
+    for arg in typing.get_args(node):
+        found = found or _bounds(arg)
+    return found
+
+
+def bad_values(config_class, name: str) -> list:
+    """Values the field ``name`` of a config class (``config_types.config_dataclass``) must refuse,
+    read from its type and its declared range."""
+    info = config_class.__pydantic_fields__[name]
+    kind, text = info.annotation, str(info.annotation)
+    if "Literal" in text:
+        bad = ["nope", 3]
+    elif kind is bool:
+        bad = ["maybe", 2, [True]]
+    elif "list" in text:
+        bad = [[1], [""], 5] if "float" not in text else [["fast"], [True], 5]
+    elif "tuple" in text:
+        bad = ["0.9", (0.1, 0.2, 0.3), ("a", "b")]
+    elif "int" in text:
+        bad = [1.5, True, "x", "1.5"]
+    elif "float" in text:
+        bad = ["fast", True, float("nan"), float("inf")]
+    else:
+        bad = []
+    bounds = _bounds(typing.Annotated[kind, *info.metadata]) if info.metadata else _bounds(kind)
+    outside = {"ge": lambda b: b - 1, "gt": lambda b: b, "le": lambda b: b + 1, "lt": lambda b: b}
+    bad += [outside[k](b) for k, b in bounds.items()]
+    if "tuple" in text and bounds:
+        bad = [*bad[:3], *((v, v) for v in bad[3:])]
+    return bad

@@ -11,12 +11,12 @@ import pytest
 from unlearn_kernels.classifier import SmallCNN, registry
 from unlearn_kernels.errors import UserError
 from unlearn_kernels.methods.settings import SettingError, describe, field_description
-from test_config import _bad_values
+from conftest import bad_values
 
 
 def _bad(config_class, name: str) -> list:
     """The values ``test_config`` derives from the field's type; a string field refuses a number."""
-    return _bad_values(config_class, name) or [5]
+    return bad_values(config_class, name) or [5]
 
 
 CASES = [(method, f.name, value) for method, cls in registry.items() for f in dataclasses.fields(cls.config_class)

@@ -9,7 +9,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import typing
 from pathlib import Path
 
 import pytest
@@ -21,49 +20,14 @@ from unlearn_kernels.methods import registry
 from unlearn_kernels.methods.settings import SettingError, field_description, make_config
 from unlearn_kernels.pipeline import RunConfig
 
+from conftest import bad_values
+
 PACKAGE = Path(unlearn_kernels.__file__).parent
 RUN = dict(model="m", method="GradDiff", forget=["f.txt"], retain=["r.txt"], out="o")
 
 
-def _bounds(node) -> dict:
-    """The bounds (ge, gt, le, lt) a field's type declares, looked for through Optional and Annotated."""
-    found = {}
-    for extra in getattr(node, "__metadata__", ()):
-        for item in getattr(extra, "metadata", None) or [extra]:
-            found.update({k: getattr(item, k) for k in ("ge", "gt", "le", "lt") if getattr(item, k, None) is not None})
-    for arg in typing.get_args(node):
-        found = found or _bounds(arg)
-    return found
-
-
-def _bad_values(config_class, name: str) -> list:
-    """Values the field's type must refuse, read from the type and its declared range."""
-    info = config_class.__pydantic_fields__[name]
-    kind, text = info.annotation, str(info.annotation)
-    if "Literal" in text:
-        bad = ["nope", 3]
-    elif kind is bool:
-        bad = ["maybe", 2, [True]]
-    elif "list" in text:
-        bad = [[1], [""], 5] if "float" not in text else [["fast"], [True], 5]
-    elif "tuple" in text:
-        bad = ["0.9", (0.1, 0.2, 0.3), ("a", "b")]
-    elif "int" in text:
-        bad = [1.5, True, "x", "1.5"]
-    elif "float" in text:
-        bad = ["fast", True, float("nan"), float("inf")]
-    else:
-        bad = []
-    bounds = _bounds(typing.Annotated[kind, *info.metadata]) if info.metadata else _bounds(kind)
-    outside = {"ge": lambda b: b - 1, "gt": lambda b: b, "le": lambda b: b + 1, "lt": lambda b: b}
-    bad += [outside[k](b) for k, b in bounds.items()]
-    if "tuple" in text and bounds:
-        bad = [*bad[:3], *((v, v) for v in bad[3:])]
-    return bad
-
-
 CASES = [(method, f.name, value) for method, cls in registry.items() for f in dataclasses.fields(cls.config_class)
-         for value in _bad_values(cls.config_class, f.name)]
+         for value in bad_values(cls.config_class, f.name)]
 
 
 @pytest.mark.parametrize("method, name, value", CASES, ids=[f"{m}.{n}={v!r}" for m, n, v in CASES])
@@ -252,7 +216,7 @@ COMMANDS = cli._commands()
 REQUIRED = {"eval": dict(model="m"), "relearn": dict(model="m", train="t.txt", questions="q.jsonl"),
             "plan": dict(config="c.json", gpus=1), "demo": {}, "bench": {}}
 COMMAND_CASES = [(command, f.name, value) for command, (_, cls, _, _) in COMMANDS.items()
-                 for f in dataclasses.fields(cls) for value in _bad_values(cls, f.name)]
+                 for f in dataclasses.fields(cls) for value in bad_values(cls, f.name)]
 
 
 def test_every_command_has_its_required_values_listed():
