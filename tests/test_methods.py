@@ -251,6 +251,36 @@ def test_verdict_reports_the_goal_and_srmu_vs_rmu_honestly():
     assert "MISSES forget within 5 points of the oracle" in far
 
 
+def test_seed_table_gives_the_spread_and_counts_the_goal_per_seed():
+    from unlearn_kernels.demo import seed_table
+
+    rows = [{**_row("RMU", 0.30, 0.99, 300), "seed": 0}]          # one seed only: no spread to show
+    for seed, (retain, rec) in enumerate([(0.96, 0.10), (0.90, 0.12), (0.97, 0.30)]):
+        rows += [{**_row("base", 1.0, 1.0), "seed": seed}, {**_row("oracle", 0.25, 0.99), "seed": seed},
+                 {**_row("TAR", 0.27, retain, 120, {1e-5: 0.0, 1e-3: rec}), "seed": seed}]
+    text = seed_table(rows)
+    # retain 0.96/0.90/0.97: mean 0.943, sd 0.038; recovery 10/12/30 %: mean 17 %, sd 11 %; only seed 0 meets it
+    assert "| TAR | steps=120 | 0.270 ± 0.000 | 0.943 ± 0.038 | 17% ± 11% | 30% | 1/3 |" in text, text
+    assert "| RMU |" not in text and "seeds 0, 1, 2" in text
+
+
+def test_demo_repeats_its_runs_over_seeds(tmp_path, monkeypatch):
+    """Further seeds rerun the quick settings at the default overlap, with the method's seed and
+    the attack's, each into its own folder, and the spread is printed."""
+    from unlearn_kernels import demo
+
+    monkeypatch.setitem(demo.SWEEPS, "GradDiff", ("steps", (3,), (3, 10, 30)))
+    lines = []
+    rows = demo.run(tmp_path, methods=["GradDiff"], relearn_steps=1, progress=False, out=lines.append, seeds=(1,))
+    assert [(r["method"], r["seed"]) for r in rows] == [("base", 0), ("oracle", 0), ("GradDiff", 0), ("base", 1),
+                                                        ("oracle", 1), ("GradDiff", 1)]
+    folder = tmp_path / "models" / "seed-1" / "GradDiff-steps=3"
+    assert rows[-1]["folder"] == str(folder.resolve())
+    assert json.loads((folder / "report.json").read_text())["config"]["seed"] == 1
+    assert "| GradDiff | steps=3 |" in lines[2] and "Over seeds 0, 1" in lines[2]
+    assert "| 30% | GradDiff | steps=3 |" in lines[0] and lines[0].count("GradDiff") == 1   # the seed-0 table
+
+
 def test_cli_unlearn_with_yaml_then_eval(tmp_path, capsys):
     from unlearn_kernels.cli import main
 

@@ -24,7 +24,6 @@ The finding (CMF paper) has two parts, checked per scenario with fixed threshold
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from pathlib import Path
@@ -245,21 +244,3 @@ def plot(results: dict, path: Path, overwrite: bool = False) -> None:
         curves.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=90, overwrite=overwrite)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Class-wise unlearning demo on the digits CNN.")
-    parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(DEMO_SETTINGS)[1:]}")
-    parser.add_argument("--no-controls", action="store_true", help="skip the equal-budget control rows")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous run's outputs in --out")
-    args = parser.parse_args(argv)
-    run(args.out, args.scenarios, args.methods, not args.no_controls, progress=not args.quiet,
-        overwrite=args.overwrite)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
