@@ -296,8 +296,10 @@ def plan(config, gpus: int, method: str | None = None, batch: int = 4, seq: int 
                          "unsharded, without communication")
         ckpt = checkpointing and "checkpointing" not in spec.refuses
         fp32 = masters and "master_dtype" not in spec.refuses
-        if (ckpt, fp32) != (checkpointing, masters):
-            notes.append(f"{name} refuses checkpointing and master_dtype: planned without them")
+        refused = [s for s, asked, kept in (("checkpointing", checkpointing, ckpt), ("master_dtype", masters, fp32))
+                   if asked and not kept]
+        if refused:
+            notes.append(f"{name} refuses {' and '.join(refused)}: planned without {'them' if len(refused) > 1 else 'it'}")
         if use_prefix and spec.prefix == "statistics":
             notes.append(f"prefix-only {name}: statistics only (train_steps=0); basis training runs the whole model")
         saved, transient = _activations(mem, shape, m, e, tokens, seq, ckpt, use_prefix)
