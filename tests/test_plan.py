@@ -1,9 +1,10 @@
 """unlearn_kernels.plan against measurements at small scale: the parameter count exactly (transformers
 models built from the same configs), and the single-GPU memory bill of RMU, RMU with activation
-checkpointing and SIMU on a small random Llama in fp32 on the CPU against the bytes actually held:
-parameters, frozen copy, gradients and optimizer state exactly, the tensors autograd saves for
-backward (counted by storage with ``saved_tensors_hooks``, the model's own weights left out)
-within 10 %, the sum within 5 %."""
+checkpointing, SIMU and TAR on a small random Llama in fp32 on the CPU against the bytes actually
+held: parameters, frozen copy, gradients, optimizer state and TAR's attacker (its weights θ_k, their
+gradient, the meta-gradient, its Adam moments) exactly, the peak over one loss evaluation of the
+tensors autograd saves for backward (counted by storage with ``saved_tensors_hooks`` while their
+graph lives, weights left out: the model's own and the attack's leaves) within 10 %, the sum within 5 %."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import fnmatch
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -103,34 +105,73 @@ def _small_run(method_name: str, checkpointing: bool = False):
         p.requires_grad_(True)
     model.train()
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen: dict[int, int] = {}
+    live: dict[int, list[int]] = {}       # storage -> [saved references, bytes], while a graph holds it
+    held = [0, 0]                         # bytes now, peak
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.ptr = t, t.untyped_storage().data_ptr()
+            entry = live.setdefault(self.ptr, [0, t.untyped_storage().nbytes()])
+            held[0] += entry[1] if entry[0] == 0 else 0
+            held[1] = max(held)
+            entry[0] += 1
+
+        def __del__(self):
+            entry = live[self.ptr]
+            entry[0] -= 1
+            if entry[0] == 0:
+                held[0] -= live.pop(self.ptr)[1]
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            seen.setdefault(ptr, t.untyped_storage().nbytes())
-        return t
+        base = t if t._base is None else t._base
+        if t.untyped_storage().data_ptr() in own or (base.is_leaf and base.requires_grad):   # a weight
+            return t
+        return Saved(t)
+
+    attacker = {}
+
+    def adam_update(weights, grads, state, lr, step):
+        new = adam_update.original(weights, grads, state, lr, step)
+        attacker.update(adversary=nbytes(new.values()) + nbytes(grads.values()),
+                        adversary_optimizer=nbytes(t for pair in state.values() for t in pair))
+        return new
+
+    def post_attack_gradients(forget_batch):
+        meta, value = type(method).post_attack_gradients(method, forget_batch)
+        attacker["meta"] = nbytes(meta.values())
+        return meta, value
 
     batch = next(method.batches(texts))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.t if isinstance(t, Saved) else t), \
             (activation_checkpointing(model) if checkpointing else nullcontext()):
-        method.loss(batch, batch, 0)
-    measured["activations"] = sum(seen.values())
+        if method_name == "TAR":
+            from unlearn_kernels.methods import tar
+
+            adam_update.original = tar.adam_update
+            with mock.patch.object(tar, "adam_update", adam_update), \
+                    mock.patch.object(method, "post_attack_gradients", post_attack_gradients):
+                method.loss(batch, batch, 0)
+        else:
+            method.loss(batch, batch, 0)
+    measured["activations"] = held[1]
+    measured["adversary"] = attacker.get("adversary", 0) + attacker.get("meta", 0)
+    measured["adversary_optimizer"] = attacker.get("adversary_optimizer", 0)
     return measured
 
 
-@pytest.mark.parametrize("method,checkpointing", [("RMU", False), ("RMU", True), ("SIMU", False)])
+@pytest.mark.parametrize("method,checkpointing", [("RMU", False), ("RMU", True), ("SIMU", False), ("TAR", False)])
 def test_memory_estimate_matches_the_measured_bytes(method, checkpointing):
     measured = _small_run(method, checkpointing)
     estimate = planner.plan(dict(model_type="llama", torch_dtype="float32", **SMALL), 1, method=method,
                             batch=BATCH, seq=SEQ, prefix_only=False, checkpointing=checkpointing)
     memory = estimate["methods"][method]["memory"]
-    for part in ("weights", "frozen_copy", "optimizer", "grads"):
+    exact = ("weights", "frozen_copy", "optimizer", "grads", "adversary", "adversary_optimizer")
+    for part in exact:
         assert memory[part] == measured[part], part
-    assert measured["activations"] > 0
+    assert measured["activations"] > 0 and (measured["adversary"] > 0) == (method == "TAR")
     assert abs(memory["activations"] - measured["activations"]) <= 0.10 * measured["activations"], \
         (memory["activations"], measured["activations"])
-    parts = ("weights", "frozen_copy", "optimizer", "grads", "activations")
+    parts = exact + ("activations",)
     total, bill = sum(measured[p] for p in parts), sum(memory[p] for p in parts)
     assert abs(bill - total) <= 0.05 * total, (bill, total)
 
@@ -147,7 +188,8 @@ def test_run_prints_every_method(capsys):
     assert _run("--config", str(LLAMA_70B), "--gpus", "8") == 0
     out = capsys.readouterr().out
     assert "70.554 B parameters" in out
-    assert all(f"| {name} |" in out for name in planner.METHODS)
+    assert all(f"| {name} |" in out for name in planner.METHODS if name != "TAR")
+    assert "| TAR * |" in out and "* TAR: one process only" in out
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -143,6 +143,7 @@ def test_tamper_points_read_only_the_last_attack_steps(base, texts):
     (dict(tamper_weight=-1.0), "tamper_weight must be >= 0"),
     (dict(retain_weight=-1.0), "retain_weight must be >= 0"),
     (dict(adversary_update=["layers.9.mlp.*"]), "no parameter matches"),
+    (dict(checkpointing=True), "TAR does not use the setting checkpointing"),   # it would fail mid-attack
 ])
 def test_bad_settings_are_refused(base, settings, message):
     model, tokenizer = base

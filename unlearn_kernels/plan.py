@@ -13,7 +13,7 @@ per rank and pass (each rank takes ``batch`` texts: the global batch is ``batch 
     total = V·d + L·layer + d + (0 if tie_word_embeddings else V·d)
 
 **What each method runs** is its memory model (``MethodSpec.memory``, declared in the method's
-own file; a method without one, TAR, is not planned). With ``l = min(L−1, max(2, round(7L/32)))``
+own file). With ``l = min(L−1, max(2, round(7L/32)))``
 (``models.roles.default_layer``) and the band ``k = l−2 … l``: a representation loss at layer l
 (``loss="layer"``: RMU, AdaptiveRMU, SRMU) updates the band's down projections (``3·d·w``), keeps
 a frozen copy of them and runs layers ``0 … l`` only (layers ``0 … k−1`` once per batch without a
@@ -21,7 +21,11 @@ graph, then the live and the frozen pass branch); a projection (``loss="projecti
 a basis ``U`` (``d × 32``, fp32, replicated: a hook, not a sharded weight) through the whole model;
 an NLL at the head (``loss="head"``: SIMU, SO-GradDiff, GradAscent, GradDiff, NPO) updates the
 band's gate/up/down (``9·d·w``) with ``graphs`` live graphs (forget and retain; GradAscent's one);
-``reference_pass`` (NPO) adds a no-grad reference pass, ``frozen_copy`` a frozen copy. With
+``reference_pass`` (NPO) adds a no-grad reference pass, ``frozen_copy`` a frozen copy.
+``adversary`` (TAR) updates the band's gate/up/down too and, inside each step, fine-tunes the
+attacked weights ``θ_k``, a functional copy of every loaded weight (``A = P_loaded``), with a
+fresh Adam. It runs in one process (the simulated attack refuses ``torch.distributed``): for
+N > 1 it is planned on one GPU, unsharded and without communication, with a note. With
 prefix-only loading (``prefix="auto"``; ``"statistics"``, MRP with ``train_steps=0``, on request)
 a rank holds the embedding and layers ``0 … l``: ``V·d + (l+1)·layer``.
 
@@ -33,6 +37,9 @@ head, each parameter sharded on dim 0 over the N ranks; N = 1 is plain single-GP
     grads      = U · e / N                 (+ U · 4 / N with fp32 masters)
     masters    = U · 4 / N                 (fp32 masters of a bf16/fp16 run)
     optimizer  = 2 · U · s / N             (AdamW: s = e, or 4 with masters; Sophia: s = 4)
+    adversary  = 2 · A · e + 4U (+ U·e when e ≠ 4)   (TAR: θ_k and its gradient, the fp32 meta-gradient
+                                                      sum, and its cast the surrogate term keeps)
+    adversary optimizer = 8 · A            (TAR: the attack's Adam moments, fp32 whatever the dtype)
     gather     = 2 · max unit · e          (the unit running and the one prefetched; 0 when N = 1)
     activations: saved tensors of the live graphs, per token (measured on HF Llama, see below):
       graph layer   G = 2(4d + 4) + (2q + 2kv)·e + 4H + 3w·e   (+ d·e if gate/up updated, + w·e if down)
@@ -40,8 +47,15 @@ head, each parameter sharded on dim 0 over the N ranks; N = 1 is plain single-GP
       NLL head: final norm 4d + 4, log-softmax 4V + 9
       RMU-family loss: 5·d·e (the fused op keeps h and its precomputed ∂h in both passes + the retain anchor)
       checkpointing: each graph layer keeps its input d·e; one layer is recomputed at a time (+ G)
+      TAR: its entropy graph (the band graph, entropy head 4d + 4 + 8V) waits while one attack pass
+        or post-attack read runs, then the retain graph: entropy graph + max(attack pass, retain graph),
+        the attack pass every weight's leaf: L·(G + (4d + w)·e) + NLL head + 2d·e (the norms' and the
+        linears' inputs kept for their weights' gradients); a read with tamper_loss="entropy"
+        (8V instead of 4V + 9 at the head) is not modelled
     transient  = the shared-prefix outputs k·d·e·T (RMU family), the logits V·e·T (+ 4V·T for the
-                 fp32 copy of a bf16 run) of the NLL methods, one layer's workspace (2w + q + 2kv + 2d)·e·T
+                 fp32 copy of a bf16 run) of the NLL methods, one layer's workspace (2w + q + 2kv + 2d)·e·T;
+                 TAR: at least θ_(k+1) while Adam writes it, A·e, + its per-tensor fp32 temporaries,
+                 (3 + 2 if e ≠ 4) · 4 · the largest weight (an estimate, not measured)
 
 (fp32 residual copies ``4d``: HF's RMSNorm upcasts before it squares; ``4H`` the fp32 log-sum-exp
 of scaled-dot-product attention; the norms' and attention's terms are those of a Llama layer, a
@@ -54,8 +68,9 @@ each buffer)::
     all-gather   = (N−1)/N · e · Σ_passes Σ_units-run P_unit   (forward) + the graph units again (backward)
     reduce-scatter = (N−1)/N · e · Σ_band-layers U_layer      (once per optimizer step)
 
-(MRP all-reduces its basis gradient, ``2(N−1)/N · 4·d·r``.) Everything is for one micro-batch
-(``grad_accum = 1``).
+(MRP all-reduces its basis gradient, ``2(N−1)/N · 4·d·r``; TAR communicates nothing.) Everything
+is for one micro-batch (``grad_accum = 1``); TAR's figures are at its step's peak, its default
+``adversary_update`` (every weight) and any K.
 """
 
 from __future__ import annotations
@@ -214,6 +229,9 @@ def _activations(mem, shape: Shape, m: dict, e: int, tokens: int, seq: int, chec
         per_token = top + (_first_band_layer(shape, e, kind) if first is not None else 0.0)
         per_token += sum(_graph_layer(shape, e, kind if i in band else None) for i in graph_layers)
     saved = passes * (per_token * tokens + (rope if graph_layers else 0))
+    if mem.adversary:   # the entropy graph + the larger of an attack pass (every weight a leaf) and the retain graph
+        attack = L * (_graph_layer(shape, e, None) + (4 * d + w) * e) + head + 2 * d * e
+        saved = (per_token - (4 * V + 9) + 8 * V + max(attack, per_token)) * tokens + 2 * rope
     if mem.loss == "layer":   # the fused loss keeps h and its precomputed ∂h per pass, + the retain anchor
         saved += 5 * d * e * tokens
     return saved, transient + workspace
@@ -272,32 +290,44 @@ def plan(config, gpus: int, method: str | None = None, batch: int = 4, seq: int 
         m = _method_shape(mem, shape, counts, use_prefix)
         U = m["updated_params"]
         notes = []
+        ranks = 1 if mem.adversary else gpus
+        if ranks != gpus:
+            notes.append("one process only (its simulated attack refuses torch.distributed): planned on 1 GPU, "
+                         "unsharded, without communication")
         ckpt = checkpointing and "checkpointing" not in spec.refuses
         fp32 = masters and "master_dtype" not in spec.refuses
-        if (ckpt, fp32) != (checkpointing, masters):
-            notes.append(f"{name} refuses checkpointing and master_dtype: planned without them")
+        refused = [s for s, asked, kept in (("checkpointing", checkpointing, ckpt), ("master_dtype", masters, fp32))
+                   if asked and not kept]
+        if refused:
+            notes.append(f"{name} refuses {' and '.join(refused)}: planned without {'them' if len(refused) > 1 else 'it'}")
         if use_prefix and spec.prefix == "statistics":
             notes.append(f"prefix-only {name}: statistics only (train_steps=0); basis training runs the whole model")
         saved, transient = _activations(mem, shape, m, e, tokens, seq, ckpt, use_prefix)
         state_bytes = 4 if (mem.optimizer == "Sophia" or fp32) else e
         unit = max(counts["layer"], counts["embedding"], counts["head"] if m["head_loaded"] else 0)
+        A = m["loaded_params"] if mem.adversary else 0
+        if A:   # the attack's Adam writes θ_(k+1) next to θ_k, a tensor at a time through fp32 temporaries
+            largest = max(counts["embedding"], counts["head"], shape.hidden * shape.intermediate)
+            transient = max(transient, A * e + (3 + (2 if e != 4 else 0)) * 4 * largest)
         memory = {
-            "weights": m["loaded_params"] * e / gpus,
-            "frozen_copy": U * e / gpus if m["frozen_copy"] else 0.0,
-            "grads": U * (e + (4 if fp32 else 0)) / gpus,
-            "masters": U * 4 / gpus if fp32 else 0.0,
-            "optimizer": 2 * U * state_bytes / gpus,
-            "gather_buffers": 2 * unit * e if gpus > 1 else 0.0,
+            "weights": m["loaded_params"] * e / ranks,
+            "frozen_copy": U * e / ranks if m["frozen_copy"] else 0.0,
+            "grads": U * (e + (4 if fp32 else 0)) / ranks,
+            "masters": U * 4 / ranks if fp32 else 0.0,
+            "optimizer": 2 * U * state_bytes / ranks,
+            "adversary": 2 * A * e + (4 + (e if e != 4 else 0)) * U if A else 0.0,
+            "adversary_optimizer": 8.0 * A,
+            "gather_buffers": 2 * unit * e if ranks > 1 else 0.0,
             "activations": saved,
-            "transient": transient + (m["updated_per_layer"] * e if gpus > 1 else 0.0),
+            "transient": transient + (m["updated_per_layer"] * e if ranks > 1 else 0.0),
         }
         if mem.loss == "projection" and not use_prefix:
             memory["optimizer"] = 3 * 4 * shape.hidden * MRP_RANK     # U, Adam's two moments (fp32, replicated)
             memory["grads"] = 4 * shape.hidden * MRP_RANK
         memory["total"] = sum(memory.values())
-        rows[name] = {**m, "prefix_only": use_prefix, "memory": memory, "notes": notes,
-                      "communication": _communication(mem, shape, counts, m, e, gpus, use_prefix),
-                      "ranks": _ranks(mem, m, gpus, use_prefix)}
+        rows[name] = {**m, "gpus": ranks, "prefix_only": use_prefix, "memory": memory, "notes": notes,
+                      "communication": _communication(mem, shape, counts, m, e, ranks, use_prefix),
+                      "ranks": _ranks(mem, m, ranks, use_prefix)}
     return {"shape": shape.__dict__, "parameters": counts, "gpus": gpus, "batch_per_rank": batch, "seq": seq,
             "dtype": dtype, "checkpointing": checkpointing, "master_fp32": masters, "methods": rows}
 
@@ -308,6 +338,9 @@ def _ranks(mem, m: dict, gpus: int, prefix_only: bool) -> str:
     state = "basis U, its Adam state (replicated)" if mem.loss == "projection" else \
         f"1/{gpus} of the {mem.optimizer} state of layers {m['band'][0]}..{m['band'][-1]}"
     frozen = f", 1/{gpus} of the frozen copy" if m["frozen_copy"] else ""
+    if mem.adversary:
+        return (f"one GPU: {what}, the {mem.optimizer} state of layers {m['band'][0]}..{m['band'][-1]}, the "
+                "attacked copy of every weight, its gradient and Adam state; it writes the output")
     return f"every rank: 1/{gpus} of {what}, {state}{frozen}; rank 0 also writes the output"
 
 
@@ -336,14 +369,15 @@ def markdown(result: dict) -> str:
              f"vocab {s['vocab']}; {result['gpus']} GPUs, {result['dtype']}, {result['batch_per_rank']} x "
              f"{result['seq']} tokens per rank, checkpointing {'on' if result['checkpointing'] else 'off'}, "
              f"fp32 masters {'on' if result['master_fp32'] else 'off'}", "",
-             "| method | loaded layers | updated params | weights | frozen | grads+masters | optimizer | gather | "
-             "activations | transient | **total GiB/GPU** | all-gather GiB | reduce-scatter GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | loaded layers | updated params | weights | frozen | grads+masters | optimizer | attacker | "
+             "gather | activations | transient | **total GiB/GPU** | all-gather GiB | reduce-scatter GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["methods"].items():
         mem, com = r["memory"], r["communication"]
         layers = f"{r['loaded_layers']}{' (prefix)' if r['prefix_only'] else ''}"
         lines.append(f"| {name}{' *' if r['notes'] else ''} | {layers} | {r['updated_params'] / 1e6:.0f} M | {_gib(mem['weights'])} | "
                      f"{_gib(mem['frozen_copy'])} | {_gib(mem['grads'] + mem['masters'])} | {_gib(mem['optimizer'])} | "
+                     f"{_gib(mem['adversary'] + mem['adversary_optimizer'])} | "
                      f"{_gib(mem['gather_buffers'])} | {_gib(mem['activations'])} | {_gib(mem['transient'])} | "
                      f"**{_gib(mem['total'])}** | {_gib(com['all_gather'])} | "
                      f"{_gib(com['reduce_scatter'] + com['all_reduce'])} |")

@@ -22,7 +22,10 @@ class Memory:
     ``"head"`` an NLL at the head. ``updates``: the band's MLP down projections (``"down"``), its
     gate/up/down (``"mlp"``) or no weight (None). ``frozen_copy``: a frozen copy of the updated
     weights; ``reference_pass``: a no-grad reference forward per step (logits and log-probs);
-    ``graphs``: live passes with a graph per step (forget and retain: 2); ``optimizer``: whose state is kept per updated weight."""
+    ``graphs``: live passes with a graph per step (forget and retain: 2); ``optimizer``: whose state is kept per updated weight.
+    ``adversary``: a simulated attack inside each step (TAR) fine-tunes a functional copy of every
+    weight with a fresh Adam, one graph at a time next to the first live graph (an entropy at the
+    head); it runs in one process."""
 
     loss: Literal["layer", "projection", "head"]
     updates: Literal["down", "mlp"] | None
@@ -30,6 +33,7 @@ class Memory:
     reference_pass: bool = False
     graphs: int = 2
     optimizer: Literal["AdamW", "Sophia"] = "AdamW"
+    adversary: bool = False
 
 
 @dataclass(frozen=True)

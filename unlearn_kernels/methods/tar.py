@@ -33,7 +33,9 @@ entropy maximisation with a retain NLL, the non-robust baseline.
 
 One outer step costs ``K + |P| + 2`` forward/backward passes (K attack steps, the |P|
 post-attack reads, the direct and the retain loss). The simulated attack runs in one process:
-under ``torch.distributed`` the method refuses to start.
+under ``torch.distributed`` the method refuses to start. Besides the model and the AdamW state of
+``S`` it holds the attacked weights ``θ_k`` (the pass's leaves alias them), their gradient, the
+attack's Adam moments in fp32 and the meta-gradient sum (``unlearn_kernels.plan`` models it).
 
 On the shipped 6-layer benchmark with its retrained oracle (30 % overlap; 90 held-out
 questions; recovery ``(relearned − oracle relearned) / (base − oracle)`` per attack rate,
@@ -81,7 +83,7 @@ from . import distributed
 from .base import MethodConfig, UnlearningMethod, model_inputs
 from .loss_based import nll
 from .settings import Auto, NonNegative, NonNegativeInt, Pair, Patterns, Positive, config_dataclass
-from .spec import MethodSpec
+from .spec import Memory, MethodSpec
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -161,7 +163,10 @@ class TAR(UnlearningMethod):
     """TAR: unlearn so that the forget text stays unpredicted after a simulated fine-tuning attack (see module)."""
 
     name = "TAR"
-    spec = MethodSpec(config=TARConfig, length="steps", knobs=("lr",), tamper_resistant=True)   # plan: no model yet
+    spec = MethodSpec(config=TARConfig, length="steps", knobs=("lr",), tamper_resistant=True,
+                      memory=Memory(loss="head", updates="mlp", adversary=True),
+                      refuses={"checkpointing": "the attack's graphs run under torch.func.functional_call, "
+                                                "whose weights a recomputation in backward would not see"})
     reference_lr = 1e-5       # the loss-based methods' 7B rate (AdamW)
 
     def resolve_defaults(self) -> dict:
@@ -217,23 +222,25 @@ class TAR(UnlearningMethod):
         sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         total = 0.0
         for k in range(1, K + 1):
-            leaves = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
+            leaves = {n: w.detach().requires_grad_(True) for n, w in weights.items()}   # aliases, not copies
             batch = next(self._attack_batches)
             names = list(leaves)
             grads = torch.autograd.grad(-tamper_loss(self.model, batch, leaves, "nll"), [leaves[n] for n in names],
                                         allow_unused=True)
             grads = {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, grads)}
             weights = adam_update(weights, grads, state, lr, k)
+            del leaves, grads            # at most θ_k and its gradient are held between passes (plan)
             if k < first:
                 continue
-            attacked = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
+            attacked = {n: w.detach().requires_grad_(True) for n, w in weights.items()}
             targets = [attacked[n] if n in attacked else p for n, p in self.params.items()]
             loss = tamper_loss(self.model, forget_batch, attacked, self.config.tamper_loss)
             for (n, _), g in zip(self.params.items(), torch.autograd.grad(loss, targets, allow_unused=True)):
                 if g is not None:
                     sums[n] += g.float()
             total += float(loss.detach())
-        return {n: s / (K - first + 1) for n, s in sums.items()}, total / (K - first + 1)
+            del attacked, targets, loss  # their graph would keep θ_k alive into the next step
+        return {n: s.div_(K - first + 1) for n, s in sums.items()}, total / (K - first + 1)
 
     def loss(self, forget_batch, retain_batch, step):
         c = self.config
