@@ -180,7 +180,7 @@ def bad_values(config_class, name: str) -> list:
     elif kind is bool:
         bad = ["maybe", 2, [True]]
     elif "list" in text:
-        bad = [[1], [""], 5] if "float" not in text else [["fast"], [True], 5]
+        bad = [[1], [""], 5] if "str" in text else [["fast"], [True], 5]
     elif "tuple" in text:
         bad = ["0.9", (0.1, 0.2, 0.3), ("a", "b")]
     elif "int" in text:

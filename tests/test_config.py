@@ -266,7 +266,9 @@ def test_command_flags_are_typed_by_the_config():
     (["relearn", "--model", "m", "--train", "t", "--questions", "q", "--lrs", "-1"], "--lrs must be > 0, got ['-1']"),
     (["bench", "--shapes", "16x"], "--shapes takes ROWSxFEATURES such as 16384x4096, got ['16x']"),
     (["demo", "--threads", "0"], "--threads must be >= 1, got '0'"),
-    (["demo", "--full", "--track", "classifier"], "--full sweeps the LLM demo; the classifier demo has no sweep"),
+    (["demo", "--full", "--track", "classifier"], "--full and --seeds are options of the LLM demo; the classifier "
+                                                  "demo has neither"),
+    (["demo", "--seeds", "0"], "--seeds must be >= 1, got ['0']"),
 ])
 def test_command_errors_are_one_line_before_any_work(argv, words, capsys, no_loading):
     assert cli.main(argv) == 2

@@ -13,6 +13,9 @@ ratios), probe accuracy and MIA AUC, with the oracle's values beside them. It pr
 and the verdicts (the tamper-resistance goal, SRMU vs RMU at equal forget accuracy), and writes
 ``results.json`` and ``tradeoff.png``: per split, the forget–retain and forget–recovery curves
 of every method through its sweep, with the base model and the oracle as reference points.
+With further seeds (``full=True``: 1 and 2) the quick demo's runs are repeated at the default
+overlap with the method's and the attack's seed, and :func:`seed_table` prints each as mean ±
+sd over the seeds: a verdict holds only when it holds on every seed.
 
 Every run goes through :func:`unlearn_kernels.pipeline.run`, as ``unlearn-kernels unlearn``
 does: the split's texts are written to ``{out}/data/``, each unlearned model is saved to
