@@ -161,7 +161,8 @@ class TAR(UnlearningMethod):
     """TAR: unlearn so that the forget text stays unpredicted after a simulated fine-tuning attack (see module)."""
 
     name = "TAR"
-    spec = MethodSpec(config=TARConfig, length="steps", knobs=("lr",), tamper_resistant=True)   # plan: no model yet
+    spec = MethodSpec(config=TARConfig, length="steps", knobs=("lr",), tamper_resistant=True,   # plan: no model yet
+                      refuses={"sam_rho": "each loss evaluation runs a simulated attack, its own robustness term"})
     reference_lr = 1e-5       # the loss-based methods' 7B rate (AdamW)
 
     def resolve_defaults(self) -> dict:
