@@ -157,3 +157,22 @@ def test_methods_where_it_has_no_meaning_refuse_it(name, message):
 def test_a_negative_radius_is_refused():
     with pytest.raises(Exception, match="sam_rho"):
         make_config(registry["GradDiff"].config_class, sam_rho=-0.1)
+
+
+@pytest.mark.parametrize("name, settings", [("SIMU", {"score_batches": 1}), ("SO-GradDiff", {}), ("SRMU", {"layer": 2}),
+                                            ("AdaptiveRMU", {"layer": 2, "checkpointing": True})])
+def test_the_other_gradient_methods_run_with_it_and_put_the_weights_back(data, name, settings):
+    """One step with and without ``sam_rho`` from the same start: both move the weights, to
+    different places (the perturbation was used and then undone, not left in the weights)."""
+    forget, retain = data
+    ends = []
+    for rho in (0.0, 0.05):
+        model, tokenizer = tiny.load()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        method = build(name, model, tokenizer, sam_rho=rho, **settings)
+        method.fit(forget, retain)
+        ends.append({n: p.detach().clone() for n, p in method.params.items()})
+        assert any(not torch.equal(p, start[n]) for n, p in ends[-1].items())
+        untouched = [n for n, p in model.named_parameters() if n not in method.params]
+        assert all(torch.equal(dict(model.named_parameters())[n], start[n]) for n in untouched)
+    assert any(not torch.equal(ends[0][n], ends[1][n]) for n in ends[0])
