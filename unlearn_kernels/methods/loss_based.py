@@ -206,8 +206,11 @@ class GradDiff(_LossMethod):
     spec = MethodSpec(config=LossConfig, length="epochs", knobs=("lr",), memory=Memory(loss="head", updates="mlp"))
 
     def loss(self, forget_batch, retain_batch, step):
-        return {"forget": -nll(self.model, forget_batch),
+        return {**self.unlearn_loss(forget_batch, retain_batch, step),
                 "retain": self.config.retain_weight * nll(self.model, retain_batch)}
+
+    def unlearn_loss(self, forget_batch, retain_batch, step):
+        return {"forget": -nll(self.model, forget_batch)}
 
 
 @config_dataclass
@@ -229,6 +232,12 @@ class NPO(_LossMethod):
         self._prefix = 0 if not indices or any(i is None for i in indices) else min(indices)
 
     def loss(self, forget_batch, retain_batch, step):
+        losses = self.unlearn_loss(forget_batch, retain_batch, step)
+        if self.config.retain_weight:
+            losses["retain"] = self.config.retain_weight * nll(self.model, retain_batch)
+        return losses
+
+    def unlearn_loss(self, forget_batch, retain_batch, step):
         ids, attention = forget_batch["input_ids"], forget_batch["attention_mask"]
         with replayed(self.model, prefix_outputs(self.model, self._prefix, ids, attention)):
             lp, mask = target_logprobs(self.model, forget_batch)
@@ -236,7 +245,4 @@ class NPO(_LossMethod):
         rows = mask.nonzero()[:, 0]
         log_ratio = torch.zeros(mask.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp - ref)
         npo = -(2 / self.config.beta) * F.logsigmoid(-self.config.beta * log_ratio).mean()
-        losses = {"forget": distributed.global_mean(npo, log_ratio.shape[0])}
-        if self.config.retain_weight:
-            losses["retain"] = self.config.retain_weight * nll(self.model, retain_batch)
-        return losses
+        return {"forget": distributed.global_mean(npo, log_ratio.shape[0])}

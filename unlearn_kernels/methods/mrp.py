@@ -76,7 +76,8 @@ class MRP(UnlearningMethod):
                  "epochs": "the basis comes from statistics; train_steps trains it",
                  "master_dtype": "MRP changes no weight; the basis is kept in fp32",
                  "checkpointing": "the statistics run without gradients and the basis training is short",
-                 "disruption_mask": "MRP changes no weight; its basis training has no retain gradient to mask"})
+                 "disruption_mask": "MRP changes no weight; its basis training has no retain gradient to mask",
+                 "sam_rho": "MRP changes no weight, so there are no weights to perturb"})
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)

@@ -175,6 +175,9 @@ class RMU(UnlearningMethod):
                                                    backend=self.config.backend), retain_batch)
         return {"forget": self.forget_loss(forget_batch), "retain": self.config.alpha * retain}
 
+    def unlearn_loss(self, forget_batch, retain_batch, step):
+        return {"forget": self.forget_loss(forget_batch)}
+
     def feature_weights(self):
         """Weights ``m`` of the features the forget term misdirects (all ones for RMU)."""
         return None

@@ -166,7 +166,8 @@ class TAR(UnlearningMethod):
     spec = MethodSpec(config=TARConfig, length="steps", knobs=("lr",), tamper_resistant=True,
                       memory=Memory(loss="head", updates="mlp", adversary=True),
                       refuses={"checkpointing": "the attack's graphs run under torch.func.functional_call, "
-                                                "whose weights a recomputation in backward would not see"})
+                                                "whose weights a recomputation in backward would not see",
+                               "sam_rho": "each loss evaluation runs a simulated attack, its own robustness term"})
     reference_lr = 1e-5       # the loss-based methods' 7B rate (AdamW)
 
     def resolve_defaults(self) -> dict:
