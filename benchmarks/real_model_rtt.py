@@ -31,11 +31,20 @@ with the worst seed (the highest recovery).
         --out benchmarks/results/real-model-rtt-2026-12-07.json
 
 ``--resume`` keeps the base attacks and the (method, seed) rows already in ``--out`` and runs the
-rest, so the seeds can be run one invocation at a time. The JSON is rewritten after each row.
+rest (add ``--methods RMU SRMU`` to a finished RMU file to add SRMU); the JSON is rewritten after
+each row. ``--table`` prints the table of ``--out``.
 
-Cost on one core of a 2-core CPU shared with other work (2026-12-07): an RMU run 3-6 min, each
-attack (3 rates x 30 steps of the whole model, 10 evaluations of 32 questions) about 3 min, the
-test evaluation 20 s; one seed of RMU with its base attack about 10 min.
+Cost, measured 2026-12-07 on one thread of a 2-core CPU shared with other jobs (load 4-6): an RMU
+run 130-160 s (SRMU about 90 s), each attack 205-245 s (the first, 400 s, under more load), the
+test evaluation about 20 s; per seed about 10 min for RMU with the base attack, 7 min for SRMU.
+The 3 RMU seeds took 36 min of wall time, the 3 SRMU seeds about 21 more.
+
+Measured (``benchmarks/results/real-model-rtt-2026-12-07.json``): the forgotten capitals mostly come
+back. RMU: recovery 68 ± 10 % (worst seed 76 %), relearned 0.81 ± 0.03 from 0.40 ± 0.09; SRMU:
+84 ± 8 % (worst 91 %), 0.90 ± 0.05 from 0.34 ± 0.05; the best rate is 1e-4 for every run, and
+1e-3 damages the base model itself (1.0 -> 0.28-0.50 in 30 steps). Only seed 0 of RMU and seeds 0
+and 2 of SRMU reach the run's target; the others stop at "retain limit hit" and keep their best
+measured point, as the real-model tier's runs would (the ``run`` field of each row).
 """
 
 from __future__ import annotations
@@ -190,8 +199,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | seed | test forget | relearned (best lr) | recovery | recovery vs chance | test retain "
-             "| test entangled | run (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seed | run stopped | test forget | relearned (best lr) | recovery | recovery vs chance "
+             "| test retain | test entangled | run (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def pct(v):
         return "n/a" if v is None else f"{v:.0%}"
@@ -199,20 +208,29 @@ def table(rows: list[dict]) -> str:
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
         for r in group:
-            lines.append(f"| {method} | {r['seed']} | {r['test_forget']:.3f} | {r['relearned']:.3f} "
+            lines.append(f"| {method} | {r['seed']} | {r['run']['reason']} (step {r['run']['best_step']}) | "
+                         f"{r['test_forget']:.3f} | {r['relearned']:.3f} "
                          f"({r['attack']['best_lr']:g}) | {pct(r['recovery'])} | {pct(r['recovery_vs_chance'])} | "
                          f"{r['test_retain']:.3f} | {r['test_entangled']:.3f} | {r['run_s']:.0f} |")
         worst = max(group, key=lambda r: (r["recovery"] if r["recovery"] is not None else -math.inf))
-        lines.append(f"| {method} | mean ± sd | {spread([r['test_forget'] for r in group])} | "
-                     f"{spread([r['relearned'] for r in group])} | "
+        reached = sum(bool(r["run"]["reached"]) for r in group)
+        lines.append(f"| {method} | mean ± sd | target reached {reached}/{len(group)} | "
+                     f"{spread([r['test_forget'] for r in group])} | {spread([r['relearned'] for r in group])} | "
                      f"{spread([r['recovery'] and 100 * r['recovery'] for r in group], '.0f')} % | "
                      f"{spread([r['recovery_vs_chance'] and 100 * r['recovery_vs_chance'] for r in group], '.0f')} % | "
                      f"{spread([r['test_retain'] for r in group])} | {spread([r['test_entangled'] for r in group])} "
                      f"| {spread([r['run_s'] for r in group], '.0f')} |")
-        lines.append(f"| {method} | worst (seed {worst['seed']}) | {worst['test_forget']:.3f} | "
-                     f"{worst['relearned']:.3f} | {pct(worst['recovery'])} | {pct(worst['recovery_vs_chance'])} | "
+        lines.append(f"| {method} | worst (seed {worst['seed']}) | {worst['run']['reason']} | "
+                     f"{worst['test_forget']:.3f} | {worst['relearned']:.3f} | {pct(worst['recovery'])} | "
+                     f"{pct(worst['recovery_vs_chance'])} | "
                      f"{worst['test_retain']:.3f} | {worst['test_entangled']:.3f} | {worst['run_s']:.0f} |")
     return "\n".join(lines)
+
+
+def print_table(path: Path) -> None:
+    """The table of a results file (``--table``)."""
+    payload = json.loads(Path(path).read_text())
+    print(table(payload["rows"]))
 
 
 def main(argv=None) -> None:
@@ -223,7 +241,10 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the others")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        return print_table(Path(args.out))
     torch.set_num_threads(args.threads)
 
     from unlearn_kernels.models import gguf
