@@ -88,7 +88,7 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
     :func:`seed_table`. The outputs are checked first (:func:`check_outputs`)."""
     methods = list(DEMO_SETTINGS) if methods is None else list(methods)
     overlaps = _splits(full, overlaps)
-    seeds = tuple(FULL_SEEDS if full else ()) if seeds is None else tuple(seeds)
+    seeds = _seeds(full, seeds)
     out_dir = Path(out_dir)
     check_outputs(out_dir, methods, full, overlaps, overwrite, inputs=[model_path, oracle_path], seeds=seeds)
     base, tokenizer = tiny.load(model_path)
@@ -138,7 +138,7 @@ def check_outputs(out_dir: Path | str, methods=None, full: bool = False, overlap
     if unknown:
         raise UserError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
     out_dir, inputs = Path(out_dir), [p for p in inputs if p is not None]
-    seeds = tuple(FULL_SEEDS if full else ()) if seeds is None else tuple(seeds)
+    seeds = _seeds(full, seeds)
     for overlap in _splits(full, overlaps):
         for seed in (0, *(seeds if overlap == DEFAULT_OVERLAP else ())):
             for name, knob, value in runs(methods, full and seed == 0):
@@ -152,6 +152,11 @@ def check_outputs(out_dir: Path | str, methods=None, full: bool = False, overlap
 def _splits(full: bool, overlaps=None) -> tuple:
     """The overlaps a demo runs: those given, else every one with ``full``, else the default."""
     return tuple(FULL_OVERLAPS if full else (DEFAULT_OVERLAP,)) if overlaps is None else tuple(overlaps)
+
+
+def _seeds(full: bool, seeds=None) -> tuple:
+    """The further seeds a demo runs: those given, else ``FULL_SEEDS`` with ``full``, else none."""
+    return tuple(FULL_SEEDS if full else ()) if seeds is None else tuple(seeds)
 
 
 def _data_folder(out_dir: Path, overlap: float) -> Path:
