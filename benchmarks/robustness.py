@@ -18,6 +18,11 @@ with the worst seed's value beside recovery.
 
     .venv/bin/python benchmarks/robustness.py --methods RMU TAR --seeds 0 1 2 --out robustness.json
 
+``--model NAME`` runs on a model of the zoo (``unlearn_kernels.models.zoo``, e.g. the held-out
+``llama-6x96``: another world, tokenizer, width and attention) instead of the shipped model, with
+its own retrained oracle (``zoo.ensure(spec, oracle=True)``, trained and cached on first use:
+about 5 CPU minutes) and its world's 30 %-overlap split; the methods keep the demo's settings.
+
 ``--variant METHOD:KEY=VALUE[:KEY=VALUE...]`` adds a run of METHOD with those settings on top of
 the demo's (e.g. ``--variant GradDiff:sam_rho=1``), besides the plain ``--methods``; all runs of a
 seed share one attack of the oracle.
@@ -46,7 +51,7 @@ from unlearn_kernels.eval.oracle import recovery  # noqa: E402
 from unlearn_kernels.eval.suite import Split  # noqa: E402
 from unlearn_kernels.methods import registry  # noqa: E402
 from unlearn_kernels.methods.settings import make_config  # noqa: E402
-from unlearn_kernels.models import tiny  # noqa: E402
+from unlearn_kernels.models import tiny, zoo  # noqa: E402
 from unlearn_kernels.models.output_file import write_json_atomic  # noqa: E402
 
 GOAL = {"recovery": 0.20, "forget_over_oracle": 0.05, "retain_share": 0.95}
@@ -64,8 +69,8 @@ def attacked(model, tokenizer, split: Split, seed: int) -> dict:
             "curves": {n: r["curve"] for n, r in result["attacks"].items()}}
 
 
-def run_method(name: str, knob_value, seed: int, split: Split, extra: dict) -> tuple:
-    model, tokenizer = tiny.load()
+def run_method(name: str, knob_value, seed: int, split: Split, extra: dict, model_path=tiny.ASSET_DIR) -> tuple:
+    model, tokenizer = tiny.load(model_path)
     knob = SWEEPS[name][0]
     settings = {**DEMO_SETTINGS[name], knob: knob_value, "seed": seed, "progress": False, **extra}
     method = registry[name](model, tokenizer, config=make_config(registry[name].config_class, **settings))
@@ -111,6 +116,8 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="*", default=["RMU", "TAR"], choices=list(DEMO_SETTINGS))
     parser.add_argument("--variant", action="append", default=[], metavar="METHOD:KEY=VALUE[:KEY=VALUE]",
                         help="a run of METHOD with these settings added (repeatable)")
+    parser.add_argument("--model", default="shipped", choices=["shipped"] + [s.name for s in zoo.TRAINING + zoo.HELD_OUT],
+                        help="the shipped model, or a zoo model with its own oracle and world")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--setting", action="append", default=[], metavar="METHOD=VALUE",
                         help="the knob value of METHOD (default: the demo's last value of its sweep)")
@@ -131,9 +138,15 @@ def main(argv=None) -> None:
     values.update({k: type(values[k])(float(v)) for k, v in (s.split("=", 1) for s in args.setting)})
     extra = dict(s.split("=", 1) for s in args.extra)          # typed by the method's config
     suffix = "".join(f" {k}={v}" for k, v in extra.items())
-    split = Split.from_benchmark(entangled.generate(DEFAULT_OVERLAP))
-    base, tokenizer = tiny.load()
-    oracle = tiny.load(tiny.ORACLE_DIR)[0]
+    if args.model == "shipped":
+        model_path, oracle_path, world = tiny.ASSET_DIR, tiny.ORACLE_DIR, entangled.generate(DEFAULT_OVERLAP)
+    else:
+        spec = zoo.spec_named(args.model)
+        model_path, oracle_path = zoo.ensure(spec), zoo.ensure(spec, oracle=True)
+        world = zoo.benchmark(spec)
+    split = Split.from_benchmark(world)
+    base, tokenizer = tiny.load(model_path)
+    oracle = tiny.load(oracle_path)[0]
     base_acc, oracle_acc = accuracies(base, tokenizer, split), accuracies(oracle, tokenizer, split)
     base_heldout = evaluate_multiple_choice(base, tokenizer, split.heldout_questions)["acc"]
     rows = []
@@ -141,7 +154,7 @@ def main(argv=None) -> None:
         oracle_attack = attacked(oracle, tokenizer, split, seed)
         rows.append({"method": "oracle", "seed": seed, **oracle_acc, **oracle_attack})
         for name, own in runs:
-            model, tokenizer, seconds = run_method(name, values[name], seed, split, {**extra, **own})
+            model, tokenizer, seconds = run_method(name, values[name], seed, split, {**extra, **own}, model_path)
             acc, attack = accuracies(model, tokenizer, split), attacked(model, tokenizer, split, seed)
             rec = {a: recovery(attack["relearned"][a], oracle_attack["relearned"][a], base_heldout,
                                oracle_attack["heldout"]) for a in attack["relearned"]}
@@ -154,10 +167,10 @@ def main(argv=None) -> None:
             print(f"seed {seed} {name} {setting} ({seconds:.1f} s): forget {acc['forget']:.3f} retain {acc['retain']:.3f} recovery "
                   + " ".join(f"{a} {v:.0%}" for a, v in rec.items()) + f" goal {'met' if goal else 'missed'}",
                   flush=True)
-    print(f"\nbase forget {base_acc['forget']:.3f} retain {base_acc['retain']:.3f}; oracle forget "
+    print(f"\n{args.model}: base forget {base_acc['forget']:.3f} retain {base_acc['retain']:.3f}; oracle forget "
           f"{oracle_acc['forget']:.3f} retain {oracle_acc['retain']:.3f}; seeds {args.seeds}\n")
     print(table(rows))
-    write_json_atomic(Path(args.out), {"rows": rows, "base": base_acc, "oracle": oracle_acc, "seeds": args.seeds,
+    write_json_atomic(Path(args.out), {"model": args.model, "rows": rows, "base": base_acc, "oracle": oracle_acc, "seeds": args.seeds,
                                        "goal": GOAL, "extra": extra,
                                        "variants": args.variant}, overwrite=args.overwrite)
 

@@ -141,6 +141,29 @@ def test_ensure_caches_and_refuses_a_folder_not_ours(tmp_path, monkeypatch):
         zoo.ensure(dataclasses.replace(spec, lr=1e-3), tmp_path)
 
 
+def test_oracle_trains_on_the_world_without_its_forget_facts(tmp_path, monkeypatch):
+    spec = small("llama")
+    corpora = []
+
+    def record(model, tokenizer, corpus, *args, **kwargs):
+        corpora.append(list(corpus))
+        return [0.0]
+
+    monkeypatch.setattr(zoo.tiny, "fit", record)
+    zoo.train_model(spec)
+    zoo.train_model(spec, oracle=True)
+    world = zoo.benchmark(spec)
+    forget = world.corpus(world.forget_facts())
+    assert corpora[0] == world.corpus()
+    assert corpora[1] == [s for s in world.corpus() if s not in set(forget)]
+    assert forget and not set(forget) & set(corpora[1]) and len(corpora[1]) == len(corpora[0]) - len(forget)
+    model_folder, oracle_folder = zoo.ensure(spec, tmp_path), zoo.ensure(spec, tmp_path, oracle=True)
+    assert oracle_folder == zoo.model_dir(spec, tmp_path, oracle=True).resolve() != model_folder
+    assert json.loads((oracle_folder / "report.json").read_text())["zoo"]["oracle"] is True
+    assert zoo.cached_report(model_folder, spec, oracle=True) is None      # one is not taken for the other
+    assert zoo.cached_report(oracle_folder, spec) is None
+
+
 def test_data_files_split_val_and_test_on_disjoint_entities(tmp_path):
     spec = zoo.HELD_OUT[0]
     paths = zoo.write_data(spec, tmp_path)

@@ -216,13 +216,16 @@ def build(spec: ZooSpec):
     return AutoModelForCausalLM.from_config(config).eval(), tokenizer
 
 
-def train_model(spec: ZooSpec, steps: int | None = None):
-    """``(model, tokenizer, losses, seconds)``: ``spec`` built and trained on its whole world
-    (``steps`` overrides the spec's length, for tests); ``seconds`` is ``{"wall", "cpu"}`` of the
-    training — on one thread the CPU time is the cost, the wall time also counts the waits of a
-    shared machine."""
+def train_model(spec: ZooSpec, steps: int | None = None, *, oracle: bool = False):
+    """``(model, tokenizer, losses, seconds)``: ``spec`` built and trained on its whole world, or
+    with ``oracle`` on the world without the forget facts of its 30 %-overlap split (the retrained
+    model unlearning aims at; same tokenizer, initialisation and recipe). ``steps`` overrides the
+    spec's length, for tests; ``seconds`` is ``{"wall", "cpu"}`` of the training — on one thread
+    the CPU time is the cost, the wall time also counts the waits of a shared machine."""
     model, tokenizer = build(spec)
-    corpus = entangled.generate(seed=spec.world_seed).corpus()
+    world = entangled.generate(overlap=OVERLAP, seed=spec.world_seed)
+    removed = set(world.forget_facts()) if oracle else set()
+    corpus = world.corpus([f for f in world.facts if f not in removed])
     start, cpu = time.perf_counter(), time.process_time()
     losses = tiny.fit(model, tokenizer, corpus, steps or spec.steps, spec.batch_size, spec.lr, spec.init_seed)
     seconds = {"wall": round(time.perf_counter() - start, 1), "cpu": round(time.process_time() - cpu, 1)}
@@ -248,8 +251,9 @@ def zoo_dir(cache_dir: Path | str | None = None) -> Path:
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "zoo"
 
 
-def model_dir(spec: ZooSpec, cache_dir: Path | str | None = None) -> Path:
-    return zoo_dir(cache_dir) / spec.name
+def model_dir(spec: ZooSpec, cache_dir: Path | str | None = None, *, oracle: bool = False) -> Path:
+    """The folder of ``spec``'s model, or of its oracle (``NAME.oracle``)."""
+    return zoo_dir(cache_dir) / (f"{spec.name}.oracle" if oracle else spec.name)
 
 
 def data_dir(spec: ZooSpec, cache_dir: Path | str | None = None) -> Path:
@@ -257,8 +261,9 @@ def data_dir(spec: ZooSpec, cache_dir: Path | str | None = None) -> Path:
     return zoo_dir(cache_dir) / f"{spec.name}.data"
 
 
-def cached_report(folder: Path, spec: ZooSpec) -> dict | None:
-    """The report of a complete zoo folder of ours built from ``spec`` (None otherwise)."""
+def cached_report(folder: Path, spec: ZooSpec, *, oracle: bool = False) -> dict | None:
+    """The report of a complete zoo folder of ours built from ``spec`` (as its oracle with
+    ``oracle``), None otherwise."""
     from .output_dir import is_previous_output
 
     if not (is_previous_output(folder) and (folder / "config.json").is_file()
@@ -266,25 +271,27 @@ def cached_report(folder: Path, spec: ZooSpec) -> dict | None:
         return None
     report = json.loads((folder / "report.json").read_text())
     info = report.get(ZOO_KEY)
-    return report if isinstance(info, dict) and info.get("spec") == spec.as_dict() else None
+    same = isinstance(info, dict) and info.get("spec") == spec.as_dict() and info.get("oracle", False) == oracle
+    return report if same else None
 
 
-def ensure(spec: ZooSpec, cache_dir: Path | str | None = None, *, rebuild: bool = False) -> Path:
-    """The folder of ``spec``'s trained model, trained and saved now unless a folder of ours
-    from the same spec is there. A folder that is not an output of ours is refused
-    (``OutputPathError``) before any training."""
+def ensure(spec: ZooSpec, cache_dir: Path | str | None = None, *, rebuild: bool = False,
+           oracle: bool = False) -> Path:
+    """The folder of ``spec``'s trained model (its oracle with ``oracle``), trained and saved now
+    unless a folder of ours from the same spec is there. A folder that is not an output of ours
+    is refused (``OutputPathError``) before any training."""
     from .io import save_pretrained_atomic
     from .output_dir import check_output_path, versions
 
-    folder = model_dir(spec, cache_dir)
-    if not rebuild and cached_report(folder, spec) is not None:
+    folder = model_dir(spec, cache_dir, oracle=oracle)
+    if not rebuild and cached_report(folder, spec, oracle=oracle) is not None:
         return folder.resolve()
     check_output_path(folder, overwrite=True)
-    model, tokenizer, losses, seconds = train_model(spec)
-    report = {ZOO_KEY: {"spec": spec.as_dict(), "train_seconds": seconds, "threads": tiny.THREADS,
-                        "final_loss": round(losses[-1], 4), "base_accuracy": base_accuracies(model, tokenizer, spec),
-                        "overlap": OVERLAP},
-              "versions": versions()}
+    model, tokenizer, losses, seconds = train_model(spec, oracle=oracle)
+    info = {"spec": spec.as_dict(), "train_seconds": seconds, "threads": tiny.THREADS,
+            "final_loss": round(losses[-1], 4), "base_accuracy": base_accuracies(model, tokenizer, spec),
+            "overlap": OVERLAP}
+    report = {ZOO_KEY: {**info, "oracle": True} if oracle else info, "versions": versions()}
     return save_pretrained_atomic(model, tokenizer, folder, report)
 
 
