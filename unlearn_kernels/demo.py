@@ -87,17 +87,16 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
     attack's seed both, for the base model and the oracle too; their spread is printed by
     :func:`seed_table`. The outputs are checked first (:func:`check_outputs`)."""
     methods = list(DEMO_SETTINGS) if methods is None else list(methods)
-    overlaps = _splits(full, overlaps)
     seeds = _seeds(full, seeds)
     out_dir = Path(out_dir)
     check_outputs(out_dir, methods, full, overlaps, overwrite, inputs=[model_path, oracle_path], seeds=seeds)
     base, tokenizer = tiny.load(model_path)
     oracle_model = tiny.load(oracle_path)[0] if oracle_path is not None else None
     rows = []
-    for overlap in overlaps:
+    for overlap, planned in _plan(methods, full, overlaps, seeds).items():
         split = Split.from_benchmark(entangled.generate(overlap))
         data = _write_split(split, _data_folder(out_dir, overlap), overwrite)
-        for seed in (0, *(seeds if overlap == DEFAULT_OVERLAP else ())):
+        for seed, seed_runs in planned:
             # the oracle never saw the forget facts of the default split only
             oracle = (measure(oracle_model, tokenizer, split, PROBE_LAYER, relearn_steps, seed)
                       if oracle_model is not None and overlap == DEFAULT_OVERLAP else None)
@@ -106,7 +105,7 @@ def run(out_dir: Path | str = "demo_out", overlaps=None, methods=None, relearn_s
             rows.append({**fixed, "method": "base", **base_result})
             if oracle is not None:
                 rows.append({**fixed, "method": "oracle", **compare(oracle, oracle, base_result)})
-            for name, knob, value in runs(methods, full and seed == 0):
+            for name, knob, value in seed_runs:
                 folder = _run_folder(out_dir, overlap, name, knob, value, seed)
                 result = unlearn(RunConfig(model=str(model_path), method=name, out=str(folder),
                                            settings={**DEMO_SETTINGS[name], knob: value, "seed": seed,
@@ -138,15 +137,23 @@ def check_outputs(out_dir: Path | str, methods=None, full: bool = False, overlap
     if unknown:
         raise UserError(f"unknown demo methods {unknown}; choose from {list(DEMO_SETTINGS)}")
     out_dir, inputs = Path(out_dir), [p for p in inputs if p is not None]
-    seeds = _seeds(full, seeds)
-    for overlap in _splits(full, overlaps):
-        for seed in (0, *(seeds if overlap == DEFAULT_OVERLAP else ())):
-            for name, knob, value in runs(methods, full and seed == 0):
+    for overlap, planned in _plan(methods, full, overlaps, _seeds(full, seeds)).items():
+        for seed, seed_runs in planned:
+            for name, knob, value in seed_runs:
                 check_output_path(_run_folder(out_dir, overlap, name, knob, value, seed), inputs, overwrite=overwrite)
         for name in ("forget", "retain"):
             check_output_file(_data_folder(out_dir, overlap) / f"{name}.jsonl", inputs, overwrite=overwrite)
     for name in ("results.json", "tradeoff.png"):
         check_output_file(out_dir / name, inputs, overwrite=overwrite)
+
+
+def _plan(methods, full: bool, overlaps, seeds: tuple) -> dict:
+    """``{overlap: [(seed, runs)]}``: what a demo runs, in order. Seed 0 at every overlap (with
+    ``full`` the whole sweep); the further ``seeds`` at the default overlap only (the oracle was
+    retrained for its split), repeating the quick demo's runs."""
+    return {overlap: [(seed, runs(methods, full and seed == 0))
+                      for seed in (0, *(seeds if overlap == DEFAULT_OVERLAP else ()))]
+            for overlap in _splits(full, overlaps)}
 
 
 def _splits(full: bool, overlaps=None) -> tuple:
