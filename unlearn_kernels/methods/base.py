@@ -40,7 +40,7 @@ from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
 from ..ops import disruption_mask_
 from ..ops._backend import BACKENDS
-from . import distributed
+from . import collapse, distributed
 from .spec import MethodSpec
 from .settings import (Auto, Count, Integer, NonNegative, NonNegativeInt, Patterns, Positive, config_dataclass,
                        make_config)
@@ -455,9 +455,7 @@ class UnlearningMethod:
         self.setup(forget, retain)
         self._collapse = None
         if self.config.collapse_rank:
-            from .collapse import build
-
-            self._collapse = build(self, retain)
+            self._collapse = collapse.build(self, retain)
         self.optimized = self._master_copies()
         self.optimizer = self.make_optimizer()
 

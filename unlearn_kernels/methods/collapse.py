@@ -181,7 +181,6 @@ def build(method, retain: list) -> Collapse:
     it is before the first step. The forward stops after the deepest collapsed decoder layer
     when every collapsed layer sits in one."""
     from ..models.layers import layer_index_of, layer_output
-    from .base import model_inputs
 
     config = method.config
     if not retain:
@@ -196,7 +195,8 @@ def build(method, retain: list) -> Collapse:
             return layer_output(method.model, top, batch["input_ids"], batch["attention_mask"])
     else:
         def run(batch):
-            return method.model(**model_inputs(batch), use_cache=False)
+            return method.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False)
     stream = method.batches(retain, 31)
     count = min(config.collapse_batches, -(-len(retain) // config.batch_size))
     training = method.model.training
