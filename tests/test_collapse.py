@@ -270,3 +270,29 @@ def test_rank_range():
         make_config(registry["GradDiff"].config_class, collapse_rank=257)
     with pytest.raises(UserError, match="collapse_rank"):
         make_config(registry["GradDiff"].config_class, collapse_rank=-1)
+
+
+def test_collapse_step_takes_the_whole_step_off_the_retain_directions(data, shipped):
+    """``collapse_step``: the weights move by the optimizer's step with its span(V) part removed
+    (AdamW alone puts part of it back there even from a collapsed gradient)."""
+    forget, retain = data
+    runs = {}
+    for step in (False, True):
+        model, tokenizer = shipped()
+        method = build("GradDiff", model, tokenizer, collapse_rank=RANK, collapse_step=step, retain_weight=0.0)
+        before = {n: p.detach().clone() for n, p in method.params.items()}
+        method.fit(forget, retain)
+        runs[step] = {n: method.params[n].detach() - before[n] for n in before}
+        bases = {n + ".weight": layer.basis for n, layer in method._collapse.layers.items()}
+    for n, v in bases.items():
+        plain, projected = runs[False][n], runs[True][n]
+        assert float((plain @ v).norm() / plain.norm()) > 0.02       # AdamW's step leaks into span(V)
+        assert float((projected @ v).norm() / projected.norm()) < 1e-5
+        torch.testing.assert_close(projected, plain - (plain @ v) @ v.T, rtol=0, atol=1e-7)
+
+
+def test_collapse_step_needs_a_rank(data, shipped):
+    forget, retain = data
+    model, tokenizer = shipped()
+    with pytest.raises(UserError, match="collapse_step needs collapse_rank"):
+        build("GradDiff", model, tokenizer, collapse_step=True).fit(forget, retain)

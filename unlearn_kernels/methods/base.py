@@ -94,6 +94,9 @@ class MethodConfig:
         "retain inputs removed (methods.collapse); the retain gradient stays plain; 0: off"))] = 0
     collapse_batches: Annotated[Count, Field(description=(
         "retain batches whose Linear inputs give collapse_rank's principal directions"))] = 8
+    collapse_step: Annotated[bool, Field(description=(
+        "with collapse_rank, also take each collapsed weight's whole optimizer step (retain term included) off "
+        "the retain directions: AdamW's element-wise scaling otherwise puts part of it back there"))] = False
 
 
 def fingerprint(items: list) -> str:
@@ -456,6 +459,8 @@ class UnlearningMethod:
         self._collapse = None
         if self.config.collapse_rank:
             self._collapse = collapse.build(self, retain)
+        elif self.config.collapse_step:
+            raise UserError(f"{self.name}: collapse_step needs collapse_rank > 0")
         self.optimized = self._master_copies()
         self.optimizer = self.make_optimizer()
 
@@ -517,7 +522,10 @@ class UnlearningMethod:
         if masters:
             for name, p in self.params.items():
                 self.optimized[name].grad = None if p.grad is None else p.grad.to(torch.float32)
+        before = self._collapse.before_step(self.optimized) if self._collapse is not None else None
         optimizer_step(self, step, self.optimized)
+        if before:
+            self._collapse.project_step(self.optimized, before)
         if masters:
             with torch.no_grad():
                 for name, p in self.params.items():

@@ -91,8 +91,8 @@ class Collapse:
     bases (:meth:`fit_bases`), and ``active`` (the flag the backward reads)."""
 
     def __init__(self, method_name: str, model: nn.Module, params: dict[str, nn.Parameter], rank: int,
-                 backend: str = "auto"):
-        self.rank, self.backend, self.active = rank, backend, False
+                 backend: str = "auto", project_steps: bool = False):
+        self.rank, self.backend, self.active, self.project_steps = rank, backend, False, project_steps
         owners = {}
         for module_name, module in model.named_modules():
             for attr, p in module._parameters.items():
@@ -149,6 +149,24 @@ class Collapse:
         """The basis rank per collapsed layer (for the report)."""
         return {name: int(layer.basis.shape[1]) for name, layer in self.layers.items() if layer.basis is not None}
 
+    def before_step(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """With ``collapse_step``: copies of the collapsed weights (among ``weights``, the tensors
+        the optimizer updates) before its step; None without."""
+        if not self.project_steps:
+            return None
+        return {n: weights[n].detach().clone() for n in (name + ".weight" for name in self.layers) if n in weights}
+
+    @torch.no_grad()
+    def project_step(self, weights: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
+        """``W ← W₀ + Δ − (Δ V) Vᵀ`` with ``Δ = W − W₀`` the optimizer's step (fp32)."""
+        for name, layer in self.layers.items():
+            n = name + ".weight"
+            if n not in before:
+                continue
+            w, v = weights[n], layer.basis.to(weights[n].device)
+            delta = w.float() - before[n].float()
+            w.copy_((before[n].float() + delta - (delta @ v) @ v.T).to(w.dtype))
+
     @contextmanager
     def installed(self):
         """Within the block the layers compute through :class:`_CollapsedLinear`."""
@@ -186,7 +204,8 @@ def build(method, retain: list) -> Collapse:
     if not retain:
         raise UserError(f"{method.name}: collapse_rank needs retain data (its basis is the retain inputs' "
                         "principal directions)")
-    collapse = Collapse(method.name, method.model, method.params, config.collapse_rank, config.backend)
+    collapse = Collapse(method.name, method.model, method.params, config.collapse_rank, config.backend,
+                        config.collapse_step)
     indices = [layer_index_of(method.model, name + ".weight") for name in collapse.layers]
     if all(i is not None for i in indices):
         top = max(indices)

@@ -79,7 +79,8 @@ class MRP(UnlearningMethod):
                  "disruption_mask": "MRP changes no weight; its basis training has no retain gradient to mask",
                  "sam_rho": "MRP changes no weight, so there are no weights to perturb",
                  "collapse_rank": "MRP changes no weight, so there is no weight gradient to collapse",
-                 "collapse_batches": "MRP changes no weight, so there is no weight gradient to collapse"})
+                 "collapse_batches": "MRP changes no weight, so there is no weight gradient to collapse",
+                 "collapse_step": "MRP changes no weight, so there is no weight gradient to collapse"})
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)
