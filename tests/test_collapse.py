@@ -296,3 +296,11 @@ def test_collapse_step_needs_a_rank(data, shipped):
     model, tokenizer = shipped()
     with pytest.raises(UserError, match="collapse_step needs collapse_rank"):
         build("GradDiff", model, tokenizer, collapse_step=True).fit(forget, retain)
+
+
+def test_simu_collapses_its_gradient_but_refuses_collapse_step(shipped):
+    model, tokenizer = shipped()
+    with pytest.raises(UserError, match="SIMU does not use the setting collapse_step.*unselected neurons"):
+        registry["SIMU"](model, tokenizer, config=make_config(registry["SIMU"].config_class, collapse_rank=4,
+                                                               collapse_step=True))
+    registry["SIMU"](model, tokenizer, config=make_config(registry["SIMU"].config_class, collapse_rank=4))
