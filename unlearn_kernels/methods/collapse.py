@@ -20,6 +20,16 @@ retain outputs in place. The paper's output-side projection (of ``g`` onto the c
 retain output-gradient principal directions) is not done: for the RMU family the retain loss and
 its gradient are 0 at the start, so those directions are undefined there.
 
+``collapse_step``: the package's optimizers scale each weight element by its own running
+gradient statistics (AdamW, Sophia), which does not preserve the row space of a gradient
+``Σ g x̃ᵀ``: on the demo's RMU run (rank 4) the first AdamW step of each collapsed MLP weight had
+6–11 % of its norm in ``span(V)`` although its gradient had none (a random direction: 12–18 %),
+and since the retain inputs are largest along ``V`` that is enough to move them. With
+``collapse_step`` each collapsed weight's whole step ``Δ`` (retain term included) becomes
+``Δ − (Δ V) Vᵀ`` after the optimizer, which with SGD would be what the collapsed gradient gives;
+the retain term then repairs only outside ``V`` (where the unlearning acts). SIMU refuses it: on a
+down projection, whose neuron axis is its input, it would move unselected neurons.
+
 Mechanics: while :func:`collapsed` is active the selected Linear modules compute ``F.linear``
 through :class:`_CollapsedLinear` (an instance ``forward``, so module hooks — the frozen copy's
 weight swap — still run around it; without a graph it is plain ``F.linear``). Its backward
