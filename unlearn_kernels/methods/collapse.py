@@ -30,6 +30,12 @@ and since the retain inputs are largest along ``V`` that is enough to move them.
 the retain term then repairs only outside ``V`` (where the unlearning acts). SIMU refuses it: on a
 down projection, whose neuron axis is its input, it would move unselected neurons.
 
+Measured on the shipped benchmark (``benchmarks/RESULTS.md``, 2026-12-07, the attack suite): the
+gradient collapse alone wrecks RMU's retain accuracy (0.36-0.63 at k = 4-64) and raises GradDiff's
+recovery; with ``collapse_step`` RMU at k = 16 keeps its forget and retain accuracy and its worst
+recovery falls from 81 ± 2 to 69 ± 1 % over three seeds, NPO at k = 4 gains retain (+0.03) at an
+unchanged recovery; no setting met the robustness goal, which TAR meets on 2 of 3 seeds.
+
 Mechanics: while :func:`collapsed` is active the selected Linear modules compute ``F.linear``
 through :class:`_CollapsedLinear` (an instance ``forward``, so module hooks — the frozen copy's
 weight swap — still run around it; without a graph it is plain ``F.linear``). Its backward
