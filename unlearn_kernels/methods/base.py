@@ -402,6 +402,8 @@ class UnlearningMethod:
         if self.config.collapse_rank and distributed.active():
             raise UserError(f"{self.name}: collapse_rank runs in one process (its bases come from one process's "
                             "retain batches)")
+        if self.config.collapse_step and not self.config.collapse_rank:
+            raise UserError(f"{self.name}: collapse_step needs collapse_rank > 0")
         self.prepare(forget, retain)
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
@@ -456,11 +458,7 @@ class UnlearningMethod:
             p.requires_grad_(True)
         self.model.train()
         self.setup(forget, retain)
-        self._collapse = None
-        if self.config.collapse_rank:
-            self._collapse = collapse.build(self, retain)
-        elif self.config.collapse_step:
-            raise UserError(f"{self.name}: collapse_step needs collapse_rank > 0")
+        self._collapse = collapse.build(self, retain) if self.config.collapse_rank else None
         self.optimized = self._master_copies()
         self.optimizer = self.make_optimizer()
 
@@ -522,10 +520,11 @@ class UnlearningMethod:
         if masters:
             for name, p in self.params.items():
                 self.optimized[name].grad = None if p.grad is None else p.grad.to(torch.float32)
-        before = self._collapse.before_step(self.optimized) if self._collapse is not None else None
+        collapsed = getattr(self, "_collapse", None)
+        before = collapsed.before_step(self.optimized) if collapsed is not None else None
         optimizer_step(self, step, self.optimized)
         if before:
-            self._collapse.project_step(self.optimized, before)
+            collapsed.project_step(self.optimized, before)
         if masters:
             with torch.no_grad():
                 for name, p in self.params.items():
