@@ -36,7 +36,7 @@ recovery; with ``collapse_step`` RMU at k = 16 keeps its forget and retain accur
 recovery falls from 81 ± 2 to 69 ± 1 % over three seeds, NPO at k = 4 gains retain (+0.03) at an
 unchanged recovery; no setting met the robustness goal, which TAR meets on 2 of 3 seeds.
 
-Mechanics: while :func:`collapsed` is active the selected Linear modules compute ``F.linear``
+Mechanics: within :meth:`Collapse.installed` (the whole run) the selected Linear modules compute ``F.linear``
 through :class:`_CollapsedLinear` (an instance ``forward``, so module hooks — the frozen copy's
 weight swap — still run around it; without a graph it is plain ``F.linear``). Its backward
 reads ``Collapse.active``: set only around the unlearning terms' ``autograd.grad`` in
