@@ -40,7 +40,7 @@ from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
 from ..ops import disruption_mask_
 from ..ops._backend import BACKENDS
-from . import distributed
+from . import collapse, distributed
 from .spec import MethodSpec
 from .settings import (Auto, Count, Integer, NonNegative, NonNegativeInt, Patterns, Positive, config_dataclass,
                        make_config)
@@ -88,6 +88,15 @@ class MethodConfig:
         "sharpness-aware unlearning (Fan et al., 2025), radius rho of the weight perturbation: the unlearning "
         "gradient is taken at theta + rho g/||g|| (g: the unlearning gradient at theta, ||.|| over all updated "
         "weights), the retain gradient at theta; 0: off"))] = 0.0
+    collapse_rank: Annotated[NonNegativeInt, Field(le=256, description=(
+        "collapse of irrelevant representations (CIR, Sondej & Yang 2025), k: the unlearning terms' gradient "
+        "of each updated Linear weight is taken from its inputs with the top-k principal directions of the "
+        "retain inputs removed (methods.collapse); the retain gradient stays plain; 0: off"))] = 0
+    collapse_batches: Annotated[Count, Field(description=(
+        "retain batches whose Linear inputs give collapse_rank's principal directions"))] = 8
+    collapse_step: Annotated[bool, Field(description=(
+        "with collapse_rank, also take each collapsed weight's whole optimizer step (retain term included) off "
+        "the retain directions: AdamW's element-wise scaling otherwise puts part of it back there"))] = False
 
 
 def fingerprint(items: list) -> str:
@@ -390,6 +399,11 @@ class UnlearningMethod:
         if self.config.sam_rho and distributed.active():
             raise UserError(f"{self.name}: sam_rho runs in one process (its perturbation needs the norm of the "
                             "whole batch's gradient before the update)")
+        if self.config.collapse_rank and distributed.active():
+            raise UserError(f"{self.name}: collapse_rank runs in one process (its bases come from one process's "
+                            "retain batches)")
+        if self.config.collapse_step and not self.config.collapse_rank:
+            raise UserError(f"{self.name}: collapse_step needs collapse_rank > 0")
         self.prepare(forget, retain)
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
@@ -410,7 +424,8 @@ class UnlearningMethod:
             self.planned_steps = steps
             monitor.start(self)
         last = start - 1
-        with checkpoint if checkpoint is not None else nullcontext(), checkpointed:
+        collapsing = self._collapse.installed() if self._collapse is not None else nullcontext()
+        with checkpoint if checkpoint is not None else nullcontext(), checkpointed, collapsing:
             bar = tqdm(range(start, steps), desc=self.name, disable=not self.config.progress, leave=False)
             for step in bar:
                 self._step(step, forget_batches, retain_batches, bar)
@@ -443,6 +458,7 @@ class UnlearningMethod:
             p.requires_grad_(True)
         self.model.train()
         self.setup(forget, retain)
+        self._collapse = collapse.build(self, retain) if self.config.collapse_rank else None
         self.optimized = self._master_copies()
         self.optimizer = self.make_optimizer()
 
@@ -452,13 +468,14 @@ class UnlearningMethod:
         Distributed, the loss terms are each rank's share of the global mean: their sum over the
         ranks is checked and logged, and the gradients are summed before the update.
 
-        With ``disruption_mask`` or ``sam_rho`` the unlearning gradient (of every loss term but
-        ``retain``) and the retain gradient are taken apart; ``sam_rho`` then replaces the
+        With ``disruption_mask``, ``sam_rho`` or ``collapse_rank`` the unlearning gradient (of every
+        loss term but ``retain``) and the retain gradient are taken apart (``collapse_rank``: the
+        unlearning one from collapsed Linear inputs, ``methods.collapse``); ``sam_rho`` then replaces the
         unlearning gradient by its value at the perturbed weights (:meth:`_sharpness_aware`) and
         ``disruption_mask`` masks it (:meth:`_masked_gradients`); the update gets their sum."""
         masters = self.optimized is not self.params
         sam = self.config.sam_rho > 0
-        apart = self.config.disruption_mask or sam
+        apart = self.config.disruption_mask or sam or bool(self.config.collapse_rank)
         self.optimizer.zero_grad(set_to_none=True)
         if masters:                       # the model's own weights collect the gradients
             for p in self.params.values():
@@ -503,7 +520,11 @@ class UnlearningMethod:
         if masters:
             for name, p in self.params.items():
                 self.optimized[name].grad = None if p.grad is None else p.grad.to(torch.float32)
+        collapsed = getattr(self, "_collapse", None)
+        before = collapsed.before_step(self.optimized) if collapsed is not None else None
         optimizer_step(self, step, self.optimized)
+        if before:
+            collapsed.project_step(self.optimized, before)
         if masters:
             with torch.no_grad():
                 for name, p in self.params.items():
@@ -524,10 +545,19 @@ class UnlearningMethod:
             if not torch.is_tensor(loss) or not loss.requires_grad:
                 continue
             keep = i + 1 < len(parts)
-            for name, g in zip(names, torch.autograd.grad(loss / self.config.grad_accum, params, retain_graph=keep,
-                                                          allow_unused=True)):
+            with self._collapsing(part == "unlearn"):
+                taken = torch.autograd.grad(loss / self.config.grad_accum, params, retain_graph=keep,
+                                            allow_unused=True)
+            for name, g in zip(names, taken):
                 if g is not None:
                     grads[part][name] = g if name not in grads[part] else grads[part][name] + g
+
+    def _collapsing(self, on: bool = True):
+        """A block whose weight gradients are collapsed ones (``collapse_rank``) when ``on``."""
+        from contextlib import nullcontext
+
+        collapse = getattr(self, "_collapse", None)
+        return collapse.unlearning() if on and collapse is not None else nullcontext()
 
     def unlearn_loss(self, forget_batch, retain_batch, step: int) -> dict[str, torch.Tensor]:
         """The unlearning terms of :meth:`loss` (every term but ``retain``), which ``sam_rho``
@@ -574,7 +604,9 @@ class UnlearningMethod:
                 losses = self.unlearn_loss(forget_batch, retain_batch, step)
                 check_finite(self.name, step, {f"{k} (sam_rho)": v for k, v in losses.items()})
                 loss = sum(losses.values()) / self.config.grad_accum
-                for n, g in zip(names, torch.autograd.grad(loss, params, allow_unused=True)):
+                with self._collapsing():
+                    taken = torch.autograd.grad(loss, params, allow_unused=True)
+                for n, g in zip(names, taken):
                     if g is not None:
                         perturbed[n] = g if n not in perturbed else perturbed[n] + g
         finally:
@@ -729,4 +761,6 @@ class UnlearningMethod:
                 "needs": needs, "data": self.data, "history": self.history,
                 "final_losses": self.history[-1] if self.history else None,
                 **({"target": self.target} if getattr(self, "target", None) else {}),
+                **({"collapse": {"rank": self.config.collapse_rank, "basis_rank": self._collapse.ranks()}}
+                   if getattr(self, "_collapse", None) is not None else {}),
                 **getattr(self, "run_info", {}), "versions": versions()}

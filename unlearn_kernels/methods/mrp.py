@@ -77,7 +77,10 @@ class MRP(UnlearningMethod):
                  "master_dtype": "MRP changes no weight; the basis is kept in fp32",
                  "checkpointing": "the statistics run without gradients and the basis training is short",
                  "disruption_mask": "MRP changes no weight; its basis training has no retain gradient to mask",
-                 "sam_rho": "MRP changes no weight, so there are no weights to perturb"})
+                 "sam_rho": "MRP changes no weight, so there are no weights to perturb",
+                 "collapse_rank": "MRP changes no weight, so there is no weight gradient to collapse",
+                 "collapse_batches": "MRP changes no weight, so there is no weight gradient to collapse",
+                 "collapse_step": "MRP changes no weight, so there is no weight gradient to collapse"})
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)

@@ -94,7 +94,9 @@ class SIMU(SOGradDiff):
     """Score MLP neurons on forget vs retain, then masked Sophia GradDiff on the top ones."""
 
     name = "SIMU"
-    spec = dataclasses.replace(SOGradDiff.spec, config=SIMUConfig, saves=("weights", "masks"))
+    spec = dataclasses.replace(SOGradDiff.spec, config=SIMUConfig, saves=("weights", "masks"),
+                               refuses={"collapse_step": "projecting a down projection's step mixes its input "
+                                                         "neurons, so unselected neurons would change"})
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)

@@ -167,7 +167,11 @@ class TAR(UnlearningMethod):
                       memory=Memory(loss="head", updates="mlp", adversary=True),
                       refuses={"checkpointing": "the attack's graphs run under torch.func.functional_call, "
                                                 "whose weights a recomputation in backward would not see",
-                               "sam_rho": "each loss evaluation runs a simulated attack, its own robustness term"})
+                               "sam_rho": "each loss evaluation runs a simulated attack, its own robustness term",
+                               "collapse_rank": "its tamper term's gradient is a meta-gradient from the simulated "
+                                                "attack's weights, not a Linear weight's gradient from its inputs",
+                               "collapse_batches": "it does not use collapse_rank",
+                               "collapse_step": "it does not use collapse_rank"})
     reference_lr = 1e-5       # the loss-based methods' 7B rate (AdamW)
 
     def resolve_defaults(self) -> dict:
