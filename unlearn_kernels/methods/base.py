@@ -40,10 +40,10 @@ from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
 from ..ops import disruption_mask_
 from ..ops._backend import BACKENDS
-from . import distributed
+from . import distill, distributed
 from .spec import MethodSpec
-from .settings import (Auto, Count, Integer, NonNegative, NonNegativeInt, Patterns, Positive, config_dataclass,
-                       make_config)
+from .settings import (Auto, Count, Integer, NonNegative, NonNegativeInt, Patterns, Positive, Share,
+                       config_dataclass, make_config)
 
 MODEL_KEYS = ("input_ids", "attention_mask")
 
@@ -88,6 +88,17 @@ class MethodConfig:
         "sharpness-aware unlearning (Fan et al., 2025), radius rho of the weight perturbation: the unlearning "
         "gradient is taken at theta + rho g/||g|| (g: the unlearning gradient at theta, ||.|| over all updated "
         "weights), the retain gradient at theta; 0: off"))] = 0.0
+    distill_noise: Annotated[Share, Field(description=(
+        "UNDO (Lee et al., 2025) after unlearning: alpha of the student theta_S = (1-alpha) theta_T + alpha beta N "
+        "(N a fresh initialisation), distilled from the unlearned teacher on the retain texts; 0: off"))] = 0.0
+    distill_steps: Annotated[NonNegativeInt, Field(description=(
+        "distillation steps (forward KL teacher -> student on retain batches); 0: as many as the unlearning steps"))] = 0
+    distill_lr: Annotated[Auto[Positive], Field(description=(
+        "AdamW rate of the distillation; auto: 1e-4 x 4096 / hidden size"))] = None
+    distill_weights: Annotated[Literal["all", "update"], Field(description=(
+        "weights noised and distilled: all (the paper's) or update (the method's band only)"))] = "all"
+    distill_scale: Annotated[NonNegative, Field(description=(
+        "beta, the scale of the fresh initialisation N in the student"))] = 1.0
 
 
 def fingerprint(items: list) -> str:
@@ -302,6 +313,8 @@ class UnlearningMethod:
                 chosen["update"] = roles.patterns(roles.band(check_layer(self.model, layer)), self.default_roles)
         if config.lr is None:
             chosen["lr"] = float(f"{self.reference_lr * 4096 / hidden_size(self.model):.3g}")
+        if getattr(config, "distill_noise", 0) and config.distill_lr is None:
+            chosen["distill_lr"] = distill.auto_lr(hidden_size(self.model))
         self.config = dataclasses.replace(config, **chosen)
         return chosen
 
@@ -390,6 +403,8 @@ class UnlearningMethod:
         if self.config.sam_rho and distributed.active():
             raise UserError(f"{self.name}: sam_rho runs in one process (its perturbation needs the norm of the "
                             "whole batch's gradient before the update)")
+        distill.check(self, retain, checkpoint=checkpoint, resume=resume, monitor=monitor)
+        self.distillation = None
         self.prepare(forget, retain)
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
@@ -427,6 +442,8 @@ class UnlearningMethod:
             p.requires_grad_(False)
         if monitor is not None:
             self.target = monitor.finish(self, last)
+        if self.config.distill_noise:
+            self.distillation = distill.distill(self, retain, steps)
         self._finish_run()
         return self
 
@@ -729,4 +746,5 @@ class UnlearningMethod:
                 "needs": needs, "data": self.data, "history": self.history,
                 "final_losses": self.history[-1] if self.history else None,
                 **({"target": self.target} if getattr(self, "target", None) else {}),
+                **({"distillation": self.distillation} if getattr(self, "distillation", None) else {}),
                 **getattr(self, "run_info", {}), "versions": versions()}

@@ -77,7 +77,9 @@ class MRP(UnlearningMethod):
                  "master_dtype": "MRP changes no weight; the basis is kept in fp32",
                  "checkpointing": "the statistics run without gradients and the basis training is short",
                  "disruption_mask": "MRP changes no weight; its basis training has no retain gradient to mask",
-                 "sam_rho": "MRP changes no weight, so there are no weights to perturb"})
+                 "sam_rho": "MRP changes no weight, so there are no weights to perturb",
+                 **{name: "MRP changes no weight, so there is no unlearned model to distil" for name in
+                    ("distill_noise", "distill_steps", "distill_lr", "distill_weights", "distill_scale")}})
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)
