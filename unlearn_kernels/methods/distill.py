@@ -165,9 +165,9 @@ def distill(method, retain: list, unlearning_steps: int) -> dict:
             inputs = model_inputs(batch)
             model.eval()
             with torch.no_grad():
-                teacher_logits = functional_call(model, teacher, (), inputs).logits
+                teacher_logits = functional_call(model, teacher, (), {**inputs, "use_cache": False}).logits
             model.train()
-            loss = forward_kl(model(**inputs).logits, teacher_logits, inputs["attention_mask"])
+            loss = forward_kl(model(**inputs, use_cache=False).logits, teacher_logits, inputs["attention_mask"])
             check_finite(method.name, step, {"distill_kl": loss})
             optimizer.zero_grad(set_to_none=True)
             for p in weights.values():
