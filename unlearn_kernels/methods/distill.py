@@ -16,8 +16,8 @@ to the weight's device and dtype: the same student on every device. α = 1, β =
 student from a fresh model; α = 0 is no distillation at all (nothing is drawn).
 
 The student is then trained for ``distill_steps`` steps (0: as many as the unlearning run's
-steps) of AdamW (``distill_lr``, no weight decay, constant rate, torch's fused kernel where it
-applies) on batches of the retain texts (``batch_size`` each, the method's own batching with its
+steps) of AdamW (``distill_lr``, no weight decay, torch's fused kernel where it applies; the rate
+warms up linearly over the first 10 % of the steps and decays to 0 on a cosine, :func:`rate_factor`) on batches of the retain texts (``batch_size`` each, the method's own batching with its
 own shuffle), to minimise the forward KL from the teacher's next-token distribution to the
 student's, over every position the attention mask keeps (a QA pair counts as its full text)::
 
@@ -44,6 +44,7 @@ refused under ``torch.distributed``, with a checkpoint or resume, with validatio
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -57,11 +58,19 @@ from . import distributed
 # the rate at hidden 4096 that the auto ``distill_lr`` scales from (× 4096 / hidden, as the methods'
 # own rates): 3.2e-3 at the shipped model's hidden 128, the rate that model was pretrained with
 REFERENCE_LR = 1e-4
+WARMUP = 0.1           # the share of the steps over which the rate warms up linearly
 SETTINGS = ("distill_steps", "distill_lr", "distill_weights", "distill_scale")
 
 
 def auto_lr(hidden: int) -> float:
     return float(f"{REFERENCE_LR * 4096 / hidden:.3g}")
+
+
+def rate_factor(t: int, steps: int) -> float:
+    """The rate of step ``t`` (from 0) of ``steps``, as a share of ``distill_lr``: a linear warm-up over
+    the first ``WARMUP`` of the steps, times a cosine decay to 0 (``½(1 + cos(π t / steps))``)."""
+    warm = max(1, round(WARMUP * steps))
+    return min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * t / steps))
 
 
 def check(method, retain: list, *, checkpoint=None, resume: bool = False, monitor=None) -> None:
@@ -156,6 +165,7 @@ def distill(method, retain: list, unlearning_steps: int) -> dict:
     params = list(optimized.values())
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(params, lr=config.distill_lr, weight_decay=0.0, **({"fused": True} if fused else {}))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: rate_factor(t, steps))
     batches = method.batches(retain, 3)
     losses = []
     checkpointed = activation_checkpointing(model) if config.checkpointing else nullcontext()
@@ -178,6 +188,7 @@ def distill(method, retain: list, unlearning_steps: int) -> dict:
                     if optimized[n] is not p:
                         optimized[n].grad = None if p.grad is None else p.grad.float()
             optimizer.step()
+            schedule.step()
             if masters:
                 with torch.no_grad():
                     for n, p in weights.items():
