@@ -9,6 +9,7 @@ settings are refused where the phase cannot run."""
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import pytest
@@ -229,3 +230,10 @@ def test_the_other_gradient_methods_distil(shipped, data, name, settings):
     assert method.report()["distillation"]["steps"] == 2
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_the_rate_warms_up_then_decays_on_a_cosine():
+    assert distill.rate_factor(0, 1) == 1.0                      # one step: the whole rate
+    factors = [distill.rate_factor(t, 100) for t in range(100)]
+    assert factors[:10] == pytest.approx([(t + 1) / 10 * 0.5 * (1 + math.cos(math.pi * t / 100)) for t in range(10)])
+    assert max(factors) == factors[9] and factors[-1] < 1e-3 and all(a >= b for a, b in zip(factors[9:], factors[10:]))

@@ -17,8 +17,9 @@ student from a fresh model; α = 0 is no distillation at all (nothing is drawn).
 
 The student is then trained for ``distill_steps`` steps (0: as many as the unlearning run's
 steps) of AdamW (``distill_lr``, no weight decay, torch's fused kernel where it applies; the rate
-warms up linearly over the first 10 % of the steps and decays to 0 on a cosine, :func:`rate_factor`) on batches of the retain texts (``batch_size`` each, the method's own batching with its
-own shuffle), to minimise the forward KL from the teacher's next-token distribution to the
+warms up linearly over the first 10 % of the steps, then decays to 0 on a cosine: :func:`rate_factor`)
+on batches of the retain texts (``batch_size`` each, the method's own batching with its own
+shuffle), to minimise the forward KL from the teacher's next-token distribution to the
 student's, over every position the attention mask keeps (a QA pair counts as its full text)::
 
     L(θ_S) = Σ_{valid t} Σ_v p_T(v | x_<t) [log p_T(v | x_<t) − log p_S(v | x_<t)] / n_valid
