@@ -61,8 +61,9 @@ def hand_step(teacher_model, tokenizer, retain, *, alpha, beta, lr, seed, weight
     """The student after one distillation step, from the formula in plain torch: θ_S, the KL on
     the first retain batch (shuffled with random.Random(seed + 3)), AdamW's first step."""
     student = copy.deepcopy(teacher_model)
-    names = [n for n, _ in student.named_parameters()] if weights == "all" else \
-        [n for n, _ in student.named_parameters() if any(f"layers.{i}.mlp." in n for i in (1, 2))]
+    keep = {"all": lambda n: True, "mlp": lambda n: ".mlp." in n,
+            "update": lambda n: any(f"layers.{i}.mlp." in n for i in (1, 2))}[weights]
+    names = [n for n, _ in student.named_parameters() if keep(n)]
     fresh = hand_fresh(student, names, seed)
     params = dict(student.named_parameters())
     with torch.no_grad():
@@ -101,7 +102,7 @@ def hand_step(teacher_model, tokenizer, retain, *, alpha, beta, lr, seed, weight
     return {n: params[n].detach().clone() for n in names}, grads
 
 
-@pytest.mark.parametrize("name, weights", [("RMU", "all"), ("GradDiff", "update")])
+@pytest.mark.parametrize("name, weights", [("RMU", "all"), ("GradDiff", "update"), ("NPO", "mlp")])
 def test_one_distillation_step_is_the_formula_by_hand(shipped, data, name, weights):
     forget, retain = data
     model, tokenizer = shipped()

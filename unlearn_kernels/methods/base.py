@@ -95,8 +95,9 @@ class MethodConfig:
         "distillation steps (forward KL teacher -> student on retain batches); 0: as many as the unlearning steps"))] = 0
     distill_lr: Annotated[Auto[Positive], Field(description=(
         "AdamW rate of the distillation; auto: 1e-4 x 4096 / hidden size"))] = None
-    distill_weights: Annotated[Literal["all", "update"], Field(description=(
-        "weights noised and distilled: all (the paper's) or update (the method's band only)"))] = "all"
+    distill_weights: Annotated[Literal["all", "mlp", "update"], Field(description=(
+        "weights noised and distilled: all (the paper's), mlp (every layer's MLP projections) or update "
+        "(the method's band only)"))] = "all"
     distill_scale: Annotated[NonNegative, Field(description=(
         "beta, the scale of the fresh initialisation N in the student"))] = 1.0
 

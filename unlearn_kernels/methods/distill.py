@@ -101,6 +101,12 @@ def distilled_weights(method) -> dict[str, nn.Parameter]:
     """The weights the phase noises and trains (``distill_weights``), by name."""
     if method.config.distill_weights == "update":
         return dict(method.params)
+    if method.config.distill_weights == "mlp":
+        from ..models.layers import parameters_matching
+        from ..models.roles import ROLES
+
+        roles = method.model_roles()
+        return parameters_matching(method.model, roles.patterns(list(range(roles.depth)), ROLES))
     return {n: p for n, p in method.model.named_parameters() if p.is_floating_point()}
 
 
