@@ -92,7 +92,8 @@ class MethodConfig:
         "UNDO (Lee et al., 2025) after unlearning: alpha of the student theta_S = (1-alpha) theta_T + alpha beta N "
         "(N a fresh initialisation), distilled from the unlearned teacher on the retain texts; 0: off"))] = 0.0
     distill_steps: Annotated[NonNegativeInt, Field(description=(
-        "distillation steps (forward KL teacher -> student on retain batches); 0: as many as the unlearning steps"))] = 0
+        "distillation steps (forward KL teacher -> student on retain batches); 0: as many as the unlearning "
+        "steps"))] = 0
     distill_lr: Annotated[Auto[Positive], Field(description=(
         "AdamW rate of the distillation; auto: 1e-4 x 4096 / hidden size"))] = None
     distill_weights: Annotated[Literal["all", "mlp", "update"], Field(description=(
@@ -444,7 +445,9 @@ class UnlearningMethod:
         if monitor is not None:
             self.target = monitor.finish(self, last)
         if self.config.distill_noise:
-            self.distillation = distill.distill(self, retain, steps)
+            self.distillation = distill.distill(self, retain, steps, model_inputs=model_inputs,
+                                                check_finite=check_finite,
+                                                activation_checkpointing=activation_checkpointing)
         self._finish_run()
         return self
 

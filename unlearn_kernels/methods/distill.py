@@ -155,14 +155,14 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     return per_token[valid].sum() / valid.sum().clamp(min=1)
 
 
-def distill(method, retain: list, unlearning_steps: int) -> dict:
+def distill(method, retain: list, unlearning_steps: int, *, model_inputs, check_finite,
+            activation_checkpointing) -> dict:
     """The phase of the module docstring on ``method.model`` (``distill_steps`` 0: ``unlearning_steps``);
-    returns what the report records."""
+    returns what the report records. ``model_inputs``, ``check_finite`` and ``activation_checkpointing``
+    are ``methods.base``'s (handed in: ``base`` imports this module)."""
     from contextlib import nullcontext
 
     from tqdm import tqdm
-
-    from .base import activation_checkpointing, check_finite, model_inputs
 
     config, model = method.config, method.model
     started = time.perf_counter()
