@@ -40,10 +40,10 @@ from ..models.layers import check_layer, layer_index_of, parameters_matching
 from ..models.roles import ROLES, find_roles, hidden_size
 from ..ops import disruption_mask_
 from ..ops._backend import BACKENDS
-from . import collapse, distributed
+from . import collapse, distill, distributed
 from .spec import MethodSpec
-from .settings import (Auto, Count, Integer, NonNegative, NonNegativeInt, Patterns, Positive, config_dataclass,
-                       make_config)
+from .settings import (Auto, Count, Integer, NonNegative, NonNegativeInt, Patterns, Positive, Share,
+                       config_dataclass, make_config)
 
 MODEL_KEYS = ("input_ids", "attention_mask")
 
@@ -97,6 +97,19 @@ class MethodConfig:
     collapse_step: Annotated[bool, Field(description=(
         "with collapse_rank, also take each collapsed weight's whole optimizer step (retain term included) off "
         "the retain directions: AdamW's element-wise scaling otherwise puts part of it back there"))] = False
+    distill_noise: Annotated[Share, Field(description=(
+        "UNDO (Lee et al., 2025) after unlearning: alpha of the student theta_S = (1-alpha) theta_T + alpha beta N "
+        "(N a fresh initialisation), distilled from the unlearned teacher on the retain texts; 0: off"))] = 0.0
+    distill_steps: Annotated[NonNegativeInt, Field(description=(
+        "distillation steps (forward KL teacher -> student on retain batches); 0: as many as the unlearning "
+        "steps"))] = 0
+    distill_lr: Annotated[Auto[Positive], Field(description=(
+        "AdamW rate of the distillation; auto: 1e-4 x 4096 / hidden size"))] = None
+    distill_weights: Annotated[Literal["all", "mlp", "update"], Field(description=(
+        "weights noised and distilled: all (the paper's), mlp (every layer's MLP projections) or update "
+        "(the method's band only)"))] = "all"
+    distill_scale: Annotated[NonNegative, Field(description=(
+        "beta, the scale of the fresh initialisation N in the student"))] = 1.0
 
 
 def fingerprint(items: list) -> str:
@@ -311,6 +324,8 @@ class UnlearningMethod:
                 chosen["update"] = roles.patterns(roles.band(check_layer(self.model, layer)), self.default_roles)
         if config.lr is None:
             chosen["lr"] = float(f"{self.reference_lr * 4096 / hidden_size(self.model):.3g}")
+        if getattr(config, "distill_noise", 0) and config.distill_lr is None:
+            chosen["distill_lr"] = distill.auto_lr(hidden_size(self.model))
         self.config = dataclasses.replace(config, **chosen)
         return chosen
 
@@ -404,6 +419,8 @@ class UnlearningMethod:
                             "retain batches)")
         if self.config.collapse_step and not self.config.collapse_rank:
             raise UserError(f"{self.name}: collapse_step needs collapse_rank > 0")
+        distill.check(self, retain, checkpoint=checkpoint, resume=resume, monitor=monitor)
+        self.distillation = None
         self.prepare(forget, retain)
         forget_batches = self.batches(forget)
         retain_batches = self.batches(retain, 1) if retain else None
@@ -442,6 +459,10 @@ class UnlearningMethod:
             p.requires_grad_(False)
         if monitor is not None:
             self.target = monitor.finish(self, last)
+        if self.config.distill_noise:
+            self.distillation = distill.distill(self, retain, steps, model_inputs=model_inputs,
+                                                check_finite=check_finite,
+                                                activation_checkpointing=activation_checkpointing)
         self._finish_run()
         return self
 
@@ -763,4 +784,5 @@ class UnlearningMethod:
                 **({"target": self.target} if getattr(self, "target", None) else {}),
                 **({"collapse": {"rank": self.config.collapse_rank, "basis_rank": self._collapse.ranks()}}
                    if getattr(self, "_collapse", None) is not None else {}),
+                **({"distillation": self.distillation} if getattr(self, "distillation", None) else {}),
                 **getattr(self, "run_info", {}), "versions": versions()}

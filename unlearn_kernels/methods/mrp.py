@@ -80,7 +80,9 @@ class MRP(UnlearningMethod):
                  "sam_rho": "MRP changes no weight, so there are no weights to perturb",
                  "collapse_rank": "MRP changes no weight, so there is no weight gradient to collapse",
                  "collapse_batches": "MRP changes no weight, so there is no weight gradient to collapse",
-                 "collapse_step": "MRP changes no weight, so there is no weight gradient to collapse"})
+                 "collapse_step": "MRP changes no weight, so there is no weight gradient to collapse",
+                 **{name: "MRP changes no weight, so there is no unlearned model to distil" for name in
+                    ("distill_noise", "distill_steps", "distill_lr", "distill_weights", "distill_scale")}})
 
     def __init__(self, model, tokenizer, config=None, **overrides):
         super().__init__(model, tokenizer, config, **overrides)
