@@ -105,6 +105,17 @@ def wait_for_checkpoint_step(run, state, step: int, timeout: float = 300.0) -> N
 
 
 
+def benchmark_script(name: str):
+    """The module of ``benchmarks/NAME.py`` (benchmarks is not a package), loaded from its file."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def our_png_size(path) -> tuple[int, int]:
     """``(width, height)`` of the plot at ``path``, after checking that it is a PNG carrying our
     ``Software: unlearn_kernels <version>`` marker (read by PIL, not by the code under test)."""

@@ -5,7 +5,6 @@ against the naive loops written in its style. No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_unlearn_step.py"
@@ -22,10 +22,7 @@ EXPECTED = {("RMU", "reference"), ("RMU", "ours"), ("RMU", "ours-prefix"), ("SRM
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_unlearn_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("bench_unlearn_step")
 
 
 @pytest.fixture(scope="module")

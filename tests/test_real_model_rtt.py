@@ -5,10 +5,10 @@ otherwise)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
 from unlearn_kernels.data.loaders import read_multiple_choice
 
@@ -20,10 +20,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("real_model_rtt", ROOT / "benchmarks" / "real_model_rtt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("real_model_rtt")
 
 
 def test_attack_texts_are_the_val_countries_and_heldout_is_test(bench):

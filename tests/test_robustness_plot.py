@@ -4,20 +4,13 @@ oracle's."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def plot():
-    spec = importlib.util.spec_from_file_location("robustness_plot", ROOT / "benchmarks" / "robustness_plot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("robustness_plot")
 
 
 def row(method, setting, seed, level):
