@@ -28,7 +28,6 @@ import robustness as R  # noqa: E402
 from unlearn_kernels.data import entangled  # noqa: E402
 from unlearn_kernels.demo import DEFAULT_OVERLAP  # noqa: E402
 from unlearn_kernels.eval.multiple_choice import evaluate_multiple_choice  # noqa: E402
-from unlearn_kernels.eval.oracle import recovery  # noqa: E402
 from unlearn_kernels.eval.suite import Split  # noqa: E402
 from unlearn_kernels.models import tiny  # noqa: E402
 
@@ -71,11 +70,8 @@ def main(argv=None) -> None:
     acc = R.accuracies(model, tokenizer, split)
     print(f"repaired ({time.perf_counter() - start:.1f} s): {acc}", flush=True)
     oracle_attack, attack = R.attacked(oracle, tokenizer, split, args.seed), R.attacked(model, tokenizer, split, args.seed)
-    rec = {a: recovery(attack["relearned"][a], oracle_attack["relearned"][a], base_heldout, oracle_attack["heldout"])
-           for a in attack["relearned"]}
-    goal = (max(rec.values()) <= R.GOAL["recovery"]
-            and acc["forget"] <= oracle_acc["forget"] + R.GOAL["forget_over_oracle"]
-            and acc["retain"] >= R.GOAL["retain_share"] * base_acc["retain"])
+    rec = R.recoveries(attack, oracle_attack, base_heldout)
+    goal = R.goal_met(acc, rec, base_acc, oracle_acc)
     print("recovery " + " ".join(f"{a} {v:.0%}" for a, v in rec.items())
           + f"; worst {max(rec.values()):.0%}; goal {'met' if goal else 'missed'}")
 

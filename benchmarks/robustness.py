@@ -69,6 +69,19 @@ def attacked(model, tokenizer, split: Split, seed: int) -> dict:
             "curves": {n: r["curve"] for n, r in result["attacks"].items()}}
 
 
+def recoveries(attack: dict, oracle_attack: dict, base_heldout: float) -> dict:
+    """Recovery per attack of an :func:`attacked` model against the oracle attacked the same way."""
+    return {a: recovery(attack["relearned"][a], oracle_attack["relearned"][a], base_heldout, oracle_attack["heldout"])
+            for a in attack["relearned"]}
+
+
+def goal_met(acc: dict, rec: dict, base_acc: dict, oracle_acc: dict) -> bool:
+    """The goal of the module docstring on one seed: every recovery, forget and retain."""
+    return (max(rec.values()) <= GOAL["recovery"]
+            and acc["forget"] <= oracle_acc["forget"] + GOAL["forget_over_oracle"]
+            and acc["retain"] >= GOAL["retain_share"] * base_acc["retain"])
+
+
 def run_method(name: str, knob_value, seed: int, split: Split, extra: dict, model_path=tiny.ASSET_DIR) -> tuple:
     model, tokenizer = tiny.load(model_path)
     knob = SWEEPS[name][0]
@@ -156,11 +169,8 @@ def main(argv=None) -> None:
         for name, own in runs:
             model, tokenizer, seconds = run_method(name, values[name], seed, split, {**extra, **own}, model_path)
             acc, attack = accuracies(model, tokenizer, split), attacked(model, tokenizer, split, seed)
-            rec = {a: recovery(attack["relearned"][a], oracle_attack["relearned"][a], base_heldout,
-                               oracle_attack["heldout"]) for a in attack["relearned"]}
-            goal = (max(rec.values()) <= GOAL["recovery"]
-                    and acc["forget"] <= oracle_acc["forget"] + GOAL["forget_over_oracle"]
-                    and acc["retain"] >= GOAL["retain_share"] * base_acc["retain"])
+            rec = recoveries(attack, oracle_attack, base_heldout)
+            goal = goal_met(acc, rec, base_acc, oracle_acc)
             setting = f"{SWEEPS[name][0]}={values[name]:g}{suffix}" + "".join(f" {k}={v}" for k, v in own.items())
             rows.append({"method": name, "setting": setting, "seed": seed,
                          "time_s": seconds, **acc, **attack, "recovery": rec, "goal_met": goal})
