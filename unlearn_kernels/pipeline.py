@@ -467,9 +467,10 @@ def _prefix_plan(config: RunConfig, method_class, method_config, wants_full: boo
         alone = [name for name, cls in registry.items() if cls.spec.prefix == "auto"]
         raise UserError(f"--prefix-only: {method_class.name} runs the whole model; only {', '.join(alone)} "
                         "run layers 0..l alone")
-    if asked and getattr(method_config, "distill_noise", 0):
+    distils = bool(getattr(method_config, "distill_noise", 0))
+    if asked and distils:
         raise UserError("--prefix-only loads layers 0..l only; distill_noise distils the whole model: drop one")
-    wants_full = wants_full or bool(getattr(method_config, "distill_noise", 0))
+    wants_full = wants_full or distils
     if asked and wants_full:
         raise UserError("--prefix-only loads layers 0..l only; --eval-forget/--eval-retain/--relearn/--val-* need "
                         "the whole model: drop them or pass --no-prefix-only")
